@@ -1,0 +1,37 @@
+"""Exceptions raised by the library; the CLI turns them into one-line messages."""
+
+from __future__ import annotations
+
+
+class IntruderError(Exception):
+    """Base class: a problem the user can fix (bad input, bad option, unwritable output)."""
+
+    exit_code = 1
+
+
+class CheckpointError(IntruderError):
+    """A checkpoint file or directory is missing, malformed or unsafe."""
+
+
+class AdapterError(CheckpointError):
+    """A PEFT adapter is malformed or cannot be merged faithfully."""
+
+
+class PairingError(IntruderError):
+    """Base and tuned tensors cannot be paired (no common names, shape mismatch)."""
+
+
+class NonFiniteError(IntruderError):
+    """A weight contains NaN or Inf."""
+
+
+class ReportError(IntruderError):
+    """A scan report is missing or violates the schema."""
+
+
+class OutputError(IntruderError):
+    """An output path is unsafe (would overwrite an input) or cannot be written."""
+
+
+class EvalError(IntruderError):
+    """An evaluator is unknown or its data/model cannot be used."""
