@@ -1,0 +1,40 @@
+"""Command line: one click group; each command lives in its own module and calls the library."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .. import __version__
+
+# Command modules register themselves on `cli`; add a module name here to add a command.
+COMMAND_MODULES = ("scan_cmd", "layers_cmd", "scale_cmd", "eval_cmd", "report_cmd", "cache_cmd",
+                   "track_cmd")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="intruder")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug):
+    """Spectral forensics for fine-tuned models: find and rescale intruder dimensions.
+
+    \b
+    Examples:
+      intruder scan base.safetensors tuned.safetensors
+      intruder scan base-model-dir/ peft-adapter-dir/ --epsilon 0.3,0.5,0.7,0.9
+      intruder layers model-dir/
+      intruder scale --alpha 0.5 --eval wikitext
+    """
+
+
+for _name in COMMAND_MODULES:
+    try:
+        importlib.import_module(f"{__name__}.{_name}")
+    except ModuleNotFoundError as _exc:  # a command module not written yet
+        if _exc.name != f"{__name__}.{_name}":
+            raise
+
+
+def main():
+    cli(prog_name="intruder")

@@ -1,0 +1,59 @@
+"""Shared CLI plumbing: one-line errors, quiet/debug flags, stderr chatter."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from ..errors import IntruderError
+
+
+def echo_err(msg: str, quiet: bool = False) -> None:
+    """Human chatter goes to stderr so stdout stays clean for --json."""
+    if not quiet:
+        click.echo(msg, err=True)
+
+
+def handle_errors(fn):
+    """Turn library errors into one line on stderr and exit 1; --debug re-raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except IntruderError as exc:
+            if debug:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("Interrupted; no partial output was left behind.", err=True)
+            ctx.exit(130)
+        except MemoryError:
+            if debug:
+                raise
+            click.echo("Error: out of memory", err=True)
+            ctx.exit(1)
+
+    return wrapper
+
+
+def float_list(value: str, what: str) -> tuple:
+    """Parse '0.3,0.5' into floats; a usage error names the option."""
+    try:
+        out = tuple(float(v) for v in str(value).split(",") if v.strip() != "")
+    except ValueError:
+        raise click.BadParameter(f"{what} must be a comma-separated list of numbers, got {value!r}")
+    if not out:
+        raise click.BadParameter(f"{what} is empty")
+    return out
+
+
+def is_tty_stderr() -> bool:
+    return sys.stderr.isatty()

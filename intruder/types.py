@@ -1,0 +1,152 @@
+"""Frozen dataclasses passed between the pipeline's stages.
+
+io -> LayerPair -> spectral -> LayerResult -> ScanReport -> report / intervene / evaluate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+DEFAULT_TOP_K = 10
+DEFAULT_EPSILONS = (0.5,)
+SWEEP_EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What to scan and how (the paper's Algorithm 1 parameters plus selection)."""
+
+    top_k: int = DEFAULT_TOP_K
+    epsilons: Tuple[float, ...] = DEFAULT_EPSILONS  # first one decides `intruders`
+    vectors: str = "left"  # left | right | both
+    include: Optional[str] = None  # regex: extra tensors to scan (embeddings, lm_head ...)
+    exclude: Optional[str] = None  # regex: tensors to drop
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    allow_nonfinite: bool = False
+    near_window: float = 0.1  # relative sigma window for the near-degenerate subspace overlap
+    cache_dir: Optional[str] = None  # base spectral cache; None disables
+
+    @property
+    def epsilon(self) -> float:
+        return self.epsilons[0]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a tensor lives; holds no data."""
+
+    path: str  # file holding the tensor
+    name: str  # name inside that file
+    shape: Tuple[int, ...]
+    dtype: str  # safetensors dtype string: F32, BF16, F16, ...
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """The LoRA factors that produce a tuned tensor from its base (PEFT adapter input)."""
+
+    a: TensorRef  # lora_A (r, in)  or lora_embedding_A (r, num_embeddings)
+    b: TensorRef  # lora_B (out, r) or lora_embedding_B (dim, r)
+    rank: int
+    alpha: float
+    scaling: float
+    fan_in_fan_out: bool = False  # base stored (in, out): transpose dW
+    embedding: bool = False  # dW = (B @ A).T
+    magnitude: Optional[TensorRef] = None  # DoRA lora_magnitude_vector (out,)
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """One base tensor and how to obtain its tuned counterpart."""
+
+    name: str  # canonical name (base checkpoint's)
+    base: TensorRef
+    tuned: Optional[TensorRef] = None  # full tuned tensor (merged model / modules_to_save)
+    lora: Optional[LoraInfo] = None  # or LoRA factors applied to base
+
+
+@dataclass(frozen=True)
+class Intruder:
+    """A tuned singular vector that matches no base singular vector."""
+
+    index: int  # 0-based rank in the tuned spectrum
+    sigma: float
+    max_cos: float
+    base_index: int  # base vector it matches best (argmax |cos|)
+    side: str = "left"  # left | right
+    near_overlap: float = 0.0  # ||projection onto base vectors with sigma near this sigma||
+    top_overlap: float = 0.0  # ||projection onto the top-r base subspace||
+    in_cluster: bool = False  # low max_cos but lies in a near-degenerate base cluster
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Algorithm 1 on one matrix."""
+
+    name: str
+    shape: Tuple[int, int]
+    dtype: str
+    status: str  # scanned | unchanged | nonfinite
+    sigma_base: Tuple[float, ...] = ()  # top singular values of W0 (first top_k + a few)
+    sigma_tuned: Tuple[float, ...] = ()  # top-k singular values of Wt
+    max_cos: Tuple[float, ...] = ()  # per top-k tuned vector (left, or per `vectors`)
+    base_index: Tuple[int, ...] = ()
+    max_cos_right: Tuple[float, ...] = ()  # when vectors is right|both
+    base_index_right: Tuple[int, ...] = ()
+    near_overlap: Tuple[float, ...] = ()
+    top_overlap: Tuple[float, ...] = ()
+    intruders: Tuple[Intruder, ...] = ()  # at config.epsilons[0]
+    counts_by_epsilon: Tuple[Tuple[float, int], ...] = ()
+    intruder_energy: float = 0.0  # sum sigma^2 of intruders / sum sigma^2 of top-k
+    delta_norm_rel: float = 0.0  # ||Wt - W0||_2 / sigma_k(W0)
+    delta_fro_rel: float = 0.0  # ||Wt - W0||_F / ||W0||_F
+    method: str = ""  # decomposition used (for provenance / debugging)
+    seconds: float = 0.0
+    extra: Tuple[Tuple[str, object], ...] = ()  # later measures (margin ...) as key/value
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Identity of a checkpoint as shown in reports."""
+
+    path: str
+    kind: str  # safetensors | sharded | directory | adapter | pickle
+    n_tensors: int
+    bytes: int
+    dtypes: Tuple[str, ...]
+    fingerprint: str  # sha256 of the headers (names, shapes, dtypes, offsets) and sizes
+    adapter: Optional[dict] = None  # summary of adapter_config.json when kind == adapter
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """Everything a scan found; serialisable to the versioned JSON schema."""
+
+    base: CheckpointInfo
+    tuned: CheckpointInfo
+    config: ScanConfig
+    layers: Tuple[LayerResult, ...]
+    unpaired_base: Tuple[str, ...] = ()
+    unpaired_tuned: Tuple[str, ...] = ()
+    skipped: Tuple[Tuple[str, str], ...] = ()  # (name, reason)
+    warnings: Tuple[str, ...] = ()
+    seconds: float = 0.0
+    device: str = "cpu"
+    created: str = ""
+    command: str = ""
+    tool_version: str = ""
+    schema_version: str = ""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One number an evaluator produced, with its protocol and unit."""
+
+    evaluator: str  # wikitext | task:NAME
+    metric: str  # word_perplexity | accuracy | ...
+    value: float
+    n_units: int  # documents, items, tokens ... that the number averages over
+    unit: str  # what n_units counts, and the metric's unit
+    protocol: str  # e.g. "lm-eval wikitext protocol, rolling windows of 2048"
+    extra: Tuple[Tuple[str, object], ...] = field(default_factory=tuple)
