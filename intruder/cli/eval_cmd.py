@@ -1,0 +1,105 @@
+"""`intruder eval`: perplexity and task accuracy of one model (a thin wrapper over the library)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import click
+
+from .. import __version__
+from . import cli
+from .common import echo_err, handle_errors
+
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def _device(ctx, param, value):
+    v = (value or "auto").lower()
+    if v in _DEVICES or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--eval", "specs", multiple=True, default=("wikitext",), show_default=True,
+              metavar="SPEC", help="Evaluator: wikitext, wikitext:PATH (wiki.test.raw) or task:PATH "
+              "(.json multiple choice, .txt held-out text). Repeatable.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N documents / items / lines of each evaluator.")
+@click.option("--model-config", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory with config.json and tokenizer, for a bare .safetensors MODEL.")
+@click.option("--device", default="auto", show_default=True, callback=_device,
+              help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True,
+              help="auto: float32 on CPU, the checkpoint's dtype on CUDA.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Tokens per window (default: the model's context length).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@handle_errors
+def eval_cmd(model, specs, limit, model_config, device, dtype, max_length, as_json, quiet):
+    """Evaluate MODEL (HF directory or .safetensors file) on WikiText-2 and tasks.
+
+    Every number names its protocol: `wikitext` gives lm-eval's word_perplexity,
+    byte_perplexity and bits_per_byte plus a sliding-window token_perplexity. WikiText data
+    comes from wikitext:PATH, $INTRUDER_WIKITEXT (the wiki.test.raw file) or $INTRUDER_DATA_DIR
+    (a folder holding wikitext-2-raw/wiki.test.raw).
+
+    \b
+    Examples:
+      intruder eval model-dir/ --limit 5
+      intruder eval scaled.safetensors --model-config base-dir/ --eval wikitext
+      intruder eval model-dir/ --eval task:winogrande/test.json --json
+    """
+    from ..evaluate import get_evaluator, load_model, run_evaluators
+
+    evaluators = [get_evaluator(s) for s in specs]  # unknown names fail before the model loads
+    echo_err(f"loading {model} ...", quiet)
+    lm = load_model(model, model_config=model_config, device=device,
+                    dtype=None if dtype == "auto" else dtype, max_length=max_length)
+    echo_err(f"model on {lm.device} ({lm.dtype}), max length {lm.max_length}", quiet)
+    results = run_evaluators(lm, evaluators, limit=limit, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(_json_doc(model, lm, limit, results), indent=2))
+    else:
+        click.echo(format_table(results))
+
+
+def _json_doc(model, lm, limit, results) -> dict:
+    rows = []
+    for r in results:
+        d = asdict(r)
+        d["extra"] = {k: v for k, v in r.extra}
+        d["value"] = r.value if math.isfinite(r.value) else str(r.value)
+        rows.append(d)
+    return {"model": str(model), "device": lm.device, "dtype": lm.dtype,
+            "max_length": lm.max_length, "limit": limit, "tool_version": __version__,
+            "results": rows}
+
+
+def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.4f}" if abs(v) < 1e6 else f"{v:.4e}"
+
+
+def _noun(unit: str) -> str:
+    """What n counts, from the unit text: 'words (original ...); perplexity per word' -> 'words'."""
+    return unit.split(";")[0].split("(")[0].split()[0] if unit.strip() else ""
+
+
+def format_table(results) -> str:
+    """Plain-text table: evaluator, metric, value, n (with its unit), protocol."""
+    head = ("evaluator", "metric", "value", "n", "protocol")
+    rows = [(r.evaluator, r.metric, _fmt(r.value), f"{r.n_units} {_noun(r.unit)}", r.protocol)
+            for r in results]
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(4)]
+    lines = []
+    for x in [head] + rows:
+        lines.append("  ".join([x[0].ljust(widths[0]), x[1].ljust(widths[1]), x[2].rjust(widths[2]),
+                                x[3].rjust(widths[3]), x[4]]))
+    return "\n".join(lines)

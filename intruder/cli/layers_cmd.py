@@ -1,0 +1,79 @@
+"""`intruder layers CHECKPOINT`: what the loader sees."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import cli
+from .common import handle_errors
+
+
+@cli.command("layers")
+@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--all", "show_all", is_flag=True, help="List every tensor, not only scan targets.")
+def layers_command(checkpoint, as_json, show_all):
+    """List tensors of CHECKPOINT: name, shape, dtype, source file, LoRA rank/alpha.
+
+    \b
+    Examples:
+      intruder layers model-dir/
+      intruder layers adapter-dir/ --json
+    """
+    return _layers(checkpoint, as_json, show_all)
+
+
+@handle_errors
+def _layers(checkpoint, as_json, show_all):
+    import os
+
+    from ..io import open_checkpoint
+    from ..io.pairing import is_default_target
+    from ..report.table import format_table
+
+    ck = open_checkpoint(checkpoint)
+    rows = []
+    if ck.kind == "adapter":
+        ad = ck.adapter
+        for mod, parts in sorted(ad.modules.items()):
+            r, alpha = ad.rank_alpha(mod)
+            a = parts.get("lora_A") or parts.get("lora_embedding_A")
+            b = parts.get("lora_B") or parts.get("lora_embedding_B")
+            shape = [b.shape[0], a.shape[1]]
+            kinds = "+".join(sorted(k for k in parts if k not in ("lora_A", "lora_B")))
+            rows.append({"name": mod, "shape": shape, "dtype": a.dtype,
+                         "file": os.path.basename(a.path), "lora_rank": r, "lora_alpha": alpha,
+                         "scaling": ad.scaling(mod, r, alpha), "extra": kinds or ""})
+        for name, ref in sorted(ad.replacements.items()):
+            rows.append({"name": name, "shape": list(ref.shape), "dtype": ref.dtype,
+                         "file": os.path.basename(ref.path), "lora_rank": None,
+                         "lora_alpha": None, "scaling": None, "extra": "modules_to_save"})
+    else:
+        for name, ref in ck.refs.items():
+            target = is_default_target(name, ref.shape)
+            if target or show_all:
+                rows.append({"name": name, "shape": list(ref.shape), "dtype": ref.dtype,
+                             "file": os.path.basename(ref.path), "scan_target": target})
+    if as_json:
+        info = ck.info()
+        click.echo(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
+                               "n_tensors": info.n_tensors, "bytes": info.bytes,
+                               "adapter": info.adapter, "tensors": rows}, indent=1))
+        return
+    if ck.kind == "adapter":
+        table = format_table(["module", "dW shape", "dtype", "file", "r", "alpha", "scaling", "extra"],
+                             [[r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["file"],
+                               r["lora_rank"] if r["lora_rank"] is not None else "-",
+                               r["lora_alpha"] if r["lora_alpha"] is not None else "-",
+                               r["scaling"] if r["scaling"] is not None else "-", r["extra"]]
+                              for r in rows], "llllrrrl")
+    else:
+        table = format_table(["tensor", "shape", "dtype", "file"] + (["scanned"] if show_all else []),
+                             [[r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["file"]]
+                              + (["yes" if r["scan_target"] else "no"] if show_all else [])
+                              for r in rows])
+    click.echo(table)
+    click.echo(f"{len(rows)} {'modules' if ck.kind == 'adapter' else 'tensors'} listed; "
+               f"{ck.kind} checkpoint with {len(ck.refs)} tensors", err=True)

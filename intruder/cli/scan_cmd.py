@@ -1,0 +1,82 @@
+"""`intruder scan BASE TUNED`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from . import cli
+from .common import echo_err, float_list, handle_errors
+
+EXIT_INTRUDERS = 3
+
+
+@cli.command("scan")
+@click.argument("base", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("tuned", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--top-k", default=10, show_default=True, type=int,
+              help="How many top tuned singular vectors to test.")
+@click.option("--epsilon", "epsilon", default="0.5", show_default=True,
+              help="Threshold on max |cos|; a comma list (0.3,0.5,0.7,0.9) also counts at each. "
+                   "The first value decides the listed intruders.")
+@click.option("--vectors", type=click.Choice(["left", "right", "both"]), default="left",
+              show_default=True, help="Which singular vectors to match (paper: left).")
+@click.option("--include", metavar="REGEX", help="Also scan tensors matching REGEX (embeddings, lm_head...).")
+@click.option("--exclude", metavar="REGEX", help="Do not scan tensors matching REGEX.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--cache-dir", metavar="DIR", default=None,
+              help="Base spectral cache directory (reuse base decompositions across fine-tunes).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the base spectral cache.")
+@click.option("-o", "--output", default="intruder-scan.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Where to write the JSON report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
+@click.option("--html", type=click.Path(dir_okay=False), default=None, help="Also write an HTML audit.")
+@click.option("--fail-on-intruders", is_flag=True, help="Exit with code 3 when any intruder is found.")
+@click.option("--allow-nonfinite", is_flag=True, help="Skip (and list) layers with NaN/Inf instead of failing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or chatter on stderr.")
+@handle_errors
+def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cache,
+                 output, as_json, html, fail_on_intruders, allow_nonfinite, quiet):
+    """Find intruder dimensions of TUNED against BASE.
+
+    BASE: a .safetensors file, a Hugging Face model directory (sharded or not) or a .bin/.pt
+    state dict. TUNED: the same kinds, or a PEFT LoRA adapter directory (merged per tensor).
+
+    \b
+    Examples:
+      intruder scan base.safetensors tuned.safetensors
+      intruder scan base-dir/ adapter-dir/ --epsilon 0.3,0.5,0.7,0.9 --json
+      intruder scan base-dir/ tuned-dir/ --include 'embed_tokens' --exclude 'layers\\.0\\.'
+    """
+    from ..io.atomic import check_output
+    from ..report.schema import dumps, save_report
+    from ..report.table import scan_table
+    from ..scan import run_scan
+    from ..types import ScanConfig
+
+    eps = float_list(epsilon, "--epsilon")
+    if not no_cache and cache_dir is None:
+        cache_dir = os.environ.get("INTRUDER_CACHE_DIR") or None
+    config = ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include,
+                        exclude=exclude, device=device, allow_nonfinite=allow_nonfinite,
+                        cache_dir=None if no_cache else cache_dir)
+    check_output(output, [base, tuned])
+    if html:
+        check_output(html, [base, tuned])
+    report = run_scan(base, tuned, config, progress=not quiet and not as_json,
+                      command=" ".join(["intruder"] + sys.argv[1:]))
+    save_report(report, output)
+    if as_json:
+        click.echo(dumps(report))
+    else:
+        click.echo(scan_table(report))
+        echo_err(f"report written to {output}", quiet)
+    if html:
+        from ..report.html import write_html
+
+        write_html(report, html)
+        echo_err(f"HTML audit written to {html}", quiet)
+    if fail_on_intruders and any(l.intruders for l in report.layers):
+        sys.exit(EXIT_INTRUDERS)

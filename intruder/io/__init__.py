@@ -1,0 +1,6 @@
+"""Checkpoint IO: index (file | sharded dir | pickle | PEFT adapter), lazy reads, pairing, writing."""
+
+from .checkpoint import Checkpoint, open_checkpoint, read_ref
+from .pairing import Pairing, pair_checkpoints
+
+__all__ = ["Checkpoint", "open_checkpoint", "read_ref", "Pairing", "pair_checkpoints"]

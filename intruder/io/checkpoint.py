@@ -1,0 +1,238 @@
+"""Checkpoint index: a single .safetensors file, a (sharded) Hugging Face directory, a PyTorch
+state dict (weights_only), or a PEFT adapter directory. Tensors are read lazily, one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+from ..errors import CheckpointError
+from ..types import CheckpointInfo, TensorRef
+from .safetensors_file import DTYPES, SafetensorsFile, check_regular_file
+
+SAFE_INDEX = "model.safetensors.index.json"
+PT_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# torch dtype name -> safetensors dtype string (for pickle checkpoints)
+_TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class Checkpoint:
+    """Names, shapes and dtypes of every tensor, and where each one lives; no data held."""
+
+    path: str
+    kind: str  # safetensors | sharded | directory | pickle | adapter
+    refs: Dict[str, TensorRef]
+    files: List[str]
+    adapter: Optional[object] = None  # intruder.io.adapter.Adapter for kind == adapter
+    metadata: Dict[str, str] = field(default_factory=dict)
+    _open: Dict[str, object] = field(default_factory=dict, repr=False)
+
+    def read(self, name: str):
+        """Load one tensor (CPU, stored dtype). Only the file holding it is touched."""
+        ref = self.refs.get(name)
+        if ref is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return read_ref(ref, self._open)
+
+    def info(self) -> CheckpointInfo:
+        h = hashlib.sha256()
+        total = 0
+        for name in sorted(self.refs):
+            r = self.refs[name]
+            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
+        for f in self.files:
+            size = os.path.getsize(f)
+            total += size
+            h.update(f"{os.path.basename(f)}|{size}\n".encode())
+        adapter = self.adapter.summary() if self.adapter is not None else None
+        return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
+                              bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
+                              fingerprint=h.hexdigest()[:16], adapter=adapter)
+
+
+def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
+    """Read the tensor a TensorRef points at. `cache` keeps parsed headers (not data) per file."""
+    cache = {} if cache is None else cache
+    handle = cache.get(ref.path)
+    if handle is None:
+        if ref.path.endswith(".safetensors"):
+            handle = SafetensorsFile(ref.path)
+        else:
+            handle = _PickleFile(ref.path)
+        cache.clear()  # keep one file open at a time
+        cache[ref.path] = handle
+    if ref.name not in handle.entries:
+        raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
+    return handle.read(ref.name)
+
+
+def open_checkpoint(path: str, allow_adapter: bool = True) -> Checkpoint:
+    """Index a checkpoint at `path` without reading tensor data."""
+    p = os.fspath(path)
+    if not os.path.lexists(p):
+        raise CheckpointError(f"{p}: no such file or directory")
+    if os.path.isdir(p):
+        return _open_dir(p, allow_adapter)
+    check_regular_file(p)
+    if p.endswith(".safetensors"):
+        return _from_safetensors(p, [p], "safetensors")
+    if p.endswith(PICKLE_SUFFIXES):
+        return _from_pickle(p, [p])
+    if p.endswith(".json"):
+        raise CheckpointError(f"{p}: give the directory holding this JSON file, not the file")
+    raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors, .bin, .pt, "
+                          f"or a model / adapter directory)")
+
+
+def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
+    if os.path.exists(os.path.join(d, "adapter_config.json")):
+        if not allow_adapter:
+            raise CheckpointError(f"{d}: is a PEFT adapter; it can only be the TUNED side "
+                                  f"(give the base model as BASE)")
+        from .adapter import open_adapter
+
+        return open_adapter(d)
+    index = os.path.join(d, SAFE_INDEX)
+    if os.path.exists(index):
+        return _from_index(d, index, safetensors=True)
+    single = os.path.join(d, "model.safetensors")
+    if os.path.exists(single):
+        check_regular_file(single)
+        return _from_safetensors(d, [single], "directory")
+    pt_index = os.path.join(d, PT_INDEX)
+    if os.path.exists(pt_index):
+        return _from_index(d, pt_index, safetensors=False)
+    st_files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    if st_files:
+        return _from_safetensors(d, [_inside(d, f, d) for f in st_files], "directory")
+    for name in ("pytorch_model.bin", "model.pt", "model.pth"):
+        if os.path.exists(os.path.join(d, name)):
+            return _from_pickle(d, [_inside(d, name, d)])
+    raise CheckpointError(f"{d}: directory holds no weights (no model.safetensors, "
+                          f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
+
+
+def _inside(d: str, rel: str, what: str) -> str:
+    """Resolve rel inside directory d; refuse paths or symlinks that leave it."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel):
+        raise CheckpointError(f"{what}: shard path {rel!r} must be a relative file name")
+    root = os.path.realpath(d)
+    full = os.path.realpath(os.path.join(d, rel))
+    if os.path.commonpath([root, full]) != root:
+        raise CheckpointError(f"{what}: shard path {rel!r} leads outside the model directory")
+    if not os.path.exists(full):
+        raise CheckpointError(f"{what}: names shard {rel!r}, which does not exist")
+    check_regular_file(full, "shard")
+    return full
+
+
+def _load_json(path: str) -> object:
+    check_regular_file(path, "JSON file")
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc.__class__.__name__})")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
+
+
+def _from_index(d: str, index: str, safetensors: bool) -> Checkpoint:
+    doc = _load_json(index)
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shards")
+    shards: Dict[str, str] = {}
+    for name, rel in wm.items():
+        if not isinstance(rel, str):
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {rel!r}, not a file name")
+        if rel not in shards:
+            shards[rel] = _inside(d, rel, index)
+    files = sorted(set(shards.values()))
+    ck = (_from_safetensors if safetensors else _from_pickle_kind)(d, files, "sharded")
+    for name, rel in wm.items():
+        ref = ck.refs.get(name)
+        if ref is None:
+            raise CheckpointError(f"{index}: tensor {name!r} is not in shard {rel!r}")
+        if ref.path != shards[rel]:
+            raise CheckpointError(f"{index}: tensor {name!r} is listed in {rel!r} but found in "
+                                  f"{os.path.basename(ref.path)!r}")
+    return ck
+
+
+def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
+    refs: Dict[str, TensorRef] = {}
+    metadata: Dict[str, str] = {}
+    files = list(files)
+    for f in files:
+        sf = SafetensorsFile(f)
+        metadata.update(sf.metadata)
+        for name, e in sf.entries.items():
+            if name in refs:
+                raise CheckpointError(f"{f}: tensor {name!r} also appears in "
+                                      f"{os.path.basename(refs[name].path)}")
+            refs[name] = TensorRef(f, name, e.shape, e.dtype)
+    return Checkpoint(path, kind, refs, files, metadata=metadata)
+
+
+class _PickleFile:
+    """A torch.save'd state dict, loaded with weights_only=True (no code runs) and memory-mapped."""
+
+    def __init__(self, path: str):
+        import pickle
+
+        import torch
+
+        self.path = path
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+            raise CheckpointError(f"{path}: refused: the pickle holds more than tensors and would "
+                                  f"run code if unpickled ({first[:160]}); convert it to "
+                                  f"safetensors from a trusted environment")
+        except Exception as exc:  # torch raises many types for garbage input
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                                  f"({exc.__class__.__name__})")
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+        self.entries = {}
+        for k, v in sd.items():
+            if isinstance(k, str) and isinstance(v, torch.Tensor):
+                dt = _TORCH_TO_ST.get(str(v.dtype).replace("torch.", ""))
+                if dt is None:
+                    raise CheckpointError(f"{path}: tensor {k!r}: unsupported dtype {v.dtype}")
+                self.entries[k] = v
+
+    def read(self, name: str):
+        return self.entries[name].clone()
+
+
+def _from_pickle(path: str, files: List[str]) -> Checkpoint:
+    return _from_pickle_kind(path, files, "pickle")
+
+
+def _from_pickle_kind(path: str, files: Iterable[str], kind: str) -> Checkpoint:
+    refs: Dict[str, TensorRef] = {}
+    for f in files:
+        pf = _PickleFile(f)
+        for name, t in pf.entries.items():
+            if name in refs:
+                raise CheckpointError(f"{f}: tensor {name!r} also appears in "
+                                      f"{os.path.basename(refs[name].path)}")
+            dt = _TORCH_TO_ST[str(t.dtype).replace("torch.", "")]
+            refs[name] = TensorRef(f, name, tuple(t.shape), dt)
+    return Checkpoint(path, "pickle" if kind == "pickle" else kind, refs, list(files))

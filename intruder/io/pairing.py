@@ -1,0 +1,158 @@
+"""Pair base and tuned tensors by name (never by position) and choose which ones to scan."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from ..errors import PairingError
+from ..types import LayerPair, TensorRef
+from .checkpoint import Checkpoint
+
+PEFT_PREFIX = "base_model.model."
+# 2-D weights that are not linear projections: skipped unless --include selects them
+_NOT_LINEAR = re.compile(
+    r"(^|\.)(embed_tokens|embed_positions|embeddings?|word_embeddings|position_embeddings|"
+    r"token_type_embeddings|wte|wpe|shared|lm_head|embed_out|output_embeddings)(\.|$)"
+    r"|(^|\.)(\w*norm\w*|ln_\w+|ln_f)\.")
+
+
+@dataclass(frozen=True)
+class Pairing:
+    pairs: Tuple[LayerPair, ...]
+    unpaired_base: Tuple[str, ...]  # selected base tensors with no tuned counterpart
+    unpaired_tuned: Tuple[str, ...]  # selected tuned tensors with no base counterpart
+    skipped: Tuple[Tuple[str, str], ...]  # (name, reason) for paired tensors not scanned
+
+
+def normalise(name: str) -> str:
+    """Canonical tensor name: PEFT's wrapper prefix removed."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def is_default_target(name: str, shape) -> bool:
+    """Linear-layer weights: 2-D tensors named *.weight that are not embeddings, heads or norms."""
+    return len(shape) == 2 and name.endswith(".weight") and not _NOT_LINEAR.search(name)
+
+
+def select(name: str, shape, include: Optional[str], exclude: Optional[str]) -> Optional[str]:
+    """None if the tensor is scanned, else the reason it is not."""
+    if exclude and re.search(exclude, name):
+        return "excluded by --exclude"
+    if include and re.search(include, name):
+        if len(shape) != 2:
+            return f"selected by --include but {len(shape)}-D (only matrices can be scanned)"
+        return None
+    if is_default_target(name, shape):
+        return None
+    if len(shape) != 2:
+        return "not a matrix"
+    return "embedding, head or norm (select with --include)"
+
+
+def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
+    """base name -> tuned name. Exact match first; then names that differ only by one leading
+    component (e.g. 'transformer.h.0...' vs 'h.0...'), if that match is unique."""
+    tuned_set = set(tuned_names)
+    out = {n: n for n in base_names if n in tuned_set}
+    rest_b = [n for n in base_names if n not in out]
+    rest_t = [n for n in tuned_names if n not in set(out.values())]
+    if not rest_b or not rest_t:
+        return out
+    for strip_base in (True, False):
+        src, dst = (rest_b, rest_t) if strip_base else (rest_t, rest_b)
+        dst_set = set(dst)
+        cand: Dict[str, List[str]] = {}
+        for n in src:
+            if "." in n and n.split(".", 1)[1] in dst_set:
+                cand.setdefault(n.split(".", 1)[1], []).append(n)
+        for short, longs in cand.items():
+            if len(longs) != 1:
+                continue
+            b, t = (longs[0], short) if strip_base else (short, longs[0])
+            if b not in out and t not in out.values():
+                out[b] = t
+    return out
+
+
+def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str] = None,
+                     exclude: Optional[str] = None) -> Pairing:
+    """Pair every selected base matrix with its tuned counterpart (full tensor or LoRA factors)."""
+    if tuned.kind == "adapter":
+        return _pair_adapter(base, tuned, include, exclude)
+    tuned_refs = {normalise(n): r for n, r in tuned.refs.items()}
+    mapping = _align(list(base.refs), list(tuned_refs))
+    if not mapping:
+        raise PairingError(f"{base.path} and {tuned.path} have no tensor names in common "
+                           f"(base e.g. {_example(base.refs)}, tuned e.g. {_example(tuned_refs)})")
+    pairs, skipped, unpaired_base = [], [], []
+    for name, ref in base.refs.items():
+        reason = select(name, ref.shape, include, exclude)
+        t_name = mapping.get(name)
+        if t_name is None:
+            if reason is None:
+                unpaired_base.append(name)
+            continue
+        t_ref = tuned_refs[t_name]
+        if reason is not None:
+            skipped.append((name, reason))
+            continue
+        _check_shapes(base, tuned, ref, t_ref)
+        pairs.append(LayerPair(name=name, base=ref, tuned=t_ref))
+    mapped_t = set(mapping.values())
+    unpaired_tuned = [n for n, r in tuned_refs.items()
+                      if n not in mapped_t and select(n, r.shape, include, exclude) is None]
+    return Pairing(tuple(pairs), tuple(unpaired_base), tuple(unpaired_tuned), tuple(skipped))
+
+
+def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude) -> Pairing:
+    from .adapter import lora_info_for
+
+    ad = tuned.adapter
+    modules = dict(ad.modules)
+    repl = dict(ad.replacements)
+    # map adapter module paths / replacement names onto base names
+    mod_map = _align([n[: -len(".weight")] for n in base.refs if n.endswith(".weight")],
+                     list(modules))
+    rep_map = _align(list(base.refs), list(repl))
+    if not mod_map and not rep_map:
+        raise PairingError(f"{tuned.path}: none of the adapter's {len(modules)} modules matches a "
+                           f"tensor of {base.path} (adapter e.g. {_example(modules)}, base e.g. "
+                           f"{_example(base.refs)}); an adapter of another model?")
+    pairs, skipped = [], []
+    for name, ref in base.refs.items():
+        reason = select(name, ref.shape, include, exclude)
+        mod = name[: -len(".weight")] if name.endswith(".weight") else None
+        a_mod = mod_map.get(mod) if mod is not None else None
+        r_name = rep_map.get(name)
+        touched = a_mod is not None or r_name is not None
+        if reason is not None:
+            if touched:
+                skipped.append((name, reason))
+            continue
+        if r_name is not None:
+            t_ref = repl[r_name]
+            _check_shapes(base, tuned, ref, t_ref)
+            pairs.append(LayerPair(name=name, base=ref, tuned=t_ref))
+        elif a_mod is not None:
+            pairs.append(LayerPair(name=name, base=ref, lora=lora_info_for(ad, a_mod, ref.shape)))
+        else:  # untouched by the adapter: tuned == base
+            pairs.append(LayerPair(name=name, base=ref, tuned=ref))
+    used_mods = {m for m in mod_map.values()}
+    used_rep = set(rep_map.values())
+    unpaired_tuned = [m for m in modules if m not in used_mods]
+    unpaired_tuned += [n for n in repl if n not in used_rep]
+    return Pairing(tuple(pairs), (), tuple(unpaired_tuned), tuple(skipped))
+
+
+def _check_shapes(base: Checkpoint, tuned: Checkpoint, b: TensorRef, t: TensorRef) -> None:
+    if tuple(b.shape) != tuple(t.shape):
+        raise PairingError(f"shape mismatch: base {b.name!r} {list(b.shape)} in {b.path} vs tuned "
+                           f"{t.name!r} {list(t.shape)} in {t.path}; a fine-tune of another base?")
+
+
+def _example(names) -> str:
+    for n in names:
+        return repr(n)
+    return "(none)"

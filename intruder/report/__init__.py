@@ -1,0 +1,1 @@
+"""Reports: versioned JSON schema, terminal tables, plots (matplotlib), self-contained HTML."""

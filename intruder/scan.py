@@ -1,0 +1,127 @@
+"""Library entry point of a scan: index both checkpoints, pair them, run the engine, build a report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import time
+from typing import Optional
+
+from . import __version__
+from .errors import IntruderError
+from .io import open_checkpoint, pair_checkpoints, read_ref
+from .types import LayerResult, ScanConfig, ScanReport
+
+
+def validate_config(config: ScanConfig) -> None:
+    import re
+
+    if config.top_k < 1:
+        raise IntruderError(f"--top-k must be at least 1, got {config.top_k}")
+    for e in config.epsilons:
+        if not 0.0 < e <= 1.0:
+            raise IntruderError(f"--epsilon values must lie in (0, 1], got {e}")
+    if config.vectors not in ("left", "right", "both"):
+        raise IntruderError(f"--vectors must be left, right or both, got {config.vectors!r}")
+    for opt, rx in (("--include", config.include), ("--exclude", config.exclude)):
+        if rx:
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise IntruderError(f"{opt} {rx!r}: not a valid regular expression ({exc})")
+
+
+def run_scan(base: str, tuned: str, config: Optional[ScanConfig] = None,
+             progress: bool = False, base_cache=None, command: str = "") -> ScanReport:
+    """Scan TUNED against BASE and return the report (nothing is written)."""
+    from .report.schema import SCHEMA_VERSION
+    from .spectral.engine import resolve_device, scan_pairs
+
+    config = config or ScanConfig()
+    validate_config(config)
+    t0 = time.perf_counter()
+    base_ck = open_checkpoint(base, allow_adapter=False)
+    tuned_ck = open_checkpoint(tuned)
+    pairing = pair_checkpoints(base_ck, tuned_ck, config.include, config.exclude)
+    if not pairing.pairs:
+        raise IntruderError(f"no matrices to scan between {base} and {tuned} "
+                            f"({len(pairing.skipped)} paired tensors were filtered out; "
+                            f"see --include / --exclude)")
+    if base_cache is None and config.cache_dir:
+        from .spectral.cache import BaseCache
+
+        base_cache = BaseCache(config.cache_dir)
+    handles: dict = {}  # parsed headers, one file at a time
+    layers = list(scan_pairs(pairing.pairs, lambda ref: read_ref(ref, handles), config,
+                             progress=progress, base_cache=base_cache))
+    device = str(resolve_device(config.device))
+    warnings = list(derivation_warnings(layers, config))
+    skipped = list(pairing.skipped)
+    skipped += [(l.name, "non-finite weights (--allow-nonfinite)") for l in layers
+                if l.status == "nonfinite"]
+    return ScanReport(
+        base=base_ck.info(), tuned=tuned_ck.info(), config=config, layers=tuple(layers),
+        unpaired_base=pairing.unpaired_base, unpaired_tuned=pairing.unpaired_tuned,
+        skipped=tuple(skipped), warnings=tuple(warnings), seconds=time.perf_counter() - t0,
+        device=device, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        tool_version=__version__, schema_version=SCHEMA_VERSION)
+
+
+def derivation_warnings(layers, config: ScanConfig):
+    """Warn when TUNED does not look derived from BASE: then intruder counts mean nothing."""
+    scanned = [l for l in layers if l.status == "scanned" and l.max_cos]
+    if len(scanned) < 2:
+        return
+    k_total = sum(len(l.max_cos) for l in scanned)
+    n_intr = sum(1 for l in scanned for c in l.max_cos if c < config.epsilon)
+    frac_layers = sum(1 for l in scanned if all(c < config.epsilon for c in l.max_cos)) / len(scanned)
+    rel = sorted(l.delta_fro_rel for l in scanned)
+    median_rel = rel[len(rel) // 2]
+    if n_intr / k_total > 0.8 and frac_layers > 0.5 and median_rel > 0.5:
+        yield (f"TUNED does not look derived from BASE: {n_intr} of {k_total} top vectors are "
+               f"intruders, every top vector in {frac_layers:.0%} of matrices, and the median "
+               f"relative change ||Wt-W0||_F/||W0||_F is {median_rel:.2f}; intruder counts are not "
+               f"meaningful for unrelated models")
+
+
+def total_intruders(layers) -> int:
+    return sum(len(l.intruders) for l in layers)
+
+
+def layers_with_intruders(layers):
+    return [l for l in layers if l.intruders]
+
+
+def summary(report: ScanReport) -> dict:
+    """The report's summary block (also part of the JSON schema)."""
+    scanned = [l for l in report.layers if l.status == "scanned"]
+    counts = {}
+    for e in sorted(set(report.config.epsilons)):
+        counts[_eps_key(e)] = sum(dict(l.counts_by_epsilon).get(e, 0) for l in scanned)
+    mins = [min(l.max_cos) for l in scanned if l.max_cos]
+    energies = [l.intruder_energy for l in scanned]
+    return {
+        "layers_scanned": len(scanned),
+        "layers_unchanged": sum(1 for l in report.layers if l.status == "unchanged"),
+        "layers_nonfinite": sum(1 for l in report.layers if l.status == "nonfinite"),
+        "layers_with_intruders": len(layers_with_intruders(scanned)),
+        "total_intruders": total_intruders(scanned),
+        "in_cluster_intruders": sum(1 for l in scanned for i in l.intruders if i.in_cluster),
+        "counts_by_epsilon": counts,
+        "min_max_cos": min(mins) if mins else None,
+        "mean_intruder_energy": sum(energies) / len(energies) if energies else 0.0,
+        "seconds": report.seconds,
+    }
+
+
+def _eps_key(e: float) -> str:
+    return format(e, "g")
+
+
+def layer_by_name(report: ScanReport, name: str) -> Optional[LayerResult]:
+    for l in report.layers:
+        if l.name == name:
+            return l
+    return None
