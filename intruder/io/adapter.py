@@ -22,7 +22,8 @@ PREFIX = "base_model.model."
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "eva")
 _LORA_KEY = re.compile(
     r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector)(?:\.(?P<adapter>[A-Za-z0-9_]+))?(?:\.(?P<leaf>weight|bias))?$")
+    r"lora_magnitude_vector)(?:\.(?!(?:weight|bias)$)(?P<adapter>[A-Za-z0-9_]+))?"
+    r"(?:\.(?P<leaf>weight|bias))?$")
 
 
 @dataclass
