@@ -128,6 +128,10 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         delta_fro_rel=float(d.norm() / w0.norm()) if float(w0.norm()) > 0 else float("inf"),
         method=f"{b.method}/{t.method}",
     )
+    from .margin import margin_fields  # margin + update-shape measures (issue 9), extra pairs
+
+    fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
+        b, t, w0, wt, d, k, decide, eps, dnorm, left=left)
     return fields, b
 
 

@@ -1,0 +1,195 @@
+"""Intruder margin: how close one matrix is to producing intruders, and the shape of its update.
+
+A count at one epsilon is a cliff. These measures say where a layer stands before it falls:
+
+- ``min_max_cos``: the lowest max|cos| among the top-k tuned vectors. It *is* the epsilon at which
+  the first intruder would appear, so ``cos_margin = min_max_cos - epsilon`` is negative exactly
+  when the layer has an intruder at epsilon.
+- ``strength`` (``delta_norm_rel`` of the engine): ||dW||_2 / sigma_k(W0). A concentrated update
+  whose direction is new to the base enters the top-k once it outgrows sigma_k, i.e. near 1.
+- ``novel_strength``: ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0), the part of the update that points
+  outside the base's top-k subspace (only that part can make an intruder).
+- ``subspace_cos``: cosine of the largest principal angle between the top-k subspaces of W0 and Wt.
+- ``delta_rank`` / ``delta_stable_rank`` / ``delta_sv``: the spectrum of dW itself, its rank above
+  the storage rounding floor and the sharpness of the cliff there (LoRA: a cliff at r; full
+  fine-tuning: none). `intruder.provenance` reads these.
+
+Everything is float64 on the device the engine already uses; nothing here reads the disk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+# How many singular values of dW are kept in the report (and computed on large matrices).
+DELTA_SV_KEEP = 64
+# Exact spectrum of dW up to this smaller dimension; randomized (range finder) above.
+EXACT_DELTA_MAX = 1024
+RANDOMIZED_Q = 256  # singular values estimated by the randomized path
+# A singular value of dW counts toward its rank when above FLOOR_SLACK x the rounding-noise edge.
+FLOOR_SLACK = 2.0
+# (name, mantissa bits) of storage grids tested, coarsest first; float64 is the fallback
+_GRIDS = (("bfloat16", 7), ("float16", 10), ("float32", 23))
+
+
+def storage_grid(w: torch.Tensor) -> Tuple[str, int]:
+    """The coarsest float grid every entry of w lies on: (dtype name, mantissa bits).
+
+    A weight saved in bf16/fp16 and read back as float64 still sits exactly on that grid, so the
+    rounding noise a fine-tune's saved weights carry can be read off the values themselves."""
+    for name, bits in _GRIDS:
+        dt = getattr(torch, name)
+        info = torch.finfo(dt)
+        if float(w.abs().max()) > info.max:
+            continue
+        if torch.equal(w.to(dt).to(w.dtype), w):
+            return name, bits
+    return "float64", 52
+
+
+def rounding_rms(w: torch.Tensor, bits: int) -> float:
+    """Root mean square rounding error of storing w on a grid with `bits` mantissa bits.
+
+    Round-to-nearest leaves an error uniform in +-ulp/2 (variance ulp^2/12), ulp = 2^(e - bits)
+    for |x| in [2^e, 2^(e+1))."""
+    a = w.abs().to(torch.float64)  # (m, n)
+    a = a.clamp_min(torch.finfo(torch.float64).tiny)
+    e = torch.floor(torch.log2(a))  # (m, n)
+    ulp = torch.exp2(e - bits)  # (m, n)
+    return float(torch.sqrt((ulp.square() / 12.0).mean()))
+
+
+def delta_singular_values(d: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, str]:
+    """Singular values of d (m, n), descending: all of them when min(m, n) <= EXACT_DELTA_MAX,
+    else the top RANDOMIZED_Q by a randomized range finder with two power iterations."""
+    m, n = d.shape
+    small = min(m, n)
+    if small <= EXACT_DELTA_MAX:
+        return torch.linalg.svdvals(d), "exact"
+    q = min(RANDOMIZED_Q, small)
+    p = min(16, small - q)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q + p, generator=gen, dtype=d.dtype).to(d.device)  # (n, q+p)
+    y = d @ omega  # (m, q+p)
+    for _ in range(2):  # power iterations sharpen a slowly decaying spectrum
+        y, _ = torch.linalg.qr(y)  # (m, q+p)
+        z, _ = torch.linalg.qr(d.mT @ y)  # (n, q+p)
+        y = d @ z  # (m, q+p)
+    qm, _ = torch.linalg.qr(y)  # (m, q+p) orthonormal range basis
+    s = torch.linalg.svdvals(qm.mT @ d)  # (q+p,) from B = Q^T d (q+p, n)
+    return s[:q], "randomized"
+
+
+def estimate_rank(sv: torch.Tensor, floor: float, shape) -> Tuple[int, float, bool]:
+    """(rank above the floor, cliff ratio sv[r-1] / sv[r], whether the cliff was observed).
+
+    The cliff is observed when some computed singular value lies below the floor; otherwise
+    the rank is at least len(sv) (randomized path) or full."""
+    above = int((sv > floor).sum())
+    seen = above < sv.numel()
+    if above == 0:
+        return 0, float("inf"), seen
+    if not seen:
+        return above, 1.0, False
+    lo = float(sv[above])
+    gap = float(sv[above - 1]) / lo if lo > 0 else float("inf")
+    return above, gap, True
+
+
+def spectral_norm_projected(d: torch.Tensor, basis: Optional[torch.Tensor], left: bool,
+                            iters: int = 40, seed: int = 1) -> float:
+    """||(I - B B^T) d||_2 (left) or ||d (I - B B^T)||_2 (right) by power iteration; basis (., k)."""
+    if basis is None:
+        return float("nan")
+
+    def apply(x):  # x (n,) -> P d x (m,)
+        y = d @ x  # (m,)
+        return y - basis @ (basis.mT @ y) if left else y
+
+    def apply_t(y):  # y (m,) -> d^T P y (n,)
+        if left:
+            y = y - basis @ (basis.mT @ y)
+        z = d.mT @ y  # (n,)
+        return z if left else z - basis @ (basis.mT @ z)
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(d.shape[1], generator=gen, dtype=d.dtype).to(d.device)  # (n,)
+    if not left:
+        x = x - basis @ (basis.mT @ x)
+    if float(x.norm()) == 0:
+        return 0.0
+    x = x / x.norm()
+    est = 0.0
+    for _ in range(iters):
+        z = apply_t(apply(x))  # (n,)
+        nz = float(z.norm())
+        if nz == 0:
+            return 0.0
+        x = z / nz
+        est = float(apply(x).norm())
+    return est
+
+
+def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
+                  decide: torch.Tensor, epsilon: float, dnorm: float,
+                  left: bool = True) -> Tuple[Tuple[str, object], ...]:
+    """Margin and update-shape measures of one layer, as LayerResult.extra (key, value) pairs.
+
+    b: base Spectrum (all vectors), t: tuned top-k Spectrum, w0/wt/d (m, n) float64 on one device,
+    decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2 (the engine's power iteration)."""
+    out = []
+    min_cos = float(decide.min()) if decide.numel() else float("nan")
+    out.append(("min_max_cos", min_cos))
+    out.append(("cos_margin", min_cos - epsilon))
+    sig = b.sigma
+    sig_k = float(sig[k - 1]) if sig.numel() >= k else float("nan")
+    bu = b.u if left else b.v
+    tu = t.u if left else t.v
+    basis = bu[:, :k] if bu is not None else None  # (m, k) or (n, k)
+    novel = spectral_norm_projected(d, basis, left)
+    out.append(("novel_strength", novel / sig_k if sig_k > 0 else float("inf")))
+    if basis is not None and tu is not None:
+        pc = torch.linalg.svdvals(basis.mT @ tu[:, :k])  # (k,) cosines of the principal angles
+        out.append(("subspace_cos", float(pc.min().clamp(0.0, 1.0))))
+    sv, how = delta_singular_values(d)
+    top = max(float(sv[0]) if sv.numel() else 0.0, dnorm)  # ||d||_2 (exact or randomized)
+    fro2 = float(d.square().sum())
+    out.append(("delta_stable_rank", fro2 / top ** 2 if top > 0 else 0.0))
+    grid, bits = storage_grid(wt)
+    m, n = d.shape
+    # Marchenko-Pastur edge of an iid noise matrix with the storage rounding's per-entry rms
+    floor = FLOOR_SLACK * rounding_rms(wt, bits) * (math.sqrt(m) + math.sqrt(n))
+    floor = max(floor, float(sv[0]) * 1e-12 if sv.numel() else 0.0)
+    rank, gap, seen = estimate_rank(sv, floor, d.shape)
+    keep = sv[:DELTA_SV_KEEP].cpu()
+    out += [("delta_rank", rank), ("delta_rank_seen", seen),
+            ("delta_rank_gap", gap if math.isfinite(gap) else None),
+            ("delta_floor", floor), ("delta_grid", grid), ("delta_sv_method", how),
+            ("delta_sv", [float(x) for x in keep])]
+    # JSON has no inf / nan: a measure that cannot be computed is null
+    return tuple((key, None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for key, v in out)
+
+
+def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> Tuple[Tuple[str, object], ...]:
+    """margin_fields from the two matrices alone (a separate pass; the engine calls margin_fields
+    with what it has already computed)."""
+    from .decompose import full_spectrum, spectral_norm, top_spectrum
+    from .match import match_vectors
+
+    w0 = w0.to(torch.float64)  # (m, n)
+    wt = wt.to(torch.float64)  # (m, n)
+    k = min(config.top_k, min(w0.shape))
+    left = config.vectors in ("left", "both")
+    right = config.vectors in ("right", "both")
+    b = full_spectrum(w0, left=left, right=right)
+    t = top_spectrum(wt, k, left=left, right=right)
+    cos = [match_vectors(t.u, t.sigma, b.u, b.sigma).max_cos] if left else []
+    if right:
+        cos.append(match_vectors(t.v, t.sigma, b.v, b.sigma).max_cos)
+    decide = torch.maximum(cos[0], cos[1]) if len(cos) == 2 else cos[0]  # (k,)
+    d = wt - w0  # (m, n)
+    return margin_fields(b, t, w0, wt, d, k, decide, config.epsilon, spectral_norm(d), left=left)
