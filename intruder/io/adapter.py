@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 from ..errors import AdapterError
 from ..types import LoraInfo, TensorRef
-from .checkpoint import Checkpoint, _from_pickle_kind, _from_safetensors, _load_json
+from .checkpoint import Checkpoint, _from_pickle_kind, _from_safetensors, _inside, _load_json
 
 PREFIX = "base_model.model."
 # init_lora_weights values that change the base model at initialisation
@@ -70,7 +70,7 @@ def open_adapter(d: str) -> Checkpoint:
     """Index a PEFT adapter directory; validate its config against its tensors."""
     cfg_path = os.path.join(d, "adapter_config.json")
     try:
-        cfg = _load_json(cfg_path)
+        cfg = _load_json(_inside(d, "adapter_config.json", d))
     except AdapterError:
         raise
     except Exception as exc:
@@ -90,15 +90,12 @@ def open_adapter(d: str) -> Checkpoint:
     if cfg.get("loftq_config"):
         raise AdapterError(f"{cfg_path}: a LoftQ adapter is only valid against its quantised "
                            f"residual base; merge it with PEFT first")
-    for key in ("r", "lora_alpha"):
-        v = cfg.get(key, 8)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise AdapterError(f"{cfg_path}: {key} must be a positive number, got {v!r}")
-    files = [os.path.join(d, f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
-    files = [f for f in files if os.path.exists(f)]
+    _check_numbers(cfg_path, cfg)
+    files = [f for f in ("adapter_model.safetensors", "adapter_model.bin")
+             if os.path.lexists(os.path.join(d, f))]
     if not files:
         raise AdapterError(f"{d}: adapter directory has no adapter_model.safetensors or .bin")
-    f = files[0]
+    f = _inside(d, files[0], d)
     if f.endswith(".safetensors"):
         ck = _from_safetensors(d, [f], "adapter")
     else:
@@ -110,6 +107,36 @@ def open_adapter(d: str) -> Checkpoint:
     _validate(ad)
     ck.adapter = ad
     return ck
+
+
+def _positive(v, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        return False
+    return not integer or float(v).is_integer()
+
+
+def _check_numbers(cfg_path: str, cfg: dict) -> None:
+    """r, lora_alpha and their per-module patterns: finite positive numbers (r whole), valid
+    regular-expression keys; the config comes from a stranger, PEFT's defaults are 8 and 8."""
+    for key, integer in (("r", True), ("lora_alpha", False)):
+        v = cfg.get(key, 8)
+        if not _positive(v, integer):
+            what = "a positive whole number" if integer else "a positive number"
+            raise AdapterError(f"{cfg_path}: {key} must be {what}, got {v!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict):
+            raise AdapterError(f"{cfg_path}: {key} must map module patterns to numbers, "
+                               f"got {type(pat).__name__}")
+        for k, v in pat.items():
+            if not _positive(v, integer):
+                raise AdapterError(f"{cfg_path}: {key}[{k!r}] must be a positive "
+                                   f"{'whole ' if integer else ''}number, got {v!r}")
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise AdapterError(f"{cfg_path}: {key} key {k!r} is not a valid regular "
+                                   f"expression ({exc})")
 
 
 def _index_tensor(ad: Adapter, name: str, ref: TensorRef) -> None:

@@ -5,18 +5,21 @@ state dict (weights_only), or a PEFT adapter directory. Tensors are read lazily,
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
-from ..errors import CheckpointError
+from ..errors import AdapterError, CheckpointError
 from ..types import CheckpointInfo, TensorRef
-from .safetensors_file import DTYPES, SafetensorsFile, check_regular_file
+from .safetensors_file import (DTYPES, DuplicateKeyError, SafetensorsFile, check_regular_file,
+                               open_regular, strict_json)
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # torch dtype name -> safetensors dtype string (for pickle checkpoints)
 _TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
 
@@ -91,7 +94,8 @@ def open_checkpoint(path: str, allow_adapter: bool = True) -> Checkpoint:
 
 
 def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
-    if os.path.exists(os.path.join(d, "adapter_config.json")):
+    # lexists: a dangling or escaping symlink must be reported, not silently skipped
+    if os.path.lexists(os.path.join(d, "adapter_config.json")):
         if not allow_adapter:
             raise CheckpointError(f"{d}: is a PEFT adapter; it can only be the TUNED side "
                                   f"(give the base model as BASE)")
@@ -99,45 +103,75 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
 
         return open_adapter(d)
     index = os.path.join(d, SAFE_INDEX)
-    if os.path.exists(index):
-        return _from_index(d, index, safetensors=True)
-    single = os.path.join(d, "model.safetensors")
-    if os.path.exists(single):
-        check_regular_file(single)
-        return _from_safetensors(d, [single], "directory")
+    if os.path.lexists(index):
+        return _from_index(d, _inside(d, SAFE_INDEX, d), safetensors=True)
+    if os.path.lexists(os.path.join(d, "model.safetensors")):
+        return _from_safetensors(d, [_inside(d, "model.safetensors", d)], "directory")
     pt_index = os.path.join(d, PT_INDEX)
-    if os.path.exists(pt_index):
-        return _from_index(d, pt_index, safetensors=False)
-    st_files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    if os.path.lexists(pt_index):
+        return _from_index(d, _inside(d, PT_INDEX, d), safetensors=False)
+    try:
+        listing = sorted(os.listdir(d))
+    except OSError as exc:
+        raise CheckpointError(f"{d}: cannot list the directory ({exc.strerror})")
+    orphans = [f for f in ADAPTER_WEIGHTS if f in listing]
+    if orphans:
+        raise AdapterError(f"{d}: holds {orphans[0]} but no adapter_config.json; without it the "
+                           f"rank, lora_alpha and target modules are unknown and the adapter "
+                           f"cannot be merged (copy the adapter_config.json saved with it)")
+    st_files = [f for f in listing if f.endswith(".safetensors")]
     if st_files:
         return _from_safetensors(d, [_inside(d, f, d) for f in st_files], "directory")
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
-        if os.path.exists(os.path.join(d, name)):
+        if os.path.lexists(os.path.join(d, name)):
             return _from_pickle(d, [_inside(d, name, d)])
     raise CheckpointError(f"{d}: directory holds no weights (no model.safetensors, "
                           f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
 
 
+def _allowed_roots(root: str) -> List[str]:
+    """The model directory, plus the blob store when it is a Hugging Face cache snapshot
+    (<repo>/snapshots/<revision>/ whose files are symlinks into <repo>/blobs/)."""
+    roots = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        blobs = os.path.join(os.path.dirname(os.path.dirname(root)), "blobs")
+        if os.path.isdir(blobs):
+            roots.append(os.path.realpath(blobs))
+    return roots
+
+
 def _inside(d: str, rel: str, what: str) -> str:
     """Resolve rel inside directory d; refuse paths or symlinks that leave it."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel):
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\x00" in rel:
         raise CheckpointError(f"{what}: shard path {rel!r} must be a relative file name")
     root = os.path.realpath(d)
     full = os.path.realpath(os.path.join(d, rel))
-    if os.path.commonpath([root, full]) != root:
-        raise CheckpointError(f"{what}: shard path {rel!r} leads outside the model directory")
+    if not any(os.path.commonpath([r, full]) == r for r in _allowed_roots(root)):
+        raise CheckpointError(f"{what}: {rel!r} resolves to {full}, outside the model "
+                              f"directory {root}; refused")
     if not os.path.exists(full):
-        raise CheckpointError(f"{what}: names shard {rel!r}, which does not exist")
+        raise CheckpointError(f"{what}: names {rel!r}, which does not exist")
     check_regular_file(full, "shard")
-    return full
+    # the name, not the resolved target: a Hugging Face cache blob has no .safetensors suffix
+    return os.path.normpath(os.path.join(d, rel))
+
+
+MAX_JSON = 64 * 1024 * 1024  # an index or adapter config is kilobytes; refuse memory bombs
 
 
 def _load_json(path: str) -> object:
-    check_regular_file(path, "JSON file")
+    fh, st = open_regular(path, "JSON file")
     try:
-        with open(path, "rb") as fh:
-            return json.loads(fh.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        with fh:
+            if st.st_size > MAX_JSON:
+                raise CheckpointError(f"{path}: {st.st_size} bytes is too large for a JSON "
+                                      f"index or config")
+            raw = fh.read()
+        return strict_json(raw.decode("utf-8"))
+    except DuplicateKeyError as exc:
+        raise CheckpointError(f"{path}: key {exc.key!r} appears twice; which one holds is "
+                              f"ambiguous")
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, over-long number
         raise CheckpointError(f"{path}: not valid JSON ({exc.__class__.__name__})")
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
@@ -181,6 +215,25 @@ def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
     return Checkpoint(path, kind, refs, files, metadata=metadata)
 
 
+def _unpickle_reason(exc: Exception) -> str:
+    """The useful line of torch's weights-only refusal (it also suggests weights_only=False,
+    which is exactly what must not be done with a stranger's file)."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    for line in lines:
+        m = re.search(r"GLOBAL ([\w.]+)", line)
+        if m:
+            return (f"the pickle calls {m.group(1)}, which would run code if unpickled "
+                    f"(a state dict holds only tensors)")
+    for line in lines:
+        m = re.search(r"[Uu]nsupported operand (\S+)", line)
+        if m:
+            return (f"not a plain tensor pickle (pickle opcode {m.group(1)} is not allowed); "
+                    f"corrupt, or it holds more than tensors")
+    rest = [l for l in lines if not l.startswith(("Weights only load failed", "Please file",
+                                                   "Check the documentation"))]
+    return f"the pickle holds more than tensors ({(rest or ['unsafe content'])[0][:160]})"
+
+
 class _PickleFile:
     """A torch.save'd state dict, loaded with weights_only=True (no code runs) and memory-mapped."""
 
@@ -190,18 +243,21 @@ class _PickleFile:
         import torch
 
         self.path = path
+        check_regular_file(path)
         try:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:  # legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(exc):
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch's notices (e.g. on the pickle protocol) would break the one-line error
+                warnings.simplefilter("ignore")
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:  # legacy (non-zip) format cannot be memory-mapped
+                    if "mmap" not in str(exc):
+                        raise
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-            raise CheckpointError(f"{path}: refused: the pickle holds more than tensors and would "
-                                  f"run code if unpickled ({first[:160]}); convert it to "
-                                  f"safetensors from a trusted environment")
+            raise CheckpointError(f"{path}: refused: {_unpickle_reason(exc)}; nothing in it was "
+                                  f"run (weights-only loader); convert it to safetensors inside "
+                                  f"a sandbox")
         except Exception as exc:  # torch raises many types for garbage input
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
                                   f"({exc.__class__.__name__})")

@@ -34,6 +34,29 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(k)
+        out[k] = v
+    return out
+
+
+def strict_json(text: str):
+    """json.loads that refuses duplicate keys (json would keep the last one silently).
+
+    Raises ValueError (DuplicateKeyError for a repeated key; also a number too long to convert)
+    or RecursionError (nesting bomb)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
@@ -56,14 +79,35 @@ def check_regular_file(path: str, what: str = "checkpoint") -> os.stat_result:
     return st
 
 
+def open_regular(path: str, what: str = "checkpoint"):
+    """Open a regular file for binary reading; return (file, stat of the open descriptor).
+
+    The type is checked before opening (opening some devices has side effects) and again on the
+    open descriptor, which is opened non-blocking: a file swapped for a FIFO or a device after the
+    first check can neither block the open nor be read."""
+    check_regular_file(path, what)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror})")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file; a {what} must be a file")
+    return os.fdopen(fd, "rb"), st
+
+
 def parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int]:
     """Parse and validate the header; return (entries, metadata, data start offset)."""
-    st = check_regular_file(path)
+    fh, st = open_regular(path)
     size = st.st_size
-    if size < 8:
-        raise CheckpointError(f"{path}: file too short for a safetensors header ({size} bytes)")
     try:
-        with open(path, "rb") as fh:
+        with fh:
+            if size < 8:
+                raise CheckpointError(f"{path}: file is empty" if size == 0 else
+                                      f"{path}: file too short for a safetensors header "
+                                      f"({size} bytes)")
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > MAX_HEADER:
                 raise CheckpointError(f"{path}: header length {n} exceeds the 100 MB limit")
@@ -74,8 +118,11 @@ def parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        header = strict_json(raw.decode("utf-8"))
+    except DuplicateKeyError as exc:
+        raise CheckpointError(f"{path}: header names {exc.key!r} twice; a duplicated entry "
+                              f"would hide one of the two tensors")
+    except (ValueError, RecursionError):  # bad UTF-8 / JSON, or a number too long to convert
         raise CheckpointError(f"{path}: header is not valid JSON; not a safetensors file?")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
@@ -146,8 +193,9 @@ class SafetensorsFile:
         if nbytes == 0:
             return out
         flat = out.reshape(-1).view(torch.uint8).numpy()  # (nbytes,) aliasing `out`
+        fh, _ = open_regular(self.path)
         try:
-            with open(self.path, "rb") as fh:
+            with fh:
                 fh.seek(e.start)
                 got = fh.readinto(memoryview(flat))
         except OSError as exc:
@@ -159,9 +207,13 @@ class SafetensorsFile:
     def raw_bytes(self, name: str) -> bytes:
         """The exact stored bytes of a tensor (for bit-identical copies)."""
         e = self.entries[name]
-        with open(self.path, "rb") as fh:
-            fh.seek(e.start)
-            data = fh.read(e.end - e.start)
+        fh, _ = open_regular(self.path)
+        try:
+            with fh:
+                fh.seek(e.start)
+                data = fh.read(e.end - e.start)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})")
         if len(data) != e.end - e.start:
             raise CheckpointError(f"{self.path}: tensor {name!r}: file ended early (truncated?)")
         return data
