@@ -112,8 +112,22 @@ def summary(report: ScanReport) -> dict:
         "counts_by_epsilon": counts,
         "min_max_cos": min(mins) if mins else None,
         "mean_intruder_energy": sum(energies) / len(energies) if energies else 0.0,
+        "margin": _margin_summary(report.layers, report.config.epsilon),
+        "provenance": _provenance(report).to_dict(),
         "seconds": report.seconds,
     }
+
+
+def _margin_summary(layers, epsilon):
+    from .spectral.margin import margin_summary
+
+    return margin_summary(layers, epsilon)
+
+
+def _provenance(report):
+    from .provenance import provenance
+
+    return provenance(report)
 
 
 def _eps_key(e: float) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Dict
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: margin + dW-spectrum layer fields, summary margin/provenance
 SCHEMA_ID = "https://github.com/intruder-tool/intruder/schema/scan-report-1.json"
 
 _NUM = {"type": "number"}
@@ -39,7 +39,20 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "sigma_base": {"type": "array", "items": _NUM},
                          "intruders": {"type": "array", "items": _INTRUDER},
                          "counts_by_epsilon": {"type": "object"},
-                         "intruder_energy": _NUM}}
+                         "intruder_energy": _NUM,
+                         # 1.1, intruder/spectral/margin.py and docs/margin.md
+                         "min_max_cos": _NUM,  # lowest max|cos| = epsilon of the first intruder
+                         "cos_margin": _NUM,  # min_max_cos - epsilon (< 0: has intruders)
+                         "novel_strength": _NUM,  # ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
+                         "subspace_cos": _NUM,  # cos of the largest principal angle, top-k
+                         "delta_stable_rank": _NUM,  # ||dW||_F^2 / ||dW||_2^2
+                         "delta_rank": _INT,  # singular values of dW above delta_floor
+                         "delta_rank_seen": {"type": "boolean"},  # a value below the floor seen
+                         "delta_rank_gap": _NUM,  # sv[rank-1] / sv[rank]
+                         "delta_floor": _NUM,  # rounding-noise edge of the tuned storage dtype
+                         "delta_grid": _STR,  # storage grid of Wt: bfloat16|float16|float32|float64
+                         "delta_sv_method": {"type": "string", "enum": ["exact", "randomized"]},
+                         "delta_sv": {"type": "array", "items": _NUM}}}  # top 64 of dW
 SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
@@ -60,7 +73,21 @@ SCHEMA: Dict[str, Any] = {
         "summary": {"type": "object",
                     "required": ["layers_scanned", "total_intruders", "counts_by_epsilon"],
                     "properties": {"layers_scanned": _INT, "total_intruders": _INT,
-                                   "counts_by_epsilon": {"type": "object"}}},
+                                   "counts_by_epsilon": {"type": "object"},
+                                   # 1.1: distribution of the margin over layers, provenance
+                                   "margin": {"type": "object", "properties": {
+                                       "layers": _INT, "first_intruder_epsilon": _NUM,
+                                       "cos_margin": _NUM, "closest_layer": _STR,
+                                       "strongest_layer": _STR}},
+                                   "provenance": {"type": "object",
+                                                  "required": ["verdict", "confidence"],
+                                                  "properties": {
+                                                      "verdict": {"type": "string", "enum": [
+                                                          "lora-like", "full-ft-like", "mixed",
+                                                          "unchanged", "precision-only",
+                                                          "unknown"]},
+                                                      "confidence": _NUM,
+                                                      "estimated_rank": _INT}}}},
     },
 }
 

@@ -63,6 +63,14 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
                  f"{'n/a' if mm is None else format(mm, '.3f')}")
     counts = "  ".join(f"eps {k}: {v}" for k, v in s["counts_by_epsilon"].items())
     lines.append(f"intruder counts by epsilon (all matrices): {counts}")
+    if s.get("margin", {}).get("layers"):
+        from ..spectral.margin import margin_line
+
+        lines.append(margin_line(s["margin"]))
+    if s.get("provenance"):
+        from ..provenance import verdict_line_dict
+
+        lines.append("provenance: " + verdict_line_dict(s["provenance"]))
     if s["in_cluster_intruders"]:
         lines.append(f"note: {s['in_cluster_intruders']} flagged vector(s) lie inside a "
                      f"near-degenerate base cluster (rotation, not a new direction)")

@@ -193,3 +193,74 @@ def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> Tuple[Tuple
     decide = torch.maximum(cos[0], cos[1]) if len(cos) == 2 else cos[0]  # (k,)
     d = wt - w0  # (m, n)
     return margin_fields(b, t, w0, wt, d, k, decide, config.epsilon, spectral_norm(d), left=left)
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    pos = q * (len(xs) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+COS_BANDS = (0.0, 0.1, 0.25)  # cos_margin below each: at / near / approaching the cliff
+STRENGTH_BANDS = (1.0, 0.5, 0.25)  # novel_strength at least each
+
+
+def margin_summary(layers, epsilon: float) -> dict:
+    """Distribution of the margin measures over scanned layers (the report's summary block)."""
+    rows = []
+    for l in layers:
+        if l.status != "scanned":
+            continue
+        ex = dict(l.extra)
+        if ex.get("min_max_cos") is None:
+            continue
+        rows.append((l.name, ex["min_max_cos"], ex.get("novel_strength"), l.delta_norm_rel))
+    if not rows:
+        return {"layers": 0}
+    cos = [r[1] for r in rows]
+    nov = [(r[2], r[0]) for r in rows if r[2] is not None]
+    closest = min(rows, key=lambda r: r[1])
+    out = {
+        "layers": len(rows),
+        "epsilon": epsilon,
+        "first_intruder_epsilon": closest[1],
+        "cos_margin": closest[1] - epsilon,
+        "closest_layer": closest[0],
+        "min_max_cos_quantiles": {"min": min(cos), "p10": _quantile(cos, 0.1),
+                                  "median": _quantile(cos, 0.5), "max": max(cos)},
+        "layers_below_cos_margin": {format(b, "g"): sum(1 for c in cos if c - epsilon < b)
+                                    for b in COS_BANDS},
+    }
+    if nov:
+        vals = [v for v, _ in nov]
+        top = max(nov)
+        out.update({
+            "novel_strength_quantiles": {"median": _quantile(vals, 0.5),
+                                         "p90": _quantile(vals, 0.9), "max": top[0]},
+            "strongest_layer": top[1],
+            "layers_novel_strength_at_least": {format(b, "g"): sum(1 for v in vals if v >= b)
+                                               for b in STRENGTH_BANDS},
+        })
+    return out
+
+
+def margin_line(m: dict) -> str:
+    """Two lines for the terminal table: where the first intruder would appear, and how strong
+    the novel part of the update is against the base's k-th singular value."""
+    if not m or not m.get("layers"):
+        return "margin: n/a (no scanned matrices with margin measures)"
+    eps = m["epsilon"]
+    s = (f"margin: first intruder at epsilon {m['first_intruder_epsilon']:.3f} (lowest max|cos|, "
+         f"{m['closest_layer']}), {m['cos_margin']:+.3f} from epsilon {eps:g}; median over "
+         f"matrices {m['min_max_cos_quantiles']['median']:.3f}")
+    q = m.get("novel_strength_quantiles")
+    if q:
+        s += (f"\n        novel strength ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0): median "
+              f"{q['median']:.3f}, max {q['max']:.3f} ({m['strongest_layer']}); a new direction "
+              f"enters the top-k near 1; matrices >= 0.5: "
+              f"{m['layers_novel_strength_at_least']['0.5']}")
+    return s

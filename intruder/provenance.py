@@ -1,0 +1,211 @@
+"""Provenance verdict: was this fine-tune LoRA-like or full-fine-tuning-like? With its evidence.
+
+Reads only a scan report (live or loaded from JSON): each scanned layer carries the singular values
+of dW = Wt - W0, the rank above the storage rounding floor (`delta_rank`) and the sharpness of the
+cliff there (`delta_rank_gap`), computed by intruder.spectral.margin.
+
+Per matrix:
+  unchanged       Wt == W0 bit for bit
+  precision-only  dW is no larger than the rounding noise of the tuned storage dtype
+  low-rank        a cliff: rank r above the floor, r <= LOWRANK_FRAC x min(m, n), the next singular
+                  value at least GAP_MIN x smaller (LoRA merges exactly this: rank <= r)
+  dense           no cliff below LOWRANK_FRAC x min(m, n) (full fine-tuning updates every direction)
+Per model: lora-like when at least AGREE of the changed matrices are low-rank, full-ft-like when
+at least AGREE are dense, mixed otherwise. See docs/provenance.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple
+
+LOWRANK_FRAC = 0.75
+GAP_MIN = 2.0
+AGREE = 0.8
+_LAYER_RX = re.compile(r"^(?:.*?\.)?(?:layers|h|layer|blocks|block)\.(\d+)\.(.+?)(?:\.weight)?$")
+
+
+@dataclass(frozen=True)
+class LayerVerdict:
+    name: str
+    module: str  # module type, e.g. self_attn.q_proj
+    block: Optional[int]  # transformer block index when the name has one
+    kind: str  # unchanged | precision-only | low-rank | dense | unknown
+    rank: Optional[int]  # singular values of dW above the rounding floor
+    gap: Optional[float]  # sv[rank-1] / sv[rank]
+    min_dim: int
+
+
+@dataclass(frozen=True)
+class Provenance:
+    verdict: str  # lora-like | full-ft-like | mixed | unchanged | precision-only | unknown
+    confidence: float  # 0..1: share of changed matrices agreeing, shrunk for few matrices
+    estimated_rank: Optional[int]  # most common rank among low-rank matrices
+    rank_range: Optional[Tuple[int, int]]
+    rank_by_module: Dict[str, int]  # module type -> most common rank (low-rank matrices)
+    kind_by_module: Dict[str, str]  # module type -> majority class of its matrices
+    adapted_modules: Tuple[str, ...]  # module types with at least one changed matrix
+    untouched_modules: Tuple[str, ...]  # module types whose matrices are all unchanged
+    counts: Dict[str, int]  # class -> number of matrices
+    declared: Optional[dict]  # adapter_config.json facts when TUNED is an adapter
+    evidence: Tuple[str, ...]
+    layers: Tuple[LayerVerdict, ...]
+
+    def to_dict(self, with_layers: bool = False) -> dict:
+        d = asdict(self)
+        d["rank_range"] = list(self.rank_range) if self.rank_range else None
+        d["evidence"] = list(self.evidence)
+        d["adapted_modules"] = list(self.adapted_modules)
+        d["untouched_modules"] = list(self.untouched_modules)
+        if with_layers:
+            d["layers"] = [asdict(l) for l in self.layers]
+        else:
+            d.pop("layers")
+        return d
+
+
+def module_of(name: str) -> Tuple[str, Optional[int]]:
+    """('self_attn.q_proj', 3) for 'model.layers.3.self_attn.q_proj.weight'."""
+    m = _LAYER_RX.match(name)
+    if m:
+        return m.group(2), int(m.group(1))
+    return (name[: -len(".weight")] if name.endswith(".weight") else name), None
+
+
+def classify_layer(layer) -> LayerVerdict:
+    """The class of one LayerResult from its dW spectrum measures."""
+    module, block = module_of(layer.name)
+    min_dim = min(layer.shape) if layer.shape else 0
+    if layer.status == "unchanged":
+        return LayerVerdict(layer.name, module, block, "unchanged", 0, None, min_dim)
+    ex = dict(layer.extra)
+    rank = ex.get("delta_rank")
+    if layer.status != "scanned" or rank is None:
+        return LayerVerdict(layer.name, module, block, "unknown", None, None, min_dim)
+    rank = int(rank)
+    gap = ex.get("delta_rank_gap")
+    gap = float("inf") if gap is None and ex.get("delta_rank_seen") else gap
+    if rank == 0:
+        kind = "precision-only"
+    elif (ex.get("delta_rank_seen") and rank <= LOWRANK_FRAC * min_dim
+          and gap is not None and gap >= GAP_MIN):
+        kind = "low-rank"
+    else:
+        kind = "dense"
+    return LayerVerdict(layer.name, module, block, kind, rank,
+                        None if gap is None or gap == float("inf") else gap, min_dim)
+
+
+def _mode(values):
+    if not values:
+        return None
+    c = Counter(values)
+    best = max(c.values())
+    return min(v for v, n in c.items() if n == best)  # ties: the smaller rank
+
+
+def provenance(report) -> Provenance:
+    """Verdict for one scan report (TUNED against BASE)."""
+    layers = tuple(classify_layer(l) for l in report.layers if l.status != "nonfinite")
+    counts = Counter(l.kind for l in layers)
+    changed = [l for l in layers if l.kind in ("low-rank", "dense")]
+    by_mod: Dict[str, list] = {}
+    for l in layers:
+        by_mod.setdefault(l.module, []).append(l)
+    adapted = tuple(m for m, ls in by_mod.items() if any(l.kind in ("low-rank", "dense") for l in ls))
+    untouched = tuple(m for m, ls in by_mod.items() if all(l.kind == "unchanged" for l in ls))
+    kind_by_module = {}
+    for m, ls in by_mod.items():
+        c = Counter(l.kind for l in ls)
+        kind_by_module[m] = max(sorted(c), key=lambda k: c[k])
+    lr = [l for l in changed if l.kind == "low-rank"]
+    ranks = [l.rank for l in lr]
+    rank_by_module = {}
+    for m, ls in by_mod.items():
+        r = _mode([l.rank for l in ls if l.kind == "low-rank"])
+        if r is not None:
+            rank_by_module[m] = r
+    declared = _declared(report)
+    n = len(changed)
+    evidence = []
+    if n == 0:
+        if counts.get("precision-only"):
+            verdict, conf = "precision-only", 1.0
+            evidence.append(f"{counts['precision-only']} matrices differ only at the rounding level "
+                            f"of their storage dtype (a dtype conversion, not a fine-tune)")
+        elif counts.get("unknown"):
+            verdict, conf = "unknown", 0.0
+            evidence.append("the report has no dW spectrum (written by an older version); rescan")
+        else:
+            verdict, conf = "unchanged", 1.0
+            evidence.append("every scanned matrix is bit-identical to the base")
+    else:
+        share = len(lr) / n
+        shrink = n / (n + 1)
+        if share >= AGREE:
+            verdict, conf = "lora-like", share * shrink
+        elif share <= 1 - AGREE:
+            verdict, conf = "full-ft-like", (1 - share) * shrink
+        else:
+            verdict = "mixed"
+            # a mixture is credible when it follows module boundaries (e.g. LoRA on attention,
+            # full fine-tuning of the MLP): share of changed module types that are pure
+            mods = [m for m in adapted]
+            pure = sum(1 for m in mods if len({l.kind for l in by_mod[m] if l in changed}) == 1)
+            conf = (pure / len(mods) if mods else 0.0) * shrink
+        evidence.append(f"{len(lr)} of {n} changed matrices have a low-rank update (a cliff in the "
+                        f"singular values of Wt - W0 at rank <= {LOWRANK_FRAC:g} x min(m, n), "
+                        f"next value >= {GAP_MIN:g}x smaller), {n - len(lr)} a dense one")
+        if ranks:
+            evidence.append(f"estimated LoRA rank {_mode(ranks)} (most common; range "
+                            f"{min(ranks)}-{max(ranks)}) from the singular values of Wt - W0 above "
+                            f"the storage rounding floor")
+        if untouched:
+            evidence.append(f"module types left bit-identical: {', '.join(untouched)} "
+                            f"(LoRA leaves untargeted modules untouched; full fine-tuning rarely does)")
+        elif verdict == "full-ft-like":
+            evidence.append("every scanned module type changed (as full fine-tuning does)")
+    if declared:
+        r = declared.get("r")
+        evidence.append(f"TUNED is a PEFT adapter: adapter_config.json declares r={r}"
+                        + (" (rsLoRA)" if declared.get("use_rslora") else "")
+                        + (f", rank_pattern {declared['rank_pattern']}" if declared.get("rank_pattern") else ""))
+        if ranks and isinstance(r, int) and max(ranks) > r and not declared.get("rank_pattern"):
+            evidence.append(f"WARNING: measured rank {max(ranks)} exceeds the declared r={r}")
+    return Provenance(
+        verdict=verdict, confidence=round(float(conf), 3), estimated_rank=_mode(ranks),
+        rank_range=(min(ranks), max(ranks)) if ranks else None, rank_by_module=rank_by_module,
+        kind_by_module=kind_by_module, adapted_modules=adapted, untouched_modules=untouched,
+        counts=dict(counts), declared=declared, evidence=tuple(evidence), layers=layers)
+
+
+def _declared(report) -> Optional[dict]:
+    ad = getattr(report.tuned, "adapter", None)
+    if not ad:
+        return None
+    return {k: ad.get(k) for k in ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora",
+                                   "target_modules", "rank_pattern", "modules_to_save")}
+
+
+def verdict_line(p: Provenance) -> str:
+    """One line for a terminal table."""
+    return verdict_line_dict(p.to_dict())
+
+
+def verdict_line_dict(p: dict) -> str:
+    """verdict_line from the summary's provenance dict (live or loaded from JSON)."""
+    rank = f", estimated rank {p['estimated_rank']}" if p.get("estimated_rank") is not None else ""
+    rr = p.get("rank_range")
+    if rr and rr[0] != rr[1]:
+        rank += f" (range {rr[0]}-{rr[1]})"
+    mods = ",".join(_short(m) for m in p.get("adapted_modules") or ()) or "none"
+    c = p.get("counts") or {}
+    return (f"{p['verdict']} (confidence {p['confidence']:.2f}{rank}; adapted: {mods}; "
+            f"matrices low-rank {c.get('low-rank', 0)}, dense {c.get('dense', 0)}, "
+            f"unchanged {c.get('unchanged', 0)})")
+
+
+def _short(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
