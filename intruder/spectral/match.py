@@ -22,7 +22,7 @@ class Match:
 def match_vectors(t_vecs: torch.Tensor, t_sigma: torch.Tensor, b_vecs: torch.Tensor,
                   b_sigma: torch.Tensor, near_window: float = 0.1, top_r: int = 20) -> Match:
     """|cos| between tuned vectors t (d, k) and base vectors b (d, r), with subspace overlaps."""
-    sim = (t_vecs.mT @ b_vecs).abs()  # (k, r) = |T^T B|
+    sim = (t_vecs.mT @ b_vecs).abs().clamp_max(1.0)  # (k, r) = |T^T B|, rounding clipped
     max_cos, base_index = sim.max(dim=1)  # (k,), (k,)
     sq = sim.square()  # (k, r)
     # Base vectors whose sigma lies within a relative window of the tuned sigma: a tuned vector
