@@ -242,8 +242,10 @@ def load_report(path: str) -> ScanReport:
     try:
         with open(path, "rb") as fh:
             doc = json.loads(fh.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, or an over-long number
         raise ReportError(f"{path}: not valid JSON ({exc.__class__.__name__})")
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read ({exc.strerror})")
     if not isinstance(doc, dict):
         raise ReportError(f"{path}: violates the scan-report schema: $: expected object")
     try:
