@@ -60,7 +60,8 @@ def eval_cmd(model, specs, limit, model_config, device, dtype, max_length, as_js
     evaluators = [get_evaluator(s) for s in specs]  # unknown names fail before the model loads
     echo_err(f"loading {model} ...", quiet)
     lm = load_model(model, model_config=model_config, device=device,
-                    dtype=None if dtype == "auto" else dtype, max_length=max_length)
+                    dtype=None if dtype == "auto" else dtype, max_length=max_length,
+                    progress=not quiet)
     echo_err(f"model on {lm.device} ({lm.dtype}), max length {lm.max_length}", quiet)
     results = run_evaluators(lm, evaluators, limit=limit, progress=not quiet)
     if as_json:

@@ -68,11 +68,13 @@ def get_evaluator(spec: str):
     return factory(arg.strip() if sep else None)
 
 
-def load_model(path, model_config=None, device: str = "auto", dtype=None, max_length=None):
+def load_model(path, model_config=None, device: str = "auto", dtype=None, max_length=None,
+               progress: bool = True):
     """Load a model for evaluation; see intruder.evaluate.model.load_model."""
     from .model import load_model as _load
 
-    return _load(path, model_config=model_config, device=device, dtype=dtype, max_length=max_length)
+    return _load(path, model_config=model_config, device=device, dtype=dtype,
+                 max_length=max_length, progress=progress)
 
 
 def run_evaluators(lm, evaluators: Sequence[Union[str, object]], limit: Optional[int] = None,
@@ -104,5 +106,6 @@ def evaluate_model(path, specs: Sequence[Union[str, object]] = ("wikitext",), *,
         specs = [specs]
     evaluators = [get_evaluator(s) if isinstance(s, str) else s for s in specs]
     lm = path if isinstance(path, LoadedModel) else load_model(
-        path, model_config=model_config, device=device, dtype=dtype, max_length=max_length)
+        path, model_config=model_config, device=device, dtype=dtype, max_length=max_length,
+        progress=progress)
     return run_evaluators(lm, evaluators, limit=limit, progress=progress)

@@ -199,6 +199,8 @@ def _lines_from_hub() -> Tuple[str, ...]:
         import datasets  # noqa: F401  (optional dependency)
     except ImportError:
         raise EvalError(f"no local WikiText-2 data and `datasets` is not installed: {_HOW_TO_POINT}")
+    if not _hub_reachable():  # fail at once instead of after the hub client's retries
+        raise EvalError(f"no local WikiText-2 data and huggingface.co is unreachable: {_HOW_TO_POINT}")
     try:
         ds = datasets.load_dataset(HUB_DATASET[0], HUB_DATASET[1], split=HUB_DATASET[2])
         pages = [row["page"] for row in ds]
@@ -206,3 +208,13 @@ def _lines_from_hub() -> Tuple[str, ...]:
         raise EvalError(f"could not fetch {HUB_DATASET[0]} from the hub ({type(exc).__name__}); "
                         f"{_HOW_TO_POINT}") from exc
     return tuple([" "] + "\n".join(pages).split("\n"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

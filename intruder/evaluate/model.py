@@ -107,7 +107,7 @@ def context_length(config: Any, tokenizer: Any = None) -> int:
 
 def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] = None,
                device: str = "auto", dtype: Optional[str] = None,
-               max_length: Optional[int] = None) -> LoadedModel:
+               max_length: Optional[int] = None, progress: bool = True) -> LoadedModel:
     """Load MODEL (HF dir, weights dir, or .safetensors file) for scoring; never touches the network.
 
     Args:
@@ -115,6 +115,7 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
             no config.json (a bare .safetensors file or a weights-only directory).
         dtype: None/'auto', 'float32', 'bfloat16' or 'float16'.
         max_length: tokens per forward pass; defaults to the config's context length.
+        progress: False silences transformers' weight-loading progress bar.
     """
     import torch
 
@@ -147,6 +148,10 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
         raise EvalError(f"cannot load config/tokenizer from {model_dir}: {_short(exc)}") from exc
     torch_dtype = _resolve_dtype(dtype, config, dev)
 
+    hf_logging = transformers.utils.logging
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         if weight_files is None:
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -158,6 +163,9 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
         raise
     except Exception as exc:
         raise EvalError(f"cannot load model {p}: {_short(exc)}") from exc
+    finally:
+        if bars_were_on and not progress:
+            hf_logging.enable_progress_bar()
     model.to(dev)
     model.eval()
 

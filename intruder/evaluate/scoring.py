@@ -144,5 +144,5 @@ def score_requests(lm, requests: Sequence[Request], *, batch_size: Optional[int]
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="win", file=sys.stderr, disable=not enabled,
+    return tqdm(total=total, desc=desc, unit="seq", file=sys.stderr, disable=not enabled,
                 leave=False, dynamic_ncols=True)
