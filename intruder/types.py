@@ -138,6 +138,12 @@ class ScanReport:
     tool_version: str = ""
     schema_version: str = ""
 
+    def to_dataframe(self):
+        """One row per matrix as a pandas DataFrame (see intruder.report.frame)."""
+        from .report.frame import to_dataframe
+
+        return to_dataframe(self)
+
 
 @dataclass(frozen=True)
 class EvalResult:
