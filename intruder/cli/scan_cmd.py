@@ -34,11 +34,19 @@ EXIT_INTRUDERS = 3
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
 @click.option("--html", type=click.Path(dir_okay=False), default=None, help="Also write an HTML audit.")
 @click.option("--fail-on-intruders", is_flag=True, help="Exit with code 3 when any intruder is found.")
+@click.option("--fail-on-margin", type=float, default=None, metavar="COS",
+              help="Exit with code 4 when a matrix's lowest max|cos| lies within COS of epsilon "
+                   "(min max|cos| < epsilon + COS): close to, or past, its first intruder. "
+                   "See docs/margin.md.")
+@click.option("--fail-on-strength", type=float, default=None, metavar="X",
+              help="Exit with code 4 when a matrix's novel strength ||(I - U0_k U0_k^T) dW||_2 / "
+                   "sigma_k(W0) reaches X (a new direction enters the top-k near 1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Skip (and list) layers with NaN/Inf instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or chatter on stderr.")
 @handle_errors
 def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cache,
-                 output, as_json, html, fail_on_intruders, allow_nonfinite, quiet):
+                 output, as_json, html, fail_on_intruders, fail_on_margin, fail_on_strength,
+                 allow_nonfinite, quiet):
     """Find intruder dimensions of TUNED against BASE.
 
     BASE: a .safetensors file, a Hugging Face model directory (sharded or not) or a .bin/.pt
@@ -80,3 +88,8 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
         echo_err(f"HTML audit written to {html}", quiet)
     if fail_on_intruders and any(l.intruders for l in report.layers):
         sys.exit(EXIT_INTRUDERS)
+    from ..spectral.margin import fail_code  # 4: inside the margin (issue 9)
+
+    code = fail_code([report], False, fail_on_margin, fail_on_strength)
+    if code:
+        sys.exit(code)

@@ -158,7 +158,8 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     top = max(float(sv[0]) if sv.numel() else 0.0, dnorm)  # ||d||_2 (exact or randomized)
     fro2 = float(d.square().sum())
     out.append(("delta_stable_rank", fro2 / top ** 2 if top > 0 else 0.0))
-    grid, bits = storage_grid(wt)
+    # the coarser storage grid of the two sides sets the rounding noise dW carries
+    grid, bits = min(storage_grid(wt), storage_grid(w0), key=lambda g: g[1])
     m, n = d.shape
     # Marchenko-Pastur edge of an iid noise matrix with the storage rounding's per-entry rms
     floor = FLOOR_SLACK * rounding_rms(wt, bits) * (math.sqrt(m) + math.sqrt(n))
@@ -264,3 +265,38 @@ def margin_line(m: dict) -> str:
               f"enters the top-k near 1; matrices >= 0.5: "
               f"{m['layers_novel_strength_at_least']['0.5']}")
     return s
+
+
+EXIT_INTRUDERS = 3  # --fail-on-intruders
+EXIT_MARGIN = 4  # --fail-on-margin / --fail-on-strength
+
+
+def margin_breaches(layers, epsilon: float, cos_within: Optional[float] = None,
+                    strength_at_least: Optional[float] = None):
+    """Names of scanned matrices whose lowest max|cos| lies within `cos_within` of epsilon
+    (min_max_cos < epsilon + cos_within) or whose novel strength is at least `strength_at_least`."""
+    out = []
+    for l in layers:
+        if l.status != "scanned":
+            continue
+        ex = dict(l.extra)
+        c = ex.get("min_max_cos")
+        s = ex.get("novel_strength")
+        if cos_within is not None and c is not None and c - epsilon < cos_within:
+            out.append(l.name)
+        elif strength_at_least is not None and s is not None and s >= strength_at_least:
+            out.append(l.name)
+    return out
+
+
+def fail_code(reports, fail_on_intruders: bool = False, fail_on_margin: Optional[float] = None,
+              fail_on_strength: Optional[float] = None) -> int:
+    """Exit code of an audit gate over scan reports: 3 intruders (when asked), else 4 when a
+    matrix is inside the margin, else 0."""
+    if fail_on_intruders and any(l.intruders for r in reports for l in r.layers):
+        return EXIT_INTRUDERS
+    if fail_on_margin is not None or fail_on_strength is not None:
+        for r in reports:
+            if margin_breaches(r.layers, r.config.epsilon, fail_on_margin, fail_on_strength):
+                return EXIT_MARGIN
+    return 0

@@ -1,0 +1,129 @@
+"""`intruder track BASE STEP...` and `intruder compare BASE FT...`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from . import cli
+from .common import echo_err, float_list, handle_errors
+
+EXIT_INTRUDERS = 3
+EXIT_MARGIN = 4
+
+
+def _common(fn):
+    opts = [
+        click.option("--top-k", default=10, show_default=True, type=int,
+                     help="How many top tuned singular vectors to test."),
+        click.option("--epsilon", "epsilon", default="0.5,0.7,0.9", show_default=True,
+                     help="Thresholds on max |cos|; the first decides the listed intruders."),
+        click.option("--vectors", type=click.Choice(["left", "right", "both"]), default="left",
+                     show_default=True, help="Which singular vectors to match (paper: left)."),
+        click.option("--include", metavar="REGEX", help="Also scan tensors matching REGEX."),
+        click.option("--exclude", metavar="REGEX", help="Do not scan tensors matching REGEX."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--cache-dir", metavar="DIR", default=None,
+                     help="Base spectral cache directory (default $INTRUDER_CACHE_DIR)."),
+        click.option("--no-cache", is_flag=True, help="Do not read or write the base spectral cache."),
+        click.option("--json", "as_json", is_flag=True, help="Print the JSON document to stdout."),
+        click.option("--html", type=click.Path(dir_okay=False), default=None,
+                     help="Also write a self-contained HTML page (tables and plots)."),
+        click.option("--fail-on-intruders", is_flag=True,
+                     help=f"Exit {EXIT_INTRUDERS} when any checkpoint has an intruder (vs base)."),
+        click.option("--fail-on-margin", type=float, default=None, metavar="COS",
+                     help=f"Exit {EXIT_MARGIN} when a matrix's lowest max|cos| lies within COS of "
+                          f"epsilon (see `intruder scan --help`)."),
+        click.option("--fail-on-strength", type=float, default=None, metavar="X",
+                     help=f"Exit {EXIT_MARGIN} when a matrix's novel strength reaches X."),
+        click.option("--allow-nonfinite", is_flag=True, help="Skip layers with NaN/Inf."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar or chatter on stderr."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@cli.command("track")
+@click.argument("base", type=click.Path())
+@click.argument("steps", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", default="intruder-track.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Where to write the JSON document.")
+@_common
+def track_command(base, steps, output, **kw):
+    """Follow intruders along sequential fine-tunes (continual learning).
+
+    Each STEP is measured against BASE and against the step before it; intruders are followed
+    from step to step (persistent / new / gone). A PEFT adapter as a STEP is applied to the
+    previous step's weights.
+
+    \b
+    Examples:
+      intruder track base/ step1/ step2/ step3/
+      intruder track base/ step1/ step2/ --epsilon 0.5,0.9 --html track.html
+    """
+    _run("track", base, steps, output, **kw)
+
+
+@cli.command("compare")
+@click.argument("base", type=click.Path())
+@click.argument("finetunes", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", default="intruder-compare.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Where to write the JSON document.")
+@_common
+def compare_command(base, finetunes, output, **kw):
+    """Compare many fine-tunes of one base side by side, with a provenance verdict each.
+
+    The base is decomposed once. Each FT may be a model (file or directory) or a PEFT adapter
+    (applied to BASE). The verdict says whether the update looks LoRA-like (low rank, with the
+    estimated rank) or full-fine-tuning-like, which modules changed, and a confidence.
+
+    \b
+    Examples:
+      intruder compare base/ ft-a/ ft-b/ adapter-c/
+      intruder compare base/ lora-r8/ full/ --json > compare.json
+    """
+    _run("compare", base, finetunes, output, **kw)
+
+
+@handle_errors
+def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, device, cache_dir,
+         no_cache, as_json, html, fail_on_intruders, fail_on_margin, fail_on_strength,
+         allow_nonfinite, quiet):
+    from ..io.atomic import check_output, write_text
+    from ..track import dumps, run_compare, run_track
+    from ..types import ScanConfig
+    from ..report.track_table import track_table
+    from ..spectral.margin import fail_code
+
+    eps = float_list(epsilon, "--epsilon")
+    if not no_cache and cache_dir is None:
+        cache_dir = os.environ.get("INTRUDER_CACHE_DIR") or None
+    config = ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include,
+                        exclude=exclude, device=device, allow_nonfinite=allow_nonfinite,
+                        cache_dir=None if no_cache else cache_dir)
+    inputs = [base, *paths]
+    check_output(output, inputs)
+    if html:
+        check_output(html, inputs)
+    runner = run_track if mode == "track" else run_compare
+    tr = runner(base, list(paths), config, progress=not quiet and not as_json,
+                command=" ".join(["intruder"] + sys.argv[1:]))
+    text = dumps(tr)
+    write_text(output, text + "\n")
+    if as_json:
+        click.echo(text)
+    else:
+        click.echo(track_table(tr))
+        echo_err(f"{mode} written to {output}", quiet)
+    if html:
+        from ..report.track_view import write_track_html
+
+        write_track_html(tr, html)
+        echo_err(f"HTML page written to {html}", quiet)
+    code = fail_code([e.vs_base for e in tr.entries], fail_on_intruders, fail_on_margin,
+                     fail_on_strength)
+    if code:
+        sys.exit(code)

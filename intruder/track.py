@@ -1,0 +1,349 @@
+"""Many checkpoints of one base: continual-learning tracks and side-by-side comparisons.
+
+    run_track(base, [step1, step2, step3])     # sequential fine-tunes (each from the previous)
+    run_compare(base, [ft_a, ft_b, adapter_c])  # independent fine-tunes of one base
+
+The loop is layer-major: for each matrix the base is read and decomposed once (or taken from the
+base spectral cache) and every checkpoint is measured against it. A track also measures each step
+against the previous one (that step's own full decomposition) and follows intruders along the
+sequence: an intruder of step i *persists* when it matches (|cos| >= PERSIST_COS) an intruder of
+step i-1, is *new* otherwise, and an intruder of step i-1 matched by none of step i is *gone*.
+
+A PEFT adapter as a track step is applied to the previous step's weights (the continual-learning
+chain base -> +adapter1 -> +adapter2); in a comparison it is applied to the base.
+
+Each checkpoint gets ordinary ScanReports (vs base, and vs previous in a track), so the scan's
+summary, margin, provenance verdict and JSON schema all apply to it unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import __version__
+from .errors import IntruderError, NonFiniteError
+from .types import CheckpointInfo, LayerResult, ScanConfig, ScanReport
+
+PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
+TRACK_SCHEMA_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """Intruders (vs base) of one matrix at one step, followed from the previous step."""
+
+    persistent: Tuple[int, ...] = ()  # tuned ranks of intruders also present at the step before
+    new: Tuple[int, ...] = ()  # tuned ranks of intruders that are new at this step
+    gone: Tuple[int, ...] = ()  # ranks (at the previous step) of intruders no longer present
+    match_cos: Tuple[float, ...] = ()  # per persistent intruder: |cos| to its predecessor
+
+
+@dataclass(frozen=True)
+class TrackEntry:
+    label: str
+    path: str
+    vs_base: ScanReport
+    vs_previous: Optional[ScanReport] = None  # track mode, steps after the first
+    persistence: Dict[str, Persistence] = field(default_factory=dict)  # track mode
+
+
+@dataclass(frozen=True)
+class TrackReport:
+    mode: str  # track | compare
+    base: CheckpointInfo
+    config: ScanConfig
+    entries: Tuple[TrackEntry, ...]
+    seconds: float = 0.0
+    device: str = "cpu"
+    created: str = ""
+    command: str = ""
+    tool_version: str = ""
+
+
+def _labels(paths: Sequence[str]) -> List[str]:
+    """Short unique names: the basename, or the path when basenames collide."""
+    names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
+    out = []
+    for p, n in zip(paths, names):
+        out.append(n if names.count(n) == 1 else os.path.normpath(p))
+    return out
+
+
+def _load_tuned(pair, reference: torch.Tensor, read) -> torch.Tensor:
+    """The tuned matrix of `pair`, with LoRA factors merged onto `reference` (the base in a
+    comparison, the previous step in a track)."""
+    from .io.adapter import merge_lora
+
+    if pair.lora is not None:
+        return merge_lora(reference, pair.lora, read)
+    if pair.tuned == pair.base:  # an adapter that leaves this module alone
+        return reference
+    return read(pair.tuned)
+
+
+def _check_finite(w: torch.Tensor, what: str, name: str, path: str, allow: bool) -> bool:
+    if torch.isfinite(w).all():
+        return True
+    if not allow:
+        raise NonFiniteError(f"{what} tensor {name!r} in {path} contains NaN or Inf "
+                             f"(use --allow-nonfinite to skip such layers)")
+    return False
+
+
+def _persistence(prev_u: Optional[torch.Tensor], prev_idx: Sequence[int], cur_u: torch.Tensor,
+                 cur_idx: Sequence[int]) -> Persistence:
+    """Follow intruders: prev_u (d, k) / cur_u (d, k) top-k vectors of consecutive steps."""
+    if not cur_idx and not prev_idx:
+        return Persistence()
+    if prev_u is None or not prev_idx:
+        return Persistence(new=tuple(cur_idx))
+    if not cur_idx:
+        return Persistence(gone=tuple(prev_idx))
+    a = cur_u[:, list(cur_idx)]  # (d, |cur|)
+    b = prev_u[:, list(prev_idx)]  # (d, |prev|)
+    sim = (a.mT @ b).abs()  # (|cur|, |prev|)
+    best, arg = sim.max(dim=1)  # (|cur|,)
+    persistent, new, cos = [], [], []
+    matched_prev = set()
+    for j, (c, i) in enumerate(zip(best.tolist(), arg.tolist())):
+        if c >= PERSIST_COS:
+            persistent.append(cur_idx[j])
+            cos.append(round(float(c), 6))
+            matched_prev.add(prev_idx[i])
+        else:
+            new.append(cur_idx[j])
+    gone = tuple(p for p in prev_idx if p not in matched_prev)
+    return Persistence(tuple(persistent), tuple(new), gone, tuple(cos))
+
+
+def _result(name, shape, dtype, fields=None, status="scanned", seconds=0.0) -> LayerResult:
+    if fields is None:
+        return LayerResult(name=name, shape=tuple(shape), dtype=dtype, status=status)
+    return LayerResult(name=name, shape=tuple(shape), dtype=dtype, status="scanned",
+                       seconds=seconds, **fields)
+
+
+def run_track(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
+              progress: bool = False, command: str = "", base_cache=None) -> TrackReport:
+    """Sequential fine-tunes: every step against the base and against the step before."""
+    return _run(base, checkpoints, config, "track", progress, command, base_cache)
+
+
+def run_compare(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
+                progress: bool = False, command: str = "", base_cache=None) -> TrackReport:
+    """Independent fine-tunes of one base, side by side; the base is decomposed once."""
+    return _run(base, checkpoints, config, "compare", progress, command, base_cache)
+
+
+def _run(base, checkpoints, config, mode, progress, command, base_cache) -> TrackReport:
+    from .io import open_checkpoint, pair_checkpoints, read_ref
+    from .report.schema import SCHEMA_VERSION
+    from .scan import derivation_warnings, validate_config
+    from .spectral.decompose import full_spectrum
+    from .spectral.engine import analyse, resolve_device
+
+    config = config or ScanConfig()
+    validate_config(config)
+    if len(checkpoints) < 1:
+        raise IntruderError(f"{mode}: give at least one checkpoint after the base")
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    base_ck = open_checkpoint(base, allow_adapter=False)
+    cks = [open_checkpoint(p) for p in checkpoints]
+    pairings = [pair_checkpoints(base_ck, ck, config.include, config.exclude) for ck in cks]
+    pair_maps = [{p.name: p for p in pg.pairs} for pg in pairings]
+    names = [p.name for p in pairings[0].pairs if all(p.name in pm for pm in pair_maps)]
+    if not names:
+        raise IntruderError(f"no matrix of {base} is paired in every checkpoint "
+                            f"({', '.join(checkpoints)}); see --include / --exclude")
+    if base_cache is None and config.cache_dir:
+        from .spectral.cache import BaseCache
+
+        base_cache = BaseCache(config.cache_dir)
+    labels = _labels(checkpoints)
+    n = len(cks)
+    vs_base: List[List[LayerResult]] = [[] for _ in range(n)]
+    vs_prev: List[List[LayerResult]] = [[] for _ in range(n)]
+    persist: List[Dict[str, Persistence]] = [{} for _ in range(n)]
+    base_handles: dict = {}
+    handles = [dict() for _ in range(n)]
+    k_side = "left" if config.vectors in ("left", "both") else "right"
+    bar = _bar(len(names) * n, progress, mode)
+    for name in names:
+        pair0 = pair_maps[0][name]
+        ref = pair0.base
+        shape, dtype = tuple(ref.shape), ref.dtype
+        w0 = read_ref(ref, base_handles)
+        if not _check_finite(w0, "base", name, ref.path, config.allow_nonfinite):
+            for i in range(n):
+                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
+                if mode == "track" and i:
+                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
+            _tick(bar, n)
+            continue
+        w0_dev = w0.to(device)
+        b0 = base_cache.get(pair0, w0, config) if base_cache is not None else None
+        cached = b0 is not None
+        prev_w = w0  # (m, n) the previous step's weights (track) / the base (compare)
+        prev_top = None  # (d, k) previous step's top-k vectors (track)
+        prev_intr: Tuple[int, ...] = ()
+        for i in range(n):
+            t0 = time.perf_counter()
+            pair = pair_maps[i][name]
+            ref_w = prev_w if mode == "track" else w0
+            reader = (lambda r, h=handles[i]: read_ref(r, h))
+            wt = _load_tuned(pair, ref_w, reader)
+            where = pair.lora.a.path if pair.lora is not None else (pair.tuned.path if pair.tuned else "")
+            if not _check_finite(wt, "tuned", name, where, config.allow_nonfinite):
+                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
+                if mode == "track" and i:
+                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
+                prev_top, prev_intr = None, ()
+                _tick(bar, 1)
+                continue
+            wt_dev = wt.to(device)
+            same_base = wt.dtype == w0.dtype and torch.equal(wt, w0)
+            if same_base:
+                vs_base[i].append(_result(name, shape, dtype, status="unchanged"))
+                cur_intr: Tuple[int, ...] = ()
+            else:
+                fields, b0_used = analyse(w0_dev, wt_dev, config, name, base_spec=b0)
+                if b0 is None:
+                    b0 = b0_used
+                    if base_cache is not None and not cached:
+                        base_cache.put(pair0, w0, config, b0)
+                        cached = True
+                vs_base[i].append(_result(name, shape, dtype, fields,
+                                          seconds=time.perf_counter() - t0))
+                cur_intr = tuple(x.index for x in fields["intruders"])
+            if mode == "track":
+                cur_top = None
+                if i > 0:
+                    same_prev = wt.dtype == prev_w.dtype and torch.equal(wt, prev_w)
+                    if same_prev:
+                        vs_prev[i].append(_result(name, shape, dtype, status="unchanged"))
+                    else:
+                        # full decomposition of the previous step: its top-k are prev_top
+                        pf, _ = analyse(prev_w.to(device), wt_dev, config, name)
+                        vs_prev[i].append(_result(name, shape, dtype, pf))
+                if cur_intr or prev_intr:
+                    k = min(config.top_k, min(shape))
+                    spec = full_spectrum(wt_dev, left=k_side == "left", right=k_side == "right")
+                    vecs = spec.u if k_side == "left" else spec.v
+                    cur_top = vecs[:, :k]  # (d, k)
+                persist[i][name] = _persistence(prev_top, prev_intr, cur_top, cur_intr) \
+                    if cur_top is not None else _persistence(None, prev_intr, None, ())
+                prev_top, prev_intr = cur_top, cur_intr
+                prev_w = wt
+            _tick(bar, 1)
+    if bar is not None:
+        bar.close()
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    cmd = command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    base_info = base_ck.info()
+    elapsed = time.perf_counter() - t_start
+
+    def report(base_info_, tuned_info, pairing, layers):
+        return ScanReport(base=base_info_, tuned=tuned_info, config=config, layers=tuple(layers),
+                          unpaired_base=pairing.unpaired_base if pairing else (),
+                          unpaired_tuned=pairing.unpaired_tuned if pairing else (),
+                          skipped=pairing.skipped if pairing else (),
+                          warnings=tuple(derivation_warnings(layers, config)),
+                          seconds=elapsed, device=str(device), created=created, command=cmd,
+                          tool_version=__version__, schema_version=SCHEMA_VERSION)
+
+    entries = []
+    infos = [ck.info() for ck in cks]
+    for i in range(n):
+        rb = report(base_info, infos[i], pairings[i], vs_base[i])
+        rp = report(infos[i - 1], infos[i], None, vs_prev[i]) if mode == "track" and i else None
+        entries.append(TrackEntry(label=labels[i], path=checkpoints[i], vs_base=rb, vs_previous=rp,
+                                  persistence=persist[i] if mode == "track" else {}))
+    return TrackReport(mode=mode, base=base_info, config=config, entries=tuple(entries),
+                       seconds=elapsed, device=str(device), created=created, command=cmd,
+                       tool_version=__version__)
+
+
+def _bar(total, enabled, mode):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="matrix", desc=mode, leave=False, dynamic_ncols=True)
+
+
+def _tick(bar, n):
+    if bar is not None:
+        bar.update(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries and JSON
+# ------------------------------------------------------------------------------------------------
+
+
+def entry_summary(e: TrackEntry, mode: str) -> dict:
+    """One row of the track / compare table (also in the JSON)."""
+    from .provenance import provenance
+    from .scan import summary
+
+    s = summary(e.vs_base)
+    row = {"label": e.label, "path": e.path, "kind": e.vs_base.tuned.kind,
+           "intruders": s["total_intruders"], "layers_with_intruders": s["layers_with_intruders"],
+           "counts_by_epsilon": s["counts_by_epsilon"], "min_max_cos": s["min_max_cos"],
+           "mean_intruder_energy": s["mean_intruder_energy"],
+           "novel_strength_max": (s["margin"].get("novel_strength_quantiles") or {}).get("max"),
+           "layers_scanned": s["layers_scanned"], "layers_unchanged": s["layers_unchanged"],
+           "provenance": s["provenance"], "warnings": list(e.vs_base.warnings)}
+    if mode == "track":
+        if e.vs_previous is not None:
+            sp = summary(e.vs_previous)
+            row["vs_previous"] = {"intruders": sp["total_intruders"],
+                                  "counts_by_epsilon": sp["counts_by_epsilon"],
+                                  "min_max_cos": sp["min_max_cos"],
+                                  "provenance": provenance(e.vs_previous).to_dict()}
+        else:
+            row["vs_previous"] = None
+        row["persistent"] = sum(len(p.persistent) for p in e.persistence.values())
+        row["new"] = sum(len(p.new) for p in e.persistence.values())
+        row["gone"] = sum(len(p.gone) for p in e.persistence.values())
+    return row
+
+
+def to_dict(tr: TrackReport) -> dict:
+    """The whole track / compare as JSON-ready data: per entry a full scan report (schema
+    scan-report 1.x) against the base, and in a track against the previous step."""
+    from dataclasses import asdict
+
+    from .report.schema import to_dict as scan_dict
+
+    c = tr.config
+    entries = []
+    for e in tr.entries:
+        d = {"label": e.label, "path": e.path, "summary": entry_summary(e, tr.mode),
+             "vs_base": scan_dict(e.vs_base),
+             "vs_previous": scan_dict(e.vs_previous) if e.vs_previous is not None else None}
+        if tr.mode == "track":
+            d["persistence"] = {n: asdict(p) for n, p in e.persistence.items()
+                                if p.persistent or p.new or p.gone}
+        entries.append(d)
+    return {"kind": f"intruder-{tr.mode}", "track_schema_version": TRACK_SCHEMA_VERSION,
+            "tool_version": tr.tool_version, "created": tr.created, "command": tr.command,
+            "device": tr.device, "seconds": tr.seconds, "base": asdict(tr.base),
+            "config": {"top_k": c.top_k, "epsilon": list(c.epsilons), "vectors": c.vectors,
+                       "include": c.include, "exclude": c.exclude},
+            "persist_cos": PERSIST_COS if tr.mode == "track" else None,
+            "entries": entries}
+
+
+def dumps(tr: TrackReport) -> str:
+    import json
+
+    return json.dumps(to_dict(tr), indent=1, allow_nan=False)
