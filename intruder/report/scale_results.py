@@ -1,0 +1,175 @@
+"""Read a scale sweep's results (`intruder scale ... --eval`, scale-results.json) for the report.
+
+The reader is tolerant on purpose: it accepts the rows either as a list or under `rows`,
+`results`, `alphas`, `runs` or `points`; each row's metrics either as a list of evaluator results
+({evaluator, metric, value, protocol, ...}) under `evals`/`eval`/`metrics`/`results`, as a
+{metric: value} mapping, or as flat numeric fields; base and tuned references either as rows
+whose `role`/`label`/`name` says so, rows with alpha = 1 (tuned), or under `base`/`tuned`/
+`references`. Anything it cannot read is reported as a ReportError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import ReportError
+
+_ROW_KEYS = ("rows", "results", "alphas", "runs", "points", "models")
+_METRIC_KEYS = ("evals", "eval", "evaluations", "metrics", "results", "scores")
+_SKIP = {"alpha", "index", "n_units", "seconds", "n_layers", "n_intruders", "layers_rescaled",
+         "intruders_rescaled", "step"}
+_PRETRAIN = re.compile(r"wikitext|perplex|ppl|bits_per_byte|bpb|pretrain|forget", re.I)
+_TASK = re.compile(r"acc|task|winogrande|siqa|social|score|f1|exact", re.I)
+# preferred axes, in order (the choice intruder.scale_sweep makes for its own plot)
+PRETRAIN_PREFERRED = ("word_perplexity", "bits_per_byte", "byte_perplexity", "token_perplexity")
+TASK_PREFERRED = ("accuracy", "acc_norm", "next_token_accuracy", "token_loss")
+
+
+@dataclass(frozen=True)
+class ScalePoint:
+    label: str  # 'base', 'tuned', 'alpha=0.5'
+    role: str  # base | tuned | alpha
+    alpha: Optional[float]
+    metrics: Tuple[Tuple[str, float], ...]  # (name, value), name like 'wikitext/word_perplexity'
+    intruders: Optional[int] = None  # directions rescaled (scaled rows)
+    note: str = ""
+
+    def get(self, name: str) -> Optional[float]:
+        return dict(self.metrics).get(name)
+
+
+@dataclass(frozen=True)
+class ScaleTable:
+    source: str
+    points: Tuple[ScalePoint, ...]
+    metrics: Tuple[str, ...]  # every metric name, first-seen order
+    x_metric: Optional[str]  # pre-training side (forgetting)
+    y_metric: Optional[str]  # task side
+    protocols: Tuple[Tuple[str, str], ...]  # (metric name, protocol text)
+
+
+def _num(v: Any) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _metrics(row: Dict[str, Any], protocols: Dict[str, str]) -> List[Tuple[str, float]]:
+    out: List[Tuple[str, float]] = []
+    for key in _METRIC_KEYS:
+        sub = row.get(key)
+        if isinstance(sub, list):
+            for e in sub:
+                if isinstance(e, dict) and "metric" in e and _num(e.get("value")) is not None:
+                    name = f"{e['evaluator']}/{e['metric']}" if e.get("evaluator") else str(e["metric"])
+                    out.append((name, _num(e["value"])))
+                    if isinstance(e.get("protocol"), str):
+                        unit = f" [{e['unit']}]" if isinstance(e.get("unit"), str) else ""
+                        n = f" (n = {e['n_units']})" if _num(e.get("n_units")) is not None else ""
+                        protocols.setdefault(name, e["protocol"] + unit + n)
+        elif isinstance(sub, dict):
+            for name, v in sub.items():
+                if _num(v) is not None:
+                    out.append((str(name), _num(v)))
+                elif isinstance(v, dict):  # {evaluator: {metric: value}}
+                    for m, mv in v.items():
+                        if _num(mv) is not None:
+                            out.append((f"{name}/{m}", _num(mv)))
+    if not out:
+        for name, v in row.items():
+            if name not in _SKIP and _num(v) is not None:
+                out.append((str(name), _num(v)))
+    seen = set()
+    return [(n, v) for n, v in out if not (n in seen or seen.add(n))]
+
+
+def _role(row: Dict[str, Any], hint: Optional[str]) -> Tuple[str, Optional[float]]:
+    alpha = _num(row.get("alpha"))
+    tag = " ".join(str(row.get(k, "")) for k in ("role", "label", "name", "model", "kind")).lower()
+    if hint:
+        return hint, alpha
+    if re.search(r"\bbase\b", tag):
+        return "base", alpha
+    if re.search(r"\btuned\b", tag):
+        return "tuned", alpha if alpha is not None else 1.0
+    return "alpha", alpha  # 'scaled' rows and anything else with an alpha
+
+
+def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
+    """Build a ScaleTable from already-parsed JSON data."""
+    rows: List[Tuple[Dict[str, Any], Optional[str]]] = []
+    if isinstance(doc, list):
+        rows = [(r, None) for r in doc]
+    elif isinstance(doc, dict):
+        for key in _ROW_KEYS:
+            if isinstance(doc.get(key), list) and any(isinstance(r, dict) for r in doc[key]):
+                rows = [(r, None) for r in doc[key]]
+                break
+        refs = doc.get("references") if isinstance(doc.get("references"), dict) else doc
+        for role in ("base", "tuned"):
+            if isinstance(refs.get(role), dict) and (
+                    any(k in refs[role] for k in _METRIC_KEYS) or "alpha" in refs[role]):
+                rows.insert(0 if role == "base" else len(rows), (refs[role], role))
+    else:
+        raise ReportError(f"{source}: expected a JSON object or list of rows")
+    protocols: Dict[str, str] = {}
+    points: List[ScalePoint] = []
+    for row, hint in rows:
+        if not isinstance(row, dict):
+            continue
+        role, alpha = _role(row, hint)
+        ms = _metrics(row, protocols)
+        if not ms:
+            continue
+        label = "base" if role == "base" else ("tuned (alpha = 1)" if role == "tuned"
+                                                 else f"alpha = {alpha:g}" if alpha is not None
+                                                 else str(row.get("label") or row.get("name") or "?"))
+        n_i = row.get("n_intruders", row.get("intruders"))
+        points.append(ScalePoint(label, role, alpha, tuple(ms),
+                                 int(n_i) if _num(n_i) is not None else None,
+                                 str(row.get("note") or "")))
+    if not points:
+        raise ReportError(f"{source}: no rows with numeric metrics found (expected a list of "
+                          f"{{alpha, evals: [{{evaluator, metric, value}}]}} rows)")
+    if not any(p.role == "tuned" for p in points):  # alpha = 1 is the tuned model itself
+        points = [replace(p, label="tuned (alpha = 1)", role="tuned")
+                  if p.role == "alpha" and p.alpha == 1.0 else p for p in points]
+    metrics: List[str] = []
+    for p in points:
+        for n, _ in p.metrics:
+            if n not in metrics:
+                metrics.append(n)
+
+    def leaf(m):
+        return m.rsplit("/", 1)[-1]
+
+    def is_task(m):
+        return m.lower().startswith("task")
+
+    x = next((m for pref in PRETRAIN_PREFERRED for m in metrics
+              if leaf(m) == pref and not is_task(m)), None)
+    x = x or next((m for m in metrics if _PRETRAIN.search(m) and not is_task(m)), None)
+    y = next((m for pref in TASK_PREFERRED for m in metrics if leaf(m) == pref and is_task(m)), None)
+    y = y or next((m for m in metrics if m != x and _TASK.search(m)), None)
+    rest = [m for m in metrics if m not in (x, y)]
+    x = x or (rest.pop(0) if rest else None)
+    y = y or (rest.pop(0) if rest else None)
+    return ScaleTable(source, tuple(points), tuple(metrics), x, y, tuple(protocols.items()))
+
+
+def load_scale_results(path: str) -> ScaleTable:
+    """Read scale-results.json (see the module docstring for the accepted shapes)."""
+    if not os.path.isfile(path):
+        raise ReportError(f"{path}: no scale results there (run `intruder scale ... --eval` first)")
+    try:
+        with open(path, "rb") as fh:
+            doc = json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc.__class__.__name__})")
+    return parse_scale_results(doc, path)

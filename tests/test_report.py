@@ -1,0 +1,416 @@
+"""The HTML audit, its figures, the pandas views and `intruder report`: exact content, escaping,
+self-containment, and the similarity blocks against a float64 LAPACK computation."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import synthetic
+from intruder.cli import cli
+from intruder.errors import OutputError, ReportError
+from intruder.report import frame, plots, views
+from intruder.report.html import escape, render_html, write_html
+from intruder.report.scale_results import load_scale_results, parse_scale_results
+from intruder.report.schema import save_report
+from intruder.report.similarity import recompute_similarity
+from intruder.scan import run_scan
+from intruder.types import (CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport)
+
+HOSTILE = "x<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def planted(synth):
+    return run_scan(synth["base_file"], synth["tuned_file"], ScanConfig(epsilons=(0.5, 0.3, 0.9)))
+
+
+@pytest.fixture(scope="module")
+def dense(synth):
+    return run_scan(synth["base_file"], synth["dense_file"], ScanConfig(epsilons=(0.5, 0.9)))
+
+
+def _layer(name, max_cos, eps=0.5, status="scanned"):
+    intr = tuple(Intruder(index=j, sigma=10.0 - j, max_cos=c, base_index=j + 50)
+                 for j, c in enumerate(max_cos) if c < eps)
+    return LayerResult(name=name, shape=(64, 64), dtype="F32", status=status,
+                       sigma_tuned=tuple(10.0 - j for j in range(len(max_cos))),
+                       sigma_base=tuple(10.0 - j for j in range(len(max_cos) + 5)),
+                       max_cos=tuple(max_cos), base_index=tuple(range(len(max_cos))),
+                       intruders=intr, counts_by_epsilon=((eps, len(intr)),))
+
+
+def _report(layers, warnings=()):
+    ck = CheckpointInfo(path="m", kind="safetensors", n_tensors=1, bytes=1, dtypes=("F32",),
+                        fingerprint="0")
+    return ScanReport(base=ck, tuned=ck, config=ScanConfig(), layers=tuple(layers),
+                      warnings=tuple(warnings))
+
+
+# ---------------------------------------------------------------------------------------- views
+
+
+@pytest.mark.parametrize("name,parts", [
+    ("model.layers.12.mlp.up_proj.weight", ("model.layers", 12, "mlp.up_proj")),
+    ("transformer.h.3.attn.c_attn.weight", ("transformer.h", 3, "attn.c_attn")),
+    ("bert.encoder.layer.5.attention.self.query.weight", ("bert.encoder.layer", 5, "attention.self.query")),
+    ("encoder.block.2.layer.1.DenseReluDense.wi.weight", ("encoder.block", 2, "layer.*.DenseReluDense.wi")),
+    ("model.layers.3.mlp.experts.7.up_proj.weight", ("model.layers", 3, "mlp.experts.*.up_proj")),
+    ("lm_head.weight", ("", None, "lm_head")),
+    ("h.0.weight", ("h", 0, "(block)")),
+    ("model.layers.\u0663.q.weight", ("", None, "model.layers.\u0663.q")),  # Arabic-Indic digit
+    (".weight", ("", None, ".weight")),
+])
+def test_split_name_any_architecture(name, parts):
+    p = views.split_name(name)
+    assert (p.stack, p.layer, p.module) == parts
+
+
+def test_grid_counts_match_planted_truth(planted, synth):
+    g = views.layer_module_grid(planted)
+    assert g.rows == ("0", "1")
+    assert set(g.cols) == {m for m in synthetic.LLAMA_MODULES}
+    cell = {(r, c): g.counts[i][j] for i, r in enumerate(g.rows) for j, c in enumerate(g.cols)}
+    expected = {(n.split(".")[2], ".".join(n.split(".")[3:5])): len(r)
+                for n, r in synth["truth"].items()}
+    assert {k: v for k, v in cell.items() if v} == expected
+    mins = {(r, c): g.min_cos[i][j] for i, r in enumerate(g.rows) for j, c in enumerate(g.cols)}
+    scanned = {(l.name.split(".")[2], ".".join(l.name.split(".")[3:5])): min(l.max_cos)
+               for l in planted.layers if l.status == "scanned"}
+    assert {k: v for k, v in mins.items() if v is not None} == scanned  # unchanged: no value
+
+
+def test_multi_stack_rows_are_kept_apart():
+    rep = _report([_layer("encoder.block.1.q.weight", [0.2, 0.9]),
+                   _layer("decoder.block.1.q.weight", [0.9, 0.9]),
+                   _layer("lm_head.weight", [0.1, 0.9])])
+    g = views.layer_module_grid(rep)
+    assert g.rows == ("encoder.block 1", "decoder.block 1", "other")
+    assert g.cols == ("q", "lm_head")
+    assert g.counts == ((1, None), (0, None), (None, 1))
+
+
+def test_sweep_agrees_with_scan_counts_and_numpy(planted, dense):
+    for rep in (planted, dense):
+        sw = {e: n for e, n, _ in views.sweep(rep)}
+        stored = {}
+        for l in rep.layers:
+            for e, n in l.counts_by_epsilon:
+                stored[e] = stored.get(e, 0) + n
+        for e, n in stored.items():
+            if e in sw:
+                assert sw[e] == n
+        allc = np.array([c for l in rep.layers for c in l.max_cos])
+        assert [n for _, n, _ in views.sweep(rep)] == [int((allc < e).sum()) for e in sw]
+    assert {e: n for e, n, _ in views.sweep(planted)}[0.5] == 4
+
+
+def test_verdict_planted(planted):
+    v = views.verdict(planted)
+    assert v.kind == "intruders"
+    assert v.headline == ("LoRA-like: 4 intruders at epsilon 0.5 in 3 of 3 changed matrices, "
+                          "spread over layers 0-1, mostly mlp.up_proj (2 of 4).")
+    assert any("11 of 14 matrices are bit-identical" in d for d in v.details)
+
+
+def test_verdict_dense_names_distance_to_first_intruder(dense):
+    v = views.verdict(dense)
+    low = min(c for l in dense.layers for c in l.max_cos)
+    assert v.kind == "none"
+    assert v.headline.startswith("Full-fine-tuning-like: no intruders at epsilon 0.5 in any of 14 "
+                                 "changed matrices; the lowest max|cos| is ")
+    assert f"{low:.3f}" in v.headline
+
+
+def test_verdict_concentration_on_32_blocks():
+    layers = []
+    for i in range(32):
+        for mod in ("self_attn.q_proj", "mlp.up_proj"):
+            flagged = mod == "mlp.up_proj" and i >= 20
+            layers.append(_layer(f"model.layers.{i}.{mod}.weight",
+                                 [0.2, 0.3, 0.9] if flagged else [0.95, 0.97, 0.99]))
+    layers.append(_layer("model.layers.2.self_attn.q_proj.weight", [0.1, 0.99]))
+    v = views.verdict(_report(layers))
+    assert v.headline == ("LoRA-like: 25 intruders at epsilon 0.5 in 13 of 65 changed matrices, "
+                          "concentrated in layers 20-31, mostly mlp.up_proj (24 of 25).")
+    c = views.concentration(_report(layers))
+    assert (c.first, c.last, c.inside, c.total, c.span) == (20, 31, 24, 25, 32)
+
+
+def test_verdict_unrelated_and_unchanged():
+    rep = _report([_layer("a.0.w.weight", [0.1])], warnings=["TUNED does not look derived from BASE: x"])
+    assert views.verdict(rep).kind == "unrelated"
+    rep = _report([LayerResult(name="a.0.w.weight", shape=(2, 2), dtype="F32", status="unchanged")])
+    assert views.verdict(rep).headline.startswith("Unchanged: all 1 matrices")
+
+
+def test_layer_choices(planted, dense):
+    assert [l.name for l in views.most_affected(planted, 2)] == [
+        "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert views.clean_layer(planted) is None  # every changed matrix has an intruder
+    best = max((l for l in dense.layers), key=lambda l: min(l.max_cos))
+    assert views.clean_layer(dense).name == best.name
+
+
+# ----------------------------------------------------------------------------------- similarity
+
+
+def test_similarity_blocks_match_lapack(planted, synth):
+    names = [l.name for l in views.most_affected(planted)]
+    blocks = recompute_similarity(planted, names)
+    from safetensors.numpy import load_file
+
+    b, t = load_file(synth["base_file"]), load_file(synth["tuned_file"])
+    for name in names:
+        blk = blocks[name]
+        cos = np.array(blk.cos)  # (k, N)
+        assert cos.shape == (10, 20)
+        u0 = np.linalg.svd(b[name].astype(np.float64), full_matrices=False)[0]
+        ut = np.linalg.svd(t[name].astype(np.float64), full_matrices=False)[0]
+        ref = np.abs(ut[:, :10].T @ u0[:, :20])  # (k, N)
+        assert np.max(np.abs(cos - ref)) < 1e-8
+        assert blk.intruders == tuple(synth["truth"][name])
+        assert all(cos[j].max() < 0.5 for j in blk.intruders)
+
+
+def test_similarity_refuses_changed_weights(planted, synth, tmp_path):
+    d = tmp_path / "moved"
+    d.mkdir()
+    shutil.copy(synth["base_file"], d / "base.safetensors")
+    base, tuned, _ = synthetic.llama_pair(plants=synthetic.DEFAULT_PLANTS, seed=0)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tuned[name] = tuned[name] * 1.5  # same names, shapes and sizes: same fingerprint
+    synthetic.write_safetensors(str(d / "tuned.safetensors"), tuned)
+    with pytest.raises(ReportError, match="differ from the scanned ones"):
+        recompute_similarity(planted, [name], base_path=str(d / "base.safetensors"),
+                             tuned_path=str(d / "tuned.safetensors"))
+    page, info = render_html(planted, base_path=str(d / "base.safetensors"),
+                             tuned_path=str(d / "tuned.safetensors"), command="t")
+    assert info.similarity.startswith("not available:") and "differ" in info.similarity
+    with pytest.raises(ReportError):
+        render_html(planted, similarity=True, base_path=str(d / "nope.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def test_plots_draw_the_reported_numbers(planted, dense):
+    g = views.layer_module_grid(planted)
+    fig = plots.layer_module_heatmap(planted, "count")
+    arr = fig.axes[0].images[0].get_array()
+    expect = np.array([[np.nan if m is None else c for c, m in zip(cr, mr)]
+                       for cr, mr in zip(g.counts, g.min_cos)], dtype=float)
+    np.testing.assert_array_equal(np.ma.filled(arr.astype(float), np.nan), expect)
+    fig = plots.epsilon_sweep({"planted": planted, "dense": dense})
+    lines = fig.axes[0].get_lines()
+    assert [list(l.get_ydata()) for l in lines] == [[n for _, n, _ in views.sweep(r)]
+                                                     for r in (planted, dense)]
+    fig = plots.max_cos_histogram(planted)
+    assert sum(p.get_height() for p in fig.axes[0].patches) == len(views.all_max_cos(planted))
+    fig = plots.spectra(planted)
+    marks = [l for ax in fig.axes for l in ax.get_lines() if l.get_marker() == "x"]
+    assert len(marks) == 4
+    assert plots.to_png(plots.module_bars(planted))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_take_hostile_names_literally():
+    names = ["model.layers.0.a$b.weight", "model.layers.1.$\\frac{1}$.weight",
+             "model.layers.2.x\\y_{z}^q%s.weight" % HOSTILE]
+    rep = _report([_layer(n, [0.2, 0.9]) for n in names])
+    for fig in (plots.layer_module_heatmap(rep), plots.module_bars(rep), plots.spectra(rep),
+                plots.max_cos_histogram({"a$b": rep}), plots.epsilon_sweep({"$x": rep}),
+                plots.counts_bar(["$", "b"], [1, 2]), plots.sequence_counts({"$a": rep})):
+        assert plots.to_png(fig)[:4] == b"\x89PNG"
+    fig = plots.layer_module_heatmap(rep)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][0] == "a$b"
+
+
+# ---------------------------------------------------------------------------------------- frame
+
+
+def test_dataframes(planted):
+    df = planted.to_dataframe()
+    assert list(df.name) == [l.name for l in planted.layers]
+    assert int(df.intruders.sum()) == 4
+    assert df.loc[df.name == "model.layers.1.mlp.up_proj.weight", "intruder_ranks"].item() == (2, 5)
+    assert int(df["count@0.9"].sum()) == 4 and str(df.layer.dtype) == "Int64"
+    vec = frame.vectors_dataframe(planted)
+    assert len(vec) == 30 and int(vec.intruder.sum()) == 4
+    assert [int((vec.max_cos < e).sum()) for e, _, _ in views.sweep(planted)] == \
+        [n for _, n, _ in views.sweep(planted)]
+    intr = frame.intruders_dataframe(planted)
+    assert sorted(zip(intr.name, intr["rank"])) == sorted(
+        (n, r) for n, rs in {l.name: [i.index for i in l.intruders] for l in planted.layers}.items()
+        for r in rs)
+
+
+# ----------------------------------------------------------------------------------------- HTML
+
+
+def _hostile_report(tmp_path):
+    d = tmp_path / "a<script>alert(2)</script" / "b"
+    d.mkdir(parents=True)
+    base, tuned, _ = synthetic.llama_pair(layers=1, plants={
+        "model.layers.0.mlp.up_proj.weight": [1]}, seed=3)
+    bad = f"model.layers.0.mlp.{HOSTILE}.weight"
+    for sd in (base, tuned):
+        sd[bad] = sd.pop("model.layers.0.mlp.up_proj.weight")
+    synthetic.write_safetensors(str(d / "base.safetensors"), base)
+    synthetic.write_safetensors(str(d / "tuned.safetensors"), tuned)
+    return run_scan(str(d / "base.safetensors"), str(d / "tuned.safetensors")), d
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def check_self_contained(page: str) -> list:
+    """No external resource of any kind; exactly one script, inline. Returns the parsed tags."""
+    p = _Tags()
+    p.feed(page)
+    tags = p.tags
+    assert [a for t, a in tags if t == "script"] == [{}]
+    assert not [t for t, _ in tags if t in ("link", "iframe", "object", "embed", "base", "form")]
+    for t, attrs in tags:
+        for k, v in attrs.items():
+            assert not k.startswith("on"), (t, k)  # no inline event handlers
+            if k in ("src", "href", "action", "srcset", "poster", "data"):
+                assert v.startswith("data:image/png;base64,") or v.startswith("#"), (t, k, v)
+    assert "@import" not in page and "url(" not in page
+    assert "http://" not in page and "https://" not in page
+    return tags
+
+
+def test_html_escapes_checkpoint_strings(tmp_path):
+    rep, d = _hostile_report(tmp_path)
+    assert any(HOSTILE in l.name and l.intruders for l in rep.layers)
+    out = tmp_path / "audit.html"
+    info = write_html(rep, str(out), command="intruder report <script>x</script>")
+    page = out.read_text(encoding="utf-8")
+    assert "<img src=x" not in page and "<script>alert" not in page and "<script>x" not in page
+    assert escape(HOSTILE) in page and "a&lt;script&gt;alert(2)&lt;/script" in page
+    tags = check_self_contained(page)
+    assert not [a for t, a in tags if t == "img" and a.get("src") == "x"]
+    assert info.similarity.startswith("recomputed")
+    assert info.figures == 7
+
+
+def test_html_content_planted(planted, tmp_path):
+    scale = {"models": [
+        {"label": "base", "role": "base", "alpha": None, "results": [
+            {"evaluator": "wikitext", "metric": "word_perplexity", "value": 20.0, "protocol": "lm-eval"},
+            {"evaluator": "task:siqa", "metric": "accuracy", "value": 0.4, "protocol": "mc"}]},
+        {"label": "tuned", "role": "tuned", "alpha": 1.0, "results": [
+            {"evaluator": "wikitext", "metric": "word_perplexity", "value": 30.0},
+            {"evaluator": "task:siqa", "metric": "accuracy", "value": 0.6}]},
+        {"label": "alpha=0.5", "role": "scaled", "alpha": 0.5, "n_intruders": 4, "results": [
+            {"evaluator": "wikitext", "metric": "word_perplexity", "value": 24.0},
+            {"evaluator": "task:siqa", "metric": "accuracy", "value": 0.58}]}]}
+    extra = {"Margin view": "<p id='m'>margin</p>"}
+    page, info = render_html(planted, extra, scale_results=scale, command="cmd")
+    check_self_contained(page)
+    for anchor in ("identity", "config", "grid", "similarity", "maxcos", "spectra", "tradeoff",
+                   "intruders", "layers", "provenance", "extra-0"):
+        assert f'<section id="{anchor}">' in page
+    assert views.verdict(planted).headline in page
+    assert planted.base.fingerprint in page and planted.tuned.fingerprint in page
+    assert "wikitext/word_perplexity" in page and "<p id='m'>margin</p>" in page
+    rows = re.findall(r'<tr data-name="([^"]*)" data-status="(\w+)" data-flagged="(\d)"', page)
+    assert [r[0] for r in rows] == [l.name for l in planted.layers]
+    assert sum(r[2] == "1" for r in rows) == 3
+    assert info.figures == 8  # 2 grids, bars, similarity, histogram, sweep, spectra, trade-off
+    # CSP hashes must match the inline style and script exactly (else the browser blocks them)
+    import base64
+    import hashlib
+
+    for tag, kind in (("style", "style-src"), ("script", "script-src")):
+        body = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S).group(1)
+        h = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert f"{kind} 'sha256-{h}'" in page
+
+
+def test_write_html_is_atomic(planted, tmp_path):
+    with pytest.raises(OutputError):
+        write_html(planted, str(tmp_path / "missing-dir" / "a.html"), similarity=False)
+    assert os.listdir(tmp_path) == []
+
+
+# -------------------------------------------------------------------------------- scale results
+
+
+def test_scale_results_shapes(tmp_path):
+    flat = [{"alpha": 0.0, "wikitext_ppl": 21.0, "acc": 0.5},
+            {"alpha": 1.0, "wikitext_ppl": 30.0, "acc": 0.6},
+            {"role": "base", "wikitext_ppl": 20.0, "acc": 0.3}]
+    t = parse_scale_results(flat)
+    assert [(p.role, p.alpha) for p in t.points] == [("alpha", 0.0), ("tuned", 1.0), ("base", None)]
+    assert (t.x_metric, t.y_metric) == ("wikitext_ppl", "acc")
+    nested = {"results": [{"alpha": 0.5, "metrics": {"wikitext": {"word_perplexity": 22.0},
+                                                      "task:x": {"accuracy": 0.7}}}],
+              "base": {"metrics": {"wikitext": {"word_perplexity": 20.0}}}}
+    t = parse_scale_results(nested)
+    assert t.points[0].role == "base" and t.points[1].get("task:x/accuracy") == 0.7
+    assert (t.x_metric, t.y_metric) == ("wikitext/word_perplexity", "task:x/accuracy")
+    bad = tmp_path / "s.json"
+    bad.write_text("{\"rows\": [{\"alpha\": 0.5}]}")
+    with pytest.raises(ReportError, match="no rows with numeric metrics"):
+        load_scale_results(str(bad))
+    bad.write_text("{")
+    with pytest.raises(ReportError, match="not valid JSON"):
+        load_scale_results(str(bad))
+
+
+def test_scale_results_from_scale_sweep_writer():
+    """The reader understands what intruder.scale_sweep writes (when that module is present)."""
+    ss = pytest.importorskip("intruder.scale_sweep")
+    from intruder.types import EvalResult
+
+    def ev(evaluator, metric, v):
+        return EvalResult(evaluator, metric, v, 10, "items", "protocol text")
+
+    rows = (ss.ModelRow("base", "base", None, "b", results=(ev("wikitext", "word_perplexity", 20.0),
+                                                            ev("task:s", "accuracy", 0.3))),
+            ss.ModelRow("tuned", "tuned", 1.0, "t", results=(ev("wikitext", "word_perplexity", 30.0),
+                                                             ev("task:s", "accuracy", 0.6))),
+            ss.ModelRow("alpha=0", "scaled", 0.0, "a", n_intruders=4,
+                        results=(ev("wikitext", "word_perplexity", 22.0), ev("task:s", "accuracy", 0.5))))
+    sweep = ss.Sweep(base="b", tuned="t", tuned_kind="file", out_dir=".", alphas=(0.0,),
+                     epsilon=0.5, top_k=10, scaled=(), rows=rows)
+    t = parse_scale_results(json.loads(json.dumps(ss.to_dict(sweep))))
+    assert [(p.role, p.alpha, p.get("wikitext/word_perplexity")) for p in t.points] == [
+        ("base", None, 20.0), ("tuned", 1.0, 30.0), ("alpha", 0.0, 22.0)]
+    assert (t.x_metric, t.y_metric) == ("wikitext/word_perplexity", "task:s/accuracy")
+    assert t.points[2].intruders == 4
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_report(planted, tmp_path):
+    scan = tmp_path / "scan.json"
+    save_report(planted, str(scan))
+    out = tmp_path / "reports" / "audit.html"
+    r = CliRunner().invoke(cli, ["report", str(scan), "-o", str(out), "--no-similarity"])
+    assert r.exit_code == 0, r.output
+    page = out.read_text()
+    assert "Similarity heatmaps left out" in page
+    assert json.loads(scan.read_text())["summary"]["total_intruders"] == 4
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "none.json"), "-o", str(out)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "no scan report there" in r.output
+    r = CliRunner().invoke(cli, ["report", str(scan), "-o", str(scan)])
+    assert r.exit_code == 1 and "would overwrite the input" in r.output
+    r = CliRunner().invoke(cli, ["report", str(scan), "-o", str(out), "--scale-results",
+                                 str(tmp_path / "missing.json")])
+    assert r.exit_code == 1 and "no scale results there" in r.output
