@@ -1,0 +1,151 @@
+"""`intruder scale`: rescale intruder dimensions by alpha, write the models, optionally evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import cli
+from .common import echo_err, float_list, handle_errors
+
+_SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
+
+
+@cli.command("scale")
+@click.argument("paths", nargs=-1, metavar="[BASE TUNED]", type=click.Path())
+@click.option("--alpha", required=True, metavar="A[,A...]",
+              help="Factor for the intruders' singular values: 0 removes them, 1 keeps the tuned "
+                   "model; a comma list writes one model per value.")
+@click.option("--scan", "scan_path", default="intruder-scan.json", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="Scan report to take paths, intruders and settings from (without BASE TUNED).")
+@click.option("-o", "--output", "out_dir", default="intruder-scale", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Output directory: alpha-A/ (or alpha-A.safetensors) per alpha, results files.")
+@click.option("--eval", "evals", multiple=True, metavar="SPEC",
+              help="Evaluate base, tuned and every output: wikitext, wikitext:PATH, task:PATH. "
+                   "Repeatable.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N documents / items / lines of each evaluator.")
+@click.option("--model-config", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory with config.json and tokenizer for bare .safetensors models "
+                   "(default: BASE when it is such a directory).")
+@click.option("--epsilon", default=None,
+              help="Intruder threshold on max |cos|. With a report: select the report's top-k "
+                   "vectors below it (default: the report's own). With BASE TUNED: the scan's "
+                   "epsilon list, the first value deciding.")
+@click.option("--top-k", type=int, default=None, help="Scan setting (with BASE TUNED): top tuned "
+              "vectors tested [10].")
+@click.option("--vectors", type=click.Choice(["left", "right", "both"]), default=None,
+              help="Scan setting (with BASE TUNED) [left].")
+@click.option("--include", metavar="REGEX", default=None, help="Scan setting (with BASE TUNED).")
+@click.option("--exclude", metavar="REGEX", default=None, help="Scan setting (with BASE TUNED).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (decompositions and evaluation).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True, help="Evaluation dtype (auto: float32 on CPU).")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Evaluation tokens per window (default: the model's context length).")
+@click.option("--force", is_flag=True, help="Replace existing alpha outputs under -o.")
+@click.option("--json", "as_json", is_flag=True, help="Print scale-results.json to stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@click.pass_context
+@handle_errors
+def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_config, epsilon,
+                  top_k, vectors, include, exclude, device, dtype, max_length, force, as_json,
+                  quiet):
+    """Rescale intruder dimensions: W' = Wt + (alpha - 1) * sum_j sigma_j u_j v_j^T.
+
+    Without BASE TUNED the intruders, paths and settings come from the scan report
+    (./intruder-scan.json, or --scan FILE); with BASE TUNED a scan runs first and its report is
+    saved under -o. Each output mirrors TUNED: a .safetensors file gives a file, a model
+    directory a directory (config, tokenizer and index included), a PEFT adapter a merged model
+    directory. alpha = 1 reproduces TUNED bit for bit.
+
+    With --eval, base, tuned and every output are evaluated; the table, scale-results.json,
+    scale-results.csv and scale-tradeoff.png (pre-training metric against task metric) record
+    the trade-off.
+
+    \b
+    Examples:
+      intruder scale --alpha 0.5 --eval wikitext
+      intruder scale base/ tuned/ --alpha 0,0.25,0.5,0.75,1 --eval wikitext \\
+          --eval task:siqa.json -o out/
+      intruder scale --alpha 0 --epsilon 0.7 -o removed/
+    """
+    from ..scale_sweep import format_sweep, run_sweep, to_dict
+
+    if len(paths) not in (0, 2):
+        raise click.UsageError("give both BASE and TUNED, or neither (to use the scan report)")
+    alphas = float_list(alpha, "--alpha")
+    if evals:  # an unknown evaluator or missing task file fails before any scan or write
+        from ..evaluate import get_evaluator
+
+        for spec in evals:
+            get_evaluator(spec)
+    log = (lambda m: None) if quiet else (lambda m: echo_err(m))
+    src = ctx.get_parameter_source("scan_path")
+    scan_given = src is not None and src.name == "COMMANDLINE"
+    if paths:
+        if scan_given:
+            raise click.UsageError("--scan reads an existing report; with BASE TUNED a new scan "
+                                   "runs, so give one or the other")
+        report, report_path, base, tuned = _scan_first(paths, out_dir, epsilon, top_k, vectors,
+                                                       include, exclude, device, quiet, log)
+        eps_override = None
+    else:
+        given = [o for o, v in zip(_SCAN_ONLY, (top_k, vectors, include, exclude)) if v is not None]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} is a scan setting: give BASE "
+                                   f"and TUNED to scan again, or rescan with `intruder scan`")
+        from ..report.schema import load_report
+
+        report, report_path, base, tuned = load_report(scan_path), scan_path, None, None
+        eps_override = None
+        if epsilon is not None:
+            eps = float_list(epsilon, "--epsilon")
+            if len(eps) != 1:
+                raise click.BadParameter("with a scan report --epsilon takes one value",
+                                         param_hint="--epsilon")
+            eps_override = eps[0]
+    sweep = run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
+                      epsilon=eps_override, evals=evals, limit=limit, model_config=model_config,
+                      device=device, dtype=None if dtype == "auto" else dtype,
+                      max_length=max_length, force=force, progress=not quiet, log=log,
+                      scan_report=report_path)
+    if as_json:
+        click.echo(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
+    else:
+        click.echo(format_sweep(sweep))
+    for what, path in sweep.files.items():
+        log(f"{what} written to {path}")
+
+
+def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log):
+    from ..report.schema import save_report
+    from ..scale_sweep import prepare_out_dir
+    from ..scan import run_scan
+    from ..types import ScanConfig
+
+    base, tuned = paths
+    config = ScanConfig(top_k=10 if top_k is None else top_k,
+                        epsilons=float_list(epsilon, "--epsilon") if epsilon else (0.5,),
+                        vectors=vectors or "left", include=include, exclude=exclude,
+                        device=device,
+                        cache_dir=os.environ.get("INTRUDER_CACHE_DIR") or None)
+    prepare_out_dir(out_dir, [base, tuned])
+    report_path = os.path.join(out_dir, "intruder-scan.json")
+    from ..io.atomic import check_output
+
+    check_output(report_path, [base, tuned])
+    log(f"scanning {tuned} against {base} ...")
+    report = run_scan(base, tuned, config, progress=not quiet,
+                      command=" ".join(["intruder"] + sys.argv[1:]))
+    save_report(report, report_path)
+    n = sum(len(l.intruders) for l in report.layers)
+    log(f"scan: {n} intruder(s) at epsilon {config.epsilon:g} in "
+        f"{sum(1 for l in report.layers if l.intruders)} matrices; report written to {report_path}")
+    return report, report_path, base, tuned

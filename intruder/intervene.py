@@ -1,0 +1,447 @@
+"""Rescaling intruder dimensions (the paper's causal intervention) and writing the new checkpoint.
+
+For each matrix with intruder set I (ranks in the tuned top-k spectrum, from a scan report):
+
+    W' = Wt + (alpha - 1) * sum_{j in I} sigma_j u_j v_j^T
+
+alpha = 1 is the identity, alpha = 0 removes the intruders, 0 < alpha < 1 shrinks them. The
+triplets are recomputed exactly from Wt in float64 (intruder.spectral.decompose.top_spectrum),
+checked against the singular values the scan recorded, and W' is written back in the tuned
+tensor's dtype. Every other tensor is copied as raw bytes, so alpha = 1 reproduces the input bit
+for bit. Several alphas are written in one pass: each tensor is read and decomposed once.
+
+A PEFT adapter input is written as a merged model (BASE with every LoRA delta merged,
+modules_to_save replacements applied, lora_bias added to the bias) before the intruders are
+rescaled; the output mirrors BASE's layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import __version__
+from .errors import AdapterError, IntruderError, OutputError, ReportError
+from .io import open_checkpoint, pair_checkpoints, read_ref
+from .io.atomic import check_output
+from .io.safetensors_file import DTYPES, SafetensorsFile
+from .io.writer import CheckpointWriter, TensorSpec, plan_like, plan_merged, tensor_bytes
+from .spectral.decompose import top_spectrum
+from .types import LoraInfo, ScanReport, TensorRef
+
+FORMULA = "W' = Wt + (alpha - 1) * sum_{j in I} sigma_j u_j v_j^T"
+SIGMA_RTOL = 1e-6  # recomputed vs recorded singular values, relative to sigma_1
+DEGENERATE_RTOL = 1e-8  # an intruder this close in sigma to a kept vector is not well defined
+
+
+@dataclass(frozen=True)
+class LayerIntruders:
+    """The intruders of one scanned matrix, as the scan report recorded them."""
+
+    name: str  # report (base) name
+    indices: Tuple[int, ...]  # ranks in the tuned top-k spectrum
+    sigma: Tuple[float, ...]  # recorded top-k tuned singular values
+    k: int  # how many top tuned triplets the scan computed
+
+
+@dataclass(frozen=True)
+class Component:
+    """sum_{j in I} sigma_j u_j v_j^T of one matrix, recomputed in float64."""
+
+    matrix: torch.Tensor  # (m, n) float64, on the compute device
+    sigma: Tuple[float, ...]  # recomputed sigma_j for j in I
+    warnings: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """What one alpha did to one matrix."""
+
+    name: str  # output tensor name
+    indices: Tuple[int, ...]
+    sigma: Tuple[float, ...]
+    rel_change: float  # ||W'_stored - Wt||_F / ||Wt||_F, measured after rounding to the dtype
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """One written output."""
+
+    alpha: float
+    path: str
+    kind: str  # file | dir
+    layers: Tuple[LayerChange, ...]
+    n_tensors: int
+    bytes: int
+    seconds: float
+    warnings: Tuple[str, ...] = ()
+
+    @property
+    def n_intruders(self) -> int:
+        return sum(len(l.indices) for l in self.layers)
+
+
+def select_intruders(report: ScanReport, epsilon: Optional[float] = None) -> Dict[str, LayerIntruders]:
+    """Intruders per scanned matrix: the report's own (its first epsilon), or every top-k vector
+    with max |cos| < `epsilon` when one is given (the report keeps max_cos for all top-k)."""
+    if epsilon is not None and not 0.0 < epsilon <= 1.0:
+        raise IntruderError(f"--epsilon must lie in (0, 1], got {epsilon}")
+    out = {}
+    for l in report.layers:
+        if l.status != "scanned":
+            continue
+        if epsilon is None:
+            idx = tuple(sorted(i.index for i in l.intruders))
+        else:
+            idx = tuple(j for j, c in enumerate(l.max_cos) if c < epsilon)
+        if idx:
+            k = len(l.sigma_tuned) or report.config.top_k
+            if max(idx) >= k:
+                raise ReportError(f"layer {l.name!r}: intruder rank {max(idx)} is outside the "
+                                  f"top-{k} spectrum the report records")
+            out[l.name] = LayerIntruders(l.name, idx, tuple(l.sigma_tuned), k)
+    return out
+
+
+def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
+                       where: str = "") -> Component:
+    """Recompute the top-k triplets of Wt (float64) and sum the intruders' rank-one parts."""
+    dev = torch.device(device) if device is not None else wt.device
+    w = wt.to(device=dev, dtype=torch.float64)  # (m, n)
+    kk = min(sel.k + 1, min(w.shape))  # one more than the scan: the gap below rank k
+    spec = top_spectrum(w, kk, left=True, right=True)  # u (m, kk), v (n, kk), sigma (kk,)
+    sig = spec.sigma.cpu()
+    ref = sel.sigma
+    top = float(sig[0]) if sig.numel() else 0.0
+    if ref:
+        n = min(len(ref), sel.k, sig.numel())
+        diff = max(abs(float(sig[j]) - ref[j]) for j in range(n))
+        if diff > SIGMA_RTOL * max(top, ref[0]):
+            raise ReportError(
+                f"{where or sel.name}: singular values recomputed from the checkpoint differ from "
+                f"the scan report's by {diff:.3g} (sigma_1 = {top:.6g}); the checkpoint is not the "
+                f"one that was scanned; rescan it")
+    idx = torch.tensor(sel.indices, dtype=torch.long)
+    u = spec.u[:, idx.to(dev)]  # (m, |I|)
+    v = spec.v[:, idx.to(dev)]  # (n, |I|)
+    s = spec.sigma[idx.to(dev)]  # (|I|,)
+    c = (u * s[None, :]) @ v.mT  # (m, n) = U_I diag(sigma_I) V_I^T
+    warnings = []
+    chosen = set(sel.indices)
+    for j in sel.indices:
+        for i in (j - 1, j + 1):
+            if 0 <= i < sig.numel() and i not in chosen and \
+                    abs(float(sig[i] - sig[j])) <= DEGENERATE_RTOL * top:
+                warnings.append(f"{where or sel.name}: intruder {j} has the same singular value as "
+                                f"kept vector {i} (sigma {float(sig[j]):.6g}); the rescaled "
+                                f"direction inside that pair is not uniquely defined")
+    return Component(c, tuple(float(sig[j]) for j in sel.indices), tuple(warnings))
+
+
+def rescale(wt: torch.Tensor, comp: Component, alpha: float) -> torch.Tensor:
+    """W' = Wt + (alpha - 1) * component, computed in float64, returned in wt's dtype on the CPU.
+    alpha == 1 returns an exact copy of wt."""
+    if alpha == 1:
+        return wt.detach().clone().cpu()
+    c = comp.matrix
+    w = wt.to(device=c.device, dtype=torch.float64)  # (m, n)
+    w = torch.add(w, c, alpha=float(alpha) - 1.0)  # (m, n)
+    return w.to(wt.dtype).cpu()
+
+
+def rescale_matrix(wt: torch.Tensor, indices: Sequence[int], alpha: float, top_k: int = 10,
+                   device=None) -> torch.Tensor:
+    """One-call form: rescale the triplets at `indices` (ranks) of wt by alpha."""
+    sel = LayerIntruders("matrix", tuple(sorted(indices)), (), max(top_k, max(indices) + 1))
+    return rescale(wt, intruder_component(wt, sel, device), alpha)
+
+
+# ---------------------------------------------------------------------------- checkpoint level
+
+
+@dataclass
+class Source:
+    """How one output tensor is produced."""
+
+    kind: str  # raw | lora | bias | replace
+    ref: TensorRef  # raw: the tensor; lora/bias: the base tensor; replace: the adapter's tensor
+    lora: Optional[LoraInfo] = None
+    bias: Optional[TensorRef] = None  # lora_B.bias (kind == bias)
+    scaling: float = 1.0
+    intruders: Optional[LayerIntruders] = None
+
+
+def resolve_inputs(report: ScanReport, report_path: Optional[str] = None,
+                   base: Optional[str] = None, tuned: Optional[str] = None) -> Tuple[str, str]:
+    """BASE and TUNED paths: given ones, else the report's (relative to the working directory,
+    else to the report's folder)."""
+    def find(given, recorded, what):
+        if given:
+            return given
+        cands = [recorded]
+        if report_path and not os.path.isabs(recorded):
+            cands.append(os.path.join(os.path.dirname(os.path.abspath(report_path)), recorded))
+        for c in cands:
+            if os.path.exists(c):
+                return c
+        raise ReportError(f"{report_path or 'scan report'}: {what} checkpoint {recorded!r} "
+                          f"(recorded in the report) not found; run from the scan's directory "
+                          f"or give BASE and TUNED")
+
+    return (find(base, report.base.path, "base"), find(tuned, report.tuned.path, "tuned"))
+
+
+def _verify(ck, info, what: str, report_path: Optional[str]) -> None:
+    got = ck.info().fingerprint
+    if info.fingerprint and got != info.fingerprint:
+        raise ReportError(f"{ck.path}: {what} checkpoint does not match the scan report "
+                          f"{report_path or ''} (fingerprint {got} vs {info.fingerprint}); it "
+                          f"changed since the scan, so rescan it".replace("  ", " "))
+
+
+def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: Dict[str, LayerIntruders]):
+    sources = {n: Source("raw", r) for n, r in tuned_ck.refs.items()}
+    pairing = pair_checkpoints(base_ck, tuned_ck, report.config.include, report.config.exclude)
+    by_name = {p.name: p for p in pairing.pairs}
+    for name, s in sel.items():
+        p = by_name.get(name)
+        if p is None or p.tuned is None:
+            raise ReportError(f"layer {name!r} of the scan report has no counterpart in "
+                              f"{tuned_ck.path}")
+        sources[p.tuned.name].intruders = s
+    return sources, plan_like(tuned_ck)
+
+
+def _adapter_sources(base_ck, tuned_ck, sel: Dict[str, LayerIntruders]):
+    """Every BASE tensor, with the adapter's LoRA deltas, biases and replacements attached."""
+    from .io.adapter import lora_bias_for, lora_info_for
+    from .io.pairing import _align
+
+    ad = tuned_ck.adapter
+    sources = {n: Source("raw", r) for n, r in base_ck.refs.items()}
+    overrides, extra = {}, []
+    base_mods = [n[: -len(".weight")] for n in base_ck.refs if n.endswith(".weight")]
+    mod_map = _align(base_mods, list(ad.modules))  # base module -> adapter module
+    for bmod, amod in mod_map.items():
+        wname = bmod + ".weight"
+        info = lora_info_for(ad, amod, base_ck.refs[wname].shape)
+        sources[wname] = Source("lora", base_ck.refs[wname], lora=info)
+        bias = lora_bias_for(ad, amod)
+        if bias is not None:
+            bname = bmod + ".bias"
+            if bname not in base_ck.refs:
+                raise AdapterError(f"{ad.path}: module {amod!r} has a lora_B bias but the base "
+                                   f"has no {bname!r} to add it to")
+            sources[bname] = Source("bias", base_ck.refs[bname], bias=bias, scaling=info.scaling)
+    lost = sorted(set(ad.modules) - set(mod_map.values()))
+    if lost:
+        raise AdapterError(f"{ad.path}: LoRA module {lost[0]!r} (and {len(lost) - 1} more) matches "
+                           f"no tensor of {base_ck.path}; the merged model would not be the "
+                           f"fine-tuned one")
+    rep_map = _align(list(base_ck.refs), list(ad.replacements))
+    for bname, rname in rep_map.items():
+        ref = ad.replacements[rname]
+        sources[bname] = Source("replace", ref)
+        overrides[bname] = TensorSpec(bname, ref.dtype, tuple(ref.shape))
+    for rname in sorted(set(ad.replacements) - set(rep_map.values())):
+        ref = ad.replacements[rname]  # a new module (e.g. a classification head): added as is
+        sources[rname] = Source("replace", ref)
+        extra.append(TensorSpec(rname, ref.dtype, tuple(ref.shape)))
+    for name, s in sel.items():
+        if name not in sources or sources[name].kind not in ("lora", "replace"):
+            raise ReportError(f"layer {name!r} of the scan report is not changed by the adapter "
+                              f"{ad.path}; the report belongs to another pair")
+        sources[name].intruders = s
+    return sources, plan_merged(base_ck, overrides, extra, overlay_dir=tuned_ck.path)
+
+
+def provenance(report: ScanReport, alpha: float, changes: Dict[str, Tuple[int, ...]],
+               epsilon: Optional[float]) -> Dict[str, str]:
+    """Safetensors metadata (strings) recording how the output was made."""
+    c = report.config
+    return {
+        "intruder.tool_version": __version__,
+        "intruder.intervention": FORMULA,
+        "intruder.alpha": repr(float(alpha)),
+        "intruder.base": report.base.path,
+        "intruder.base_fingerprint": report.base.fingerprint,
+        "intruder.tuned": report.tuned.path,
+        "intruder.tuned_fingerprint": report.tuned.fingerprint,
+        "intruder.epsilon": repr(float(epsilon if epsilon is not None else c.epsilon)),
+        "intruder.top_k": str(c.top_k),
+        "intruder.vectors": c.vectors,
+        "intruder.intruders": json.dumps({k: list(v) for k, v in sorted(changes.items())},
+                                         separators=(",", ":")),
+    }
+
+
+class _Reader:
+    """Reads tensors (or their raw bytes) keeping one parsed header per checkpoint side."""
+
+    def __init__(self):
+        self.caches: Dict[str, dict] = {}
+
+    def _cache(self, ref: TensorRef) -> dict:
+        return self.caches.setdefault(os.path.dirname(os.path.abspath(ref.path)), {})
+
+    def read(self, ref: TensorRef) -> torch.Tensor:
+        return read_ref(ref, self._cache(ref))
+
+    def raw(self, ref: TensorRef):
+        if not ref.path.endswith(".safetensors"):
+            return tensor_bytes(self.read(ref))
+        cache = self._cache(ref)
+        h = cache.get(ref.path)
+        if h is None:
+            cache.clear()
+            h = cache[ref.path] = SafetensorsFile(ref.path)
+        return h.raw_bytes(ref.name)
+
+
+def _torch_dtype(st_dtype: str):
+    return getattr(torch, DTYPES[st_dtype][1])
+
+
+def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Sequence[str], *,
+                     report_path: Optional[str] = None, base: Optional[str] = None,
+                     tuned: Optional[str] = None, epsilon: Optional[float] = None,
+                     device: Optional[str] = None, progress: bool = False) -> List[ScaleResult]:
+    """Write one rescaled checkpoint per alpha (outputs[i] for alphas[i]) in a single pass.
+
+    Outputs mirror TUNED (file -> file, directory -> directory with companions and index);
+    an adapter TUNED gives merged model directories laid out like BASE. Nothing is written over
+    an input; each output appears atomically and only when complete.
+    """
+    from .spectral.engine import resolve_device
+
+    alphas = [float(a) for a in alphas]
+    if len(alphas) != len(outputs) or not alphas:
+        raise IntruderError("one output path is needed per alpha")
+    for a in alphas:
+        if not math.isfinite(a):
+            raise IntruderError(f"--alpha must be a finite number, got {a}")
+    t0 = time.perf_counter()
+    base_path, tuned_path = resolve_inputs(report, report_path, base, tuned)
+    base_ck = open_checkpoint(base_path, allow_adapter=False)
+    tuned_ck = open_checkpoint(tuned_path)
+    _verify(base_ck, report.base, "base", report_path)
+    _verify(tuned_ck, report.tuned, "tuned", report_path)
+    for out in outputs:
+        check_output(out, [base_path, tuned_path])
+    if len({os.path.realpath(o) for o in outputs}) != len(outputs):
+        raise OutputError("two alphas would write the same output path")
+    sel = select_intruders(report, epsilon)
+    if tuned_ck.kind == "adapter":
+        sources, plan = _adapter_sources(base_ck, tuned_ck, sel)
+    else:
+        sources, plan = _full_sources(base_ck, tuned_ck, report, sel)
+    dev = resolve_device(device or report.config.device)
+    intr_names = {n: s.intruders.indices for n, s in sources.items() if s.intruders is not None}
+    metas = [dict(base_ck.metadata if tuned_ck.kind == "adapter" else tuned_ck.metadata,
+                  **provenance(report, a, intr_names, epsilon)) for a in alphas]
+    changes: List[List[LayerChange]] = [[] for _ in alphas]
+    warnings: List[str] = []
+    reader = _Reader()
+    specs = list(plan.tensors())
+    bar = _bar(len(specs), progress, len(alphas))
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(CheckpointWriter(out, plan, meta, _index_extra(meta)))
+                   for out, meta in zip(outputs, metas)]
+        for spec in specs:
+            src = sources[spec.name]
+            datas = _produce(src, spec, alphas, reader, dev, changes, warnings)
+            for w, data in zip(writers, datas):
+                w.write(spec.name, data)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return [ScaleResult(alpha=a, path=out, kind=plan.kind, layers=tuple(ch),
+                        n_tensors=len(specs), bytes=w.bytes_written, seconds=seconds,
+                        warnings=tuple(warnings))
+            for a, out, ch, w in zip(alphas, outputs, changes, writers)]
+
+
+def _index_extra(meta: Dict[str, str]) -> Dict[str, object]:
+    """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
+    prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
+    prov["intruders"] = json.loads(prov["intruders"])
+    for key in ("alpha", "epsilon"):
+        prov[key] = float(prov[key])
+    prov["top_k"] = int(prov["top_k"])
+    return {"intruder": prov}
+
+
+def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, changes, warnings):
+    """The bytes (or tensor) of one output tensor for each alpha."""
+    out_dtype = _torch_dtype(spec.dtype)
+    if src.kind in ("raw", "replace") and src.intruders is None:
+        raw = reader.raw(src.ref)
+        return [raw] * len(alphas)
+    if src.kind == "bias":
+        b0 = reader.read(src.ref).to(torch.float64)  # (out,)
+        lb = reader.read(src.bias).to(torch.float64)  # (out,)
+        merged = (b0 + lb * src.scaling).to(out_dtype)
+        return [merged] * len(alphas)
+    if src.kind == "lora":
+        w0 = reader.read(src.ref)
+        wt = _check_finite(_merge(w0, src.lora, reader), spec.name)  # float64, base layout
+        identity = wt.to(out_dtype)
+    else:  # raw or replace, with intruders: the stored tuned tensor
+        wt = reader.read(src.ref)
+        identity = None
+    if src.intruders is None:
+        return [identity] * len(alphas)
+    comp = intruder_component(wt, src.intruders, dev, where=f"{src.ref.path}: {spec.name!r}")
+    warnings.extend(comp.warnings)
+    wt64 = wt.to(torch.float64)  # (m, n)
+    norm = float(wt64.norm())
+    out = []
+    for i, a in enumerate(alphas):
+        if a == 1:  # the identity: the stored bytes (or the merged tensor) untouched
+            data = reader.raw(src.ref) if identity is None else identity
+            stored = wt if identity is None else identity
+        else:
+            data = stored = rescale(wt, comp, a).to(out_dtype)
+        rel = float((stored.to(torch.float64) - wt64).norm()) / norm if norm > 0 else 0.0
+        changes[i].append(LayerChange(spec.name, src.intruders.indices, comp.sigma, rel))
+        out.append(data)
+    return out
+
+
+def _merge(w0, lora: LoraInfo, reader: _Reader):
+    from .io.adapter import merge_lora
+
+    return merge_lora(w0, lora, reader.read)
+
+
+def _check_finite(w: torch.Tensor, name: str) -> torch.Tensor:
+    if not torch.isfinite(w).all():
+        from .errors import NonFiniteError
+
+        raise NonFiniteError(f"merged tensor {name!r} contains NaN or Inf")
+    return w
+
+
+def _bar(total: int, enabled: bool, n_out: int):
+    if not enabled or total == 0:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True,
+                desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
+
+
+__all__ = ["FORMULA", "Component", "LayerChange", "LayerIntruders", "ScaleResult",
+           "intruder_component", "provenance", "rescale", "rescale_matrix", "resolve_inputs",
+           "scale_checkpoint", "select_intruders"]
