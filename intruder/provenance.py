@@ -7,9 +7,16 @@ cliff there (`delta_rank_gap`), computed by intruder.spectral.margin.
 Per matrix:
   unchanged       Wt == W0 bit for bit
   precision-only  dW is no larger than the rounding noise of the tuned storage dtype
-  low-rank        a cliff: rank r above the floor, r <= LOWRANK_FRAC x min(m, n), the next singular
-                  value at least GAP_MIN x smaller (LoRA merges exactly this: rank <= r)
-  dense           no cliff below LOWRANK_FRAC x min(m, n) (full fine-tuning updates every direction)
+  low-rank        rank r above the floor with r <= LOWRANK_FRAC x min(m, n), and what is left of
+                  dW beyond those r directions looks like rounding noise (energy <= TAIL_NOISE x
+                  the expected rounding energy; next singular value <= NEXT_NOISE x the noise
+                  edge): a LoRA merge is exactly rank r plus rounding
+  dense           rank above LOWRANK_FRAC x min(m, n), or energy beyond the rank > TAIL_DENSE x
+                  the rounding energy (full fine-tuning updates every direction)
+  unresolved      in between: structure just below the rounding floor (an update about as small
+                  as the storage precision); does not vote
+  saturated       dense only because the model's LoRA rank R fills it (R > LOWRANK_FRAC x min(m, n));
+                  such a matrix cannot tell the two apart and does not vote
 Per model: lora-like when at least AGREE of the changed matrices are low-rank, full-ft-like when
 at least AGREE are dense, mixed otherwise. See docs/provenance.md.
 """
@@ -18,11 +25,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
 LOWRANK_FRAC = 0.75
-GAP_MIN = 2.0
+# energy of dW beyond its rank, in units of the expected rounding energy of the storage dtype:
+TAIL_NOISE = 1.5  # at most this: what is left is rounding noise (measured LoRA merges: <= 1.3)
+TAIL_DENSE = 2.5  # above this: a dense update continues below the floor
+NEXT_NOISE = 1.5  # first value below the floor / noise edge: at most this for pure noise
 AGREE = 0.8
 _LAYER_RX = re.compile(r"^(?:.*?\.)?(?:layers|h|layer|blocks|block)\.(\d+)\.(.+?)(?:\.weight)?$")
 
@@ -32,7 +42,7 @@ class LayerVerdict:
     name: str
     module: str  # module type, e.g. self_attn.q_proj
     block: Optional[int]  # transformer block index when the name has one
-    kind: str  # unchanged | precision-only | low-rank | dense | unknown
+    kind: str  # unchanged | precision-only | low-rank | dense | saturated | unresolved | unknown
     rank: Optional[int]  # singular values of dW above the rounding floor
     gap: Optional[float]  # sv[rank-1] / sv[rank]
     min_dim: int
@@ -40,7 +50,7 @@ class LayerVerdict:
 
 @dataclass(frozen=True)
 class Provenance:
-    verdict: str  # lora-like | full-ft-like | mixed | unchanged | precision-only | unknown
+    verdict: str  # lora-like | full-ft-like | mixed | unresolved | unchanged | precision-only | unknown
     confidence: float  # 0..1: share of changed matrices agreeing, shrunk for few matrices
     estimated_rank: Optional[int]  # most common rank among low-rank matrices
     rank_range: Optional[Tuple[int, int]]
@@ -87,13 +97,17 @@ def classify_layer(layer) -> LayerVerdict:
     rank = int(rank)
     gap = ex.get("delta_rank_gap")
     gap = float("inf") if gap is None and ex.get("delta_rank_seen") else gap
+    tail = ex.get("delta_tail_ratio")
+    nxt = ex.get("delta_next_edge")
     if rank == 0:
         kind = "precision-only"
-    elif (ex.get("delta_rank_seen") and rank <= LOWRANK_FRAC * min_dim
-          and gap is not None and gap >= GAP_MIN):
+    elif not ex.get("delta_rank_seen") or rank > LOWRANK_FRAC * min_dim \
+            or (tail is not None and tail > TAIL_DENSE):
+        kind = "dense"
+    elif (tail is None or tail <= TAIL_NOISE) and (nxt is None or nxt <= NEXT_NOISE):
         kind = "low-rank"
     else:
-        kind = "dense"
+        kind = "unresolved"
     return LayerVerdict(layer.name, module, block, kind, rank,
                         None if gap is None or gap == float("inf") else gap, min_dim)
 
@@ -108,13 +122,22 @@ def _mode(values):
 
 def provenance(report) -> Provenance:
     """Verdict for one scan report (TUNED against BASE)."""
-    layers = tuple(classify_layer(l) for l in report.layers if l.status != "nonfinite")
+    layers = [classify_layer(l) for l in report.layers if l.status != "nonfinite"]
+    rank_lr = _mode([l.rank for l in layers if l.kind == "low-rank"])
+    if rank_lr is not None:
+        # a rank-R LoRA fills a matrix whose short side is below R / LOWRANK_FRAC: such a matrix
+        # cannot tell LoRA from full fine-tuning, so it does not vote
+        layers = [replace(l, kind="saturated") if l.kind == "dense" and l.rank is not None
+                  and l.rank <= rank_lr and rank_lr > LOWRANK_FRAC * l.min_dim else l
+                  for l in layers]
+    layers = tuple(layers)
     counts = Counter(l.kind for l in layers)
     changed = [l for l in layers if l.kind in ("low-rank", "dense")]
     by_mod: Dict[str, list] = {}
     for l in layers:
         by_mod.setdefault(l.module, []).append(l)
-    adapted = tuple(m for m, ls in by_mod.items() if any(l.kind in ("low-rank", "dense") for l in ls))
+    adapted = tuple(m for m, ls in by_mod.items()
+                    if any(l.kind in ("low-rank", "dense", "saturated", "unresolved") for l in ls))
     untouched = tuple(m for m, ls in by_mod.items() if all(l.kind == "unchanged" for l in ls))
     kind_by_module = {}
     for m, ls in by_mod.items():
@@ -135,6 +158,11 @@ def provenance(report) -> Provenance:
             verdict, conf = "precision-only", 1.0
             evidence.append(f"{counts['precision-only']} matrices differ only at the rounding level "
                             f"of their storage dtype (a dtype conversion, not a fine-tune)")
+        elif counts.get("unresolved"):
+            verdict, conf = "unresolved", 0.0
+            evidence.append(f"{counts['unresolved']} changed matrices have updates about as small "
+                            f"as the rounding noise of their storage dtype: neither a clean "
+                            f"low-rank cliff nor a dense update can be seen")
         elif counts.get("unknown"):
             verdict, conf = "unknown", 0.0
             evidence.append("the report has no dW spectrum (written by an older version); rescan")
@@ -155,13 +183,19 @@ def provenance(report) -> Provenance:
             mods = [m for m in adapted]
             pure = sum(1 for m in mods if len({l.kind for l in by_mod[m] if l in changed}) == 1)
             conf = (pure / len(mods) if mods else 0.0) * shrink
-        evidence.append(f"{len(lr)} of {n} changed matrices have a low-rank update (a cliff in the "
-                        f"singular values of Wt - W0 at rank <= {LOWRANK_FRAC:g} x min(m, n), "
-                        f"next value >= {GAP_MIN:g}x smaller), {n - len(lr)} a dense one")
+        evidence.append(f"{len(lr)} of {n} changed matrices have a low-rank update (Wt - W0 is "
+                        f"rank r <= {LOWRANK_FRAC:g} x min(m, n) plus storage rounding noise), "
+                        f"{n - len(lr)} a dense one")
         if ranks:
             evidence.append(f"estimated LoRA rank {_mode(ranks)} (most common; range "
                             f"{min(ranks)}-{max(ranks)}) from the singular values of Wt - W0 above "
                             f"the storage rounding floor")
+        if counts.get("unresolved"):
+            evidence.append(f"{counts['unresolved']} matrices change at about the storage rounding "
+                            f"level and do not vote")
+        if counts.get("saturated"):
+            evidence.append(f"{counts['saturated']} matrices are too small to show a rank-"
+                            f"{rank_lr} update as low rank; they do not vote")
         if untouched:
             evidence.append(f"module types left bit-identical: {', '.join(untouched)} "
                             f"(LoRA leaves untargeted modules untouched; full fine-tuning rarely does)")

@@ -49,6 +49,8 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_rank": _INT,  # singular values of dW above delta_floor
                          "delta_rank_seen": {"type": "boolean"},  # a value below the floor seen
                          "delta_rank_gap": _NUM,  # sv[rank-1] / sv[rank]
+                         "delta_tail_ratio": _NUM,  # energy beyond the rank / rounding energy
+                         "delta_next_edge": _NUM,  # sv[rank] / rounding-noise edge
                          "delta_floor": _NUM,  # rounding-noise edge of the tuned storage dtype
                          "delta_grid": _STR,  # storage grid of Wt: bfloat16|float16|float32|float64
                          "delta_sv_method": {"type": "string", "enum": ["exact", "randomized"]},
@@ -84,8 +86,8 @@ SCHEMA: Dict[str, Any] = {
                                                   "properties": {
                                                       "verdict": {"type": "string", "enum": [
                                                           "lora-like", "full-ft-like", "mixed",
-                                                          "unchanged", "precision-only",
-                                                          "unknown"]},
+                                                          "unresolved", "unchanged",
+                                                          "precision-only", "unknown"]},
                                                       "confidence": _NUM,
                                                       "estimated_rank": _INT}}}},
     },

@@ -162,12 +162,22 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     grid, bits = min(storage_grid(wt), storage_grid(w0), key=lambda g: g[1])
     m, n = d.shape
     # Marchenko-Pastur edge of an iid noise matrix with the storage rounding's per-entry rms
-    floor = FLOOR_SLACK * rounding_rms(wt, bits) * (math.sqrt(m) + math.sqrt(n))
+    rms = rounding_rms(wt, bits)
+    floor = FLOOR_SLACK * rms * (math.sqrt(m) + math.sqrt(n))
     floor = max(floor, float(sv[0]) * 1e-12 if sv.numel() else 0.0)
     rank, gap, seen = estimate_rank(sv, floor, d.shape)
+    # energy left after the top-`rank` directions, in units of the expected rounding energy:
+    # about 1 (or less) when dW is rank-`rank` plus rounding noise, large for a dense update
+    tail = max(fro2 - float(sv[:rank].square().sum()), 0.0)
+    e_round = rms * rms * m * n
     keep = sv[:DELTA_SV_KEEP].cpu()
     out += [("delta_rank", rank), ("delta_rank_seen", seen),
             ("delta_rank_gap", gap if math.isfinite(gap) else None),
+            ("delta_tail_ratio", tail / e_round if e_round > 0 else None),
+            # first value below the floor against the noise edge: about 1 (or less) when what
+            # lies below the floor is rounding noise, near FLOOR_SLACK when the update goes on
+            ("delta_next_edge", float(sv[rank]) / (floor / FLOOR_SLACK)
+             if seen and floor > 0 and rank < sv.numel() else None),
             ("delta_floor", floor), ("delta_grid", grid), ("delta_sv_method", how),
             ("delta_sv", [float(x) for x in keep])]
     # JSON has no inf / nan: a measure that cannot be computed is null
