@@ -356,8 +356,8 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
                    for out, meta in zip(outputs, metas)]
         for spec in specs:
             src = sources[spec.name]
-            datas = _produce(src, spec, alphas, reader, dev, changes, warnings)
-            for w, data in zip(writers, datas):
+            for w, data in zip(writers, _produce(src, spec, alphas, reader, dev, changes,
+                                                 warnings)):
                 w.write(spec.name, data)
             if bar is not None:
                 bar.update(1)
@@ -381,16 +381,19 @@ def _index_extra(meta: Dict[str, str]) -> Dict[str, object]:
 
 
 def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, changes, warnings):
-    """The bytes (or tensor) of one output tensor for each alpha."""
+    """Yield the bytes (or tensor) of one output tensor for each alpha in turn; a generator, so
+    only one alpha's rescaled copy exists at a time."""
     out_dtype = _torch_dtype(spec.dtype)
     if src.kind in ("raw", "replace") and src.intruders is None:
         raw = reader.raw(src.ref)
-        return [raw] * len(alphas)
+        yield from [raw] * len(alphas)
+        return
     if src.kind == "bias":
         b0 = reader.read(src.ref).to(torch.float64)  # (out,)
         lb = reader.read(src.bias).to(torch.float64)  # (out,)
         merged = (b0 + lb * src.scaling).to(out_dtype)
-        return [merged] * len(alphas)
+        yield from [merged] * len(alphas)
+        return
     if src.kind == "lora":
         w0 = reader.read(src.ref)
         wt = _check_finite(_merge(w0, src.lora, reader), spec.name)  # float64, base layout
@@ -399,12 +402,12 @@ def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, change
         wt = reader.read(src.ref)
         identity = None
     if src.intruders is None:
-        return [identity] * len(alphas)
+        yield from [identity] * len(alphas)
+        return
     comp = intruder_component(wt, src.intruders, dev, where=f"{src.ref.path}: {spec.name!r}")
     warnings.extend(comp.warnings)
     wt64 = wt.to(torch.float64)  # (m, n)
     norm = float(wt64.norm())
-    out = []
     for i, a in enumerate(alphas):
         if a == 1:  # the identity: the stored bytes (or the merged tensor) untouched
             data = reader.raw(src.ref) if identity is None else identity
@@ -413,8 +416,8 @@ def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, change
             data = stored = rescale(wt, comp, a).to(out_dtype)
         rel = float((stored.to(torch.float64) - wt64).norm()) / norm if norm > 0 else 0.0
         changes[i].append(LayerChange(spec.name, src.intruders.indices, comp.sigma, rel))
-        out.append(data)
-    return out
+        yield data
+        del data, stored
 
 
 def _merge(w0, lora: LoraInfo, reader: _Reader):

@@ -163,6 +163,8 @@ def _build_evaluators(evals: Sequence[str]):
 
 def _row_for(r: ScaleResult, results=(), note: str = "") -> ModelRow:
     rel = max((l.rel_change for l in r.layers), default=0.0)
+    if r.alpha == 1.0 and not note:
+        note = "the identity: the tuned weights, bit for bit"
     return ModelRow(label=f"alpha={alpha_name(r.alpha)}", role="scaled", alpha=r.alpha,
                     path=r.path, n_intruders=r.n_intruders, n_matrices=len(r.layers),
                     max_rel_change=rel, results=tuple(results), note=note)
@@ -343,7 +345,7 @@ def format_sweep(sweep: Sweep) -> str:
     rows = []
     for row in sweep.rows:
         cells = [row.label, "-" if row.alpha is None else alpha_name(row.alpha),
-                 "-" if row.n_intruders is None else f"{row.n_intruders} in {row.n_matrices}",
+                 "-" if row.n_intruders is None else f"{row.n_intruders} in {row.n_matrices} matrices",
                  "-" if row.max_rel_change is None else f"{row.max_rel_change:.4f}"]
         for key in keys:
             r = _result(row, key)

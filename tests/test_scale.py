@@ -313,6 +313,40 @@ def test_output_paths_that_touch_inputs_are_refused(synth, file_report, tmp_path
     assert (_sha(synth["tuned_file"]), _sha(synth["tuned_sharded"])) == before
 
 
+def test_writer_is_atomic_and_checks_the_plan(synth, tmp_path):
+    from intruder.io import open_checkpoint
+    from intruder.io.writer import CheckpointWriter, plan_like
+
+    ck = open_checkpoint(synth["tuned_sharded"])
+    plan = plan_like(ck)
+    specs = list(plan.tensors())
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous output\n")
+    # a tensor never written: error, and the previous output is untouched
+    with pytest.raises(OutputError, match="never written"):
+        with CheckpointWriter(str(out), plan) as w:
+            for s in specs[:-1]:
+                w.write(s.name, ck.read(s.name))
+    assert os.listdir(out) == ["keep.txt"]
+    # out of order, or the wrong dtype: refused before anything lands
+    with pytest.raises(OutputError, match="expected tensor"):
+        with CheckpointWriter(str(out), plan) as w:
+            w.write(specs[1].name, ck.read(specs[1].name))
+    with pytest.raises(OutputError, match="planned F32"):
+        with CheckpointWriter(str(out), plan) as w:
+            w.write(specs[0].name, ck.read(specs[0].name).double())
+    assert os.listdir(out) == ["keep.txt"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary left
+    # a complete write replaces it; the shards read back equal
+    with CheckpointWriter(str(out), plan, {"k": "v"}) as w:
+        for s in specs:
+            w.write(s.name, ck.read(s.name))
+    back = open_checkpoint(str(out))
+    assert set(back.refs) == set(ck.refs) and back.metadata["k"] == "v"
+    assert all(torch.equal(back.read(n), ck.read(n)) for n in ck.refs)
+
+
 def test_report_that_does_not_match_the_checkpoint(synth, file_report, tmp_path):
     # same names, shapes and sizes (same fingerprint) but other values: caught by the sigma check
     t = _tensors(synth["tuned_file"])
