@@ -318,6 +318,20 @@ def _similarity(report: ScanReport, mode: Optional[bool], base_path, tuned_path,
         f"recomputed from the checkpoints for {len(ordered)} matrices (fingerprints verified)")
 
 
+def _margin_section(report: ScanReport, extra: Sequence[Section], dpi: int) -> Optional[Section]:
+    """The margin view (intruder.report.margin_view) when the scan stored margin measures and
+    the caller did not pass one already."""
+    if any(s.anchor == "margin" for s in extra):
+        return None
+    if not any(dict(l.extra).get("min_max_cos") is not None for l in views.scanned(report)):
+        return None
+    try:
+        from .margin_view import margin_section
+    except ImportError:
+        return None
+    return margin_section(report, dpi)
+
+
 def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mapping[str, str]] = None,
                 *, scale_results=None, similarity: Optional[bool] = None,
                 base_path: Optional[str] = None, tuned_path: Optional[str] = None,
@@ -391,7 +405,13 @@ def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mappin
     sections.append(("layers", "Every matrix", _layer_table(report)))
     if isinstance(extra, Mapping):
         extra = [Section(t, h) for t, h in extra.items()]
-    for i, s in enumerate(extra or ()):
+    extra = list(extra or ())
+    margin = _margin_section(report, extra, dpi)
+    if margin is not None:  # the margin view sits beside the count view
+        at = next(i for i, s in enumerate(sections) if s[0] == "grid") + 1
+        sections.insert(at, (margin.anchor, margin.title, margin.html))
+        fig.n += margin.html.count("<figure>")
+    for i, s in enumerate(extra):
         sections.append((s.anchor or f"extra-{i}", s.title, s.html))
     others = "".join([_list_details("skipped tensors", [f"{n}: {r}" for n, r in report.skipped]),
                       _list_details("base-only tensors (no tuned counterpart)", list(report.unpaired_base)),

@@ -54,6 +54,29 @@ def _short(s: str, n: int = 48) -> str:
     return s if len(s) <= n else "..." + s[-(n - 3):]
 
 
+def _wrap(s: str, width: int = 44, lines: int = 3) -> str:
+    """Break a long dotted name over a few lines at '.', ' ' or '/' (a title keeps its start
+    and its end); the middle is elided only beyond `lines` lines."""
+    import re
+
+    if "\n" in s:
+        return "\n".join(_wrap(part, width, lines) for part in s.split("\n"))
+    out, cur = [], ""
+    for tok in re.findall(r"[^./ ]*[./ ]?", s):
+        if cur and len(cur) + len(tok) > width:
+            out.append(cur)
+            cur = ""
+        while len(tok) > width:
+            out.append(tok[:width])
+            tok = tok[width:]
+        cur += tok
+    if cur:
+        out.append(cur)
+    if len(out) > lines:
+        out = out[: lines - 1] + ["..." + out[-1][-(width - 3):]]
+    return "\n".join(out)
+
+
 def to_png(fig, dpi: int = 100) -> bytes:
     """The figure as PNG bytes (no timestamp or software tag, so output is reproducible)."""
     buf = io.BytesIO()
@@ -162,7 +185,7 @@ def similarity_heatmaps(blocks: Sequence, clean: Optional[str] = None, max_cols:
         ax.set_ylabel(f"tuned vector j (top {cos.shape[0]})", fontsize=8)
         kind = " (clean, for contrast)" if b.name == clean else \
             f" ({len(b.intruders)} intruder{'s' if len(b.intruders) != 1 else ''})"
-        ax.set_title(_short(b.name, 44) + "\n" + kind.strip(" ()"), fontsize=8)
+        ax.set_title(_wrap(b.name, 44) + "\n" + kind.strip(" ()"), fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(blocks):]:
         ax.set_axis_off()
@@ -242,7 +265,7 @@ def spectra(report: ScanReport, names: Optional[Sequence[str]] = None, max_cols:
             ax.plot([i.index], [i.sigma], "x", color=INTRUDER_COLOR, ms=9, mew=2)
             ax.annotate(f"{i.max_cos:.2f}", (i.index, i.sigma), fontsize=7, color=INTRUDER_COLOR,
                         xytext=(4, 4), textcoords="offset points")
-        ax.set_title(_short(l.name, 44), fontsize=8)
+        ax.set_title(_wrap(l.name, 48), fontsize=8)
         ax.set_xlabel("rank", fontsize=8)
         ax.set_ylabel("singular value", fontsize=8)
         ax.tick_params(labelsize=7)
