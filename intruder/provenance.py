@@ -30,9 +30,10 @@ from typing import Dict, Optional, Tuple
 
 LOWRANK_FRAC = 0.75
 # energy of dW beyond its rank, in units of the expected rounding energy of the storage dtype:
-TAIL_NOISE = 1.5  # at most this: what is left is rounding noise (measured LoRA merges: <= 1.3)
-TAIL_DENSE = 2.5  # above this: a dense update continues below the floor
-NEXT_NOISE = 1.5  # first value below the floor / noise edge: at most this for pure noise
+# (up to 2: base and tuned may each have been rounded from higher-precision masters)
+TAIL_NOISE = 2.2  # at most this: what is left is rounding noise
+TAIL_DENSE = 3.0  # above this: a dense update continues below the floor
+NEXT_NOISE = 1.6  # first value below the floor / noise edge (up to sqrt(2) for double rounding)
 AGREE = 0.8
 _LAYER_RX = re.compile(r"^(?:.*?\.)?(?:layers|h|layer|blocks|block)\.(\d+)\.(.+?)(?:\.weight)?$")
 

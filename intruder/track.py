@@ -146,7 +146,7 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache) -> Trac
     from .io import open_checkpoint, pair_checkpoints, read_ref
     from .report.schema import SCHEMA_VERSION
     from .scan import derivation_warnings, validate_config
-    from .spectral.decompose import full_spectrum
+    from .spectral.decompose import top_spectrum
     from .spectral.engine import analyse, resolve_device
 
     config = config or ScanConfig()
@@ -235,7 +235,7 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache) -> Trac
                         vs_prev[i].append(_result(name, shape, dtype, pf))
                 if cur_intr or prev_intr:
                     k = min(config.top_k, min(shape))
-                    spec = full_spectrum(wt_dev, left=k_side == "left", right=k_side == "right")
+                    spec = top_spectrum(wt_dev, k, left=k_side == "left", right=k_side == "right")
                     vecs = spec.u if k_side == "left" else spec.v
                     cur_top = vecs[:, :k]  # (d, k)
                 persist[i][name] = _persistence(prev_top, prev_intr, cur_top, cur_intr) \
