@@ -117,7 +117,6 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
         max_length: tokens per forward pass; defaults to the config's context length.
         progress: False silences transformers' weight-loading progress bar.
     """
-    import torch
 
     p = Path(path).expanduser()
     if not p.exists():
