@@ -304,7 +304,7 @@ def test_html_escapes_checkpoint_strings(tmp_path):
     tags = check_self_contained(page)
     assert not [a for t, a in tags if t == "img" and a.get("src") == "x"]
     assert info.similarity.startswith("recomputed")
-    assert info.figures == 7
+    assert info.figures == page.count("<img ") >= 7
 
 
 def test_html_content_planted(planted, tmp_path):
@@ -321,8 +321,8 @@ def test_html_content_planted(planted, tmp_path):
     extra = {"Margin view": "<p id='m'>margin</p>"}
     page, info = render_html(planted, extra, scale_results=scale, command="cmd")
     check_self_contained(page)
-    for anchor in ("identity", "config", "grid", "similarity", "maxcos", "spectra", "tradeoff",
-                   "intruders", "layers", "provenance", "extra-0"):
+    for anchor in ("identity", "config", "grid", "margin", "similarity", "maxcos", "spectra",
+                   "tradeoff", "intruders", "layers", "provenance", "extra-0"):
         assert f'<section id="{anchor}">' in page
     assert views.verdict(planted).headline in page
     assert planted.base.fingerprint in page and planted.tuned.fingerprint in page
@@ -330,7 +330,8 @@ def test_html_content_planted(planted, tmp_path):
     rows = re.findall(r'<tr data-name="([^"]*)" data-status="(\w+)" data-flagged="(\d)"', page)
     assert [r[0] for r in rows] == [l.name for l in planted.layers]
     assert sum(r[2] == "1" for r in rows) == 3
-    assert info.figures == 8  # 2 grids, bars, similarity, histogram, sweep, spectra, trade-off
+    # 2 grids, bars, similarity, histogram, sweep, spectra, trade-off (+ the margin view's)
+    assert info.figures == page.count("<img ") >= 8
     # CSP hashes must match the inline style and script exactly (else the browser blocks them)
     import base64
     import hashlib
@@ -414,3 +415,17 @@ def test_cli_report(planted, tmp_path):
     r = CliRunner().invoke(cli, ["report", str(scan), "-o", str(out), "--scale-results",
                                  str(tmp_path / "missing.json")])
     assert r.exit_code == 1 and "no scale results there" in r.output
+    r = CliRunner().invoke(cli, ["report", str(scan), "-o", str(out), "--similarity",
+                                 "--base", str(tmp_path / "gone.safetensors")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert "cannot recompute similarity heatmaps: base checkpoint" in r.output
+
+
+def test_cli_scan_html(synth, tmp_path):
+    out = tmp_path / "a.html"
+    r = CliRunner().invoke(cli, ["scan", synth["base_file"], synth["adapter"], "-q", "-o",
+                                 str(tmp_path / "s.json"), "--html", str(out)])
+    assert r.exit_code == 0, r.output
+    page = out.read_text()
+    check_self_contained(page)
+    assert "LoRA-like: 4 intruders at epsilon 0.5 in 3 of 3 changed matrices" in page

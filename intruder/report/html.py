@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import __version__
-from ..errors import IntruderError, ReportError
+from ..errors import IntruderError, OutputError, ReportError
 from ..types import ScanReport
 from . import views
 
@@ -267,8 +267,10 @@ def _scale_section(table, fig) -> str:
              "" if p.intruders is None else p.intruders] + [p.get(m) for m in metrics] + [p.note]
             for p in table.points]
     out = [fig(_plots().tradeoff(table), "scale trade-off",
-               f"Each point is one rescaled model (W' = Wt + (alpha - 1) sum_j sigma_j u_j v_j^T "
-               f"over the intruders); x: {escape(table.x_metric)}, y: {escape(table.y_metric)}. "
+               f"Each point is one rescaled model ("
+               f"{escape(table.intervention or 'W = Wt + (alpha - 1) sum_j sigma_j u_j v_j^T over the intruders')}"
+               f"{'' if table.epsilon is None else f'; intruders at epsilon {table.epsilon:g}'}); "
+               f"x: {escape(table.x_metric)}, y: {escape(table.y_metric)}. "
                f"Source: <code>{escape(table.source)}</code>.") if table.x_metric and table.y_metric
            else "",
            table_html(["model", "alpha", "intruders rescaled"] + metrics + ["note"], rows,
@@ -351,6 +353,9 @@ def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mappin
         sections.append(("warnings", "Warnings", "".join(
             f'<div class="warning">{escape(w)}</div>' for w in report.warnings)))
     has_layers = bool(views.scanned(report))
+    blocks, clean, sim_note = [], None, "not applicable (no changed matrices)"
+    if has_layers:  # first: reading checkpoints is what fails, before any figure is drawn
+        blocks, clean, sim_note = _similarity(report, similarity, base_path, tuned_path, n_affected)
     if has_layers:
         sections.append(("grid", "Where the intruders are: layer x module", "".join([
             fig(plots.layer_module_heatmap(report, "count"), "intruder count per layer and module",
@@ -361,7 +366,6 @@ def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mappin
                 f"vectors (red line on the scale: epsilon = {eps:g}). A fine-tune can move far from "
                 f"the base (low values) well before any count appears at {eps:g}."),
             fig(plots.module_bars(report), "intruders per module", "Intruders per module type.")])))
-        blocks, clean, sim_note = _similarity(report, similarity, base_path, tuned_path, n_affected)
         if blocks:
             sim_html = fig(plots.similarity_heatmaps(blocks, clean), "similarity heatmaps",
                            f"|cos| between the top-{k} tuned singular vectors (rows) and the top "
@@ -390,8 +394,6 @@ def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mappin
                 f"Top singular values of W0 (base, top-{k}+5) and Wt (tuned, top-{k}) for "
                 f"{'the matrices with intruders' if any(l.intruders for l in sl) else 'the matrices closest to a first intruder'}"
                 f"; x marks an intruder, labelled with its max|cos|.")))
-    else:
-        sim_note = "not applicable (no changed matrices)"
     if scale_results is not None:
         if isinstance(scale_results, ScaleTable):
             table = scale_results
@@ -464,6 +466,9 @@ def write_html(report: ScanReport, path: str, extra=None, **options) -> AuditInf
     if not isinstance(report, ScanReport):
         raise ReportError(f"{path}: write_html needs a ScanReport (intruder.load_report(...)), "
                           f"got {type(report).__name__}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):  # fail before seconds of rendering
+        raise OutputError(f"{path}: directory {os.path.dirname(path) or '.'} does not exist")
     page, info = render_html(report, extra, **options)
     write_text(path, page)
     return AuditInfo(path, info.bytes, info.figures, info.similarity)

@@ -51,6 +51,8 @@ class ScaleTable:
     x_metric: Optional[str]  # pre-training side (forgetting)
     y_metric: Optional[str]  # task side
     protocols: Tuple[Tuple[str, str], ...]  # (metric name, protocol text)
+    epsilon: Optional[float] = None  # threshold whose intruders were rescaled, when recorded
+    intervention: str = ""  # the formula, when recorded
 
 
 def _num(v: Any) -> Optional[float]:
@@ -160,7 +162,10 @@ def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
     rest = [m for m in metrics if m not in (x, y)]
     x = x or (rest.pop(0) if rest else None)
     y = y or (rest.pop(0) if rest else None)
-    return ScaleTable(source, tuple(points), tuple(metrics), x, y, tuple(protocols.items()))
+    eps = _num(doc.get("epsilon")) if isinstance(doc, dict) else None
+    formula = doc.get("intervention") if isinstance(doc, dict) else None
+    return ScaleTable(source, tuple(points), tuple(metrics), x, y, tuple(protocols.items()), eps,
+                      formula if isinstance(formula, str) else "")
 
 
 def load_scale_results(path: str) -> ScaleTable:
