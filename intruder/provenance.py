@@ -100,8 +100,9 @@ def classify_layer(layer) -> LayerVerdict:
     gap = float("inf") if gap is None and ex.get("delta_rank_seen") else gap
     tail = ex.get("delta_tail_ratio")
     nxt = ex.get("delta_next_edge")
-    if rank == 0:
-        kind = "precision-only"
+    if rank == 0:  # nothing above the floor: rounding alone, or a weak dense update
+        kind = ("dense" if tail is not None and tail > TAIL_DENSE else
+                "precision-only" if tail is None or tail <= TAIL_NOISE else "unresolved")
     elif not ex.get("delta_rank_seen") or rank > LOWRANK_FRAC * min_dim \
             or (tail is not None and tail > TAIL_DENSE):
         kind = "dense"
@@ -172,7 +173,10 @@ def provenance(report) -> Provenance:
             evidence.append("every scanned matrix is bit-identical to the base")
     else:
         share = len(lr) / n
-        shrink = n / (n + 1)
+        n_unres = counts.get("unresolved", 0)
+        # voters' agreement, discounted by the matrices that could not vote, shrunk for few
+        shrink = n / (n + 1) * n / (n + n_unres)
+        lean = ""
         if share >= AGREE:
             verdict, conf = "lora-like", share * shrink
         elif share <= 1 - AGREE:
@@ -184,6 +188,12 @@ def provenance(report) -> Provenance:
             mods = [m for m in adapted]
             pure = sum(1 for m in mods if len({l.kind for l in by_mod[m] if l in changed}) == 1)
             conf = (pure / len(mods) if mods else 0.0) * shrink
+        if n_unres > n:  # most changed matrices sit at the rounding level: abstain
+            lean = verdict
+            verdict, conf = "unresolved", 0.0
+        if lean:
+            evidence.append(f"leaning {lean}, but {n_unres} changed matrices (more than the {n} "
+                            f"that could vote) change at about the storage rounding level")
         evidence.append(f"{len(lr)} of {n} changed matrices have a low-rank update (Wt - W0 is "
                         f"rank r <= {LOWRANK_FRAC:g} x min(m, n) plus storage rounding noise), "
                         f"{n - len(lr)} a dense one")
