@@ -55,7 +55,9 @@ def test_lora_verdict_rank_and_modules(storage, r):
 @pytest.mark.parametrize("style", ["iid", "aligned", "powerlaw"])
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])
 def test_dense_updates_are_full_ft_like(style, storage):
-    base, tuned = _model(lambda mod, w0, rng: S.dense_update(w0, style, rng), storage)
+    # bf16 rounding (2^-9 relative) hides much of a 2 % update aligned with spiked base spectra
+    rel = 0.02 if storage == "float16" else 0.05
+    base, tuned = _model(lambda mod, w0, rng: S.dense_update(w0, style, rng), storage, rel=rel)
     p = provenance(S.report_from_arrays(base, tuned))
     assert p.verdict == "full-ft-like"
     assert p.counts.get("low-rank", 0) == 0 and p.estimated_rank is None
