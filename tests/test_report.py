@@ -342,6 +342,24 @@ def test_html_content_planted(planted, tmp_path):
         assert f"{kind} 'sha256-{h}'" in page
 
 
+@pytest.mark.parametrize("case", ["unchanged", "nonfinite-and-other", "no-intruders"])
+def test_html_edge_reports(case):
+    if case == "unchanged":
+        layers = [LayerResult(name="m.layers.0.q.weight", shape=(4, 4), dtype="F16", status="unchanged")]
+    elif case == "nonfinite-and-other":
+        layers = [LayerResult(name="m.layers.0.q.weight", shape=(4, 4), dtype="F16", status="nonfinite"),
+                  _layer("lm_head.weight", [0.3, 0.95])]
+    else:
+        layers = [_layer(f"m.layers.{i}.q.weight", [0.9, 0.99]) for i in range(3)]
+    rep = _report(layers)
+    page, info = render_html(rep, similarity=False, command="c")
+    check_self_contained(page)
+    assert escape(views.verdict(rep).headline) in page
+    assert info.figures == page.count("<img ")
+    assert info.figures == (0 if case == "unchanged" else 6)  # no similarity: 2 grids, bars,
+    # histogram, sweep, spectra
+
+
 def test_write_html_is_atomic(planted, tmp_path):
     with pytest.raises(OutputError):
         write_html(planted, str(tmp_path / "missing-dir" / "a.html"), similarity=False)
