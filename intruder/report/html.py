@@ -334,73 +334,87 @@ def _margin_section(report: ScanReport, extra: Sequence[Section], dpi: int) -> O
     return margin_section(report, dpi)
 
 
+def _scale_table(scale_results):
+    from .scale_results import ScaleTable, load_scale_results, parse_scale_results
+
+    if scale_results is None or isinstance(scale_results, ScaleTable):
+        return scale_results
+    if isinstance(scale_results, (str, os.PathLike)):
+        return load_scale_results(os.fspath(scale_results))
+    return parse_scale_results(scale_results)
+
+
+def _analysis_sections(report: ScanReport, fig: _Figures, blocks, clean: Optional[str],
+                       sim_note: str) -> List[Tuple[str, str, str]]:
+    """Grid, similarity, max|cos| and sweep, spectra: the figures of a scan with changed matrices."""
+    plots = _plots()
+    eps = report.config.epsilon
+    k = report.config.top_k
+    out = [("grid", "Where the intruders are: layer x module", "".join([
+        fig(plots.layer_module_heatmap(report, "count"), "intruder count per layer and module",
+            f"Number of intruders (top-{k} tuned vectors with max|cos| &lt; {eps:g}) per block "
+            f"and module. Grey: no such matrix, or unchanged from the base."),
+        fig(plots.layer_module_heatmap(report, "min_cos"), "lowest max|cos| per layer and module",
+            f"How close each matrix came to an intruder: the lowest max|cos| of its top-{k} "
+            f"vectors (red line on the scale: epsilon = {eps:g}). A fine-tune can move far from "
+            f"the base (low values) well before any count appears at {eps:g}."),
+        fig(plots.module_bars(report), "intruders per module", "Intruders per module type.")]))]
+    if blocks:
+        sim_html = fig(plots.similarity_heatmaps(blocks, clean), "similarity heatmaps",
+                       f"|cos| between the top-{k} tuned singular vectors (rows) and the top "
+                       f"{len(blocks[0].cos[0])} base singular vectors (columns), for the most "
+                       f"affected matrices{' and one clean matrix for contrast' if clean else ''} "
+                       f"(the paper's Figure 1 view). A row with no bright cell matches no base "
+                       f"direction: an intruder (boxed). A vector whose best match lies beyond "
+                       f"the columns shown still counts as matched if that max|cos| &ge; {eps:g}. "
+                       f"{escape(sim_note)}.")
+    else:
+        sim_html = f'<p class="note">Similarity heatmaps {escape(sim_note)}.</p>'
+    out.append(("similarity", "Similarity of tuned and base singular vectors", sim_html))
+    out.append(("maxcos", "Distribution of max|cos| and the epsilon sweep", "".join([
+        fig(plots.max_cos_histogram(report), "max|cos| histogram",
+            f"Every top-{k} tuned vector of every changed matrix. Near 1: the vector is (up to "
+            f"sign) a base vector. A random unit vector in high dimension scores far below 0.5 "
+            f"against a full basis, so low values mean a genuinely new direction."),
+        fig(plots.epsilon_sweep(report), "intruders against epsilon",
+            "Counts for a fixed grid of epsilon computed from the stored max|cos| values "
+            "(same rule as the scan: max|cos| &lt; epsilon)."),
+        _sweep_table(report)])))
+    sl = views.spectra_layers(report)
+    if sl:
+        which = ("the matrices with intruders" if any(l.intruders for l in sl)
+                 else "the matrices closest to a first intruder")
+        out.append(("spectra", "Singular value spectra, base and tuned", fig(
+            plots.spectra(report, [l.name for l in sl]), "singular value spectra",
+            f"Top singular values of W0 (base, top-{k}+5) and Wt (tuned, top-{k}) for {which}; "
+            f"x marks an intruder, labelled with its max|cos|.")))
+    return out
+
+
 def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mapping[str, str]] = None,
                 *, scale_results=None, similarity: Optional[bool] = None,
                 base_path: Optional[str] = None, tuned_path: Optional[str] = None,
                 command: Optional[str] = None, n_affected: int = 3, dpi: int = 100) -> Tuple[str, AuditInfo]:
-    """Build the page; returns (html text, AuditInfo with path and bytes unset)."""
-    from .scale_results import ScaleTable, load_scale_results, parse_scale_results
-
-    plots = _plots()
+    """Build the page; returns (html text, AuditInfo with path unset)."""
     fig = _Figures(dpi)
     v = views.verdict(report)
     eps = report.config.epsilon
     k = report.config.top_k
+    # inputs that can fail are read first, before seconds of drawing
+    table = _scale_table(scale_results)
+    has_layers = bool(views.scanned(report))
+    blocks, clean, sim_note = [], None, "not applicable (no changed matrices)"
+    if has_layers:
+        blocks, clean, sim_note = _similarity(report, similarity, base_path, tuned_path, n_affected)
     sections: List[Tuple[str, str, str]] = []  # (anchor, title, html)
     sections.append(("identity", "Base and tuned checkpoints", _identity(report)))
     sections.append(("config", "Configuration", _config(report)))
     if report.warnings:
         sections.append(("warnings", "Warnings", "".join(
             f'<div class="warning">{escape(w)}</div>' for w in report.warnings)))
-    has_layers = bool(views.scanned(report))
-    blocks, clean, sim_note = [], None, "not applicable (no changed matrices)"
-    if has_layers:  # first: reading checkpoints is what fails, before any figure is drawn
-        blocks, clean, sim_note = _similarity(report, similarity, base_path, tuned_path, n_affected)
     if has_layers:
-        sections.append(("grid", "Where the intruders are: layer x module", "".join([
-            fig(plots.layer_module_heatmap(report, "count"), "intruder count per layer and module",
-                f"Number of intruders (top-{k} tuned vectors with max|cos| &lt; {eps:g}) per block "
-                f"and module. Grey: no such matrix, or unchanged from the base."),
-            fig(plots.layer_module_heatmap(report, "min_cos"), "lowest max|cos| per layer and module",
-                f"How close each matrix came to an intruder: the lowest max|cos| of its top-{k} "
-                f"vectors (red line on the scale: epsilon = {eps:g}). A fine-tune can move far from "
-                f"the base (low values) well before any count appears at {eps:g}."),
-            fig(plots.module_bars(report), "intruders per module", "Intruders per module type.")])))
-        if blocks:
-            sim_html = fig(plots.similarity_heatmaps(blocks, clean), "similarity heatmaps",
-                           f"|cos| between the top-{k} tuned singular vectors (rows) and the top "
-                           f"{len(blocks[0].cos[0])} base singular vectors (columns), for the most "
-                           f"affected matrices{' and one clean matrix for contrast' if clean else ''} "
-                           f"(the paper's Figure 1 view). A "
-                           f"row with no bright cell matches no base direction: an intruder (boxed). "
-                           f"A vector whose best match lies beyond the columns shown still counts "
-                           f"as matched if that max|cos| &ge; {eps:g}. {escape(sim_note)}.")
-        else:
-            sim_html = f'<p class="note">Similarity heatmaps {escape(sim_note)}.</p>'
-        sections.append(("similarity", "Similarity of tuned and base singular vectors", sim_html))
-        sections.append(("maxcos", "Distribution of max|cos| and the epsilon sweep", "".join([
-            fig(plots.max_cos_histogram(report), "max|cos| histogram",
-                f"Every top-{k} tuned vector of every changed matrix. Near 1: the vector is (up to "
-                f"sign) a base vector. A random unit vector in high dimension scores far below 0.5 "
-                f"against a full basis, so low values mean a genuinely new direction."),
-            fig(plots.epsilon_sweep(report), "intruders against epsilon",
-                "Counts for a fixed grid of epsilon computed from the stored max|cos| values "
-                "(same rule as the scan: max|cos| &lt; epsilon)."),
-            _sweep_table(report)])))
-        sl = views.spectra_layers(report)
-        if sl:
-            sections.append(("spectra", "Singular value spectra, base and tuned", fig(
-                plots.spectra(report, [l.name for l in sl]), "singular value spectra",
-                f"Top singular values of W0 (base, top-{k}+5) and Wt (tuned, top-{k}) for "
-                f"{'the matrices with intruders' if any(l.intruders for l in sl) else 'the matrices closest to a first intruder'}"
-                f"; x marks an intruder, labelled with its max|cos|.")))
-    if scale_results is not None:
-        if isinstance(scale_results, ScaleTable):
-            table = scale_results
-        elif isinstance(scale_results, (str, os.PathLike)):
-            table = load_scale_results(os.fspath(scale_results))
-        else:
-            table = parse_scale_results(scale_results)
+        sections += _analysis_sections(report, fig, blocks, clean, sim_note)
+    if table is not None:
         sections.append(("tradeoff", "Rescaling intruders: the trade-off", _scale_section(table, fig)))
     if has_layers:
         sections.append(("intruders", f"Intruders at epsilon {eps:g}", _intruder_table(report)))
