@@ -439,6 +439,20 @@ def test_cli_report(planted, tmp_path):
     assert "cannot recompute similarity heatmaps: base checkpoint" in r.output
 
 
+def test_cli_report_finds_relative_checkpoints_beside_the_json(synth, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "ck").mkdir(parents=True)
+    shutil.copy(synth["base_file"], work / "ck" / "b.safetensors")
+    shutil.copy(synth["tuned_file"], work / "ck" / "t.safetensors")
+    monkeypatch.chdir(work)
+    r = CliRunner().invoke(cli, ["scan", "ck/b.safetensors", "ck/t.safetensors", "-q", "-o", "s.json"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["report", "work/s.json", "-o", "a.html"])
+    assert r.exit_code == 0, r.output
+    assert "similarity heatmaps recomputed" in r.output
+
+
 def test_cli_scan_html(synth, tmp_path):
     out = tmp_path / "a.html"
     r = CliRunner().invoke(cli, ["scan", synth["base_file"], synth["adapter"], "-q", "-o",

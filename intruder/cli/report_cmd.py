@@ -51,6 +51,9 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
     from ..report.schema import load_report
 
     report = load_report(scan_json)
+    # a scan run elsewhere recorded paths relative to its own directory: try beside the JSON too
+    base_path = base_path or _beside(report.base.path, scan_json)
+    tuned_path = tuned_path or _beside(report.tuned.path, scan_json)
     inputs = [scan_json] + [p for p in (scale_results, base_path, tuned_path) if p]
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent) and not os.path.exists(parent):
@@ -61,3 +64,11 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
                       command=" ".join(["intruder"] + sys.argv[1:]))
     echo_err(f"HTML audit written to {output} ({info.bytes / 1e3:.0f} kB, {info.figures} "
              f"figures; similarity heatmaps {info.similarity})", quiet)
+
+
+def _beside(path: str, scan_json: str):
+    """`path` relative to the scan JSON's directory, when it is not found from here but is there."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return None
+    cand = os.path.join(os.path.dirname(os.path.abspath(scan_json)), path)
+    return cand if os.path.exists(cand) else None
