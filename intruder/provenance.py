@@ -85,8 +85,10 @@ def module_of(name: str) -> Tuple[str, Optional[int]]:
     return (name[: -len(".weight")] if name.endswith(".weight") else name), None
 
 
-def classify_layer(layer) -> LayerVerdict:
-    """The class of one LayerResult from its dW spectrum measures."""
+def classify_layer(layer, roundings: int = 1) -> LayerVerdict:
+    """The class of one LayerResult from its dW spectrum measures. `roundings`: how many times
+    the stored weights were rounded along the way (a track's step i vs the base: i), which
+    scales the expected rounding energy (x roundings) and noise edge (x sqrt(roundings))."""
     module, block = module_of(layer.name)
     min_dim = min(layer.shape) if layer.shape else 0
     if layer.status == "unchanged":
@@ -101,12 +103,14 @@ def classify_layer(layer) -> LayerVerdict:
     tail = ex.get("delta_tail_ratio")
     nxt = ex.get("delta_next_edge")
     if rank == 0:  # nothing above the floor: rounding alone, or a weak dense update
-        kind = ("dense" if tail is not None and tail > TAIL_DENSE else
-                "precision-only" if tail is None or tail <= TAIL_NOISE else "unresolved")
+        kind = ("dense" if tail is not None and tail > TAIL_DENSE * roundings else
+                "precision-only" if tail is None or tail <= TAIL_NOISE * roundings
+                else "unresolved")
     elif not ex.get("delta_rank_seen") or rank > LOWRANK_FRAC * min_dim \
-            or (tail is not None and tail > TAIL_DENSE):
+            or (tail is not None and tail > TAIL_DENSE * roundings):
         kind = "dense"
-    elif (tail is None or tail <= TAIL_NOISE) and (nxt is None or nxt <= NEXT_NOISE):
+    elif ((tail is None or tail <= TAIL_NOISE * roundings)
+          and (nxt is None or nxt <= NEXT_NOISE * roundings ** 0.5)):
         kind = "low-rank"
     else:
         kind = "unresolved"
@@ -122,9 +126,9 @@ def _mode(values):
     return min(v for v, n in c.items() if n == best)  # ties: the smaller rank
 
 
-def provenance(report) -> Provenance:
-    """Verdict for one scan report (TUNED against BASE)."""
-    layers = [classify_layer(l) for l in report.layers if l.status != "nonfinite"]
+def provenance(report, roundings: int = 1) -> Provenance:
+    """Verdict for one scan report (TUNED against BASE); `roundings` as in classify_layer."""
+    layers = [classify_layer(l, roundings) for l in report.layers if l.status != "nonfinite"]
     rank_lr = _mode([l.rank for l in layers if l.kind == "low-rank"])
     if rank_lr is not None:
         # a rank-R LoRA fills a matrix whose short side is below R / LOWRANK_FRAC: such a matrix

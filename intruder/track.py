@@ -289,12 +289,15 @@ def _tick(bar, n):
 # ------------------------------------------------------------------------------------------------
 
 
-def entry_summary(e: TrackEntry, mode: str) -> dict:
-    """One row of the track / compare table (also in the JSON)."""
+def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
+    """One row of the track / compare table (also in the JSON). `step` (1-based, track): the
+    cumulative update of step i carries up to i roundings of stored weights."""
     from .provenance import provenance
     from .scan import summary
 
     s = summary(e.vs_base)
+    if mode == "track" and step > 1:
+        s["provenance"] = provenance(e.vs_base, roundings=step).to_dict()
     row = {"label": e.label, "path": e.path, "kind": e.vs_base.tuned.kind,
            "intruders": s["total_intruders"], "layers_with_intruders": s["layers_with_intruders"],
            "counts_by_epsilon": s["counts_by_epsilon"], "min_max_cos": s["min_max_cos"],
@@ -326,9 +329,11 @@ def to_dict(tr: TrackReport) -> dict:
 
     c = tr.config
     entries = []
-    for e in tr.entries:
-        d = {"label": e.label, "path": e.path, "summary": entry_summary(e, tr.mode),
-             "vs_base": scan_dict(e.vs_base),
+    for i, e in enumerate(tr.entries, 1):
+        row = entry_summary(e, tr.mode, i)
+        vb = scan_dict(e.vs_base)
+        vb["summary"]["provenance"] = row["provenance"]  # with the track's rounding count
+        d = {"label": e.label, "path": e.path, "summary": row, "vs_base": vb,
              "vs_previous": scan_dict(e.vs_previous) if e.vs_previous is not None else None}
         if tr.mode == "track":
             d["persistence"] = {n: asdict(p) for n, p in e.persistence.items()
@@ -347,3 +352,8 @@ def dumps(tr: TrackReport) -> str:
     import json
 
     return json.dumps(to_dict(tr), indent=1, allow_nan=False)
+
+
+def summaries(tr: TrackReport) -> List[dict]:
+    """entry_summary of every checkpoint, in order."""
+    return [entry_summary(e, tr.mode, i) for i, e in enumerate(tr.entries, 1)]

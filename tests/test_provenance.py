@@ -157,3 +157,25 @@ def test_planted_study_has_no_confident_error_in_the_clean_regime():
         if p.verdict != S.EXPECT[kind] or (kind == "lora" and p.estimated_rank != truth["r"]):
             wrong.append((kind, truth, p.verdict, p.estimated_rank))
     assert not wrong, wrong
+
+
+def test_chained_merges_accumulate_rounding():
+    """Three rank-4 LoRA merges, each stored in float16 (a continual-learning chain): dW against
+    the base is rank 12 plus three roundings; with roundings=3 the verdict is lora-like, rank 12."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    base, cur = {}, {}
+    for mod in ATTN:
+        w0 = S._store(S.spiked(96, 96, rng), "float16")
+        base[f"model.layers.0.{mod}.weight"] = w0
+        cur[f"model.layers.0.{mod}.weight"] = w0
+    for _ in range(3):
+        for name, w in cur.items():
+            d = S.lora_update(96, 96, 4, rng)
+            d *= 0.02 * float(w.double().norm()) / np.linalg.norm(d)
+            cur[name] = (w.double() + torch.from_numpy(d)).to(torch.float16)
+    rep = S.report_from_arrays(base, cur)
+    assert {dict(l.extra)["delta_rank"] for l in rep.layers} == {12}
+    p = provenance(rep, roundings=3)
+    assert p.verdict == "lora-like" and p.estimated_rank == 12

@@ -16,12 +16,12 @@ def _counts(c: dict) -> str:
 def track_table(tr) -> str:
     """One row per checkpoint: intruders vs base (per epsilon), margin, provenance; in a track
     also the intruders against the previous step and how many persist."""
-    from ..track import PERSIST_COS, entry_summary
+    from ..track import PERSIST_COS, summaries
 
     c = tr.config
     eps = c.epsilon
     eps_list = "/".join(format(e, "g") for e in sorted(set(c.epsilons)))
-    rows = [entry_summary(e, tr.mode) for e in tr.entries]
+    rows = summaries(tr)
     head = (f"intruder {tr.mode}  (Algorithm 1: top-{c.top_k} {c.vectors} singular vectors, "
             f"intruder iff max |cos| to every base vector < epsilon; counts at epsilon {eps_list}, "
             f"all matrices)")
@@ -29,7 +29,7 @@ def track_table(tr) -> str:
     if tr.mode == "track":
         headers = ["step", "checkpoint", f"vs base @{eps_list}", "energy", "lowest max|cos|",
                    "novel strength", f"vs previous @{eps_list}", "persist", "new", "gone",
-                   "update"]
+                   "update vs base", "this step"]
         body = []
         for i, (e, r) in enumerate(zip(tr.entries, rows), 1):
             vp = r["vs_previous"]
@@ -37,16 +37,18 @@ def track_table(tr) -> str:
                          f"{100 * r['mean_intruder_energy']:.1f}%", _f(r["min_max_cos"]),
                          _f(r["novel_strength_max"]),
                          _counts(vp["counts_by_epsilon"]) if vp else "(= vs base)",
-                         r["persistent"], r["new"], r["gone"], _verdict(r["provenance"])])
-        lines.append(format_table(headers, body, "rlrrrrrrrrl"))
+                         r["persistent"], r["new"], r["gone"], _verdict(r["provenance"]),
+                         _verdict(vp["provenance"]) if vp else "(= vs base)"])
+        lines.append(format_table(headers, body, "rlrrrrrrrrll"))
         lines.append("")
         lines.append(f"persist: intruders (vs base, epsilon {eps:g}) matching an intruder of the "
                      f"step before with |cos| >= {PERSIST_COS:g}; new: matching none; gone: "
                      f"intruders of the step before matched by none. energy: mean share of the "
                      f"top-{c.top_k} sigma^2 carried by intruders. novel strength: max over "
                      f"matrices of ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0) (a new direction "
-                     f"enters the top-k near 1). update: provenance of the cumulative update "
-                     f"(vs base).")
+                     f"enters the top-k near 1). update vs base: provenance of the cumulative "
+                     f"update (noise model: one rounding of stored weights per step); this step: "
+                     f"of the update against the step before.")
     else:
         headers = ["fine-tune", "input", f"intruders @{eps_list}", "matrices w/ intr.",
                    "lowest max|cos|", "novel strength", "verdict", "conf.", "est. rank",

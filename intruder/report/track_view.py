@@ -20,9 +20,9 @@ def _xs(tr) -> Tuple[List[int], List[str]]:
 def track_counts(tr):
     """Intruders along the checkpoints: against the base (solid) and against the previous step
     (dashed, track only), one colour per epsilon."""
-    from ..track import entry_summary
+    from ..track import summaries
 
-    rows = [entry_summary(e, tr.mode) for e in tr.entries]
+    rows = summaries(tr)
     x, labels = _xs(tr)
     fig = _figure(max(5.0, 1.2 * len(x) + 2.5), 3.8)
     ax = fig.add_subplot()
@@ -49,9 +49,9 @@ def track_counts(tr):
 
 def track_margin(tr):
     """Lowest max|cos| (left axis) and largest novel strength (right axis, log) per checkpoint."""
-    from ..track import entry_summary
+    from ..track import summaries
 
-    rows = [entry_summary(e, tr.mode) for e in tr.entries]
+    rows = summaries(tr)
     x, labels = _xs(tr)
     fig = _figure(max(5.0, 1.2 * len(x) + 2.5), 3.6)
     ax = fig.add_subplot()
@@ -77,9 +77,9 @@ def track_margin(tr):
 
 def persistence_bars(tr):
     """Per step: persistent and new intruders (stacked up), gone ones (down)."""
-    from ..track import entry_summary
+    from ..track import summaries
 
-    rows = [entry_summary(e, tr.mode) for e in tr.entries]
+    rows = summaries(tr)
     x, labels = _xs(tr)
     fig = _figure(max(5.0, 1.2 * len(x) + 2.5), 3.4)
     ax = fig.add_subplot()
@@ -101,11 +101,11 @@ def persistence_bars(tr):
 def track_section_html(tr, dpi: int = 100) -> str:
     """HTML of the track / compare view: table, figures, per-checkpoint verdicts."""
     from ..provenance import verdict_line_dict
-    from ..track import PERSIST_COS, entry_summary
+    from ..track import PERSIST_COS, summaries
     from .html import _Figures, escape, table_html
 
     fig = _Figures(dpi)
-    rows = [entry_summary(e, tr.mode) for e in tr.entries]
+    rows = summaries(tr)
     eps_keys = [format(e, "g") for e in sorted(set(tr.config.epsilons))]
     headers = ["checkpoint", "input"] + [f"intruders @{k}" for k in eps_keys] + [
         "lowest max|cos|", "max novel strength", "verdict"]
