@@ -69,6 +69,9 @@ def run_scan(base: str, tuned: str, config: Optional[ScanConfig] = None,
         tool_version=__version__, schema_version=SCHEMA_VERSION)
 
 
+UNRELATED_COS = 0.25  # weight cosine below which a matrix looks unrelated to its base
+
+
 def derivation_warnings(layers, config: ScanConfig):
     """Warn when TUNED does not look derived from BASE: then intruder counts mean nothing."""
     scanned = [l for l in layers if l.status == "scanned" and l.max_cos]
@@ -79,6 +82,23 @@ def derivation_warnings(layers, config: ScanConfig):
     frac_layers = sum(1 for l in scanned if all(c < config.epsilon for c in l.max_cos)) / len(scanned)
     rel = sorted(l.delta_fro_rel for l in scanned)
     median_rel = rel[len(rel) // 2]
+    # weight cosine <W0, Wt> / (|W0| |Wt|) (margin fields): a fine-tune, even a heavy LoRA that
+    # turns most top vectors into intruders, keeps it well above 0; unrelated weights sit near 0
+    wcos = {l.name: dict(l.extra).get("weight_cos") for l in scanned}
+    if all(c is not None for c in wcos.values()):
+        far = sorted(n for n, c in wcos.items() if c < UNRELATED_COS)
+        med = sorted(wcos.values())[len(wcos) // 2]
+        if len(far) > len(scanned) / 2:
+            yield (f"TUNED does not look derived from BASE: in {len(far)} of {len(scanned)} "
+                   f"matrices the weights are nearly uncorrelated (cosine between W0 and Wt "
+                   f"below {UNRELATED_COS:g}; median {med:.2f}, a fine-tune stays near 1) and "
+                   f"{n_intr} of {k_total} top vectors are intruders; intruder counts are not "
+                   f"meaningful for unrelated models")
+        elif far:
+            yield (f"{len(far)} of {len(scanned)} matrices look unrelated to BASE (cosine between "
+                   f"W0 and Wt below {UNRELATED_COS:g}, e.g. {far[0]}): re-initialised or "
+                   f"replaced rather than fine-tuned?")
+        return
     if n_intr / k_total > 0.8 and frac_layers > 0.5 and median_rel > 0.5:
         yield (f"TUNED does not look derived from BASE: {n_intr} of {k_total} top vectors are "
                f"intruders, every top vector in {frac_layers:.0%} of matrices, and the median "

@@ -179,3 +179,38 @@ def test_chained_merges_accumulate_rounding():
     assert {dict(l.extra)["delta_rank"] for l in rep.layers} == {12}
     p = provenance(rep, roundings=3)
     assert p.verdict == "lora-like" and p.estimated_rank == 12
+
+
+def _warn(base, tuned):
+    from intruder.scan import derivation_warnings
+    from intruder.types import ScanConfig
+
+    rep = S.report_from_arrays(base, tuned)
+    return list(derivation_warnings(rep.layers, ScanConfig()))
+
+
+def test_unrelated_models_are_flagged_but_heavy_lora_is_not():
+    import torch
+
+    a, _, _ = synthetic.llama_pair(seed=0)
+    b, _, _ = synthetic.llama_pair(seed=1)
+    names = [n for n in a if n.endswith("proj.weight")]
+    base = {n: torch.from_numpy(a[n]) for n in names}
+    other = {n: torch.from_numpy(b[n]) for n in names}
+    w = _warn(base, other)
+    assert len(w) == 1 and w[0].startswith("TUNED does not look derived from BASE: in 14 of 14")
+    # a heavy LoRA: rank 16 on every matrix, ||dW||_F = 1.2 ||W0||_F (the demo's rsLoRA moved
+    # its weights this far): most top vectors become intruders, yet the weights stay correlated
+    rng = np.random.default_rng(0)
+    heavy = {}
+    for n, w0 in base.items():
+        d = S.lora_update(*w0.shape, 16, rng)
+        heavy[n] = w0 + torch.from_numpy(d * (1.2 * float(w0.double().norm()) / np.linalg.norm(d))).float()
+    rep = S.report_from_arrays(base, heavy)
+    share = sum(len(l.intruders) for l in rep.layers) / sum(len(l.max_cos) for l in rep.layers)
+    assert share > 0.5 and _warn(base, heavy) == []
+    # one re-initialised matrix among fine-tuned ones
+    mixed = dict(heavy)
+    mixed[names[3]] = other[names[3]]
+    w = _warn(base, mixed)
+    assert len(w) == 1 and w[0].startswith("1 of 14 matrices look unrelated") and names[3] in w[0]

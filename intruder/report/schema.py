@@ -46,6 +46,7 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "novel_strength": _NUM,  # ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
                          "subspace_cos": _NUM,  # cos of the largest principal angle, top-k
                          "delta_stable_rank": _NUM,  # ||dW||_F^2 / ||dW||_2^2
+                         "weight_cos": _NUM,  # <W0, Wt> / (||W0||_F ||Wt||_F)
                          "delta_rank": _INT,  # singular values of dW above delta_floor
                          "delta_rank_seen": {"type": "boolean"},  # a value below the floor seen
                          "delta_rank_gap": _NUM,  # sv[rank-1] / sv[rank]

@@ -154,6 +154,9 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     if basis is not None and tu is not None:
         pc = torch.linalg.svdvals(basis.mT @ tu[:, :k])  # (k,) cosines of the principal angles
         out.append(("subspace_cos", float(pc.min().clamp(0.0, 1.0))))
+    n0, nt = float(w0.norm()), float(wt.norm())
+    # cosine between the weights as vectors: near 1 for any fine-tune, near 0 for unrelated models
+    out.append(("weight_cos", float((w0 * wt).sum()) / (n0 * nt) if n0 > 0 and nt > 0 else None))
     sv, how = delta_singular_values(d)
     top = max(float(sv[0]) if sv.numel() else 0.0, dnorm)  # ||d||_2 (exact or randomized)
     fro2 = float(d.square().sum())
