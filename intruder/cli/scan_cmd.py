@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -25,9 +24,12 @@ EXIT_INTRUDERS = 3
               show_default=True, help="Which singular vectors to match (paper: left).")
 @click.option("--include", metavar="REGEX", help="Also scan tensors matching REGEX (embeddings, lm_head...).")
 @click.option("--exclude", metavar="REGEX", help="Do not scan tensors matching REGEX.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (every visible GPU, else the CPU), cpu, cuda, cuda:N or cuda:N,M.")
 @click.option("--cache-dir", metavar="DIR", default=None,
-              help="Base spectral cache directory (reuse base decompositions across fine-tunes).")
+              help="Base spectral cache (on by default: $INTRUDER_CACHE_DIR, else "
+                   "$XDG_CACHE_HOME/intruder or ~/.cache/intruder). Another fine-tune of the "
+                   "same base reuses its decomposition; see `intruder cache list|clear`.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base spectral cache.")
 @click.option("-o", "--output", default="intruder-scan.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON report.")
@@ -66,7 +68,9 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
 
     eps = float_list(epsilon, "--epsilon")
     if not no_cache and cache_dir is None:
-        cache_dir = os.environ.get("INTRUDER_CACHE_DIR") or None
+        from ..spectral.cache import default_cache_dir
+
+        cache_dir = default_cache_dir()
     config = ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include,
                         exclude=exclude, device=device, allow_nonfinite=allow_nonfinite,
                         cache_dir=None if no_cache else cache_dir)
@@ -75,6 +79,10 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
         check_output(html, [base, tuned])
     report = run_scan(base, tuned, config, progress=not quiet and not as_json,
                       command=" ".join(["intruder"] + sys.argv[1:]))
+    from ..spectral.multi import is_primary
+
+    if not is_primary():  # torchrun: rank 0 writes and prints the report
+        return
     save_report(report, output)
     if as_json:
         click.echo(dumps(report))

@@ -1,10 +1,14 @@
 """Singular decompositions for the scan, in float64 on the chosen device.
 
-Default path: eigendecomposition of the smaller Gram matrix in float64 (`gram64`). Squaring the
-matrix squares its condition number, but in float64 that leaves singular values down to about
-1e-7 of the largest resolved, far below what a weight matrix's top-k matching can see; when a
-matrix has smaller singular values the exact float64 SVD runs instead (`svd64`). Tests compare
-both with numpy's LAPACK SVD.
+Exact path (`full_spectrum`, `top_spectrum`): eigendecomposition of the smaller Gram matrix in
+float64. Squaring the matrix squares its condition number, but in float64 that leaves singular
+values down to about 1e-7 of the largest resolved, far below what a weight matrix's top-k
+matching can see; when a matrix has smaller singular values the exact float64 SVD runs instead.
+Tests compare both with numpy's LAPACK SVD.
+
+Fast path (`partial.eig_top`): only the top eigenpairs, each with a certified angle bound; the
+engine matches with them and falls back to the exact path whenever a bound cannot prove that
+the result equals the exact one (see intruder/spectral/certify.py).
 """
 
 from __future__ import annotations
@@ -14,18 +18,41 @@ from typing import Optional
 
 import torch
 
-# Below this ratio to sigma_max a Gram-derived singular vector is not trustworthy: fall back.
-GRAM_RCOND = 1e-7
+from .partial import GRAM_RCOND, Eig, derive_other, eig_full, gram_side  # noqa: F401
 
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Thin SVD pieces of one matrix W (m, n); r = number of columns kept."""
+    """Thin SVD pieces of one matrix W (m, n); r = number of triplets kept."""
 
     sigma: torch.Tensor  # (r,) float64, descending
     u: Optional[torch.Tensor]  # (m, r) float64 left singular vectors (None if not asked)
     v: Optional[torch.Tensor]  # (n, r) float64 right singular vectors (None if not asked)
     method: str
+    complete: bool = True  # every min(m, n) triplet is here (else only the top r)
+    rest: float = 0.0  # every singular value not kept is <= rest
+    err_u: Optional[torch.Tensor] = None  # (r,) CPU: bound on sin(angle) of each u to the exact
+    err_v: Optional[torch.Tensor] = None  # (r,) CPU: same for v
+
+
+def spectrum_of(w: torch.Tensor, e: Eig, left: bool, right: bool,
+                upto: Optional[int] = None) -> Spectrum:
+    """Spectrum (u and/or v as asked) of W from the eigenpairs of one of its Gram matrices."""
+    r = e.r if upto is None else min(upto, e.r)
+    sigma = e.vals[:r].clamp_min(0).sqrt()  # (r,)
+    u = v = eu = ev = None
+    need_other = (left and e.side == "right") or (right and e.side == "left")
+    other, e_other = derive_other(w, e, r) if need_other else (None, None)
+    own, e_own = e.vecs[:, :r], e.err[:r]
+    if left:
+        u, eu = (own, e_own) if e.side == "left" else (other, e_other)
+    if right:
+        v, ev = (own, e_own) if e.side == "right" else (other, e_other)
+    if r < e.r:  # the next kept eigenvalue bounds every one left out
+        rest = float(e.vals[r].clamp_min(0).sqrt())
+    else:
+        rest = 0.0 if e.complete else max(e.rest, 0.0) ** 0.5
+    return Spectrum(sigma, u, v, e.method, e.complete and r == e.r, rest, eu, ev)
 
 
 def full_spectrum(w: torch.Tensor, left: bool = True, right: bool = False,
@@ -34,21 +61,14 @@ def full_spectrum(w: torch.Tensor, left: bool = True, right: bool = False,
     w = w.to(torch.float64)  # (m, n)
     if method == "svd64":
         return _svd64(w, left, right)
-    sigma, u, v = _gram_eigh(w, None, left, right)
-    if sigma.numel() and sigma[-1] < GRAM_RCOND * sigma[0]:
-        return _svd64(w, left, right)
-    return Spectrum(sigma, u, v, "gram64")
+    return spectrum_of(w, eig_full(w), left, right)
 
 
 def top_spectrum(w: torch.Tensor, k: int, left: bool = True, right: bool = False) -> Spectrum:
-    """The top-k singular triplets of w, in float64."""
+    """The top-k singular triplets of w, in float64 (exact path)."""
     w = w.to(torch.float64)  # (m, n)
-    sigma, u, v = _gram_eigh(w, k, left, right)
-    if sigma.numel() and sigma[-1] < GRAM_RCOND * sigma[0]:
-        s = _svd64(w, left, right)
-        return Spectrum(s.sigma[:k], None if s.u is None else s.u[:, :k],
-                        None if s.v is None else s.v[:, :k], s.method)
-    return Spectrum(sigma, u, v, "gram64")
+    s = spectrum_of(w, eig_full(w, check_upto=k), left, right, upto=k)
+    return Spectrum(s.sigma, s.u, s.v, s.method)
 
 
 def _svd64(w: torch.Tensor, left: bool, right: bool) -> Spectrum:
@@ -56,49 +76,37 @@ def _svd64(w: torch.Tensor, left: bool, right: bool) -> Spectrum:
     return Spectrum(s, u if left else None, vh.mT if right else None, "svd64")
 
 
-def _gram_eigh(w: torch.Tensor, k: Optional[int], left: bool, right: bool):
-    """Eigen-decompose the smaller Gram matrix; derive the other side by one product."""
-    m, n = w.shape
-    if m <= n:
-        g = w @ w.mT  # (m, m) = U S^2 U^T
-        evals, evecs = torch.linalg.eigh(g)  # ascending
-        evals, evecs = evals.flip(0), evecs.flip(1)  # descending
-        if k is not None:
-            evals, evecs = evals[:k], evecs[:, :k]
-        sigma = evals.clamp_min(0).sqrt()  # (r,)
-        u = evecs  # (m, r)
-        v = None
-        if right:
-            v = (w.mT @ u) / sigma.clamp_min(torch.finfo(w.dtype).tiny)  # (n, r) = W^T U S^-1
-        return sigma, (u if left else None), v
-    g = w.mT @ w  # (n, n) = V S^2 V^T
-    evals, evecs = torch.linalg.eigh(g)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    if k is not None:
-        evals, evecs = evals[:k], evecs[:, :k]
-    sigma = evals.clamp_min(0).sqrt()
-    v = evecs  # (n, r)
-    u = None
-    if left:
-        u = (w @ v) / sigma.clamp_min(torch.finfo(w.dtype).tiny)  # (m, r) = W V S^-1
-    return sigma, u, (v if right else None)
-
-
-def spectral_norm(d: torch.Tensor, iters: int = 30, seed: int = 0) -> float:
-    """||d||_2 by power iteration on d^T d (float64); a lower bound that converges from below."""
+def spectral_norm(d: torch.Tensor, iters: int = 30, seed: int = 0, block: int = 4,
+                  rtol: float = 1e-13) -> float:
+    """||d||_2 (float64) by block Lanczos on d^T d: Rayleigh-Ritz on the Krylov space
+    [X, (d^T d) X, ...] of a random block, grown until the top Ritz value changes by less than
+    rtol (at most `iters` blocks). Ritz values bound from below, so the estimate converges from
+    below; a few blocks resolve it where power iteration needs dozens of passes over d."""
     d = d.to(torch.float64)  # (m, n)
     if d.numel() == 0:
         return 0.0
+    n = d.shape[1]
+    b = max(1, min(block, n))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(d.shape[1], generator=gen, dtype=torch.float64).to(d.device)  # (n,)
-    x /= x.norm()
+    x, _ = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=torch.float64).to(d.device))
+    qs, ys = [], []
     est = 0.0
-    for _ in range(iters):
-        y = d @ x  # (m,)
-        z = d.mT @ y  # (n,)
-        nz = z.norm()
-        if nz == 0:
-            return 0.0
-        x = z / nz
-        est = float((d @ x).norm())
+    for _ in range(max(1, iters)):
+        y = d @ x  # (m, b)
+        qs.append(x)
+        ys.append(y)
+        ym = torch.cat(ys, dim=1)  # (m, b j) = d Q
+        top = float(torch.linalg.eigvalsh((ym.mT @ ym).cpu())[-1])  # Ritz value of d^T d on span Q
+        new = max(top, 0.0) ** 0.5
+        if new == 0.0 or abs(new - est) <= rtol * new:
+            return max(new, est)
+        est = max(new, est)
+        if sum(q.shape[1] for q in qs) + b > n:
+            return est
+        z = d.mT @ y  # (n, b)
+        qm = torch.cat(qs, dim=1)  # (n, b j)
+        for _ in range(2):  # block Gram-Schmidt, twice; a deflated block is rounding noise,
+            z = z - qm @ (qm.mT @ z)  # normalised by QR: project it out again after
+            z, _ = torch.linalg.qr(z)
+        x = z
     return est

@@ -1,14 +1,16 @@
-"""The scan engine: stream layer pairs from disk, decompose on the device, match, summarise.
+"""The scan engine: decompose each pair on its device, match, summarise.
 
-Reading and merging the next pairs (CPU, a background thread) overlaps with the decomposition of
-the current one (device); at most `lookahead` pairs are held in memory, so peak host memory
-depends on the largest layer, not on the model.
+`analyse` runs Algorithm 1 on one pair: the base's top eigenpairs (certified, or all of them),
+the tuned top-k (certified, warm-started from the base's), the matching, and a proof that the
+kept base vectors give the same answer as all of them (certify.py), widening or completing the
+base when they might not. `scan_pairs` streams a whole checkpoint through it (stream.py: parallel
+readers, CUDA streams, several GPUs; multi.py: torchrun).
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
@@ -16,8 +18,15 @@ import torch
 
 from ..errors import IntruderError, NonFiniteError
 from ..types import Intruder, LayerPair, LayerResult, ScanConfig
-from .decompose import Spectrum, full_spectrum, spectral_norm, top_spectrum
+from .certify import certify_side
+from .decompose import Spectrum, spectral_norm, spectrum_of
 from .match import counts_by_epsilon, match_vectors
+from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
+
+# Gram sizes up to these take the exact path outright (measured: bench/NOTES.md)
+EXACT_DIM_CUDA = 256
+EXACT_DIM_CPU = 256
+BASE_R0 = 32  # base eigenpairs kept at first; doubled while the certificate asks for more
 
 
 @dataclass
@@ -76,20 +85,108 @@ def load_pair(pair: LayerPair, read: Callable, allow_nonfinite: bool) -> Loaded:
     return Loaded(pair, w0, wt, "scanned", pair.base.dtype)
 
 
+def exact_dim(device) -> int:
+    """Largest Gram size that takes the exact path outright (full eigh is cheap there)."""
+    import os
+
+    env = os.environ.get("INTRUDER_EXACT_DIM")
+    if env:
+        return int(env)
+    return EXACT_DIM_CUDA if torch.device(device).type == "cuda" else EXACT_DIM_CPU
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8", "replace"))
+
+
+def _as_eig(spec, w0: torch.Tensor) -> Optional[Eig]:
+    """A cached / passed base spectrum as Eig on w0's device (None when unusable)."""
+    if spec is None:
+        return None
+    if isinstance(spec, Eig):
+        if spec.side != gram_side(w0.shape) or spec.vecs.shape[0] != min(w0.shape):
+            return None
+        return spec.to(w0.device)
+    if isinstance(spec, Spectrum) and spec.complete:  # a full spectrum from elsewhere
+        side = gram_side(w0.shape)
+        vecs = spec.u if side == "left" else spec.v
+        if vecs is None:
+            return None
+        other = spec.v if side == "left" else spec.u
+        return Eig(spec.sigma.square().to(w0.device), vecs.to(w0.device),
+                   torch.zeros(spec.sigma.numel(), dtype=torch.float64), 0.0, True, side,
+                   spec.method, None if other is None else other.to(w0.device))
+    return None
+
+
+def base_eig(w0: torch.Tensor, want: int, start: Optional[torch.Tensor] = None,
+             seed: int = 0, fast: bool = True) -> Eig:
+    """Top-`want` certified base eigenpairs (fast path) or the complete exact spectrum."""
+    side = gram_side(w0.shape)
+    if fast:
+        g = gram(w0, side)  # (d, d)
+        if g.device.type == "cpu":  # LAPACK on an index range beats iterating on a CPU
+            e = eig_top_lapack(g, want, eps_g=gram_error(w0, g), side=side)
+        else:
+            e = eig_top(g, want, start=start, seed=seed, eps_g=gram_error(w0, g), side=side)
+        del g
+        if e is not None:
+            return e
+    return eig_full(w0, side)
+
+
+def tuned_eig(wt: torch.Tensor, k: int, start: Optional[torch.Tensor] = None,
+              seed: int = 0, fast: bool = True) -> Eig:
+    """Certified top-k tuned eigenpairs, warm-started from the base's top vectors; exact
+    fallback (top-k of the full decomposition)."""
+    side = gram_side(wt.shape)
+    if fast:
+        g = gram(wt, side)  # (d, d)
+        e = eig_top(g, k, start=start, seed=seed + 1, eps_g=gram_error(wt, g), side=side)
+        del g
+        if e is not None:
+            return e
+    full = eig_full(wt, side, check_upto=k)
+    return Eig(full.vals[:k], full.vecs[:, :k], full.err[:k], float(full.vals[k]) if
+               full.r > k else 0.0, full.r <= k, side, full.method,
+               None if full.other is None else full.other[:, :k])
+
+
 def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = "",
-            base_spec: Optional[Spectrum] = None) -> Tuple[dict, Spectrum]:
+            base_spec=None) -> Tuple[dict, Eig]:
     """Algorithm 1 plus caveat measures on one pair already on its device. Returns (fields,
-    base spectrum) where fields are LayerResult keyword arguments."""
+    base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
+    Eig, what the base cache stores) can be passed back as base_spec for the same base."""
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
     k = min(config.top_k, min(w0.shape))
     left = config.vectors in ("left", "both")
     right = config.vectors in ("right", "both")
-    b = base_spec if base_spec is not None else full_spectrum(w0, left=left, right=right)
-    t = top_spectrum(wt, k, left=left, right=right)
+    dim = min(w0.shape)
+    fast = dim > exact_dim(w0.device)
     top_r = 2 * k
-    ml = match_vectors(t.u, t.sigma, b.u, b.sigma, config.near_window, top_r) if left else None
-    mr = match_vectors(t.v, t.sigma, b.v, b.sigma, config.near_window, top_r) if right else None
+    seed = _seed(name)
+    be = _as_eig(base_spec, w0)
+    want = max(BASE_R0, top_r, k + 5)
+    if be is None:
+        be = base_eig(w0, want, seed=seed, fast=fast)
+    te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast)
+    t = spectrum_of(wt, te, left, right, upto=k)
+    while True:
+        b = spectrum_of(w0, be, left, right)
+        ml = match_vectors(t.u, t.sigma, b.u, b.sigma, config.near_window, top_r) if left else None
+        mr = match_vectors(t.v, t.sigma, b.v, b.sigma, config.near_window, top_r) if right else None
+        why = ""
+        for on, tv, terr, bv, berr in ((left, t.u, t.err_u, b.u, b.err_u),
+                                       (right, t.v, t.err_v, b.v, b.err_v)):
+            if on and not why:
+                why = certify_side(tv, t.sigma, terr, bv, berr, b.rest, b.complete, dim,
+                                   config.near_window, top_r, k)
+        if not why:
+            break
+        want = 2 * be.r  # widen the kept base spectrum, then complete it
+        widen = not why.startswith("full") and 2 * (want + want // 2) < dim
+        be = base_eig(w0, want, start=be.vecs, seed=seed, fast=fast and widen)
     # decision vector: left, right, or both sides below epsilon (the component u v^T is new)
     if config.vectors == "both":
         decide = torch.maximum(ml.max_cos, mr.max_cos)
@@ -126,60 +223,73 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         intruder_energy=energy,
         delta_norm_rel=dnorm / sig_k if sig_k > 0 else float("inf"),
         delta_fro_rel=float(d.norm() / w0.norm()) if float(w0.norm()) > 0 else float("inf"),
-        method=f"{b.method}/{t.method}",
+        method=_method(be, te),
     )
     from .margin import margin_fields  # margin + update-shape measures (issue 9), extra pairs
 
     fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
         b, t, w0, wt, d, k, decide, eps, dnorm, left=left)
-    return fields, b
+    return fields, be
+
+
+def _method(be: Eig, te: Eig) -> str:
+    base = be.method if be.complete else f"{be.method}[top {be.r}]"
+    return f"{base}/{te.method}"
 
 
 def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
                progress: bool = False, lookahead: int = 2,
                base_cache=None) -> Iterator[LayerResult]:
-    """Yield one LayerResult per pair, in order, overlapping disk reads with device compute."""
-    device = resolve_device(config.device)
+    """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
+    CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
+    torchrun each rank scans a share and every rank yields all results."""
+    from . import multi
+    from .stream import Pipeline
+
     pairs = list(pairs)
-    bar = _bar(len(pairs), progress)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="intruder-read") as pool:
-        futures: List = []
-        it = iter(pairs)
-
-        def submit_next():
-            p = next(it, None)
-            if p is not None:
-                futures.append(pool.submit(load_pair, p, read, config.allow_nonfinite))
-
-        for _ in range(max(1, lookahead)):
-            submit_next()
-        while futures:
-            fut = futures.pop(0)
-            loaded = fut.result()
-            submit_next()
-            t0 = time.perf_counter()
-            yield _result(loaded, config, device, base_cache, t0)
+    ctx = multi.dist_context()
+    if ctx is None:
+        devices = multi.resolve_devices(config.device)
+        bar = _bar(len(pairs), progress)
+        try:
+            for res in Pipeline(pairs, read, config, devices, base_cache):
+                if bar is not None:
+                    bar.update(1)
+                yield res
+        finally:
+            if bar is not None:
+                bar.close()
+            if base_cache is not None:
+                base_cache.flush()
+        return
+    rank, world, local = ctx
+    multi.init_group()
+    devices = multi.rank_devices(config.device, local)
+    mine = multi.shard([tuple(p.base.shape) for p in pairs], world)[rank]
+    bar = _bar(len(mine), progress and rank == 0)
+    local_out = []
+    try:
+        for i, res in zip(mine, Pipeline([pairs[i] for i in mine], read, config, devices,
+                                         base_cache)):
+            local_out.append((i, res))
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
-
-
-def _result(loaded: Loaded, config: ScanConfig, device, base_cache, t0) -> LayerResult:
-    p = loaded.pair
-    shape = tuple(p.base.shape)
-    if loaded.status != "scanned":
-        return LayerResult(name=p.name, shape=shape, dtype=loaded.dtype, status=loaded.status)
-    w0 = loaded.w0.to(device)
-    wt = loaded.wt.to(device)
-    spec = base_cache.get(p, loaded.w0, config) if base_cache is not None else None
-    fields, spec_used = analyse(w0, wt, config, p.name, base_spec=spec)
-    if base_cache is not None and spec is None:
-        base_cache.put(p, loaded.w0, config, spec_used)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return LayerResult(name=p.name, shape=shape, dtype=loaded.dtype, status="scanned",
-                       seconds=time.perf_counter() - t0, **fields)
+    except IntruderError as exc:  # every rank must reach the gather; raised below, in order
+        local_out.append((mine[len(local_out)], exc))
+    finally:
+        if bar is not None:
+            bar.close()
+        if base_cache is not None:
+            base_cache.flush()
+    merged = dict(multi.all_gather(local_out, world))
+    multi.done_group()
+    for i in range(len(pairs)):
+        if i not in merged:  # a rank stopped at an earlier error
+            continue
+        res = merged[i]
+        if isinstance(res, BaseException):
+            raise res
+        yield res
 
 
 def _bar(total: int, enabled: bool):

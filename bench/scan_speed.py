@@ -1,0 +1,274 @@
+"""Side-by-side speed of intruder detection on real model shapes, in one run on one machine.
+
+  (a) reference: the paper's code path (per matrix: two full float32 torch.linalg.svd and
+      |U_t^T U_b|), timed on the first --ref-layers layers and scaled per matrix shape to the
+      whole model (stated in the output);
+  (b) PEFT reduce_intruder_dimension (detect + mitigate) on the first --peft-layers layers, scaled
+      the same way;
+  (c) `intruder scan` cold: whole process wall time (Python start, reading every file, all
+      matrices), empty base spectral cache;
+  (d) `intruder scan` warm: the same command again, base spectra from the cache;
+  and, where several GPUs are visible, (c) on all of them in one process and under torchrun.
+Decisions of (c) are compared with (a) on the reference layers, and max|cos| with the float64
+exact engine (full Gram eigendecomposition, the path tests hold to numpy's LAPACK).
+
+    python bench/scan_speed.py --model 7b                 # one H200: Llama-2-7B shapes
+    python bench/scan_speed.py --model 70b --layers 2     # 70B subset, full model extrapolated
+    OMP_NUM_THREADS=2 python bench/scan_speed.py --model 135m --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from synth_models import MODELS, build, shapes  # noqa: E402
+
+
+def run(cmd, env=None, rss=False, quiet=True):
+    """Wall seconds (and peak RSS bytes) of one child process."""
+    e = dict(os.environ)
+    e.update(env or {})
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    rss_file = None
+    if rss:
+        rss_file = os.path.join(e.get("TMPDIR", "/tmp"), f"rss-{os.getpid()}-{time.time_ns()}")
+        e["INTRUDER_BENCH_RSS"] = rss_file
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=e, stdout=subprocess.DEVNULL if quiet else None,
+                       stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode not in (0, 3, 4):
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    peak = None
+    if rss_file and os.path.exists(rss_file):
+        with open(rss_file) as fh:
+            peak = int(fh.read())
+        os.unlink(rss_file)
+    return wall, peak
+
+
+def scan_cmd(work, out, cache, device, extra=()):
+    return [sys.executable, os.path.join(HERE, "_child.py"), "scan", os.path.join(work, "base"),
+            os.path.join(work, "tuned"), "-q", "-o", out, "--cache-dir", cache,
+            "--device", device, *extra]
+
+
+def load(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def layers_of(report):
+    return {l["name"]: l for l in report["layers"] if l.get("status") == "scanned"}
+
+
+def compare(a, b):
+    """(max |max_cos difference|, number of matrices whose top-k decisions at 0.5 differ)."""
+    err, diff = 0.0, 0
+    for name, la in a.items():
+        lb = b.get(name)
+        if lb is None:
+            continue
+        ca, cb = la["max_cos"], lb["max_cos"]
+        err = max(err, max(abs(x - y) for x, y in zip(ca, cb)))
+        if [x < 0.5 for x in ca] != [y < 0.5 for y in cb]:
+            diff += 1
+    return err, diff
+
+
+def extrapolate(per_name, model, n_layers):
+    """Per-shape mean seconds from the timed matrices, times each shape's count in the model."""
+    by_shape = {}
+    for r in per_name.values():
+        by_shape.setdefault(tuple(r["shape"]), []).append(r["seconds"])
+    total = 0.0
+    for _, shp in shapes(model):
+        ts = by_shape.get(tuple(shp))
+        if not ts:
+            return None
+        total += sum(ts) / len(ts) * n_layers
+    return total
+
+
+def machine(device):
+    if device.startswith("cuda"):
+        try:
+            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True).stdout.strip().splitlines()
+            return f"{len(name)} x {name[0]}, {os.cpu_count()} CPU cores"
+        except (OSError, IndexError):
+            return "CUDA GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), required=True)
+    ap.add_argument("--layers", type=int, default=0, help="layers to generate (0: the model's)")
+    ap.add_argument("--ref-layers", type=int, default=1)
+    ap.add_argument("--peft-layers", type=int, default=1, help="0 skips PEFT")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--multi-gpu", action="store_true", help="also time all GPUs / torchrun")
+    ap.add_argument("--repeat", type=int, default=1, help="repeat (c) and (d)")
+    ap.add_argument("--keep", action="store_true", help="keep generated checkpoints")
+    a = ap.parse_args()
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    n_model = MODELS[a.model][0]
+    n_gen = a.layers or n_model
+    work = a.workdir or os.path.join("/tmp", f"intruder-bench-{a.model}")
+    load_avg = os.getloadavg()
+    t_gen = time.perf_counter()
+    if not os.path.exists(os.path.join(work, "bench_meta.json")):
+        build(a.model, work, n_gen, "cuda" if cuda else "cpu")
+    t_gen = time.perf_counter() - t_gen
+    meta = load(os.path.join(work, "bench_meta.json"))
+    names = [m["name"] for m in meta["matrices"]]
+    ref_names = [n for n in names if int(n.split(".")[2]) < a.ref_layers]
+    rows, notes = [], []
+    scale = n_model / n_gen  # whole-model extrapolation factor for (c)/(d) on a subset
+    single = {"CUDA_VISIBLE_DEVICES": "0"} if cuda else {}
+
+    # (a) the paper's algorithm
+    ref_json = os.path.join(work, "ref.json")
+    w, _ = run([sys.executable, os.path.join(HERE, "reference_algo.py"), os.path.join(work, "base"),
+                os.path.join(work, "tuned"), "--names", ",".join(ref_names), "--device",
+                "cuda" if cuda else "cpu", "--json", ref_json], env=single)
+    ref = load(ref_json)["results"]
+    t_a = extrapolate(ref, a.model, n_model)
+    startup_a = w - sum(r["seconds"] for r in ref.values())
+    t_a_full = t_a + startup_a
+    notes.append(f"(a) timed on {len(ref)} matrices (first {a.ref_layers} layer(s)), per-shape mean "
+                 f"x {n_model} layers, plus its measured process start + load "
+                 f"({startup_a:.1f} s)")
+    rows.append(("(a) paper's algorithm, 2 full fp32 SVD/matrix", t_a_full, "extrapolated"))
+
+    # (b) PEFT
+    if a.peft_layers:
+        pj = os.path.join(work, "peft.json")
+        try:
+            run([sys.executable, os.path.join(HERE, "peft_run.py"), work, "--model", a.model,
+                 "--layers", str(a.peft_layers), "--device", "cuda" if cuda else "cpu",
+                 "--json", pj], env=single)
+            pr = load(pj)
+            per = pr["seconds"] / max(pr["matrices"], 1)
+            # scale per matrix by the reference's shape mix on the same layers
+            ref_first = sum(r["seconds"] for r in ref.values())
+            t_b = pr["seconds"] / ref_first * t_a if ref_first else per * len(names) * scale
+            rows.append(("(b) PEFT reduce_intruder_dimension", t_b, "extrapolated"))
+            notes.append(f"(b) timed on {pr['matrices']} matrices ({a.peft_layers} layer(s), "
+                         f"{pr['seconds']:.1f} s; detect + mitigate, as PEFT does both), scaled "
+                         f"by (a)'s shape mix; intruders on those layers: "
+                         f"{sum(pr['intruders'].values())} (PEFT) vs "
+                         f"{sum(r['intruders'] for r in ref.values())} (a)")
+        except SystemExit as exc:
+            notes.append(f"(b) PEFT could not run: {str(exc).splitlines()[-1][:200]}")
+
+    # (c) cold, (d) warm
+    cache = os.path.join(work, "cache")
+    out_c = os.path.join(work, "scan-cold.json")
+    out_d = os.path.join(work, "scan-warm.json")
+    colds, warms, rss = [], [], []
+    for _ in range(a.repeat):
+        shutil.rmtree(cache, ignore_errors=True)
+        wc, rc = run(scan_cmd(work, out_c, cache, "cuda" if cuda else "cpu"), env=single, rss=True)
+        wd, rd = run(scan_cmd(work, out_d, cache, "cuda" if cuda else "cpu"), env=single, rss=True)
+        colds.append(wc)
+        warms.append(wd)
+        rss += [rc, rd]
+    t_c, t_d = min(colds), min(warms)
+    tag = "" if scale == 1 else f" ({n_gen} of {n_model} layers)"
+    rows.append((f"(c) intruder scan, cold cache{tag}", t_c, "measured"))
+    rows.append((f"(d) intruder scan, warm cache{tag}", t_d, "measured"))
+    if scale != 1:
+        rows.append(("(c) cold, whole model", t_c * scale, "extrapolated x layers"))
+        rows.append(("(d) warm, whole model", t_d * scale, "extrapolated x layers"))
+    cold, warm = layers_of(load(out_c)), layers_of(load(out_d))
+    ref_l = {n: {"max_cos": r["max_cos"]} for n, r in ref.items()}
+    err_a, diff_a = compare(ref_l, cold)
+    err_cd, diff_cd = compare(cold, warm)
+    identical = all(cold[n]["max_cos"] == warm[n]["max_cos"] for n in cold)
+    methods = {}
+    for l in cold.values():
+        methods[l["method"]] = methods.get(l["method"], 0) + 1
+    intr = sum(len(l["intruders"]) for l in cold.values())
+
+    # exact float64 engine on the reference layers (the path tests hold to LAPACK)
+    exact_out = os.path.join(work, "scan-exact.json")
+    inc = "|".join(n.replace(".", r"\.") for n in ref_names)
+    run(scan_cmd(work, exact_out, os.path.join(work, "cache-exact"), "cuda" if cuda else "cpu",
+                 ["--no-cache", "--include", f"^({inc})$", "--exclude", f"^(?!({inc})$)"]),
+        env={**single, "INTRUDER_EXACT_DIM": "1000000"})
+    exact = layers_of(load(exact_out))
+    err_x, diff_x = compare(exact, cold)
+
+    multi = []
+    if a.multi_gpu and cuda and torch.cuda.device_count() >= 2:
+        ng = torch.cuda.device_count()
+        out_m = os.path.join(work, "scan-multi.json")
+        shutil.rmtree(cache + "-m", ignore_errors=True)
+        wm, _ = run(scan_cmd(work, out_m, cache + "-m", "cuda"), rss=True)
+        rows.append((f"(c) cold, {ng} GPUs in one process", wm, "measured"))
+        multi.append(("in-process", wm, compare(cold, layers_of(load(out_m)))))
+        out_t = os.path.join(work, "scan-torchrun.json")
+        shutil.rmtree(cache + "-t", ignore_errors=True)
+        tr = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              f"--nproc-per-node={ng}", os.path.join(HERE, "_child.py")] + \
+            scan_cmd(work, out_t, cache + "-t", "cuda")[3:]
+        wt, _ = run(tr, env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
+        rows.append((f"(c) cold, torchrun {ng} ranks", wt, "measured"))
+        multi.append(("torchrun", wt, compare(cold, layers_of(load(out_t)))))
+
+    # table
+    lines = [f"| run | seconds | (a) / run | how |", "|---|---:|---:|---|"]
+    for name, secs, how in rows:
+        lines.append(f"| {name} | {secs:.1f} | {t_a_full / secs:.1f}x | {how} |")
+    peak = max(x for x in rss if x) if any(rss) else None
+    checks = [
+        f"decisions (c) vs (a) on {len(ref_l)} reference matrices: {diff_a} differ; "
+        f"max |max_cos (c) - (a)| = {err_a:.1e} ((a) is float32 SVD)",
+        f"max_cos (c) vs float64 exact engine on those matrices: max err {err_x:.1e}, "
+        f"{diff_x} decisions differ",
+        f"warm (d) reproduces cold (c): {'bit for bit' if identical else f'max diff {err_cd:.1e}'}"
+        f", {diff_cd} decisions differ",
+        f"intruders found by (c) at epsilon 0.5: {intr} in {sum(1 for l in cold.values() if l['intruders'])}"
+        f" of {len(cold)} matrices; methods: {methods}",
+        f"peak host RSS of intruder scan (ru_maxrss): {peak / 2**30:.2f} GiB" if peak else
+        "peak RSS: not measured",
+    ]
+    for label, secs, (err, diff) in multi:
+        checks.append(f"{label}: {t_c / secs:.2f}x over one GPU, max_cos diff vs one GPU {err:.1e}, "
+                      f"{diff} decisions differ")
+    if not cuda:
+        checks.append(f"load average before the run: {load_avg[0]:.2f} {load_avg[1]:.2f} "
+                      f"{load_avg[2]:.2f} (CPU shared with others)")
+    checks.append(f"checkpoint generation (not timed above): {t_gen:.0f} s")
+    text = "\n".join(lines + [""] + [f"- {c}" for c in checks + notes])
+    print(text)
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    with open(a.results, "a") as fh:
+        fh.write(f"\n## {a.model} shapes, {stamp}\n\nmachine: {machine(device)}  \n"
+                 f"command: `{cmd}`\n\n{text}\n")
+    if not a.keep and not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

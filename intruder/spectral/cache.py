@@ -1,0 +1,326 @@
+"""Base spectral cache: decompose a base model once, audit any number of its fine-tunes.
+
+Key: sha256 of the base tensor's stored bytes + dtype + shape (its content, not its path: the
+same base in two directories shares entries, and any change of a single weight is a miss).
+Hashing 13 GB costs seconds, so a small index remembers, per file, the content key of each tensor
+together with the file's identity (device, inode, size, mtime and ctime in ns). A file that is
+rewritten, replaced or touched gets a new identity and is hashed again; ctime cannot be set back
+by tools that preserve mtime. As in git's index, a file modified within 2 s of being hashed is
+not remembered (timestamps can be that coarse).
+
+Entries are safetensors files (no pickle): the certified top eigenpairs of the base's smaller Gram
+matrix (or all of them) as the engine computed them, so a warm scan reproduces a cold one bit
+for bit. A later scan that needs more of the base spectrum widens the entry. Writes are atomic
+(temporary file + rename); an unreadable or inconsistent entry is ignored and rewritten. The
+cache keeps itself under INTRUDER_CACHE_MAX_GB (default 20) by evicting the least recently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..types import TensorRef
+
+FORMAT = "intruder-base-spectrum"
+VERSION = "1"
+SPECTRA = f"spectra-v{VERSION}"
+INDEX = f"files-v{VERSION}"
+RACY_NS = 2_000_000_000
+DEFAULT_MAX_GB = 20.0
+
+
+def default_cache_dir() -> str:
+    """$INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder, else ~/.cache/intruder."""
+    env = os.environ.get("INTRUDER_CACHE_DIR")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "intruder")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Temporary sibling + rename: readers see the old file or the whole new one, never a part."""
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _identity(path: str):
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class BaseCache:
+    """Content-keyed store of base spectra (intruder.spectral.partial.Eig) under `root`."""
+
+    def __init__(self, root: str, max_bytes: Optional[int] = None):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        env = os.environ.get("INTRUDER_CACHE_MAX_GB")
+        self.max_bytes = max_bytes or int(float(env or DEFAULT_MAX_GB) * 2 ** 30)
+        self.lock = threading.Lock()
+        self.index: Dict[str, dict] = {}  # real path -> {"identity": [...], "tensors": {...}}
+        self.hits = self.misses = self.stores = 0
+        self._writes: "queue.Queue" = queue.Queue()
+        self._writer: Optional[threading.Thread] = None
+        self._errors: List[str] = []
+
+    # -- content keys ------------------------------------------------------------------------
+    def _index_path(self, real: str) -> str:
+        return os.path.join(self.root, INDEX, hashlib.sha256(real.encode()).hexdigest()[:40] + ".json")
+
+    def _file_index(self, path: str) -> dict:
+        real = os.path.realpath(path)
+        with self.lock:
+            doc = self.index.get(real)
+        ident = _identity(real)
+        if doc is None or doc.get("identity") != ident:
+            doc = {"path": real, "identity": ident, "tensors": {}}
+            try:
+                with open(self._index_path(real), "r", encoding="utf-8") as fh:
+                    disk = json.load(fh)
+                if isinstance(disk, dict) and disk.get("identity") == ident and \
+                        isinstance(disk.get("tensors"), dict):
+                    doc = disk
+            except (OSError, ValueError):
+                pass
+            with self.lock:
+                self.index[real] = doc
+        return doc
+
+    def known_key(self, ref: TensorRef) -> Optional[str]:
+        """The content key recorded for ref's tensor if its file is unchanged since, else None."""
+        try:
+            doc = self._file_index(ref.path)
+        except OSError:
+            return None
+        rec = doc["tensors"].get(ref.name)
+        if isinstance(rec, list) and len(rec) == 3 and rec[0] == ref.dtype and \
+                rec[1] == list(ref.shape) and isinstance(rec[2], str):
+            return rec[2]
+        return None
+
+    def remember_key(self, ref: TensorRef, key: str) -> None:
+        try:
+            doc = self._file_index(ref.path)
+        except OSError:
+            return
+        if time.time_ns() - doc["identity"][3] < RACY_NS:
+            return  # modified just now: the same mtime could hide a second change
+        with self.lock:
+            doc["tensors"][ref.name] = [ref.dtype, list(ref.shape), key]
+            data = json.dumps(doc).encode()
+        try:
+            _atomic_write(self._index_path(doc["path"]), data)
+        except OSError as exc:
+            self._note(f"cannot write the cache index in {self.root} ({exc.strerror})")
+
+    # -- entries -----------------------------------------------------------------------------
+    def _entry_path(self, key: str) -> str:
+        return os.path.join(self.root, SPECTRA, key + ".safetensors")
+
+    def load(self, key: str):
+        """The cached base spectrum (CPU) for a content key, or None."""
+        from safetensors import safe_open
+
+        from .partial import Eig
+
+        path = self._entry_path(key)
+        if not os.path.exists(path):
+            self.misses += 1
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("version") != VERSION or \
+                        meta.get("key") != key:
+                    raise ValueError("not an entry of this cache version")
+                t = {name: f.get_tensor(name) for name in f.keys()}
+            vals, vecs, err = t["vals"], t["vecs"], t["err"]
+            r = vals.numel()
+            if vecs.dim() != 2 or vecs.shape[1] != r or err.numel() != r or \
+                    meta["side"] not in ("left", "right"):
+                raise ValueError("inconsistent shapes")
+            other = t.get("other")
+            e = Eig(vals.double(), vecs.double(), err.double(), float(meta["rest"]),
+                    meta["complete"] == "1", meta["side"], meta["method"],
+                    None if other is None else other.double())
+            os.utime(path)  # least recently used eviction
+        except Exception:  # a damaged entry is a miss; the scan rewrites it
+            self.misses += 1
+            return None
+        self.hits += 1
+        return e
+
+    def store(self, key: str, eig, ref: Optional[TensorRef] = None, wait: bool = False) -> None:
+        """Write an entry (in a background thread; flush() waits for the writes)."""
+        cpu = eig.to("cpu")
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "side": cpu.side,
+                "method": cpu.method, "complete": "1" if cpu.complete else "0",
+                "rest": repr(float(cpu.rest)), "created": str(int(time.time())),
+                "tensor": ref.name if ref else "", "source": os.path.realpath(ref.path) if ref else "",
+                "shape": json.dumps(list(ref.shape)) if ref else "", "dtype": ref.dtype if ref else ""}
+        tensors = {"vals": cpu.vals.contiguous(), "vecs": cpu.vecs.contiguous(),
+                   "err": cpu.err.contiguous()}
+        if cpu.other is not None:
+            tensors["other"] = cpu.other.contiguous()
+        if wait:
+            self._write(key, tensors, meta)
+            return
+        with self.lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_loop, name="intruder-cache",
+                                                daemon=True)
+                self._writer.start()
+        self._writes.put((key, tensors, meta))
+
+    def _write_loop(self):
+        while True:
+            item = self._writes.get()
+            try:
+                self._write(*item)
+            finally:
+                self._writes.task_done()
+
+    def _write(self, key, tensors, meta) -> None:
+        from safetensors.torch import save
+
+        try:
+            _atomic_write(self._entry_path(key), save(tensors, metadata=meta))
+            self.stores += 1
+        except OSError as exc:
+            self._note(f"cannot write the base spectral cache in {self.root} ({exc.strerror})")
+            return
+        self.trim()
+
+    def _note(self, msg: str) -> None:
+        if msg not in self._errors:
+            self._errors.append(msg)
+
+    def flush(self) -> List[str]:
+        """Wait for pending writes; return warnings about writes that failed."""
+        if self._writer is not None:
+            self._writes.join()
+        return list(self._errors)
+
+    # -- protocol of intruder.track: get / put by pair --------------------------------------
+    def _key_of(self, ref: TensorRef, w0_cpu: torch.Tensor) -> str:
+        from .stream import content_key
+
+        key = self.known_key(ref)
+        if key is None:
+            key = content_key(w0_cpu.contiguous(), ref)
+            self.remember_key(ref, key)
+        return key
+
+    def get(self, pair, w0_cpu: torch.Tensor, config=None):
+        """Cached base spectrum of pair's base tensor (read as w0_cpu), or None."""
+        return self.load(self._key_of(pair.base, w0_cpu))
+
+    def put(self, pair, w0_cpu: torch.Tensor, config, spec) -> None:
+        from .partial import Eig
+
+        if isinstance(spec, Eig):
+            self.store(self._key_of(pair.base, w0_cpu), spec, pair.base, wait=True)
+
+    # -- management --------------------------------------------------------------------------
+    def entries(self) -> List[dict]:
+        """One dict per entry: key, bytes, last used, and what it holds."""
+        from safetensors import safe_open
+
+        d = os.path.join(self.root, SPECTRA)
+        out = []
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if not name.endswith(".safetensors"):
+                continue
+            path = os.path.join(d, name)
+            try:
+                st = os.stat(path)
+                with safe_open(path, framework="pt") as f:
+                    meta = f.metadata() or {}
+                    r = f.get_slice("vals").get_shape()[0]
+                    dim = f.get_slice("vecs").get_shape()[0]
+            except Exception:
+                meta, r, dim = {}, None, None
+                st = os.stat(path)
+            out.append({"key": name[: -len(".safetensors")], "bytes": st.st_size,
+                        "last_used": st.st_mtime, "tensor": meta.get("tensor", ""),
+                        "source": meta.get("source", ""),
+                        "shape": json.loads(meta["shape"]) if meta.get("shape") else None,
+                        "dtype": meta.get("dtype", ""), "method": meta.get("method", "?"),
+                        "complete": meta.get("complete") == "1", "kept": r, "gram_dim": dim})
+        return out
+
+    def total_bytes(self) -> int:
+        d = os.path.join(self.root, SPECTRA)
+        total = 0
+        for name in os.listdir(d) if os.path.isdir(d) else []:
+            try:
+                total += os.path.getsize(os.path.join(d, name))
+            except OSError:
+                pass
+        return total
+
+    def trim(self) -> int:
+        """Evict least recently used entries until the cache is under 90% of its limit."""
+        d = os.path.join(self.root, SPECTRA)
+        try:
+            files = [(os.stat(os.path.join(d, f)), os.path.join(d, f)) for f in os.listdir(d)
+                     if f.endswith(".safetensors")]
+        except OSError:
+            return 0
+        total = sum(st.st_size for st, _ in files)
+        if total <= self.max_bytes:
+            return 0
+        removed = 0
+        for st, path in sorted(files, key=lambda x: x[0].st_mtime):
+            if total <= 0.9 * self.max_bytes:
+                break
+            try:
+                os.unlink(path)
+                total -= st.st_size
+                removed += 1
+            except OSError:
+                pass
+        return removed
+
+    def clear(self) -> Tuple[int, int]:
+        """Remove every entry and index file of this cache; returns (files, bytes) removed."""
+        n = size = 0
+        for sub in (SPECTRA, INDEX):
+            d = os.path.join(self.root, sub)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                path = os.path.join(d, name)
+                if os.path.isfile(path) and (name.endswith((".safetensors", ".json"))
+                                             or name.startswith(".tmp-")):
+                    try:
+                        size += os.path.getsize(path)
+                        os.unlink(path)
+                        n += 1
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        return n, size

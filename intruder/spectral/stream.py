@@ -1,0 +1,392 @@
+"""The scan pipeline: parallel readers -> device workers -> results in order.
+
+- Readers (threads) read the stored bytes of the next pairs straight into page-locked host
+  buffers (CUDA) with positioned reads, hash the base for the spectral cache and load cached
+  base spectra. They run ahead of the devices within a host-memory budget, granted in pair
+  order (so the pair the devices need next can never be starved by later ones).
+- Workers (threads, one CUDA stream each, `per_device` per GPU) copy a pair to their device,
+  run the finiteness / unchanged checks and the LoRA merge there, and call engine.analyse.
+  Several workers per GPU overlap one matrix's host round-trips with another's kernels.
+  On a CPU there is one worker: the calling thread.
+- Results come back in pair order; an error is raised when its pair's turn comes, so a scan
+  fails on the same pair, with the same message, as a sequential one would.
+
+Peak host memory is the budget plus what one pair needs, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..errors import CheckpointError, NonFiniteError
+from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
+
+DEFAULT_HOST_BUDGET = 1536 * 2 ** 20  # bytes of tensors read ahead of the devices
+
+
+def host_budget() -> int:
+    env = os.environ.get("INTRUDER_HOST_BUDGET_MB")
+    return int(float(env) * 2 ** 20) if env else DEFAULT_HOST_BUDGET
+
+
+@dataclass
+class Raw:
+    """One pair as read from disk (host tensors in their stored dtype)."""
+
+    index: int
+    pair: LayerPair
+    w0: Optional[torch.Tensor] = None  # (m, n)
+    wt: Optional[torch.Tensor] = None  # (m, n) full tuned tensor
+    parts: Dict[TensorRef, torch.Tensor] = field(default_factory=dict)  # LoRA factors
+    key: Optional[str] = None  # base content key (spectral cache)
+    cached: object = None  # cached base Eig (CPU) or None
+    nbytes: int = 0
+    read_s: float = 0.0
+
+
+class _Budget:
+    """Host bytes in flight, granted strictly in pair order; one pair always fits."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.turn = 0
+        self.cv = threading.Condition()
+
+    def acquire(self, index: int, nbytes: int, stop: threading.Event) -> bool:
+        with self.cv:
+            while not stop.is_set() and not (
+                    self.turn == index and (self.used == 0 or self.used + nbytes <= self.limit)):
+                self.cv.wait(0.1)
+            if stop.is_set():
+                return False
+            self.used += nbytes
+            self.turn += 1
+            self.cv.notify_all()
+            return True
+
+    def skip(self, index: int, stop: threading.Event) -> None:
+        self.acquire(index, 0, stop)
+
+    def release(self, nbytes: int) -> None:
+        with self.cv:
+            self.used -= nbytes
+            self.cv.notify_all()
+
+
+def _nbytes(ref: TensorRef) -> int:
+    from ..io.safetensors_file import DTYPES
+
+    n = DTYPES.get(ref.dtype, (8,))[0]
+    for s in ref.shape:
+        n *= s
+    return n
+
+
+def pair_refs(pair: LayerPair) -> List[TensorRef]:
+    """Every tensor a pair needs, base first."""
+    refs = [pair.base]
+    if pair.lora is not None:
+        refs += [r for r in (pair.lora.a, pair.lora.b, pair.lora.magnitude) if r is not None]
+    elif pair.tuned is not None and pair.tuned != pair.base:
+        refs.append(pair.tuned)
+    return refs
+
+
+class Reader:
+    """Reads tensors into fresh (optionally page-locked) host tensors; one per thread."""
+
+    def __init__(self, pinned: bool, fallback: Callable):
+        self.pinned = pinned
+        self.fallback = fallback  # read(ref) for formats other than safetensors
+        self.headers: Dict[str, object] = {}
+        self.lock = threading.Lock()
+
+    def _header(self, path: str):
+        from ..io.safetensors_file import SafetensorsFile
+
+        with self.lock:
+            sf = self.headers.get(path)
+        if sf is None:
+            sf = SafetensorsFile(path)
+            with self.lock:
+                self.headers[path] = sf
+        return sf
+
+    def read(self, ref: TensorRef) -> torch.Tensor:
+        if not ref.path.endswith(".safetensors"):
+            with self.lock:  # the caller's read() shares one handle cache
+                t = self.fallback(ref)
+            return t.pin_memory() if self.pinned and t.numel() else t
+        from ..io.safetensors_file import DTYPES, open_regular
+
+        sf = self._header(ref.path)
+        e = sf.entries.get(ref.name)
+        if e is None:
+            raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
+        out = torch.empty(e.shape, dtype=getattr(torch, DTYPES[e.dtype][1]),
+                          pin_memory=self.pinned and e.end > e.start)
+        nbytes = e.end - e.start
+        if nbytes == 0:
+            return out
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) aliasing out
+        fh, _ = open_regular(ref.path)
+        try:
+            with fh:
+                fd = fh.fileno()
+                done = 0
+                while done < nbytes:
+                    got = os.preadv(fd, [view[done:]], e.start + done)
+                    if got <= 0:
+                        break
+                    done += got
+        except OSError as exc:
+            raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: read failed ({exc.strerror})")
+        if done != nbytes:
+            raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: file ended early (truncated?)")
+        return out
+
+
+def content_key(t: torch.Tensor, ref: TensorRef) -> str:
+    """sha256 of a tensor's stored bytes, dtype and shape: the base spectral cache's key."""
+    h = hashlib.sha256(f"{ref.dtype}|{tuple(ref.shape)}|".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
+    """Fill raw with the pair's tensors, the base's cache key and any cached base spectrum."""
+    t0 = time.perf_counter()
+    p = raw.pair
+    raw.w0 = reader.read(p.base)
+    if p.lora is not None:
+        for ref in pair_refs(p)[1:]:
+            raw.parts[ref] = reader.read(ref)
+    elif p.tuned is not None and p.tuned != p.base:
+        raw.wt = reader.read(p.tuned)
+    if base_cache is not None:
+        key = base_cache.known_key(p.base)
+        if key is None:
+            key = content_key(raw.w0, p.base)
+            base_cache.remember_key(p.base, key)
+        raw.key = key
+        raw.cached = base_cache.load(key)
+    raw.read_s = time.perf_counter() - t0
+    return raw
+
+
+def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
+    """On the device: the checks load_pair makes, and the LoRA merge. Returns (status, w0, wt)."""
+    from ..io.adapter import merge_lora
+
+    p = raw.pair
+    nb = device.type == "cuda"
+    w0 = raw.w0.to(device, non_blocking=nb)
+    if not bool(torch.isfinite(w0).all()):
+        if not allow_nonfinite:
+            raise NonFiniteError(f"base tensor {p.name!r} in {p.base.path} contains NaN or "
+                                 f"Inf (use --allow-nonfinite to skip such layers)")
+        return "nonfinite", None, None
+    if p.lora is not None:
+        parts = {ref: t.to(device, non_blocking=nb) for ref, t in raw.parts.items()}
+        wt = merge_lora(w0, p.lora, parts.__getitem__)
+    elif p.tuned == p.base:
+        return "unchanged", None, None
+    else:
+        wt = raw.wt.to(device, non_blocking=nb)
+    if not bool(torch.isfinite(wt).all()):
+        if not allow_nonfinite:
+            where = p.lora.a.path if p.lora is not None else p.tuned.path
+            raise NonFiniteError(f"tuned tensor {p.name!r} in {where} contains NaN or Inf "
+                                 f"(use --allow-nonfinite to skip such layers)")
+        return "nonfinite", None, None
+    if wt.dtype == w0.dtype and torch.equal(wt, w0):
+        return "unchanged", None, None
+    return "scanned", w0, wt
+
+
+def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
+            on_copied: Optional[Callable] = None) -> LayerResult:
+    """Checks, analysis and cache update of one pair on `device` (current stream)."""
+    from . import engine
+
+    p = raw.pair
+    shape = tuple(p.base.shape)
+    t0 = time.perf_counter()
+    status, w0, wt = prepare(raw, device, config.allow_nonfinite)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # host buffers are free after the copy
+    if on_copied is not None:
+        on_copied()
+    if status != "scanned":
+        return LayerResult(name=p.name, shape=shape, dtype=p.base.dtype, status=status)
+    fields, used = engine.analyse(w0, wt, config, p.name, base_spec=raw.cached)
+    if base_cache is not None and raw.key is not None and _grew(raw.cached, used):
+        base_cache.store(raw.key, used, p.base)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return LayerResult(name=p.name, shape=shape, dtype=p.base.dtype, status="scanned",
+                       seconds=time.perf_counter() - t0, **fields)
+
+
+def _grew(cached, used) -> bool:
+    """Store a base spectrum the cache lacks or one that holds more than the cached one."""
+    from .partial import Eig
+
+    if not isinstance(used, Eig):
+        return False
+    if cached is None:
+        return True
+    return (used.complete and not cached.complete) or used.r > cached.r
+
+
+class Pipeline:
+    """Run every pair through readers and device workers; iterate results in pair order."""
+
+    def __init__(self, pairs: List[LayerPair], read: Callable, config: ScanConfig,
+                 devices: List[torch.device], base_cache=None, readers: Optional[int] = None,
+                 per_device: Optional[int] = None, budget: Optional[int] = None,
+                 threaded: Optional[bool] = None):
+        self.pairs = pairs
+        self.config = config
+        self.devices = devices
+        self.base_cache = base_cache
+        cuda = devices[0].type == "cuda"
+        self.threaded = cuda if threaded is None else threaded  # workers in threads (CUDA)
+        cpus = os.cpu_count() or 2
+        self.n_readers = readers or (min(8, max(2, cpus // 2)) if cuda else 1)
+        self.per_device = per_device or (int(os.environ.get("INTRUDER_STREAMS", "3")) if cuda else 1)
+        self.budget = _Budget(budget or host_budget())
+        self.reader = Reader(pinned=cuda, fallback=read)
+        self.stop = threading.Event()
+        self.next_index = 0
+        self.index_lock = threading.Lock()
+        self.ready: "queue.Queue[Raw]" = queue.Queue()
+        self.results: Dict[int, object] = {}
+        self.cv = threading.Condition()
+        self.threads: List[threading.Thread] = []
+        self.stash: Dict[int, Raw] = {}
+
+    # -- readers -----------------------------------------------------------------------------
+    def _take(self) -> Optional[int]:
+        with self.index_lock:
+            if self.next_index >= len(self.pairs):
+                return None
+            i = self.next_index
+            self.next_index += 1
+            return i
+
+    def _read_loop(self):
+        while not self.stop.is_set():
+            i = self._take()
+            if i is None:
+                return
+            pair = self.pairs[i]
+            nbytes = sum(_nbytes(r) for r in pair_refs(pair))
+            if not self.budget.acquire(i, nbytes, self.stop):
+                return
+            raw = Raw(i, pair, nbytes=nbytes)
+            try:
+                self.ready.put(read_pair(raw, self.reader, self.base_cache))
+            except BaseException as exc:  # reported when this pair's turn comes
+                self.budget.release(nbytes)
+                self._finish(i, exc)
+
+    # -- workers -----------------------------------------------------------------------------
+    def _finish(self, i: int, value) -> None:
+        with self.cv:
+            self.results[i] = value
+            self.cv.notify_all()
+
+    def _work_loop(self, device: torch.device):
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        while not self.stop.is_set():
+            try:
+                raw = self.ready.get(timeout=0.1)
+            except queue.Empty:
+                if self._all_taken_and_done():
+                    return
+                continue
+            self._run_one(raw, device, stream)
+
+    def _run_one(self, raw: Raw, device, stream) -> None:
+        released = []
+
+        def on_copied():
+            if not released:
+                released.append(1)
+                raw.w0 = raw.wt = None
+                raw.parts = {}
+                self.budget.release(raw.nbytes)
+
+        try:
+            if stream is not None:
+                with torch.cuda.device(device), torch.cuda.stream(stream):
+                    res = compute(raw, device, self.config, self.base_cache, on_copied)
+            else:
+                res = compute(raw, device, self.config, self.base_cache, on_copied)
+        except BaseException as exc:
+            res = exc
+        finally:
+            on_copied()
+        self._finish(raw.index, res)
+
+    def _all_taken_and_done(self) -> bool:
+        with self.index_lock:
+            taken = self.next_index >= len(self.pairs)
+        return taken and self.ready.empty() and all(
+            not t.is_alive() for t in self.threads if t.name.startswith("intruder-read"))
+
+    # -- driver ------------------------------------------------------------------------------
+    def __iter__(self):
+        n = len(self.pairs)
+        for j in range(min(self.n_readers, max(n, 1))):
+            t = threading.Thread(target=self._read_loop, name=f"intruder-read-{j}", daemon=True)
+            self.threads.append(t)
+        threaded = self.threaded
+        if threaded:
+            for dev in self.devices:
+                for j in range(self.per_device):
+                    t = threading.Thread(target=self._work_loop, args=(dev,),
+                                         name=f"intruder-{dev}-{j}", daemon=True)
+                    self.threads.append(t)
+        for t in self.threads:
+            t.start()
+        try:
+            for i in range(n):
+                if not threaded:
+                    self._serve_until(i)
+                with self.cv:
+                    while i not in self.results:
+                        self.cv.wait(0.1)
+                    res = self.results.pop(i)
+                if isinstance(res, BaseException):
+                    raise res
+                yield res
+        finally:
+            self.stop.set()
+
+    def _serve_until(self, i: int) -> None:
+        """CPU: compute pairs in the calling thread, in order, until pair i is done."""
+        while True:
+            with self.cv:
+                if i in self.results:
+                    return
+            raw = self.stash.pop(i, None)
+            if raw is not None:
+                self._run_one(raw, self.devices[0], None)
+                continue
+            try:
+                raw = self.ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.stash[raw.index] = raw  # readers may finish out of order
