@@ -38,10 +38,32 @@ def handle_errors(fn):
         except MemoryError:
             if debug:
                 raise
-            click.echo("Error: out of memory", err=True)
+            click.echo("Error: out of memory; no partial output was left behind", err=True)
+            ctx.exit(1)
+        except RuntimeError as exc:  # torch reports a failed allocation as a RuntimeError
+            if debug or not is_out_of_memory(exc):
+                raise
+            click.echo(f"Error: out of memory ({_first_line(exc)}); no partial output was left "
+                       f"behind", err=True)
             ctx.exit(1)
 
     return wrapper
+
+
+_OOM = ("can't allocate memory", "out of memory", "cannot allocate memory", "can't start new thread")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError."""
+    return isinstance(exc, MemoryError) or any(s in str(exc).lower() for s in _OOM)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    i = text.find("DefaultCPUAllocator: ")  # drop torch's '[enforce fail at file:line]' prefix
+    text = text[i + len("DefaultCPUAllocator: "):] if i >= 0 else text
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
 def float_list(value: str, what: str) -> tuple:

@@ -151,9 +151,10 @@ def _inside(d: str, rel: str, what: str) -> str:
                               f"directory {root}; refused")
     if not os.path.exists(full):
         raise CheckpointError(f"{what}: names {rel!r}, which does not exist")
-    check_regular_file(full, "shard")
     # the name, not the resolved target: a Hugging Face cache blob has no .safetensors suffix
-    return os.path.normpath(os.path.join(d, rel))
+    joined = os.path.normpath(os.path.join(d, rel))
+    check_regular_file(joined, "file of a checkpoint")
+    return joined
 
 
 MAX_JSON = 64 * 1024 * 1024  # an index or adapter config is kilobytes; refuse memory bombs

@@ -75,8 +75,18 @@ def check_regular_file(path: str, what: str = "checkpoint") -> os.stat_result:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot stat ({exc.strerror})")
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path}: not a regular file; a {what} must be a file")
+        raise CheckpointError(f"{path}: not a regular file ({_kind(st.st_mode)}); refusing to "
+                              f"read it as a {what}")
     return st
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def open_regular(path: str, what: str = "checkpoint"):
@@ -94,7 +104,8 @@ def open_regular(path: str, what: str = "checkpoint"):
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise CheckpointError(f"{path}: not a regular file; a {what} must be a file")
+        raise CheckpointError(f"{path}: not a regular file ({_kind(st.st_mode)}); refusing to "
+                              f"read it as a {what}")
     return os.fdopen(fd, "rb"), st
 
 
@@ -145,7 +156,7 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
     dtype = info.get("dtype")
     shape = info.get("shape")
     offs = info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
