@@ -63,11 +63,7 @@ def micro(dev):
     sym = a @ a.mT
     t = t_cuda(lambda: torch.linalg.eigh(sym), n=3)
     say(f"eigh fp64 4096: {t*1e3:.1f} ms")
-    t = t_cuda(lambda: torch.linalg.eigh(sym.float()), n=3)
-    say(f"eigh fp32 4096: {t*1e3:.1f} ms")
-    t = t_cuda(lambda: torch.linalg.eigvalsh(sym), n=3)
-    say(f"eigvalsh fp64 4096: {t*1e3:.1f} ms")
-    for nthr in (2, 4):
+    for nthr in (4,):
         mats = [sym.clone() for _ in range(nthr)]
         streams = [torch.cuda.Stream(dev) for _ in range(nthr)]
 
@@ -140,8 +136,7 @@ def engine_cases(dev):
     for n in ("delta_singular_values", "spectral_norm_projected", "storage_grid", "rounding_rms"):
         wrap(M, n)
     cases = [((4096, 4096), 0.6, 0.2), ((4096, 4096), 0.6, 2.0), ((11008, 4096), 0.35, 0.2),
-             ((4096, 11008), 0.35, 0.2), ((11008, 4096), 0.35, 2.0), ((8192, 8192), 0.6, 0.2),
-             ((1024, 8192), 0.6, 0.2), ((28672, 8192), 0.35, 0.2), ((8192, 28672), 0.35, 2.0)]
+             ((8192, 8192), 0.6, 0.2), ((28672, 8192), 0.35, 0.2)]
     for (m, n), alpha, rho in cases:
         w0, wt, _, _ = gen.pair(m, n, alpha, rho)
         E.analyse(w0, wt, cfg, "warm")  # warm-up (kernels, handles)

@@ -113,16 +113,29 @@ def machine(device):
            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
+LOG = []
+
+
+def note(line: str, logfile=None):
+    print(line, flush=True)
+    LOG.append(line)
+    if logfile:
+        with open(logfile, "a") as fh:
+            fh.write(line + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--layers", type=int, default=0, help="layers to generate (0: the model's)")
-    ap.add_argument("--ref-layers", type=int, default=1)
+    ap.add_argument("--ref-layers", type=int, default=1, help="0 skips (a)")
     ap.add_argument("--peft-layers", type=int, default=1, help="0 skips PEFT")
     ap.add_argument("--device", default=None)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--log", default=None, help="also append each line to this file as it comes")
     ap.add_argument("--multi-gpu", action="store_true", help="also time all GPUs / torchrun")
+    ap.add_argument("--no-exact", action="store_true", help="skip the float64 exact-engine check")
     ap.add_argument("--repeat", type=int, default=1, help="repeat (c) and (d)")
     ap.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     a = ap.parse_args()
@@ -130,55 +143,25 @@ def main():
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
+    dev_arg = "cuda" if cuda else "cpu"
     n_model = MODELS[a.model][0]
     n_gen = a.layers or n_model
     work = a.workdir or os.path.join("/tmp", f"intruder-bench-{a.model}")
+    log = a.log
     load_avg = os.getloadavg()
+    note(f"# {a.model} shapes, {n_gen} of {n_model} layers, {machine(device)}, load average "
+         f"{load_avg[0]:.2f}", log)
     t_gen = time.perf_counter()
     if not os.path.exists(os.path.join(work, "bench_meta.json")):
-        build(a.model, work, n_gen, "cuda" if cuda else "cpu")
+        build(a.model, work, n_gen, dev_arg)
     t_gen = time.perf_counter() - t_gen
+    note(f"generated in {t_gen:.0f} s (not timed below)", log)
     meta = load(os.path.join(work, "bench_meta.json"))
     names = [m["name"] for m in meta["matrices"]]
     ref_names = [n for n in names if int(n.split(".")[2]) < a.ref_layers]
-    rows, notes = [], []
-    scale = n_model / n_gen  # whole-model extrapolation factor for (c)/(d) on a subset
+    rows, checks = [], []
+    scale = n_model / n_gen  # whole-model extrapolation of a subset: per-layer cost x layers
     single = {"CUDA_VISIBLE_DEVICES": "0"} if cuda else {}
-
-    # (a) the paper's algorithm
-    ref_json = os.path.join(work, "ref.json")
-    w, _ = run([sys.executable, os.path.join(HERE, "reference_algo.py"), os.path.join(work, "base"),
-                os.path.join(work, "tuned"), "--names", ",".join(ref_names), "--device",
-                "cuda" if cuda else "cpu", "--json", ref_json], env=single)
-    ref = load(ref_json)["results"]
-    t_a = extrapolate(ref, a.model, n_model)
-    startup_a = w - sum(r["seconds"] for r in ref.values())
-    t_a_full = t_a + startup_a
-    notes.append(f"(a) timed on {len(ref)} matrices (first {a.ref_layers} layer(s)), per-shape mean "
-                 f"x {n_model} layers, plus its measured process start + load "
-                 f"({startup_a:.1f} s)")
-    rows.append(("(a) paper's algorithm, 2 full fp32 SVD/matrix", t_a_full, "extrapolated"))
-
-    # (b) PEFT
-    if a.peft_layers:
-        pj = os.path.join(work, "peft.json")
-        try:
-            run([sys.executable, os.path.join(HERE, "peft_run.py"), work, "--model", a.model,
-                 "--layers", str(a.peft_layers), "--device", "cuda" if cuda else "cpu",
-                 "--json", pj], env=single)
-            pr = load(pj)
-            per = pr["seconds"] / max(pr["matrices"], 1)
-            # scale per matrix by the reference's shape mix on the same layers
-            ref_first = sum(r["seconds"] for r in ref.values())
-            t_b = pr["seconds"] / ref_first * t_a if ref_first else per * len(names) * scale
-            rows.append(("(b) PEFT reduce_intruder_dimension", t_b, "extrapolated"))
-            notes.append(f"(b) timed on {pr['matrices']} matrices ({a.peft_layers} layer(s), "
-                         f"{pr['seconds']:.1f} s; detect + mitigate, as PEFT does both), scaled "
-                         f"by (a)'s shape mix; intruders on those layers: "
-                         f"{sum(pr['intruders'].values())} (PEFT) vs "
-                         f"{sum(r['intruders'] for r in ref.values())} (a)")
-        except SystemExit as exc:
-            notes.append(f"(b) PEFT could not run: {str(exc).splitlines()[-1][:200]}")
 
     # (c) cold, (d) warm
     cache = os.path.join(work, "cache")
@@ -187,80 +170,124 @@ def main():
     colds, warms, rss = [], [], []
     for _ in range(a.repeat):
         shutil.rmtree(cache, ignore_errors=True)
-        wc, rc = run(scan_cmd(work, out_c, cache, "cuda" if cuda else "cpu"), env=single, rss=True)
-        wd, rd = run(scan_cmd(work, out_d, cache, "cuda" if cuda else "cpu"), env=single, rss=True)
+        wc, rc = run(scan_cmd(work, out_c, cache, dev_arg), env=single, rss=True)
+        note(f"(c) cold: {wc:.2f} s, peak RSS {rc / 2**30 if rc else 0:.2f} GiB", log)
+        wd, rd = run(scan_cmd(work, out_d, cache, dev_arg), env=single, rss=True)
+        note(f"(d) warm: {wd:.2f} s, peak RSS {rd / 2**30 if rd else 0:.2f} GiB", log)
         colds.append(wc)
         warms.append(wd)
         rss += [rc, rd]
     t_c, t_d = min(colds), min(warms)
-    tag = "" if scale == 1 else f" ({n_gen} of {n_model} layers)"
-    rows.append((f"(c) intruder scan, cold cache{tag}", t_c, "measured"))
-    rows.append((f"(d) intruder scan, warm cache{tag}", t_d, "measured"))
-    if scale != 1:
-        rows.append(("(c) cold, whole model", t_c * scale, "extrapolated x layers"))
-        rows.append(("(d) warm, whole model", t_d * scale, "extrapolated x layers"))
     cold, warm = layers_of(load(out_c)), layers_of(load(out_d))
-    ref_l = {n: {"max_cos": r["max_cos"]} for n, r in ref.items()}
-    err_a, diff_a = compare(ref_l, cold)
+    rep_s = load(out_c).get("summary", {}).get("seconds")
+    tag = "" if scale == 1 else f" ({n_gen} of {n_model} layers)"
+    rows.append((f"(c) intruder scan, cold cache{tag}", t_c, "measured, whole process"))
+    rows.append((f"(d) intruder scan, warm cache{tag}", t_d, "measured, whole process"))
+    if scale != 1:
+        # the process start is paid once: extrapolate the scan itself, add the start back
+        start_c = max(t_c - (rep_s or t_c), 0.0)
+        rows.append(("(c) cold, whole model", start_c + (t_c - start_c) * scale,
+                     f"extrapolated: start {start_c:.1f} s + scan x {scale:g}"))
     err_cd, diff_cd = compare(cold, warm)
     identical = all(cold[n]["max_cos"] == warm[n]["max_cos"] for n in cold)
     methods = {}
     for l in cold.values():
         methods[l["method"]] = methods.get(l["method"], 0) + 1
     intr = sum(len(l["intruders"]) for l in cold.values())
+    peak = max(x for x in rss if x) if any(rss) else None
+    checks.append(f"warm (d) reproduces cold (c): {'bit for bit' if identical else f'max diff {err_cd:.1e}'}"
+                  f", {diff_cd} decisions differ")
+    checks.append(f"intruders found at epsilon 0.5: {intr} in "
+                  f"{sum(1 for l in cold.values() if l['intruders'])} of {len(cold)} matrices; "
+                  f"methods: {methods}")
+    checks.append(f"peak host RSS of intruder scan (ru_maxrss): {peak / 2**30:.2f} GiB" if peak
+                  else "peak RSS: not measured")
+    for c in checks[-3:]:
+        note(c, log)
 
-    # exact float64 engine on the reference layers (the path tests hold to LAPACK)
-    exact_out = os.path.join(work, "scan-exact.json")
-    inc = "|".join(n.replace(".", r"\.") for n in ref_names)
-    run(scan_cmd(work, exact_out, os.path.join(work, "cache-exact"), "cuda" if cuda else "cpu",
-                 ["--no-cache", "--include", f"^({inc})$", "--exclude", f"^(?!({inc})$)"]),
-        env={**single, "INTRUDER_EXACT_DIM": "1000000"})
-    exact = layers_of(load(exact_out))
-    err_x, diff_x = compare(exact, cold)
+    # (a) the paper's algorithm on the first layers, scaled per shape
+    t_a_full = None
+    if ref_names:
+        ref_json = os.path.join(work, "ref.json")
+        w, _ = run([sys.executable, os.path.join(HERE, "reference_algo.py"),
+                    os.path.join(work, "base"), os.path.join(work, "tuned"), "--names",
+                    ",".join(ref_names), "--device", dev_arg, "--json", ref_json], env=single)
+        ref = load(ref_json)["results"]
+        startup_a = w - sum(r["seconds"] for r in ref.values())
+        t_a_full = extrapolate(ref, a.model, n_model) + startup_a
+        rows.insert(0, ("(a) paper's algorithm, 2 full fp32 SVD/matrix", t_a_full,
+                        f"{len(ref)} matrices timed, x{n_model} layers + start {startup_a:.1f} s"))
+        note(f"(a) {len(ref)} matrices in {sum(r['seconds'] for r in ref.values()):.1f} s + start "
+             f"{startup_a:.1f} s -> whole model {t_a_full:.1f} s", log)
+        ref_l = {n: {"max_cos": r["max_cos"]} for n, r in ref.items()}
+        err_a, diff_a = compare(ref_l, cold)
+        checks.append(f"decisions (c) vs (a) on {len(ref_l)} matrices: {diff_a} differ; max "
+                      f"|max_cos (c) - (a)| = {err_a:.1e} ((a) is float32 SVD)")
+        note(checks[-1], log)
+        if not a.no_exact:
+            exact_out = os.path.join(work, "scan-exact.json")
+            inc = "|".join(n.replace(".", r"\.") for n in ref_names)
+            run(scan_cmd(work, exact_out, os.path.join(work, "cache-exact"), dev_arg,
+                         ["--no-cache", "--include", f"^({inc})$", "--exclude",
+                          f"^(?!({inc})$)"]), env={**single, "INTRUDER_EXACT_DIM": "1000000"})
+            err_x, diff_x = compare(layers_of(load(exact_out)), cold)
+            checks.append(f"max_cos (c) vs the float64 exact engine (full Gram eigh) on those "
+                          f"matrices: max err {err_x:.1e}, {diff_x} decisions differ")
+            note(checks[-1], log)
 
-    multi = []
     if a.multi_gpu and cuda and torch.cuda.device_count() >= 2:
         ng = torch.cuda.device_count()
-        out_m = os.path.join(work, "scan-multi.json")
-        shutil.rmtree(cache + "-m", ignore_errors=True)
-        wm, _ = run(scan_cmd(work, out_m, cache + "-m", "cuda"), rss=True)
-        rows.append((f"(c) cold, {ng} GPUs in one process", wm, "measured"))
-        multi.append(("in-process", wm, compare(cold, layers_of(load(out_m)))))
-        out_t = os.path.join(work, "scan-torchrun.json")
-        shutil.rmtree(cache + "-t", ignore_errors=True)
-        tr = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-              f"--nproc-per-node={ng}", os.path.join(HERE, "_child.py")] + \
-            scan_cmd(work, out_t, cache + "-t", "cuda")[3:]
-        wt, _ = run(tr, env={"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
-        rows.append((f"(c) cold, torchrun {ng} ranks", wt, "measured"))
-        multi.append(("torchrun", wt, compare(cold, layers_of(load(out_t)))))
+        for label in ("in-process", "torchrun"):
+            out_m = os.path.join(work, f"scan-{label}.json")
+            shutil.rmtree(cache + label, ignore_errors=True)
+            cmd = scan_cmd(work, out_m, cache + label, "cuda")
+            if label == "torchrun":
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc-per-node={ng}"] + cmd[1:]
+            try:
+                wm, _ = run(cmd, env={"NCCL_NVLS_ENABLE": "0",
+                                      "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
+            except SystemExit as exc:
+                note(f"{label} {ng} GPUs failed: {str(exc)[-600:]}", log)
+                continue
+            err, diff = compare(cold, layers_of(load(out_m)))
+            rows.append((f"(c) cold, {ng} GPUs, {label}", wm, "measured, whole process"))
+            checks.append(f"{ng} GPUs {label}: {t_c / wm:.2f}x over one GPU (cold), max_cos diff "
+                          f"vs one GPU {err:.1e}, {diff} decisions differ")
+            note(checks[-1], log)
+
+    # (b) PEFT
+    if a.peft_layers and t_a_full:
+        pj = os.path.join(work, "peft.json")
+        try:
+            run([sys.executable, os.path.join(HERE, "peft_run.py"), work, "--model", a.model,
+                 "--layers", str(a.peft_layers), "--device", dev_arg, "--json", pj], env=single)
+            pr = load(pj)
+            ref_first = sum(r["seconds"] for n, r in ref.items()
+                            if int(n.split(".")[2]) < a.peft_layers)
+            t_b = pr["seconds"] / ref_first * (t_a_full - startup_a) + startup_a
+            rows.insert(1, ("(b) PEFT reduce_intruder_dimension", t_b,
+                            f"{pr['matrices']} matrices timed, scaled like (a)"))
+            checks.append(f"(b) PEFT: {pr['matrices']} matrices in {pr['seconds']:.1f} s (detect + "
+                          f"mitigate, as PEFT does both); intruders there: "
+                          f"{sum(pr['intruders'].values())} (PEFT) vs "
+                          f"{sum(r['intruders'] for n, r in ref.items() if int(n.split('.')[2]) < a.peft_layers)} (a)")
+            note(checks[-1], log)
+        except SystemExit as exc:
+            checks.append(f"(b) PEFT could not run: {str(exc).splitlines()[-1][:300]}")
+            note(checks[-1], log)
 
     # table
-    lines = [f"| run | seconds | (a) / run | how |", "|---|---:|---:|---|"]
+    t_ref = t_a_full
+    lines = ["| run | seconds | (a) / run | how |", "|---|---:|---:|---|"]
     for name, secs, how in rows:
-        lines.append(f"| {name} | {secs:.1f} | {t_a_full / secs:.1f}x | {how} |")
-    peak = max(x for x in rss if x) if any(rss) else None
-    checks = [
-        f"decisions (c) vs (a) on {len(ref_l)} reference matrices: {diff_a} differ; "
-        f"max |max_cos (c) - (a)| = {err_a:.1e} ((a) is float32 SVD)",
-        f"max_cos (c) vs float64 exact engine on those matrices: max err {err_x:.1e}, "
-        f"{diff_x} decisions differ",
-        f"warm (d) reproduces cold (c): {'bit for bit' if identical else f'max diff {err_cd:.1e}'}"
-        f", {diff_cd} decisions differ",
-        f"intruders found by (c) at epsilon 0.5: {intr} in {sum(1 for l in cold.values() if l['intruders'])}"
-        f" of {len(cold)} matrices; methods: {methods}",
-        f"peak host RSS of intruder scan (ru_maxrss): {peak / 2**30:.2f} GiB" if peak else
-        "peak RSS: not measured",
-    ]
-    for label, secs, (err, diff) in multi:
-        checks.append(f"{label}: {t_c / secs:.2f}x over one GPU, max_cos diff vs one GPU {err:.1e}, "
-                      f"{diff} decisions differ")
+        ratio = f"{t_ref / secs:.1f}x" if t_ref else "n/a"
+        lines.append(f"| {name} | {secs:.1f} | {ratio} | {how} |")
     if not cuda:
         checks.append(f"load average before the run: {load_avg[0]:.2f} {load_avg[1]:.2f} "
-                      f"{load_avg[2]:.2f} (CPU shared with others)")
-    checks.append(f"checkpoint generation (not timed above): {t_gen:.0f} s")
-    text = "\n".join(lines + [""] + [f"- {c}" for c in checks + notes])
-    print(text)
+                      f"{load_avg[2]:.2f} (CPU shared with other work)")
+    text = "\n".join(lines + [""] + [f"- {c}" for c in checks])
+    note(text, log)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     with open(a.results, "a") as fh:

@@ -81,9 +81,10 @@ class Gen:
         w0 = ((u * s) @ v.mT).to(torch.bfloat16)  # (m, n)
         b = torch.randn(m, LORA_RANK, generator=self.g, device=self.device)  # (m, 16)
         a = torch.randn(LORA_RANK, n, generator=self.g, device=self.device)  # (16, n)
-        d = b @ a  # (m, n)
-        scale = rho * float(s[9]) / float(torch.linalg.matrix_norm(d, ord=2))
-        b = b * scale
+        _, rb = torch.linalg.qr(b)  # (16, 16): ||B A||_2 = ||R_b R_a^T||_2, no big SVD
+        _, ra = torch.linalg.qr(a.mT)  # (16, 16)
+        norm = float(torch.linalg.matrix_norm(rb @ ra.mT, ord=2))
+        b = b * (rho * float(s[9]) / norm)
         wt = (w0.float() + b @ a).to(torch.bfloat16)
         return w0, wt, a, b
 

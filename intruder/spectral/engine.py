@@ -187,6 +187,10 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         want = 2 * be.r  # widen the kept base spectrum, then complete it
         widen = not why.startswith("full") and 2 * (want + want // 2) < dim
         be = base_eig(w0, want, start=be.vecs, seed=seed, fast=fast and widen)
+        # the tuned side restarts from the final base, as a warm scan (base from the cache)
+        # will: cold and warm scans then agree bit for bit
+        te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast)
+        t = spectrum_of(wt, te, left, right, upto=k)
     # decision vector: left, right, or both sides below epsilon (the component u v^T is new)
     if config.vectors == "both":
         decide = torch.maximum(ml.max_cos, mr.max_cos)
