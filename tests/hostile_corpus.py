@@ -41,6 +41,9 @@ class Case:
     scan: Tuple[str, str] = ("", "")  # (base, tuned) when run_scan(base, tuned) raises `error`
 
 
+# a name that would clear the screen, set the window title, break the line and reverse the text
+CONTROL_NAME = "evil\x1b[2J\x1b]0;pwned\x07\r\n\u202eslx"
+
 # ---------------------------------------------------------------------------------- writers
 
 
@@ -168,6 +171,19 @@ REPORT_EDITS = {"max_cos_string": r"max_cos\[0\]: expected number",
                 "nan": "expected number|not valid JSON",
                 "huge_number": "not valid JSON",
                 "not_json": "not valid JSON"}
+
+
+def hostile_names_pair(d: str, seed: int = 0) -> Tuple[str, str, str]:
+    """A base and tuned file whose changed layer (one intruder at rank 0) carries a name built to
+    attack a terminal and an HTML page. Returns (base, tuned, the hostile name)."""
+    import synthetic
+
+    name = f"model.layers.0.{CONTROL_NAME}<script>alert(1)</script>\"><img src=x>.weight"
+    w0, wt, _ = synthetic.plant(96, 96, [0], seed=seed + 3)
+    t = model_tensors(seed)
+    base = write_st(os.path.join(d, "base.safetensors"), dict(t, **{name: w0.astype(np.float32)}))
+    tuned = write_st(os.path.join(d, "tuned.safetensors"), dict(t, **{name: wt.astype(np.float32)}))
+    return base, tuned, name
 
 
 def hand_edited_report(path: str, edit: str) -> str:
@@ -399,6 +415,10 @@ def build_corpus(root: str, seed: int = 0) -> Dict[str, object]:
     d, idx = sharded("lies", {names[0]: "model-2.safetensors"})
     add("index_wrong_shard", ["scan", base, d], "is listed in", [idx, names[0]],
         "CheckpointError", "index.json inconsistent with its shards")
+    d, idx = sharded("control-chars", {names[-1]: CONTROL_NAME + ".safetensors"})
+    os.mkfifo(os.path.join(d, CONTROL_NAME + ".safetensors"))
+    add("shard_name_with_control_chars", ["scan", base, d], r"evil\\x1b\[2J.*\\n.*not a regular file \(a FIFO\)",
+        [d, "\\n"], "CheckpointError", "terminal control characters in a stranger's file name")
     d = J("symlink-model")
     os.makedirs(d)
     os.symlink(outside, os.path.join(d, "model.safetensors"))

@@ -136,7 +136,6 @@ def test_library_raises_the_declared_error(case_id, corpus):
     with pytest.raises(errors.IntruderError) as info:
         run_scan(c.scan[0], c.scan[1], ScanConfig(device="cpu"))
     assert type(info.value).__name__ == c.error, str(info.value)
-    assert "\n" not in str(info.value)
     if c.marker:
         assert not os.path.lexists(c.marker)
 
@@ -460,3 +459,42 @@ def test_unedited_report_loads(tmp_path):
     hc.write_json(path, doc)
     rep = load_report(path)
     assert rep.layers[0].intruders[0].index == 0 and rep.config.top_k == 2
+
+
+# ------------------------------------------------------------------------ names from strangers
+
+
+def test_hostile_tensor_names_cannot_drive_the_terminal_or_the_page(tmp_path):
+    """A tensor name carrying terminal escapes, a line break, a bidi override and HTML: the table
+    shows it escaped, the JSON keeps it exactly, the HTML page does not execute it."""
+    from intruder.report.table import printable
+
+    base, tuned, name = hc.hostile_names_pair(str(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = CliRunner().invoke(cli, ["scan", base, tuned, "-q", "-o", str(out / "r.json")])
+    assert res.exit_code == 0, res.output
+    for text in (res.stdout, res.stderr):
+        assert not [ch for ch in "\x1b\x07\r\u202e" if ch in text]
+    assert printable(name) in res.stdout  # the table row: named, escaped, on one line
+    assert "\\x1b[2J" in printable(name) and "\\u202e" in printable(name)
+    doc = json.loads((out / "r.json").read_text())
+    layer = [l for l in doc["layers"] if l["name"] == name]
+    assert layer and [i["index"] for i in layer[0]["intruders"]] == [0]
+    res = CliRunner().invoke(cli, ["report", str(out / "r.json"), "-q", "-o", str(out / "r.html")])
+    assert res.exit_code == 0, res.output
+    page = (out / "r.html").read_text()
+    assert "<script>alert(1)" not in page and "<img src=x>" not in page
+
+
+@pytest.mark.xfail(strict=True, reason="intruder/report/plots.py: matplotlib's 'Glyph N missing "
+                   "from font' UserWarning reaches stderr and quotes the checkpoint's name raw")
+def test_html_audit_keeps_stderr_clean_with_hostile_names(tmp_path):
+    base, tuned, name = hc.hostile_names_pair(str(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "intruder", "scan", base, tuned, "-q", "-o",
+                           str(out / "r.json"), "--html", str(out / "r.html")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""

@@ -28,7 +28,10 @@ def handle_errors(fn):
         except IntruderError as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            from ..report.table import printable
+
+            # one line whatever the message quotes (a path or shard name chosen by a stranger)
+            click.echo(f"Error: {printable(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             if debug:
@@ -64,6 +67,15 @@ def _first_line(exc: BaseException) -> str:
     text = text[i + len("DefaultCPUAllocator: "):] if i >= 0 else text
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     return (lines[0] if lines else exc.__class__.__name__)[:200]
+
+
+def terminal_safe(text: str) -> str:
+    """Text for stdout with every control / format character escaped except line breaks and
+    tabs: tables quote names from a stranger's checkpoint, which must not drive the terminal."""
+    from ..report.table import printable
+
+    return "\n".join("\t".join(printable(part) for part in line.split("\t"))
+                     for line in text.split("\n"))
 
 
 def float_list(value: str, what: str) -> tuple:

@@ -7,7 +7,7 @@ import sys
 import click
 
 from . import cli
-from .common import echo_err, float_list, handle_errors
+from .common import echo_err, float_list, handle_errors, terminal_safe
 
 EXIT_INTRUDERS = 3
 
@@ -87,7 +87,7 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
     if as_json:
         click.echo(dumps(report))
     else:
-        click.echo(scan_table(report))
+        click.echo(terminal_safe(scan_table(report)))
         echo_err(f"report written to {output}", quiet)
     if html:
         from ..report.html import write_html

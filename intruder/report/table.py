@@ -25,7 +25,16 @@ def format_table(headers: Sequence[str], rows: List[Sequence[object]], align: st
 def _fmt(c) -> str:
     if isinstance(c, float):
         return f"{c:.3f}"
-    return str(c)
+    return printable(str(c))
+
+
+def printable(text: str) -> str:
+    """Control, format (bidi override, zero-width) and line-separator characters escaped: names
+    from a stranger's checkpoint must neither drive the terminal nor break or disguise a line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
 
 
 def scan_table(report: ScanReport, max_rows: int = 40) -> str:
