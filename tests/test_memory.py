@@ -129,7 +129,7 @@ def test_scan_streams_a_pair_larger_than_its_memory_limit(tmp_path):
                MALLOC_MMAP_THRESHOLD_=str(128 * 1024), INTRUDER_HOST_BUDGET_MB=str(BUDGET_MB),
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                            os.environ.get("PYTHONPATH", "")]))
-    env.pop("INTRUDER_CACHE_DIR", None)
+    env["INTRUDER_CACHE_DIR"] = str(tmp_path / "cache")  # the default scan, minus the user's cache
     # a hang here (TimeoutExpired) is a failure: out of memory must end the scan, not stall it
     proc = subprocess.run([sys.executable, "-c", _DRIVER, base, tuned, *warm, out, str(MARGIN),
                            str(size)], env=env, capture_output=True, text=True, timeout=240)
