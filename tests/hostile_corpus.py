@@ -533,6 +533,21 @@ def build_corpus(root: str, seed: int = 0) -> Dict[str, object]:
             "ReportError", "a hand-edited scan JSON given to scale", needs="scale",
             cwd=os.path.dirname(p))
 
+    # -- the other commands that open checkpoints
+    trunc = J("files", "truncated.safetensors")
+    evil = J("pickle", "evil-zip.bin")
+    add("layers_truncated_file", ["layers", trunc], "outside the data section", [trunc],
+        "CheckpointError", "truncated file")
+    add("layers_pickle_code_execution", ["layers", evil], "refused: the pickle calls posix.mkdir",
+        [evil], "CheckpointError", "a pickle that would execute code",
+        marker=os.path.join(mk, "pwned-zip"))
+    add("scale_truncated_file", ["scale", base, trunc, "--alpha", "0.5", "-q", "-o",
+                                 "{OUT}/scaled"], "outside the data section", [trunc],
+        "CheckpointError", "truncated file", needs="scale")
+    add("scale_fifo", ["scale", base, J("fifo", "tuned.safetensors"), "--alpha", "0.5", "-q", "-o",
+                       "{OUT}/scaled"], "not a regular file.*FIFO", [J("fifo", "tuned.safetensors")],
+        "CheckpointError", "FIFO", needs="scale")
+
     controls = [("scan", base, tuned, "-q", "-o", "{OUT}/report.json"),
                 ("scan", base_dir, adapter, "-q", "-o", "{OUT}/report.json")]
     manifest = {"root": root, "seed": seed, "cases": [asdict(c) for c in cases],

@@ -124,6 +124,18 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
         log(f"{what} written to {path}")
 
 
+def _missing_dirs(path: str):
+    """The directories that creating `path` with its parents would add, deepest first."""
+    out, p = [], os.path.abspath(path)
+    while p and not os.path.exists(p):
+        out.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return out
+
+
 def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log):
     from ..report.schema import save_report
     from ..scale_sweep import prepare_out_dir
@@ -136,15 +148,24 @@ def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, devic
                         vectors=vectors or "left", include=include, exclude=exclude,
                         device=device,
                         cache_dir=os.environ.get("INTRUDER_CACHE_DIR") or None)
+    made = _missing_dirs(out_dir)  # what prepare_out_dir creates; removed again on failure
     prepare_out_dir(out_dir, [base, tuned])
     report_path = os.path.join(out_dir, "intruder-scan.json")
     from ..io.atomic import check_output
 
-    check_output(report_path, [base, tuned])
-    log(f"scanning {tuned} against {base} ...")
-    report = run_scan(base, tuned, config, progress=not quiet,
-                      command=" ".join(["intruder"] + sys.argv[1:]))
-    save_report(report, report_path)
+    try:
+        check_output(report_path, [base, tuned])
+        log(f"scanning {tuned} against {base} ...")
+        report = run_scan(base, tuned, config, progress=not quiet,
+                          command=" ".join(["intruder"] + sys.argv[1:]))
+        save_report(report, report_path)
+    except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     n = sum(len(l.intruders) for l in report.layers)
     log(f"scan: {n} intruder(s) at epsilon {config.epsilon:g} in "
         f"{sum(1 for l in report.layers if l.intruders)} matrices; report written to {report_path}")
