@@ -79,8 +79,11 @@ def test_projected_norm_and_principal_angles_match_numpy():
     d = wt - w0
     assert ex["delta_stable_rank"] == pytest.approx(
         np.linalg.norm(d) ** 2 / np.linalg.norm(d, 2) ** 2, rel=1e-8)
-    np.testing.assert_allclose(ex["delta_sv"], np.linalg.svd(d, compute_uv=False)[:len(ex["delta_sv"])],
-                               rtol=1e-8, atol=1e-12)
+    ref = np.linalg.svd(d, compute_uv=False)[:len(ex["delta_sv"])]
+    got = np.array(ex["delta_sv"])
+    big = ref > 1e-6 * ref[0]  # the Gram path resolves values down to about 1e-8 sigma_1
+    np.testing.assert_allclose(got[big], ref[big], rtol=1e-8)
+    assert (got[~big] < 1e-6 * ref[0]).all() and ex["delta_rank"] == 2
 
 
 @pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16"),
@@ -121,7 +124,7 @@ def test_randomized_delta_spectrum_agrees_with_exact(monkeypatch):
     rng = np.random.default_rng(4)
     d = rng.standard_normal((300, 5)) @ rng.standard_normal((5, 260)) + 1e-6 * rng.standard_normal((300, 260))
     exact, how = M.delta_singular_values(torch.from_numpy(d))
-    assert how == "exact"
+    assert how == "gram"
     monkeypatch.setattr(M, "EXACT_DELTA_MAX", 100)
     monkeypatch.setattr(M, "RANDOMIZED_Q", 40)
     approx, how = M.delta_singular_values(torch.from_numpy(d))

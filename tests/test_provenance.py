@@ -114,7 +114,9 @@ def test_declared_adapter_matches_the_spectrum(synth):
     rep = run_scan(synth["base_dir"], synth["adapter"])
     p = provenance(rep)
     assert p.verdict == "lora-like" and p.declared["r"] == 4
-    assert p.estimated_rank == 4  # the fixture pads each update to rank 4 with tiny directions
+    # planted ranks 1, 2, 1; the fixture pads each update to rank 4 with directions 1e-7 of the
+    # planted ones, below what the float64 Gram spectrum of dW resolves (1e-6 sigma_1)
+    assert p.rank_range == (1, 2) and p.estimated_rank == 1
     assert any("declares r=4" in e for e in p.evidence)
     assert not any("exceeds" in e for e in p.evidence)
 

@@ -54,7 +54,7 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_next_edge": _NUM,  # sv[rank] / rounding-noise edge
                          "delta_floor": _NUM,  # rounding-noise edge of the tuned storage dtype
                          "delta_grid": _STR,  # storage grid of Wt: bfloat16|float16|float32|float64
-                         "delta_sv_method": {"type": "string", "enum": ["exact", "randomized"]},
+                         "delta_sv_method": {"type": "string", "enum": ["gram", "randomized"]},
                          "delta_sv": {"type": "array", "items": _NUM}}}  # top 64 of dW
 SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

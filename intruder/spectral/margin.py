@@ -28,7 +28,8 @@ import torch
 DELTA_SV_KEEP = 64
 # Exact spectrum of dW up to this smaller dimension; randomized (range finder) above.
 EXACT_DELTA_MAX = 1024
-RANDOMIZED_Q = 256  # singular values estimated by the randomized path
+RANDOMIZED_Q = 128  # singular values estimated by the randomized path
+GRAM_RESOLVE = 1e-6  # Gram eigenvalues resolve singular values down to ~1e-8 sigma_1; keep margin
 # A singular value of dW counts toward its rank when above FLOOR_SLACK x the rounding-noise edge.
 FLOOR_SLACK = 2.0
 # (name, mantissa bits) of storage grids tested, coarsest first; float64 is the fallback
@@ -63,22 +64,22 @@ def rounding_rms(w: torch.Tensor, bits: int) -> float:
 
 
 def delta_singular_values(d: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, str]:
-    """Singular values of d (m, n), descending: all of them when min(m, n) <= EXACT_DELTA_MAX,
-    else the top RANDOMIZED_Q by a randomized range finder with two power iterations."""
+    """Singular values of d (m, n), descending: all of them (eigenvalues of the smaller Gram
+    matrix, float64) when min(m, n) <= EXACT_DELTA_MAX, else the top RANDOMIZED_Q by a randomized
+    range finder with one power iteration. Gram values below GRAM_RESOLVE x sigma_1 are noise."""
     m, n = d.shape
     small = min(m, n)
     if small <= EXACT_DELTA_MAX:
-        return torch.linalg.svdvals(d), "exact"
+        g = d @ d.mT if m <= n else d.mT @ d  # (small, small)
+        ev = torch.linalg.eigvalsh(g).flip(0)  # descending
+        return ev.clamp_min(0).sqrt(), "gram"
     q = min(RANDOMIZED_Q, small)
     p = min(16, small - q)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, q + p, generator=gen, dtype=d.dtype).to(d.device)  # (n, q+p)
-    y = d @ omega  # (m, q+p)
-    for _ in range(2):  # power iterations sharpen a slowly decaying spectrum
-        y, _ = torch.linalg.qr(y)  # (m, q+p)
-        z, _ = torch.linalg.qr(d.mT @ y)  # (n, q+p)
-        y = d @ z  # (m, q+p)
-    qm, _ = torch.linalg.qr(y)  # (m, q+p) orthonormal range basis
+    y, _ = torch.linalg.qr(d @ omega)  # (m, q+p)
+    z, _ = torch.linalg.qr(d.mT @ y)  # (n, q+p): one power iteration
+    qm, _ = torch.linalg.qr(d @ z)  # (m, q+p) orthonormal range basis
     s = torch.linalg.svdvals(qm.mT @ d)  # (q+p,) from B = Q^T d (q+p, n)
     return s[:q], "randomized"
 
@@ -100,37 +101,28 @@ def estimate_rank(sv: torch.Tensor, floor: float, shape) -> Tuple[int, float, bo
 
 
 def spectral_norm_projected(d: torch.Tensor, basis: Optional[torch.Tensor], left: bool,
-                            iters: int = 40, seed: int = 1) -> float:
-    """||(I - B B^T) d||_2 (left) or ||d (I - B B^T)||_2 (right) by power iteration; basis (., k)."""
+                            iters: int = 10, block: int = 6, seed: int = 1) -> float:
+    """||(I - B B^T) d||_2 (left) or ||d (I - B B^T)||_2 (right), basis B (., k) orthonormal, by
+    block power iteration (a lower bound that converges from below)."""
     if basis is None:
         return float("nan")
 
-    def apply(x):  # x (n,) -> P d x (m,)
-        y = d @ x  # (m,)
-        return y - basis @ (basis.mT @ y) if left else y
+    def proj(x):  # (I - B B^T) x
+        return x - basis @ (basis.mT @ x)
 
-    def apply_t(y):  # y (m,) -> d^T P y (n,)
-        if left:
-            y = y - basis @ (basis.mT @ y)
-        z = d.mT @ y  # (n,)
-        return z if left else z - basis @ (basis.mT @ z)
+    def apply(x):  # x (n, b) -> P d x (m, b)  [left]   or   d P x (m, b)  [right]
+        return proj(d @ x) if left else d @ proj(x)
 
+    def apply_t(y):  # y (m, b) -> (P d)^T y (n, b)
+        return d.mT @ proj(y) if left else proj(d.mT @ y)
+
+    b = max(1, min(block, min(d.shape)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(d.shape[1], generator=gen, dtype=d.dtype).to(d.device)  # (n,)
-    if not left:
-        x = x - basis @ (basis.mT @ x)
-    if float(x.norm()) == 0:
-        return 0.0
-    x = x / x.norm()
-    est = 0.0
+    x = torch.randn(d.shape[1], b, generator=gen, dtype=d.dtype).to(d.device)  # (n, b)
     for _ in range(iters):
-        z = apply_t(apply(x))  # (n,)
-        nz = float(z.norm())
-        if nz == 0:
-            return 0.0
-        x = z / nz
-        est = float(apply(x).norm())
-    return est
+        x, _ = torch.linalg.qr(apply_t(apply(x)))  # (n, b)
+    y = apply(x)  # (m, b)
+    return float(torch.linalg.svdvals(y).max()) if y.numel() else 0.0
 
 
 def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
@@ -167,12 +159,13 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     # Marchenko-Pastur edge of an iid noise matrix with the storage rounding's per-entry rms
     rms = rounding_rms(wt, bits)
     floor = FLOOR_SLACK * rms * (math.sqrt(m) + math.sqrt(n))
-    floor = max(floor, float(sv[0]) * 1e-12 if sv.numel() else 0.0)
+    floor = max(floor, float(sv[0]) * GRAM_RESOLVE if sv.numel() else 0.0)
     rank, gap, seen = estimate_rank(sv, floor, d.shape)
     # energy left after the top-`rank` directions, in units of the expected rounding energy:
     # about 1 (or less) when dW is rank-`rank` plus rounding noise, large for a dense update
     tail = max(fro2 - float(sv[:rank].square().sum()), 0.0)
-    e_round = rms * rms * m * n
+    # the noise level the floor stands for (rounding, or the Gram resolution when that is higher)
+    e_round = (floor / FLOOR_SLACK / (math.sqrt(m) + math.sqrt(n))) ** 2 * m * n
     keep = sv[:DELTA_SV_KEEP].cpu()
     out += [("delta_rank", rank), ("delta_rank_seen", seen),
             ("delta_rank_gap", gap if math.isfinite(gap) else None),
