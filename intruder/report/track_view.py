@@ -90,6 +90,7 @@ def persistence_bars(tr):
     ax.bar(x, new, bottom=pers, color=SERIES_COLORS[0], label="new")
     ax.bar(x, gone, color=SERIES_COLORS[1], label="gone (below 0)")
     ax.axhline(0, color="k", lw=0.8)
+    ax.margins(y=0.12)
     ax.set_xticks(x, labels, rotation=20, ha="right")
     ax.set_ylabel(f"intruders at epsilon {tr.config.epsilon:g}")
     ax.grid(alpha=0.3, axis="y")
