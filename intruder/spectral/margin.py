@@ -36,17 +36,26 @@ FLOOR_SLACK = 2.0
 _GRIDS = (("bfloat16", 7), ("float16", 10), ("float32", 23))
 
 
+CHUNK = 1 << 21  # elements per block in elementwise passes (bounds temporaries to ~16 MB)
+
+
+def _row_blocks(w: torch.Tensor):
+    rows = max(1, CHUNK // max(1, w.shape[-1]))
+    for i in range(0, w.shape[0], rows):
+        yield w[i:i + rows]
+
+
 def storage_grid(w: torch.Tensor) -> Tuple[str, int]:
     """The coarsest float grid every entry of w lies on: (dtype name, mantissa bits).
 
     A weight saved in bf16/fp16 and read back as float64 still sits exactly on that grid, so the
     rounding noise a fine-tune's saved weights carry can be read off the values themselves."""
+    top = float(w.abs().max()) if w.numel() else 0.0
     for name, bits in _GRIDS:
         dt = getattr(torch, name)
-        info = torch.finfo(dt)
-        if float(w.abs().max()) > info.max:
+        if top > torch.finfo(dt).max:
             continue
-        if torch.equal(w.to(dt).to(w.dtype), w):
+        if all(torch.equal(blk.to(dt).to(w.dtype), blk) for blk in _row_blocks(w)):
             return name, bits
     return "float64", 52
 
@@ -56,11 +65,12 @@ def rounding_rms(w: torch.Tensor, bits: int) -> float:
 
     Round-to-nearest leaves an error uniform in +-ulp/2 (variance ulp^2/12), ulp = 2^(e - bits)
     for |x| in [2^e, 2^(e+1))."""
-    a = w.abs().to(torch.float64)  # (m, n)
-    a = a.clamp_min(torch.finfo(torch.float64).tiny)
-    e = torch.floor(torch.log2(a))  # (m, n)
-    ulp = torch.exp2(e - bits)  # (m, n)
-    return float(torch.sqrt((ulp.square() / 12.0).mean()))
+    total = 0.0
+    for blk in _row_blocks(w):
+        a = blk.abs().to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)  # (rows, n)
+        ulp = torch.exp2(torch.floor(torch.log2(a)) - bits)  # (rows, n)
+        total += float(ulp.square().sum()) / 12.0
+    return math.sqrt(total / max(1, w.numel()))
 
 
 def delta_singular_values(d: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, str]:
@@ -148,10 +158,11 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
         out.append(("subspace_cos", float(pc.min().clamp(0.0, 1.0))))
     n0, nt = float(w0.norm()), float(wt.norm())
     # cosine between the weights as vectors: near 1 for any fine-tune, near 0 for unrelated models
-    out.append(("weight_cos", float((w0 * wt).sum()) / (n0 * nt) if n0 > 0 and nt > 0 else None))
+    dot = float(torch.dot(w0.reshape(-1), wt.reshape(-1)))  # no (m, n) temporary
+    out.append(("weight_cos", dot / (n0 * nt) if n0 > 0 and nt > 0 else None))
     sv, how = delta_singular_values(d)
     top = max(float(sv[0]) if sv.numel() else 0.0, dnorm)  # ||d||_2 (exact or randomized)
-    fro2 = float(d.square().sum())
+    fro2 = float(torch.linalg.vector_norm(d)) ** 2
     out.append(("delta_stable_rank", fro2 / top ** 2 if top > 0 else 0.0))
     # the coarser storage grid of the two sides sets the rounding noise dW carries
     grid, bits = min(storage_grid(wt), storage_grid(w0), key=lambda g: g[1])
