@@ -63,6 +63,9 @@ def track_command(base, steps, output, **kw):
     Examples:
       intruder track base/ step1/ step2/ step3/
       intruder track base/ step1/ step2/ --epsilon 0.5,0.9 --html track.html
+
+    Exit codes: 0 done, 1 error, 3 intruders (--fail-on-intruders), 4 inside the margin
+    (--fail-on-margin / --fail-on-strength).
     """
     _run("track", base, steps, output, **kw)
 
@@ -84,6 +87,9 @@ def compare_command(base, finetunes, output, **kw):
     Examples:
       intruder compare base/ ft-a/ ft-b/ adapter-c/
       intruder compare base/ lora-r8/ full/ --json > compare.json
+
+    Exit codes: 0 done, 1 error, 3 intruders (--fail-on-intruders), 4 inside the margin
+    (--fail-on-margin / --fail-on-strength).
     """
     _run("compare", base, finetunes, output, **kw)
 
