@@ -29,7 +29,7 @@ import torch
 from ..errors import CheckpointError, NonFiniteError
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
 
-DEFAULT_HOST_BUDGET = 1536 * 2 ** 20  # bytes of tensors read ahead of the devices
+DEFAULT_HOST_BUDGET = 1024 * 2 ** 20  # bytes of tensors read ahead of the devices
 
 
 def host_budget() -> int:
@@ -249,6 +249,19 @@ def _grew(cached, used) -> bool:
     return (used.complete and not cached.complete) or used.r > cached.r
 
 
+def _warm_linalg(device) -> None:
+    """torch loads cuSOLVER/cuBLAS lazily and that first load is not thread-safe: do it here,
+    in the calling thread, before worker threads call linalg concurrently."""
+    a = torch.eye(4, dtype=torch.float64, device=device) * 2.0
+    torch.linalg.qr(a)
+    torch.linalg.eigh(a)
+    torch.linalg.eigvalsh(a)
+    torch.linalg.cholesky_ex(a)
+    torch.linalg.svdvals(a)
+    torch.linalg.svd(a, full_matrices=False)
+    torch.cuda.synchronize(device)
+
+
 class Pipeline:
     """Run every pair through readers and device workers; iterate results in pair order."""
 
@@ -353,6 +366,9 @@ class Pipeline:
             t = threading.Thread(target=self._read_loop, name=f"intruder-read-{j}", daemon=True)
             self.threads.append(t)
         threaded = self.threaded
+        for dev in self.devices:
+            if dev.type == "cuda":
+                _warm_linalg(dev)
         if threaded:
             for dev in self.devices:
                 for j in range(self.per_device):
