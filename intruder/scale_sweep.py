@@ -32,7 +32,7 @@ RESULTS_JSON = "scale-results.json"
 RESULTS_CSV = "scale-results.csv"
 PLOT_PNG = "scale-tradeoff.png"
 PRETRAIN_METRICS = ("word_perplexity", "bits_per_byte", "byte_perplexity", "token_perplexity")
-TASK_METRICS = ("accuracy", "acc_norm", "next_token_accuracy", "token_loss")
+TASK_METRICS = ("accuracy", "acc_norm", "token_loss", "next_token_accuracy")
 
 
 @dataclass(frozen=True)
