@@ -390,6 +390,11 @@ class Pipeline:
                 yield res
         finally:
             self.stop.set()
+            # let threads leave their torch calls before the interpreter may exit (a thread still
+            # inside C++ while the runtime is torn down aborts the process)
+            deadline = time.monotonic() + 10.0
+            for t in self.threads:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve_until(self, i: int) -> None:
         """CPU: compute pairs in the calling thread, in order, until pair i is done."""
