@@ -77,7 +77,9 @@ def _fmt(c) -> str:
     if isinstance(c, float):
         if c != c:
             return "n/a"
-        return f"{c:.4g}" if abs(c) < 1e-3 or abs(c) >= 1e4 else f"{c:.3f}"
+        if 1e4 <= abs(c) < 1e12:
+            return f"{c:,.1f}"
+        return f"{c:.4g}" if abs(c) < 1e-3 or abs(c) >= 1e12 else f"{c:.3f}"
     return "" if c is None else str(c)
 
 
@@ -273,8 +275,9 @@ def _scale_section(table, fig) -> str:
                f"x: {escape(table.x_metric)}, y: {escape(table.y_metric)}. "
                f"Source: <code>{escape(table.source)}</code>.") if table.x_metric and table.y_metric
            else "",
-           table_html(["model", "alpha", "intruders rescaled"] + metrics + ["note"], rows,
-                      num=tuple(range(2, len(metrics) + 3)))]
+           '<div class="wide">' + table_html(["model", "alpha", "intruders rescaled"] + metrics
+                                              + ["note"], rows, cls="nowrap",
+                                              num=tuple(range(2, len(metrics) + 3))) + "</div>"]
     if table.protocols:
         out.append("<ul class=\"note\">" + "".join(
             f"<li><b>{escape(n)}</b>: {escape(p)}</li>" for n, p in table.protocols) + "</ul>")

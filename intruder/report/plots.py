@@ -46,7 +46,10 @@ def _figure(w: float, h: float):
 
 def _as_mapping(reports: Reports) -> Dict[str, ScanReport]:
     if isinstance(reports, ScanReport):
-        return {_short(reports.tuned.path): reports}
+        import os
+
+        p = reports.tuned.path.rstrip("/")
+        return {_short(os.path.basename(p) or p): reports}
     return dict(reports)
 
 
@@ -265,6 +268,7 @@ def spectra(report: ScanReport, names: Optional[Sequence[str]] = None, max_cols:
             ax.plot([i.index], [i.sigma], "x", color=INTRUDER_COLOR, ms=9, mew=2)
             ax.annotate(f"{i.max_cos:.2f}", (i.index, i.sigma), fontsize=7, color=INTRUDER_COLOR,
                         xytext=(4, 4), textcoords="offset points")
+        ax.margins(y=0.14)  # room for the intruder labels at the top
         ax.set_title(_wrap(l.name, 48), fontsize=8)
         ax.set_xlabel("rank", fontsize=8)
         ax.set_ylabel("singular value", fontsize=8)
