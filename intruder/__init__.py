@@ -9,14 +9,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "scan", "load_report"]
+__all__ = ["__version__", "run_scan", "load_report", "ScanConfig"]
 
 
-def scan(base, tuned, config=None, progress=False):
-    """Scan BASE against TUNED (paths) and return a ScanReport. See intruder.scan.run_scan."""
-    from .scan import run_scan
+def run_scan(base, tuned, config=None, progress=False, **kwargs):
+    """Scan TUNED against BASE (paths) and return a ScanReport (intruder.scan.run_scan).
 
-    return run_scan(base, tuned, config, progress=progress)
+    (The library module is `intruder.scan`; the function has another name so that importing the
+    module never shadows it.)"""
+    from .scan import run_scan as _run
+
+    return _run(base, tuned, config, progress=progress, **kwargs)
+
+
+def __getattr__(name):
+    if name == "ScanConfig":
+        from .types import ScanConfig
+
+        return ScanConfig
+    raise AttributeError(f"module 'intruder' has no attribute {name!r}")
 
 
 def load_report(path):

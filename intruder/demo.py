@@ -7,7 +7,7 @@ Steps (each prints what it measured, with its protocol):
 2. `intruder scan` of every single-step fine-tune against the base: counts per epsilon;
 3. `intruder compare` (base decomposed once) with a provenance verdict per fine-tune;
 4. `intruder track` over the three-step continual-learning chain;
-5. `intruder scale` on the LoRA r=1 fine-tune: an alpha sweep evaluated on WikiText-2 (lm-eval
+5. `intruder scale` on the LoRA r=1 and r=8 fine-tunes: an alpha sweep evaluated on WikiText-2 (lm-eval
    wikitext protocol) and on held-out fine-tuning text (token loss), the paper's causal experiment;
 6. HTML audits and reports/demo/SUMMARY.md, every number produced by this run.
 """
@@ -88,9 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("INTRUDER_DATA_DIR")
                     or os.path.join(os.path.dirname(REPO), "shared", "data"))
     ap.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
-    ap.add_argument("--sweep-model", default="lora_r1")
-    ap.add_argument("--limit", type=int, default=0,
-                    help="WikiText documents per evaluation (0: all 62 test articles)")
+    ap.add_argument("--sweep-model", default="lora_r1,lora_r8",
+                    help="comma list of demo fine-tunes that get the alpha sweep")
+    ap.add_argument("--limit", type=int, default=20,
+                    help="WikiText test articles per evaluation (0: all 62; the default keeps "
+                         "the sweep to a few minutes on 2 cores)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     os.chdir(REPO)  # reports record repository-relative paths
@@ -171,55 +173,65 @@ def main(argv=None) -> int:
             md.append(f"| {chain[i]} | {vb} | {vp} |")
         md.append("")
 
-    # 5. scale sweep
-    sweep_name = args.sweep_model
-    log(f"[5/6] intruder scale on {sweep_name}: alpha sweep, WikiText-2 + held-out task text")
+    # 5. scale sweeps
+    sweep_names = [n for n in args.sweep_model.split(",") if n]
+    log(f"[5/6] intruder scale on {', '.join(sweep_names)}: alpha sweep, WikiText-2 + held-out "
+        f"task text")
+    from .evaluate import register
+    from .evaluate.wikitext import WikitextEvaluator
     from .scale_sweep import format_sweep, run_sweep
 
+    # lm-eval wikitext metrics on the first N test articles (the held-out task text stays whole)
+    wt_name = f"wikitext-first{args.limit}" if args.limit else "wikitext-lmeval"
+    register(wt_name, lambda arg: WikitextEvaluator(path=arg, stride=None, limit=args.limit or None),
+             f"{wt_name}[:PATH]")
+    scale_json = {}
+    md += ["## 3. Rescaling the intruders (intruder scale)", ""]
     tmp = tempfile.mkdtemp(prefix="intruder-demo-")
     try:
         held = os.path.join(tmp, "heldout-finetune-text.txt")
         n_held = heldout_text(args.data_dir, held)
+        md += [f"W' = Wt + (alpha - 1) * sum over the intruders (epsilon 0.5) of sigma_j u_j v_j^T. "
+               f"WikiText-2 test: lm-eval wikitext protocol ("
+               f"{'all 62 articles' if not args.limit else f'first {args.limit} articles'}). "
+               f"Task text: next-token loss (nats/token) and next-token accuracy on {n_held} "
+               f"held-out WinoGrande + Social IQa fine-tuning items (the build's own split).", ""]
         alphas = [float(a) for a in args.alphas.split(",")]
-        sweep = run_sweep(reports[sweep_name], alphas, os.path.join(tmp, "sweep"),
-                          evals=[f"wikitext:{wikitext}", f"task:{held}"],
-                          limit=args.limit or None, device="cpu", progress=True, log=log,
-                          scan_report=_rel(os.path.join(out, f"{sweep_name}-scan.json")))
-        table = format_sweep(sweep)
-        print(table, flush=True)
-        for key in ("json", "csv", "plot"):
-            src = sweep.files.get(key) if hasattr(sweep, "files") and sweep.files else None
-            if src and os.path.exists(src):
-                shutil.copyfile(src, os.path.join(out, f"{sweep_name}-{os.path.basename(src)}"))
-        scale_json = os.path.join(out, f"{sweep_name}-scale-results.json")
+        for name in sweep_names:
+            sweep = run_sweep(reports[name], alphas, os.path.join(tmp, f"sweep-{name}"),
+                              evals=[f"{wt_name}:{wikitext}", f"task:{held}"],
+                              limit=None, device="cpu", progress=True, log=log,
+                              scan_report=_rel(os.path.join(out, f"{name}-scan.json")))
+            table = format_sweep(sweep)
+            print(table, flush=True)
+            for src in (sweep.files or {}).values():
+                if src and os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(out, f"{name}-{os.path.basename(src)}"))
+            scale_json[name] = os.path.join(out, f"{name}-scale-results.json")
+            md += [f"### {name}", "", "```", table, "```", ""]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    md += ["## 3. Rescaling the intruders (intruder scale)", "",
-           f"`{sweep_name}`: W' = Wt + (alpha - 1) * sum over intruders (epsilon 0.5) of "
-           f"sigma_j u_j v_j^T. WikiText-2 test: lm-eval wikitext protocol (word perplexity, "
-           f"{'all 62 articles' if not args.limit else f'first {args.limit} articles'}). Task "
-           f"text: next-token loss (nats/token) on {n_held} held-out WinoGrande + Social IQa "
-           f"fine-tuning items (the same split as the build).", "", "```", table, "```", ""]
 
     # 6. HTML audits
     log("[6/6] writing the HTML audits")
     for name, rep in reports.items():
         html = os.path.join(out, f"audit-{name}.html")
-        write_html(rep, html, scale_results=scale_json if name == sweep_name else None,
+        write_html(rep, html, scale_results=scale_json.get(name),
                    command="bash scripts/demo.sh")
     md += ["## Files", "",
            "- `audit-<fine-tune>.html`: the self-contained HTML audit of each scan",
            "- `<fine-tune>-scan.json`: the scan reports (schema 1.x)",
            "- `compare.html`, `compare.json`: all fine-tunes side by side",
            "- `track.html`, `track.json`: the continual-learning chain",
-           f"- `{sweep_name}-scale-results.json|csv`, trade-off plot: the alpha sweep", "",
+           "- `<fine-tune>-scale-results.json|csv`, `<fine-tune>-scale-tradeoff.png`: the alpha "
+           "sweeps", "",
            f"Total demo time: {time.perf_counter() - t_start:.0f} s.", ""]
     with open(os.path.join(out, "SUMMARY.md"), "w") as fh:
         fh.write("\n".join(md))
     print()
     print("\n".join(md))
-    print(scan_table(reports[sweep_name]))
-    log(f"done in {time.perf_counter() - t_start:.0f} s: open {out}/audit-{sweep_name}.html")
+    print(scan_table(reports[sweep_names[0]]))
+    log(f"done in {time.perf_counter() - t_start:.0f} s: open {out}/audit-{sweep_names[0]}.html")
     return 0
 
 

@@ -103,3 +103,17 @@ def test_layers_model_and_adapter(runner, synth):
     assert mods["model.layers.1.mlp.up_proj"]["lora_rank"] == 4
     assert mods["model.layers.1.mlp.up_proj"]["scaling"] == 2.0
     assert mods["model.layers.1.mlp.up_proj"]["shape"] == [192, 128]
+
+
+def test_outputs_get_ordinary_permissions(runner, synth, tmp_path):
+    """Atomic writes go through mkstemp (0600); the final file follows the umask like any other."""
+    import stat
+
+    out = tmp_path / "r.json"
+    old = os.umask(0o022)
+    try:
+        res = runner.invoke(cli, ["scan", synth["base_file"], synth["tuned_file"], "-o", str(out), "-q"])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644

@@ -516,3 +516,18 @@ def test_cli_unknown_evaluator_fails_before_writing(synth, tmp_path):
                                  "0.5", "--eval", "wikitxt", "-o", str(out), "-q"])
     assert r.exit_code == 1 and "did you mean 'wikitext'" in r.output
     assert not os.path.exists(out)
+
+
+def test_cli_scale_html_audit(synth, tmp_path):
+    """`scale --html` writes the audit; a --html path onto an input is refused before any model."""
+    runner = CliRunner()
+    out = tmp_path / "scaled"
+    r = runner.invoke(cli, ["scale", synth["base_file"], synth["tuned_file"], "--alpha", "0",
+                            "-o", str(out), "--html", str(tmp_path / "a.html"), "-q"])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "a.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "model.layers.1.mlp.up_proj" in page
+    r = runner.invoke(cli, ["scale", synth["base_file"], synth["tuned_file"], "--alpha", "0",
+                            "-o", str(tmp_path / "other"), "--html", synth["tuned_file"], "-q"])
+    assert r.exit_code == 1 and "overwrite the input" in r.stderr
+    assert not (tmp_path / "other").exists()

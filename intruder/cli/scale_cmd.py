@@ -51,12 +51,14 @@ _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
               help="Evaluation tokens per window (default: the model's context length).")
 @click.option("--force", is_flag=True, help="Replace existing alpha outputs under -o.")
 @click.option("--json", "as_json", is_flag=True, help="Print scale-results.json to stdout.")
+@click.option("--html", type=click.Path(dir_okay=False), default=None,
+              help="Also write the HTML audit of the scan with the trade-off section.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
 @click.pass_context
 @handle_errors
 def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_config, epsilon,
                   top_k, vectors, include, exclude, device, dtype, max_length, force, as_json,
-                  quiet):
+                  html, quiet):
     """Rescale intruder dimensions: W' = Wt + (alpha - 1) * sum_j sigma_j u_j v_j^T.
 
     Without BASE TUNED the intruders, paths and settings come from the scan report
@@ -87,6 +89,10 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
         for spec in evals:
             get_evaluator(spec)
     log = (lambda m: None) if quiet else (lambda m: echo_err(m))
+    if html:  # refuse a bad --html path before anything is scanned or written
+        from ..io.atomic import check_output
+
+        check_output(html, list(paths))
     src = ctx.get_parameter_source("scan_path")
     scan_given = src is not None and src.name == "COMMANDLINE"
     if paths:
@@ -111,6 +117,8 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
                 raise click.BadParameter("with a scan report --epsilon takes one value",
                                          param_hint="--epsilon")
             eps_override = eps[0]
+    if html:  # ... and one onto the report's checkpoints before any model is written
+        check_output(html, [p for p in (base, tuned, report.base.path, report.tuned.path) if p])
     sweep = run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
                       epsilon=eps_override, evals=evals, limit=limit, model_config=model_config,
                       device=device, dtype=None if dtype == "auto" else dtype,
@@ -122,6 +130,11 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
         click.echo(format_sweep(sweep))
     for what, path in sweep.files.items():
         log(f"{what} written to {path}")
+    if html:
+        from ..report.html import write_html
+
+        write_html(report, html, scale_results=sweep.files["json"])
+        log(f"HTML audit written to {html}")
 
 
 def _missing_dirs(path: str):

@@ -52,7 +52,9 @@ class LoadedModel:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         """Token ids of `text`; by default without BOS/EOS (the scorers add the prefix token)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        # verbose=False: long texts are windowed by the scorers, the length warning is noise
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens,
+                                          verbose=False))
 
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])

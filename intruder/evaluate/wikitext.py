@@ -29,12 +29,14 @@ class WikitextEvaluator:
     name = "wikitext"
 
     def __init__(self, path: Optional[str] = None, stride: Optional[int] = DEFAULT_STRIDE,
-                 batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, limit: Optional[int] = None):
         """Args:
             path: wiki.test.raw (or a folder holding it); None looks in the environment.
             stride: sliding-window stride for token_perplexity; None skips that metric.
+            limit: articles scored when evaluate() is given no limit of its own (None: all).
         """
         self.path = path
+        self.limit = limit
         self.stride = stride
         self.batch_size = batch_size
         self._corpus: Optional[WikiCorpus] = None
@@ -47,6 +49,7 @@ class WikitextEvaluator:
     def evaluate(self, lm, limit: Optional[int] = None, progress: bool = True) -> List[EvalResult]:
         """Score the first `limit` articles (all when None) and return the four metrics."""
         corpus = self.corpus()
+        limit = limit if limit is not None else self.limit
         docs = corpus.documents[:limit] if limit else corpus.documents
         results = self.rolling(lm, [d.text for d in docs], progress=progress, source=corpus.source)
         if self.stride:

@@ -11,6 +11,17 @@ from typing import Iterable, Iterator
 from ..errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_mode(path: str, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; outputs get the usual umask-derived mode instead."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def _real(p: str) -> str:
     return os.path.realpath(os.path.abspath(p))
 
@@ -47,6 +58,7 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        _ordinary_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -72,6 +84,7 @@ def atomic_dir(path: str) -> Iterator[str]:
         raise OutputError(f"{path}: cannot create ({exc.strerror})")
     try:
         yield tmp
+        _ordinary_mode(tmp, is_dir=True)
         if os.path.isdir(path):
             old = tmp + ".old"
             os.replace(path, old)
