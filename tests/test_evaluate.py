@@ -477,4 +477,4 @@ def test_cli_unknown_evaluator_is_one_line_error(runner, tiny_model_dir):
     assert res.exit_code == 1
     assert res.stderr.strip().splitlines() == [
         "Error: unknown evaluator 'wikitxt'; did you mean 'wikitext'? "
-        "(available: wikitext[:PATH], task:PATH)"]
+        "(available: wikitext[:PATH], wikitext-lmeval[:PATH], task:PATH)"]
