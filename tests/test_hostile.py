@@ -501,8 +501,6 @@ def test_hostile_tensor_names_cannot_drive_the_terminal_or_the_page(tmp_path):
     assert "<script>alert(1)" not in page and "<img src=x>" not in page
 
 
-@pytest.mark.xfail(strict=True, reason="intruder/report/plots.py: matplotlib's 'Glyph N missing "
-                   "from font' UserWarning reaches stderr and quotes the checkpoint's name raw")
 def test_html_audit_keeps_stderr_clean_with_hostile_names(tmp_path):
     base, tuned, name = hc.hostile_names_pair(str(tmp_path))
     out = tmp_path / "out"

@@ -82,8 +82,14 @@ def _wrap(s: str, width: int = 44, lines: int = 3) -> str:
 
 def to_png(fig, dpi: int = 100) -> bytes:
     """The figure as PNG bytes (no timestamp or software tag, so output is reproducible)."""
+    import warnings
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    with warnings.catch_warnings():
+        # a checkpoint-supplied name with control characters has no glyph; matplotlib would
+        # print the raw name to stderr (the box drawn in its place is enough)
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     return buf.getvalue()
 
 
