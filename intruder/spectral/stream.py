@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..errors import CheckpointError, NonFiniteError
+from ..errors import IntruderError, CheckpointError, NonFiniteError
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
 
 DEFAULT_HOST_BUDGET = 1024 * 2 ** 20  # bytes of tensors read ahead of the devices
@@ -384,6 +384,10 @@ class Pipeline:
                 with self.cv:
                     while i not in self.results:
                         self.cv.wait(0.1)
+                        if i not in self.results and not any(t.is_alive() for t in self.threads):
+                            raise IntruderError(f"scan stopped: every worker thread ended before "
+                                                f"matrix {self.pairs[i].name!r} was done (out of "
+                                                f"memory?)")
                     res = self.results.pop(i)
                 if isinstance(res, BaseException):
                     raise res
@@ -409,5 +413,12 @@ class Pipeline:
             try:
                 raw = self.ready.get(timeout=0.1)
             except queue.Empty:
+                readers = [t for t in self.threads if t.name.startswith("intruder-read")]
+                if not any(t.is_alive() for t in readers) and self.ready.empty():
+                    with self.cv:
+                        if i in self.results:
+                            return
+                    raise IntruderError(f"scan stopped: every reader thread ended before matrix "
+                                        f"{self.pairs[i].name!r} was read (out of memory?)")
                 continue
             self.stash[raw.index] = raw  # readers may finish out of order
