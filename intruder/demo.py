@@ -53,11 +53,11 @@ def ensure_models(demo: str, data_dir: str) -> Dict[str, dict]:
 def heldout_text(data_dir: str, path: str, per_task: int = 150, seed: int = 0) -> int:
     """Write the fine-tuning items the demo held out (same seeded split as the build)."""
     sys.path.insert(0, os.path.join(REPO, "fixtures"))
-    import build_demo  # noqa: E402  (the builder's own split, so the text is truly held out)
+    import demo_data  # noqa: E402  (the builder's own split, so the text is truly held out)
     from pathlib import Path
 
-    tasks = build_demo.load_tasks(Path(data_dir), per_task, seed)
-    texts = build_demo.texts_for(tasks, "mix", "heldout")
+    tasks = demo_data.load_tasks(Path(data_dir), per_task, seed)
+    texts = demo_data.texts_for(tasks, "mix", "heldout")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n\n".join(texts) + "\n")
     return len(texts)
