@@ -9,17 +9,16 @@ readers, CUDA streams, several GPUs; multi.py: torchrun).
 
 from __future__ import annotations
 
-import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 
 from ..errors import IntruderError, NonFiniteError
 from ..types import Intruder, LayerPair, LayerResult, ScanConfig
 from .certify import certify_side
-from .decompose import Spectrum, spectral_norm, spectrum_of
+from .decompose import Spectrum, spectrum_of
 from .match import counts_by_epsilon, match_vectors
 from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
 
@@ -211,8 +210,11 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
             in_cluster=in_cluster))
     energy = float(sig_t[flags].square().sum()) / energy_total if energy_total > 0 else 0.0
     sig_k = float(b.sigma[k - 1]) if b.sigma.numel() >= k else float("nan")
+    from .margin import margin_fields, update_spectrum  # margin + update-shape measures (issue 9)
+
     d = wt - w0  # (m, n)
-    dnorm = spectral_norm(d)
+    update = update_spectrum(d)  # dW's singular values, once: ||dW||_2 here, its shape in margin
+    dnorm = update[2]
     fields = dict(
         sigma_base=tuple(float(s) for s in b.sigma[: k + 5].cpu()),
         sigma_tuned=tuple(float(s) for s in sig_t),
@@ -229,10 +231,8 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         delta_fro_rel=float(d.norm() / w0.norm()) if float(w0.norm()) > 0 else float("inf"),
         method=_method(be, te),
     )
-    from .margin import margin_fields  # margin + update-shape measures (issue 9), extra pairs
-
     fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
-        b, t, w0, wt, d, k, decide, eps, dnorm, left=left)
+        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update)
     return fields, be
 
 

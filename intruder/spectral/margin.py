@@ -135,13 +135,28 @@ def spectral_norm_projected(d: torch.Tensor, basis: Optional[torch.Tensor], left
     return float(torch.linalg.svdvals(y).max()) if y.numel() else 0.0
 
 
+def update_spectrum(d: torch.Tensor) -> Tuple[torch.Tensor, str, float]:
+    """(singular values of d, how they were computed, ||d||_2), computed once per layer.
+
+    The exact Gram path gives ||d||_2 as its top value; the randomized path's top value is a
+    lower bound, so the power iteration's estimate is taken too and the larger kept."""
+    from .decompose import spectral_norm
+
+    sv, how = delta_singular_values(d)
+    top = float(sv[0]) if sv.numel() else 0.0
+    if how != "gram":
+        top = max(top, spectral_norm(d))
+    return sv, how, top
+
+
 def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
                   decide: torch.Tensor, epsilon: float, dnorm: float,
-                  left: bool = True) -> Tuple[Tuple[str, object], ...]:
+                  left: bool = True, update=None) -> Tuple[Tuple[str, object], ...]:
     """Margin and update-shape measures of one layer, as LayerResult.extra (key, value) pairs.
 
     b: base Spectrum (all vectors), t: tuned top-k Spectrum, w0/wt/d (m, n) float64 on one device,
-    decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2 (the engine's power iteration)."""
+    decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2, update: update_spectrum(d)
+    when the caller already has it (else computed here)."""
     out = []
     min_cos = float(decide.min()) if decide.numel() else float("nan")
     out.append(("min_max_cos", min_cos))
@@ -160,7 +175,7 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     # cosine between the weights as vectors: near 1 for any fine-tune, near 0 for unrelated models
     dot = float(torch.dot(w0.reshape(-1), wt.reshape(-1)))  # no (m, n) temporary
     out.append(("weight_cos", dot / (n0 * nt) if n0 > 0 and nt > 0 else None))
-    sv, how = delta_singular_values(d)
+    sv, how, _ = update if update is not None else update_spectrum(d)
     top = max(float(sv[0]) if sv.numel() else 0.0, dnorm)  # ||d||_2 (exact or randomized)
     fro2 = float(torch.linalg.vector_norm(d)) ** 2
     out.append(("delta_stable_rank", fro2 / top ** 2 if top > 0 else 0.0))
@@ -195,7 +210,7 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
 def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> Tuple[Tuple[str, object], ...]:
     """margin_fields from the two matrices alone (a separate pass; the engine calls margin_fields
     with what it has already computed)."""
-    from .decompose import full_spectrum, spectral_norm, top_spectrum
+    from .decompose import full_spectrum, top_spectrum
     from .match import match_vectors
 
     w0 = w0.to(torch.float64)  # (m, n)
@@ -210,7 +225,9 @@ def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> Tuple[Tuple
         cos.append(match_vectors(t.v, t.sigma, b.v, b.sigma).max_cos)
     decide = torch.maximum(cos[0], cos[1]) if len(cos) == 2 else cos[0]  # (k,)
     d = wt - w0  # (m, n)
-    return margin_fields(b, t, w0, wt, d, k, decide, config.epsilon, spectral_norm(d), left=left)
+    update = update_spectrum(d)
+    return margin_fields(b, t, w0, wt, d, k, decide, config.epsilon, update[2], left=left,
+                         update=update)
 
 
 def _quantile(xs, q):
