@@ -13,8 +13,8 @@ from typing import Dict, Iterable, List, Optional
 
 from ..errors import AdapterError, CheckpointError
 from ..types import CheckpointInfo, TensorRef
-from .safetensors_file import (DTYPES, DuplicateKeyError, SafetensorsFile, check_regular_file,
-                               open_regular, strict_json)
+from .jsonfile import read_json
+from .safetensors_file import DTYPES, SafetensorsFile, check_regular_file
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -157,25 +157,8 @@ def _inside(d: str, rel: str, what: str) -> str:
     return joined
 
 
-MAX_JSON = 64 * 1024 * 1024  # an index or adapter config is kilobytes; refuse memory bombs
-
-
 def _load_json(path: str) -> object:
-    fh, st = open_regular(path, "JSON file")
-    try:
-        with fh:
-            if st.st_size > MAX_JSON:
-                raise CheckpointError(f"{path}: {st.st_size} bytes is too large for a JSON "
-                                      f"index or config")
-            raw = fh.read()
-        return strict_json(raw.decode("utf-8"))
-    except DuplicateKeyError as exc:
-        raise CheckpointError(f"{path}: key {exc.key!r} appears twice; which one holds is "
-                              f"ambiguous")
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, over-long number
-        raise CheckpointError(f"{path}: not valid JSON ({exc.__class__.__name__})")
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
+    return read_json(path, CheckpointError, "JSON file")
 
 
 def _from_index(d: str, index: str, safetensors: bool) -> Checkpoint:

@@ -10,7 +10,6 @@ whose `role`/`label`/`name` says so, rows with alpha = 1 (tuned), or under `base
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -172,9 +171,6 @@ def load_scale_results(path: str) -> ScaleTable:
     """Read scale-results.json (see the module docstring for the accepted shapes)."""
     if not os.path.isfile(path):
         raise ReportError(f"{path}: no scale results there (run `intruder scale ... --eval` first)")
-    try:
-        with open(path, "rb") as fh:
-            doc = json.loads(fh.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ReportError(f"{path}: not valid JSON ({exc.__class__.__name__})")
-    return parse_scale_results(doc, path)
+    from ..io.jsonfile import read_json
+
+    return parse_scale_results(read_json(path, ReportError, "scale results", max_bytes=None), path)

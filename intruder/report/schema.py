@@ -242,13 +242,9 @@ def load_report(path: str) -> ScanReport:
 
     if not os.path.isfile(path):
         raise ReportError(f"{path}: no scan report there (run `intruder scan BASE TUNED` first)")
-    try:
-        with open(path, "rb") as fh:
-            doc = json.loads(fh.read().decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, or an over-long number
-        raise ReportError(f"{path}: not valid JSON ({exc.__class__.__name__})")
-    except OSError as exc:
-        raise ReportError(f"{path}: cannot read ({exc.strerror})")
+    from ..io.jsonfile import read_json
+
+    doc = read_json(path, ReportError, "scan report", max_bytes=None)
     if not isinstance(doc, dict):
         raise ReportError(f"{path}: violates the scan-report schema: $: expected object")
     try:
