@@ -11,7 +11,7 @@ from typing import Optional
 from . import __version__
 from .errors import IntruderError
 from .io import open_checkpoint, pair_checkpoints, read_ref
-from .types import LayerResult, ScanConfig, ScanReport
+from .types import ScanConfig, ScanReport
 
 
 def validate_config(config: ScanConfig) -> None:
@@ -152,10 +152,3 @@ def _provenance(report):
 
 def _eps_key(e: float) -> str:
     return format(e, "g")
-
-
-def layer_by_name(report: ScanReport, name: str) -> Optional[LayerResult]:
-    for l in report.layers:
-        if l.name == name:
-            return l
-    return None

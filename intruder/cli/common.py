@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import click
 
@@ -87,7 +86,3 @@ def float_list(value: str, what: str) -> tuple:
     if not out:
         raise click.BadParameter(f"{what} is empty")
     return out
-
-
-def is_tty_stderr() -> bool:
-    return sys.stderr.isatty()

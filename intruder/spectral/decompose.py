@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .partial import GRAM_RCOND, Eig, derive_other, eig_full, gram_side  # noqa: F401
+from .partial import Eig, derive_other, eig_full
 
 
 @dataclass(frozen=True)

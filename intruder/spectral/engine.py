@@ -242,12 +242,11 @@ def _method(be: Eig, te: Eig) -> str:
 
 
 def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
-               progress: bool = False, lookahead: int = 2,
-               base_cache=None) -> Iterator[LayerResult]:
+               progress: bool = False, base_cache=None) -> Iterator[LayerResult]:
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
-    torchrun each rank scans a share and every rank yields all results. `lookahead` is kept for
-    callers of the old signature; read-ahead is now bounded in bytes (INTRUDER_HOST_BUDGET_MB)."""
+    torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
+    bytes (INTRUDER_HOST_BUDGET_MB)."""
     from . import multi
     from .stream import Pipeline
 
