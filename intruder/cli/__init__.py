@@ -26,6 +26,11 @@ def cli(debug):
       intruder layers model-dir/
       intruder scale --alpha 0.5 --eval wikitext
     """
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand in ("scan", "compare", "track"):  # before torch is imported
+        from ..spectral.threads import set_thread_env
+
+        set_thread_env()
 
 
 for _name in COMMAND_MODULES:

@@ -78,35 +78,12 @@ def _svd64(w: torch.Tensor, left: bool, right: bool) -> Spectrum:
 
 def spectral_norm(d: torch.Tensor, iters: int = 30, seed: int = 0, block: int = 4,
                   rtol: float = 1e-13) -> float:
-    """||d||_2 (float64) by block Lanczos on d^T d: Rayleigh-Ritz on the Krylov space
-    [X, (d^T d) X, ...] of a random block, grown until the top Ritz value changes by less than
-    rtol (at most `iters` blocks). Ritz values bound from below, so the estimate converges from
-    below; a few blocks resolve it where power iteration needs dozens of passes over d."""
+    """||d||_2 (float64) by block Lanczos on d^T d (sketch.norm_lanczos): a lower bound that
+    converges from below; a few blocks resolve it where power iteration needs dozens of passes."""
+    from .sketch import norm_lanczos
+
     d = d.to(torch.float64)  # (m, n)
     if d.numel() == 0:
         return 0.0
-    n = d.shape[1]
-    b = max(1, min(block, n))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x, _ = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=torch.float64).to(d.device))
-    qs, ys = [], []
-    est = 0.0
-    for _ in range(max(1, iters)):
-        y = d @ x  # (m, b)
-        qs.append(x)
-        ys.append(y)
-        ym = torch.cat(ys, dim=1)  # (m, b j) = d Q
-        top = float(torch.linalg.eigvalsh((ym.mT @ ym).cpu())[-1])  # Ritz value of d^T d on span Q
-        new = max(top, 0.0) ** 0.5
-        if new == 0.0 or abs(new - est) <= rtol * new:
-            return max(new, est)
-        est = max(new, est)
-        if sum(q.shape[1] for q in qs) + b > n:
-            return est
-        z = d.mT @ y  # (n, b)
-        qm = torch.cat(qs, dim=1)  # (n, b j)
-        for _ in range(2):  # block Gram-Schmidt, twice; a deflated block is rounding noise,
-            z = z - qm @ (qm.mT @ z)  # normalised by QR: project it out again after
-            z, _ = torch.linalg.qr(z)
-        x = z
-    return est
+    return norm_lanczos(lambda x: d @ x, lambda y: d.mT @ y, d.shape[1], d.dtype, d.device,
+                        block=block, iters=iters, rtol=rtol, seed=seed)

@@ -25,6 +25,8 @@ from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, g
 # Gram sizes up to these take the exact path outright (measured: bench/NOTES.md)
 EXACT_DIM_CUDA = 256
 EXACT_DIM_CPU = 256
+import os as _os
+_LAPACK_TOP = _os.environ.get("INTRUDER_LAPACK_TOP", "1") == "1"
 BASE_R0 = 32  # base eigenpairs kept at first; doubled while the certificate asks for more
 
 
@@ -62,7 +64,7 @@ def load_pair(pair: LayerPair, read: Callable, allow_nonfinite: bool) -> Loaded:
     from ..io.adapter import merge_lora
 
     w0 = read(pair.base)
-    if not torch.isfinite(w0).all():
+    if not all_finite(w0):
         if not allow_nonfinite:
             raise NonFiniteError(f"base tensor {pair.name!r} in {pair.base.path} contains NaN or "
                                  f"Inf (use --allow-nonfinite to skip such layers)")
@@ -73,7 +75,7 @@ def load_pair(pair: LayerPair, read: Callable, allow_nonfinite: bool) -> Loaded:
         return Loaded(pair, None, None, "unchanged", pair.base.dtype)
     else:
         wt = read(pair.tuned)
-    if not torch.isfinite(wt).all():
+    if not all_finite(wt):
         if not allow_nonfinite:
             where = pair.lora.a.path if pair.lora is not None else pair.tuned.path
             raise NonFiniteError(f"tuned tensor {pair.name!r} in {where} contains NaN or Inf "
@@ -82,6 +84,17 @@ def load_pair(pair: LayerPair, read: Callable, allow_nonfinite: bool) -> Loaded:
     if wt.dtype == w0.dtype and torch.equal(wt, w0):
         return Loaded(pair, None, None, "unchanged", pair.base.dtype)
     return Loaded(pair, w0, wt, "scanned", pair.base.dtype)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t: one float64 sum (NaN and Inf propagate through it); only a sum that
+    is not finite, which also overflow of huge finite float64 values gives, is checked again
+    element by element."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def exact_dim(device) -> int:
@@ -124,7 +137,7 @@ def base_eig(w0: torch.Tensor, want: int, start: Optional[torch.Tensor] = None,
     side = gram_side(w0.shape)
     if fast:
         g = gram(w0, side)  # (d, d)
-        if g.device.type == "cpu":  # LAPACK on an index range beats iterating on a CPU
+        if g.device.type == "cpu" and _LAPACK_TOP:  # LAPACK on an index range (CPU)
             e = eig_top_lapack(g, want, eps_g=gram_error(w0, g), side=side)
         else:
             e = eig_top(g, want, start=start, seed=seed, eps_g=gram_error(w0, g), side=side)
@@ -156,6 +169,7 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
     """Algorithm 1 plus caveat measures on one pair already on its device. Returns (fields,
     base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
     Eig, what the base cache stores) can be passed back as base_spec for the same base."""
+    stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
     k = min(config.top_k, min(w0.shape))
@@ -232,7 +246,7 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         method=_method(be, te),
     )
     fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
-        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update)
+        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored)
     return fields, be
 
 

@@ -36,11 +36,15 @@ FLOOR_SLACK = 2.0
 _GRIDS = (("bfloat16", 7), ("float16", 10), ("float32", 23))
 
 
-CHUNK = 1 << 21  # elements per block in elementwise passes (bounds temporaries to ~16 MB)
+CHUNK = 1 << 21  # elements per block in elementwise passes on a CPU (bounds temporaries to ~16 MB)
+CHUNK_CUDA = 1 << 26  # on a GPU: few launches, each still within ~0.5 GB
+# the cheapest grid a stored dtype guarantees (nothing coarser is tested): bf16 is the coarsest
+_STORED_GRID = {torch.bfloat16: ("bfloat16", 7)}
 
 
 def _row_blocks(w: torch.Tensor):
-    rows = max(1, CHUNK // max(1, w.shape[-1]))
+    chunk = CHUNK_CUDA if w.device.type == "cuda" else CHUNK
+    rows = max(1, chunk // max(1, w.shape[-1]))
     for i in range(0, w.shape[0], rows):
         yield w[i:i + rows]
 
@@ -49,49 +53,63 @@ def storage_grid(w: torch.Tensor) -> Tuple[str, int]:
     """The coarsest float grid every entry of w lies on: (dtype name, mantissa bits).
 
     A weight saved in bf16/fp16 and read back as float64 still sits exactly on that grid, so the
-    rounding noise a fine-tune's saved weights carry can be read off the values themselves."""
+    rounding noise a fine-tune's saved weights carry can be read off the values themselves.
+    A tensor still in its stored bf16 needs no pass: no grid tested is coarser."""
+    if w.dtype in _STORED_GRID:
+        return _STORED_GRID[w.dtype]
     top = float(w.abs().max()) if w.numel() else 0.0
     for name, bits in _GRIDS:
         dt = getattr(torch, name)
         if top > torch.finfo(dt).max:
             continue
-        if all(torch.equal(blk.to(dt).to(w.dtype), blk) for blk in _row_blocks(w)):
+        if dt == w.dtype or all(torch.equal(blk.to(dt).to(w.dtype), blk) for blk in _row_blocks(w)):
             return name, bits
     return "float64", 52
+
+
+# (integer view, exponent shift, exponent mask, bias) of the IEEE formats rounding_rms reads
+_LAYOUT = {torch.float64: (torch.int64, 52, 0x7FF, 1023), torch.float32: (torch.int32, 23, 0xFF, 127),
+           torch.bfloat16: (torch.int16, 7, 0xFF, 127), torch.float16: (torch.int16, 10, 0x1F, 15)}
 
 
 def rounding_rms(w: torch.Tensor, bits: int) -> float:
     """Root mean square rounding error of storing w on a grid with `bits` mantissa bits.
 
     Round-to-nearest leaves an error uniform in +-ulp/2 (variance ulp^2/12), ulp = 2^(e - bits)
-    for |x| in [2^e, 2^(e+1))."""
-    total = 0.0
+    for |x| in [2^e, 2^(e+1)): the mean of ulp^2 is a histogram of the exponent fields, read
+    from the bits (one integer pass, no logarithms). Zeros and subnormals count at the smallest
+    normal exponent (their share of the sum is negligible: ulp^2 of the smallest normal)."""
+    if w.numel() == 0:
+        return 0.0
+    if w.dtype not in _LAYOUT:
+        w = w.to(torch.float64)
+    view, shift, mask, bias = _LAYOUT[w.dtype]
+    counts = torch.zeros(mask + 1, dtype=torch.int64, device=w.device)
     for blk in _row_blocks(w):
-        a = blk.abs().to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)  # (rows, n)
-        ulp = torch.exp2(torch.floor(torch.log2(a)) - bits)  # (rows, n)
-        total += float(ulp.square().sum()) / 12.0
-    return math.sqrt(total / max(1, w.numel()))
+        e = (blk.contiguous().view(view) >> shift) & mask  # (rows, n) biased exponents
+        counts += torch.bincount(e.reshape(-1), minlength=mask + 1)
+    total = 0.0
+    for field, c in enumerate(counts.tolist()):
+        if c:
+            total += c * math.ldexp(1.0, 2 * (max(field, 1) - bias - bits))
+    return math.sqrt(total / 12.0 / w.numel())
 
 
 def delta_singular_values(d: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, str]:
     """Singular values of d (m, n), descending: all of them (eigenvalues of the smaller Gram
     matrix, float64) when min(m, n) <= EXACT_DELTA_MAX, else the top RANDOMIZED_Q by a randomized
-    range finder with one power iteration. Gram values below GRAM_RESOLVE x sigma_1 are noise."""
+    range finder with one power iteration (sketch.py). Gram values below GRAM_RESOLVE x sigma_1
+    are noise."""
+    from .partial import gram, gram_side
+    from .sketch import sketch_singular_values
+
     m, n = d.shape
     small = min(m, n)
     if small <= EXACT_DELTA_MAX:
-        g = d @ d.mT if m <= n else d.mT @ d  # (small, small)
+        g = gram(d, gram_side(d.shape))  # (small, small)
         ev = torch.linalg.eigvalsh(g).flip(0)  # descending
         return ev.clamp_min(0).sqrt(), "gram"
-    q = min(RANDOMIZED_Q, small)
-    p = min(16, small - q)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, q + p, generator=gen, dtype=d.dtype).to(d.device)  # (n, q+p)
-    y, _ = torch.linalg.qr(d @ omega)  # (m, q+p)
-    z, _ = torch.linalg.qr(d.mT @ y)  # (n, q+p): one power iteration
-    qm, _ = torch.linalg.qr(d @ z)  # (m, q+p) orthonormal range basis
-    s = torch.linalg.svdvals(qm.mT @ d)  # (q+p,) from B = Q^T d (q+p, n)
-    return s[:q], "randomized"
+    return sketch_singular_values(d, min(RANDOMIZED_Q, small), seed=seed), "randomized"
 
 
 def estimate_rank(sv: torch.Tensor, floor: float, shape) -> Tuple[int, float, bool]:
@@ -111,28 +129,24 @@ def estimate_rank(sv: torch.Tensor, floor: float, shape) -> Tuple[int, float, bo
 
 
 def spectral_norm_projected(d: torch.Tensor, basis: Optional[torch.Tensor], left: bool,
-                            iters: int = 10, block: int = 6, seed: int = 1) -> float:
+                            iters: int = 30, block: int = 4, seed: int = 1,
+                            rtol: float = 1e-9) -> float:
     """||(I - B B^T) d||_2 (left) or ||d (I - B B^T)||_2 (right), basis B (., k) orthonormal, by
-    block power iteration (a lower bound that converges from below)."""
+    block Lanczos (sketch.norm_lanczos: a lower bound that converges from below)."""
+    from .sketch import norm_lanczos
+
     if basis is None:
         return float("nan")
 
     def proj(x):  # (I - B B^T) x
         return x - basis @ (basis.mT @ x)
 
-    def apply(x):  # x (n, b) -> P d x (m, b)  [left]   or   d P x (m, b)  [right]
-        return proj(d @ x) if left else d @ proj(x)
-
-    def apply_t(y):  # y (m, b) -> (P d)^T y (n, b)
-        return d.mT @ proj(y) if left else proj(d.mT @ y)
-
-    b = max(1, min(block, min(d.shape)))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(d.shape[1], b, generator=gen, dtype=d.dtype).to(d.device)  # (n, b)
-    for _ in range(iters):
-        x, _ = torch.linalg.qr(apply_t(apply(x)))  # (n, b)
-    y = apply(x)  # (m, b)
-    return float(torch.linalg.svdvals(y).max()) if y.numel() else 0.0
+    if left:  # M = P d: x (n, b) -> (m, b)
+        fwd, bwd = (lambda x: proj(d @ x)), (lambda y: d.mT @ proj(y))
+    else:  # M = d P
+        fwd, bwd = (lambda x: d @ proj(x)), (lambda y: proj(d.mT @ y))
+    return norm_lanczos(fwd, bwd, d.shape[1], d.dtype, d.device, block=block, iters=iters,
+                        rtol=rtol, seed=seed)
 
 
 def update_spectrum(d: torch.Tensor) -> Tuple[torch.Tensor, str, float]:
@@ -151,12 +165,13 @@ def update_spectrum(d: torch.Tensor) -> Tuple[torch.Tensor, str, float]:
 
 def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
                   decide: torch.Tensor, epsilon: float, dnorm: float,
-                  left: bool = True, update=None) -> Tuple[Tuple[str, object], ...]:
+                  left: bool = True, update=None, stored=None) -> Tuple[Tuple[str, object], ...]:
     """Margin and update-shape measures of one layer, as LayerResult.extra (key, value) pairs.
 
     b: base Spectrum (all vectors), t: tuned top-k Spectrum, w0/wt/d (m, n) float64 on one device,
     decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2, update: update_spectrum(d)
-    when the caller already has it (else computed here)."""
+    when the caller already has it (else computed here), stored: (w0, wt) as read, before the
+    float64 upcast (their dtype spares the storage-grid pass), default (w0, wt)."""
     out = []
     min_cos = float(decide.min()) if decide.numel() else float("nan")
     out.append(("min_max_cos", min_cos))
@@ -180,10 +195,11 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     fro2 = float(torch.linalg.vector_norm(d)) ** 2
     out.append(("delta_stable_rank", fro2 / top ** 2 if top > 0 else 0.0))
     # the coarser storage grid of the two sides sets the rounding noise dW carries
-    grid, bits = min(storage_grid(wt), storage_grid(w0), key=lambda g: g[1])
+    s0, st = stored if stored is not None else (w0, wt)
+    grid, bits = min(storage_grid(st), storage_grid(s0), key=lambda g: g[1])
     m, n = d.shape
     # Marchenko-Pastur edge of an iid noise matrix with the storage rounding's per-entry rms
-    rms = rounding_rms(wt, bits)
+    rms = rounding_rms(st, bits)
     floor = FLOOR_SLACK * rms * (math.sqrt(m) + math.sqrt(n))
     floor = max(floor, float(sv[0]) * GRAM_RESOLVE if sv.numel() else 0.0)
     rank, gap, seen = estimate_rank(sv, floor, d.shape)

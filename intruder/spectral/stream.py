@@ -7,7 +7,8 @@
 - Workers (threads, one CUDA stream each, `per_device` per GPU) copy a pair to their device,
   run the finiteness / unchanged checks and the LoRA merge there, and call engine.analyse.
   Several workers per GPU overlap one matrix's host round-trips with another's kernels.
-  On a CPU there is one worker: the calling thread.
+  On a CPU, one worker thread per core (up to 4), each with one BLAS thread; on one core the
+  calling thread computes.
 - Results come back in pair order; an error is raised when its pair's turn comes, so a scan
   fails on the same pair, with the same message, as a sequential one would.
 
@@ -28,6 +29,7 @@ import torch
 
 from ..errors import IntruderError, CheckpointError, NonFiniteError
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
+from .threads import OneThreadEach, cpu_workers, usable_cpus
 
 DEFAULT_HOST_BUDGET = 1024 * 2 ** 20  # bytes of tensors read ahead of the devices
 
@@ -187,11 +189,12 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
 def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
     """On the device: the checks load_pair makes, and the LoRA merge. Returns (status, w0, wt)."""
     from ..io.adapter import merge_lora
+    from .engine import all_finite
 
     p = raw.pair
     nb = device.type == "cuda"
     w0 = raw.w0.to(device, non_blocking=nb)
-    if not bool(torch.isfinite(w0).all()):
+    if not all_finite(w0):
         if not allow_nonfinite:
             raise NonFiniteError(f"base tensor {p.name!r} in {p.base.path} contains NaN or "
                                  f"Inf (use --allow-nonfinite to skip such layers)")
@@ -203,7 +206,7 @@ def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
         return "unchanged", None, None
     else:
         wt = raw.wt.to(device, non_blocking=nb)
-    if not bool(torch.isfinite(wt).all()):
+    if not all_finite(wt):
         if not allow_nonfinite:
             where = p.lora.a.path if p.lora is not None else p.tuned.path
             raise NonFiniteError(f"tuned tensor {p.name!r} in {where} contains NaN or Inf "
@@ -274,10 +277,13 @@ class Pipeline:
         self.devices = devices
         self.base_cache = base_cache
         cuda = devices[0].type == "cuda"
-        self.threaded = cuda if threaded is None else threaded  # workers in threads (CUDA)
-        cpus = os.cpu_count() or 2
+        cpus = usable_cpus()
+        self.cpu_workers = 1 if cuda else cpu_workers(cpus)
+        # workers in threads: CUDA streams, or one matrix per core on a multi-core CPU
+        self.threaded = (cuda or self.cpu_workers > 1) if threaded is None else threaded
         self.n_readers = readers or (min(8, max(2, cpus // 2)) if cuda else 1)
-        self.per_device = per_device or (int(os.environ.get("INTRUDER_STREAMS", "3")) if cuda else 1)
+        self.per_device = per_device or (int(os.environ.get("INTRUDER_STREAMS", "3")) if cuda
+                                         else self.cpu_workers)
         self.budget = _Budget(budget or host_budget())
         self.reader = Reader(pinned=cuda, fallback=read)
         self.stop = threading.Event()
@@ -322,6 +328,8 @@ class Pipeline:
 
     def _work_loop(self, device: torch.device):
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if device.type == "cpu":  # OpenMP's thread count is per calling thread: set it here
+            torch.set_num_threads(torch.get_num_threads())
         while not self.stop.is_set():
             try:
                 raw = self.ready.get(timeout=0.1)
@@ -375,6 +383,9 @@ class Pipeline:
                     t = threading.Thread(target=self._work_loop, args=(dev,),
                                          name=f"intruder-{dev}-{j}", daemon=True)
                     self.threads.append(t)
+        pools = OneThreadEach(self.per_device if self.devices[0].type == "cpu" and threaded
+                              else 1, usable_cpus())
+        pools.__enter__()
         for t in self.threads:
             t.start()
         try:
@@ -399,6 +410,7 @@ class Pipeline:
             deadline = time.monotonic() + 10.0
             for t in self.threads:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
+            pools.__exit__(None, None, None)
 
     def _serve_until(self, i: int) -> None:
         """CPU: compute pairs in the calling thread, in order, until pair i is done."""

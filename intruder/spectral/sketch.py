@@ -1,0 +1,101 @@
+"""Small-block linear algebra for the update measures: orthonormal bases, ||M||_2 by block
+Lanczos and a randomized singular-value sketch, built from matrix products and eigh of small
+(s, s) matrices on the CPU.
+
+No Householder QR and no SVD runs on the device here: on a GPU both are sequences of many
+small kernels with host round-trips (measured 49-110 ms per 4096-wide update for the previous
+QR + svdvals sketch, bench/NOTES.md), while a product with an (m, s) block is one GEMM.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def _small_gram(y: torch.Tensor) -> torch.Tensor:
+    """y^T y (s, s) on the CPU, float64, symmetrised."""
+    c = (y.mT @ y).to("cpu", torch.float64)
+    return (c + c.mT) * 0.5
+
+
+def orth(y: torch.Tensor, rcond: float = 1e-7, ref: Optional[float] = None) -> torch.Tensor:
+    """Orthonormal basis (m, r) of the column span of y (m, s), r <= s: directions whose
+    singular value in y is below rcond x `ref` (default: y's largest) are dropped.
+
+    Two passes of eigh of the small Gram matrix (y^T y = V L V^T, then y V L^(-1/2)): the first
+    leaves columns orthonormal to about u / rcond^2, the second to rounding (like CholeskyQR2,
+    but a rank-deficient y is fine)."""
+    if y.shape[1] == 0:
+        return y
+    for step in range(2):
+        lam, v = torch.linalg.eigh(_small_gram(y))  # ascending (s,), (s, s)
+        top = float(lam[-1])
+        floor = (rcond * ref) ** 2 if (step == 0 and ref is not None) else rcond ** 2 * top
+        if step == 1:
+            floor = max(floor, 1e-4 * top)  # columns are ~unit now: anything small is degenerate
+        keep = lam > max(floor, 0.0)
+        if not bool(keep.any()) or not top > 0:
+            return y[:, :0]
+        scale = v[:, keep] / lam[keep].sqrt()  # (s, r)
+        y = y @ scale.to(y.device, y.dtype)  # (m, r)
+    return y
+
+
+def norm_lanczos(fwd: Callable, bwd: Callable, n: int, dtype, device, block: int = 4,
+                 iters: int = 30, rtol: float = 1e-12, seed: int = 0) -> float:
+    """||M||_2 for M given by fwd(x) = M x and bwd(y) = M^T y, x (n, b): block Lanczos on
+    M^T M with full reorthogonalisation. The estimate is the largest singular value of M Q on
+    the Krylov basis Q [X, M^T M X, ...] of a seeded random block, a lower bound that converges
+    from below; it stops when it moves by less than rtol, or when the Krylov space is
+    exhausted (then it is exact)."""
+    if n == 0:
+        return 0.0
+    b = max(1, min(block, n))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = orth(torch.randn(n, b, generator=gen, dtype=torch.float64).to(device, dtype))  # (n, b)
+    qs, ys = [], []
+    est = 0.0
+    for _ in range(max(1, iters)):
+        y = fwd(x)  # (p, b)
+        qs.append(x)
+        ys.append(y)
+        ym = torch.cat(ys, dim=1)  # (p, j b) = M Q
+        top = float(torch.linalg.eigvalsh(_small_gram(ym))[-1])  # Ritz value of M^T M
+        new = max(top, 0.0) ** 0.5
+        if new == 0.0 or abs(new - est) <= rtol * new:
+            return max(new, est)
+        est = max(new, est)
+        qm = torch.cat(qs, dim=1)  # (n, j b)
+        if qm.shape[1] + b > n:
+            return est
+        z = bwd(y)  # (n, b)
+        z0 = float(torch.linalg.vector_norm(z))
+        for _ in range(2):  # block Gram-Schmidt, twice
+            z = z - qm @ (qm.mT @ z)
+        x = orth(z, rcond=1e-10, ref=z0)  # what is left of z above rounding
+        if x.shape[1] == 0:  # the Krylov space is invariant: the estimate is exact
+            return est
+    return est
+
+
+def sketch_singular_values(d: torch.Tensor, q: int, p: int = 16, seed: int = 0) -> torch.Tensor:
+    """The top q singular values of d (m, n) by a randomized range finder with one power
+    iteration (Halko, Martinsson & Tropp, alg. 4.4): bases of d Omega, d^T Y, d Z in turn, then
+    the singular values of Q^T d from the eigenvalues of its (s, s) Gram. Values below about
+    1e-7 of the largest are not resolved and come back as 0."""
+    m, n = d.shape
+    s = min(q + p, m, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, s, generator=gen, dtype=torch.float64).to(d.device, d.dtype)  # (n, s)
+    y = orth(d @ omega)  # (m, r)
+    z = orth(d.mT @ y)  # (n, r): one power iteration
+    qm = orth(d @ z)  # (m, r) orthonormal range basis
+    c = d.mT @ qm  # (n, r) = (Q^T d)^T
+    ev = torch.linalg.eigvalsh(_small_gram(c)).flip(0)  # (r,) descending, sigma^2
+    sv = ev.clamp_min(0).sqrt()
+    out = torch.zeros(min(q, m, n), dtype=torch.float64)
+    k = min(out.numel(), sv.numel())
+    out[:k] = sv[:k]
+    return out.to(d.device)
