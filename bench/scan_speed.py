@@ -252,8 +252,11 @@ def main():
                 continue
             err, diff = compare(cold, layers_of(load(out_m)))
             rows.append((f"(c) cold, {ng} GPUs, {label}", wm, "measured, whole process"))
-            checks.append(f"{ng} GPUs {label}: {t_c / wm:.2f}x over one GPU (cold), max_cos diff "
-                          f"vs one GPU {err:.1e}, {diff} decisions differ")
+            rep_m = load(out_m).get("summary", {}).get("seconds")
+            phase = (f"; scan phase (report's seconds, after the process start) {rep_s:.1f} s -> "
+                     f"{rep_m:.1f} s = {rep_s / rep_m:.2f}x") if rep_s and rep_m else ""
+            checks.append(f"{ng} GPUs {label}: {t_c / wm:.2f}x over one GPU (cold, whole process)"
+                          f"{phase}, max_cos diff vs one GPU {err:.1e}, {diff} decisions differ")
             note(checks[-1], log)
 
     # (b) PEFT

@@ -47,14 +47,18 @@ def default_cache_dir() -> str:
     return os.path.join(xdg, "intruder")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Temporary sibling + rename: readers see the old file or the whole new one, never a part."""
+def _atomic_write(path: str, data) -> None:
+    """Temporary sibling + rename: readers see the old file or the whole new one, never a part.
+    data: bytes, or a function that writes the temporary file given its path."""
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if not callable(data):
+                fh.write(data)
+        if callable(data):
+            data(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -79,7 +83,10 @@ class BaseCache:
         self.lock = threading.Lock()
         self.index: Dict[str, dict] = {}  # real path -> {"identity": [...], "tensors": {...}}
         self.hits = self.misses = self.stores = 0
-        self._writes: "queue.Queue" = queue.Queue()
+        # pending writes hold CPU copies of spectra: bounded, so a slow disk slows the scan
+        # instead of growing its memory
+        self._writes: "queue.Queue" = queue.Queue(maxsize=4)
+        self._total: Optional[int] = None  # bytes of entries, counted once, then kept up to date
         self._writer: Optional[threading.Thread] = None
         self._errors: List[str] = []
 
@@ -197,19 +204,33 @@ class BaseCache:
             item = self._writes.get()
             try:
                 self._write(*item)
+            except Exception as exc:  # the writer must live on: producers wait on its queue
+                self._note(f"cannot write the base spectral cache in {self.root} ({exc})")
             finally:
                 self._writes.task_done()
 
     def _write(self, key, tensors, meta) -> None:
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
+        path = self._entry_path(key)
         try:
-            _atomic_write(self._entry_path(key), save(tensors, metadata=meta))
+            # straight from the tensors to a temporary sibling, then renamed (no bytes copy)
+            _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
             self.stores += 1
+            size = os.path.getsize(path)
         except OSError as exc:
             self._note(f"cannot write the base spectral cache in {self.root} ({exc.strerror})")
             return
-        self.trim()
+        except Exception as exc:  # safetensors reports some I/O failures in its own type
+            self._note(f"cannot write the base spectral cache in {self.root} ({exc})")
+            return
+        if self._total is None:
+            self._total = self.total_bytes()
+        else:
+            self._total += size
+        if self._total > self.max_bytes:
+            self.trim()
+            self._total = self.total_bytes()
 
     def _note(self, msg: str) -> None:
         if msg not in self._errors:

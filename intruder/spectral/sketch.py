@@ -14,6 +14,30 @@ from typing import Callable, Optional
 import torch
 
 
+_OMEGA: dict = {}  # (rows, cols, dtype, device, seed) -> a reusable Gaussian block
+
+
+def seeded_randn(rows: int, cols: int, seed: int, device, dtype=torch.float64,
+                 reuse: bool = False) -> torch.Tensor:
+    """A Gaussian (rows, cols) block from a seeded generator on `device` (on a GPU generated
+    there: the CPU's generator costs 18-49 ms for a 4096-11008 x 144 block, bench/NOTES.md).
+    The same seed gives the same block on every device of one kind. reuse: keep it for later
+    calls with the same shape and seed (a sketch's test matrix need not change per matrix)."""
+    dev = torch.device(device)
+    key = (rows, cols, dtype, str(dev), seed)
+    if reuse:
+        hit = _OMEGA.get(key)
+        if hit is not None:
+            return hit
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = torch.randn(rows, cols, generator=gen, dtype=dtype, device=dev)
+    if reuse:
+        if len(_OMEGA) >= 32:
+            _OMEGA.clear()
+        _OMEGA[key] = out
+    return out
+
+
 def _small_gram(y: torch.Tensor) -> torch.Tensor:
     """y^T y (s, s) on the CPU, float64, symmetrised."""
     c = (y.mT @ y).to("cpu", torch.float64)
@@ -53,8 +77,7 @@ def norm_lanczos(fwd: Callable, bwd: Callable, n: int, dtype, device, block: int
     if n == 0:
         return 0.0
     b = max(1, min(block, n))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = orth(torch.randn(n, b, generator=gen, dtype=torch.float64).to(device, dtype))  # (n, b)
+    x = orth(seeded_randn(n, b, seed, device, dtype, reuse=True))  # (n, b)
     qs, ys = [], []
     est = 0.0
     for _ in range(max(1, iters)):
@@ -87,8 +110,7 @@ def sketch_singular_values(d: torch.Tensor, q: int, p: int = 16, seed: int = 0) 
     1e-7 of the largest are not resolved and come back as 0."""
     m, n = d.shape
     s = min(q + p, m, n)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, s, generator=gen, dtype=torch.float64).to(d.device, d.dtype)  # (n, s)
+    omega = seeded_randn(n, s, seed, d.device, d.dtype, reuse=True)  # (n, s)
     y = orth(d @ omega)  # (m, r)
     z = orth(d.mT @ y)  # (n, r): one power iteration
     qm = orth(d @ z)  # (m, r) orthonormal range basis

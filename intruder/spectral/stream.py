@@ -31,7 +31,9 @@ from ..errors import IntruderError, CheckpointError, NonFiniteError
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
 from .threads import OneThreadEach, cpu_workers, usable_cpus
 
-DEFAULT_HOST_BUDGET = 1024 * 2 ** 20  # bytes of tensors read ahead of the devices
+# bytes of tensors read ahead of the devices (measured on the 7B pair, one H200: 256 MiB and
+# 512 MiB kept the GPU fed; peak RSS 1.7 / 1.95 GiB, bench/RESULTS.md)
+DEFAULT_HOST_BUDGET = 512 * 2 ** 20
 
 
 def host_budget() -> int:
@@ -294,6 +296,7 @@ class Pipeline:
         self.cv = threading.Condition()
         self.threads: List[threading.Thread] = []
         self.stash: Dict[int, Raw] = {}
+        self.pool_threads = 1  # BLAS / OpenMP threads per worker (set in __iter__)
 
     # -- readers -----------------------------------------------------------------------------
     def _take(self) -> Optional[int]:
@@ -328,8 +331,9 @@ class Pipeline:
 
     def _work_loop(self, device: torch.device):
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if device.type == "cpu":  # OpenMP's thread count is per calling thread: set it here
-            torch.set_num_threads(torch.get_num_threads())
+        # OpenMP's thread count is per calling thread: set it here (CUDA workers: 1, their CPU
+        # work is small eigh / bookkeeping, where more threads only add fork-join overhead)
+        torch.set_num_threads(self.pool_threads)
         while not self.stop.is_set():
             try:
                 raw = self.ready.get(timeout=0.1)
@@ -374,20 +378,31 @@ class Pipeline:
             t = threading.Thread(target=self._read_loop, name=f"intruder-read-{j}", daemon=True)
             self.threads.append(t)
         threaded = self.threaded
-        for dev in self.devices:
-            if dev.type == "cuda":
-                _warm_linalg(dev)
+        for t in self.threads:  # readers first: reading overlaps the CUDA libraries' loading
+            t.start()
+        try:
+            for dev in self.devices:
+                if dev.type == "cuda":
+                    _warm_linalg(dev)
+        except BaseException:
+            self.stop.set()
+            raise
         if threaded:
             for dev in self.devices:
                 for j in range(self.per_device):
                     t = threading.Thread(target=self._work_loop, args=(dev,),
                                          name=f"intruder-{dev}-{j}", daemon=True)
                     self.threads.append(t)
-        pools = OneThreadEach(self.per_device if self.devices[0].type == "cpu" and threaded
-                              else 1, usable_cpus())
+        cpus = usable_cpus()
+        if self.devices[0].type == "cpu":
+            pools = OneThreadEach(self.per_device if threaded else 1, cpus)
+        else:
+            pools = OneThreadEach(cpus, cpus)  # one thread each
+        self.pool_threads = pools.threads
         pools.__enter__()
         for t in self.threads:
-            t.start()
+            if t.ident is None:
+                t.start()
         try:
             for i in range(n):
                 if not threaded:

@@ -47,7 +47,7 @@ class OneThreadEach:
 
     def __init__(self, workers: int, cpus: int):
         self.threads = max(1, cpus // max(1, workers))
-        self.active = workers > 1
+        self.active = workers > 1 or cpus == 1
         self.saved = None
         self.limits = None
 
