@@ -283,7 +283,8 @@ class Pipeline:
         self.cpu_workers = 1 if cuda else cpu_workers(cpus)
         # workers in threads: CUDA streams, or one matrix per core on a multi-core CPU
         self.threaded = (cuda or self.cpu_workers > 1) if threaded is None else threaded
-        self.n_readers = readers or (min(8, max(2, cpus // 2)) if cuda else 1)
+        self.n_readers = readers or int(os.environ.get("INTRUDER_READERS", "0")) or (
+            min(8, max(2, cpus // 2)) if cuda else 1)
         self.per_device = per_device or (int(os.environ.get("INTRUDER_STREAMS", "3")) if cuda
                                          else self.cpu_workers)
         self.budget = _Budget(budget or host_budget())
