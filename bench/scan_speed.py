@@ -200,7 +200,7 @@ def main():
     checks.append(f"intruders found at epsilon 0.5: {intr} in "
                   f"{sum(1 for l in cold.values() if l['intruders'])} of {len(cold)} matrices; "
                   f"methods: {methods}")
-    checks.append(f"peak host RSS of intruder scan (ru_maxrss): {peak / 2**30:.2f} GiB" if peak
+    checks.append(f"peak host RSS of intruder scan (VmHWM): {peak / 2**30:.2f} GiB" if peak
                   else "peak RSS: not measured")
     for c in checks[-3:]:
         note(c, log)

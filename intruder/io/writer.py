@@ -247,6 +247,22 @@ class SafetensorsStreamWriter:
         self.fh.write(data)
         self._next += 1
 
+    def write_blocks(self, name: str, blocks) -> None:
+        """Append tensor `name` from an iterable of byte blocks (in order); the total size is
+        checked against the plan."""
+        if self._next >= len(self.specs) or self.specs[self._next].name != name:
+            want = self.specs[self._next].name if self._next < len(self.specs) else None
+            raise OutputError(f"{self.where}: expected tensor {want!r} next, got {name!r}")
+        spec = self.specs[self._next]
+        total = 0
+        for blk in blocks:
+            self.fh.write(blk)
+            total += len(blk)
+        if total != spec.nbytes:
+            raise OutputError(f"{self.where}: tensor {name!r} has {total} bytes, planned "
+                              f"{spec.nbytes}")
+        self._next += 1
+
     def close(self) -> None:
         if self._next != len(self.specs):
             missing = self.specs[self._next].name

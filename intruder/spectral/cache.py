@@ -68,6 +68,25 @@ def _atomic_write(path: str, data) -> None:
         raise
 
 
+WRITE_BLOCK = 16 * 2 ** 20  # bytes copied to the host at a time when writing an entry
+
+
+def _stream_entry(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+    """One safetensors file from float64 tensors on any device, copied to the host in row
+    blocks of at most WRITE_BLOCK bytes."""
+    from ..io.writer import SafetensorsStreamWriter, TensorSpec, tensor_bytes
+
+    specs = [TensorSpec(name, "F64", tuple(t.shape)) for name, t in tensors.items()]
+    with open(path, "wb") as fh:
+        w = SafetensorsStreamWriter(fh, specs, metadata=meta, where=path)
+        for name, t in tensors.items():
+            t = t.to(torch.float64)  # (rows, cols) or (r,)
+            rows = max(1, WRITE_BLOCK // max(1, 8 * (t.shape[1] if t.dim() == 2 else 1)))
+            w.write_blocks(name, (tensor_bytes(t[i:i + rows]) for i in range(0, t.shape[0], rows))
+                           if t.numel() else [])
+        w.close()
+
+
 def _identity(path: str):
     st = os.stat(path)
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
@@ -178,17 +197,19 @@ class BaseCache:
         return e
 
     def store(self, key: str, eig, ref: Optional[TensorRef] = None, wait: bool = False) -> None:
-        """Write an entry (in a background thread; flush() waits for the writes)."""
-        cpu = eig.to("cpu")
-        meta = {"format": FORMAT, "version": VERSION, "key": key, "side": cpu.side,
-                "method": cpu.method, "complete": "1" if cpu.complete else "0",
-                "rest": repr(float(cpu.rest)), "created": str(int(time.time())),
+        """Write an entry (in a background thread; flush() waits for the writes).
+
+        The spectrum stays where it is (a GPU's memory, say) until the writer streams it to disk
+        in blocks: host memory never holds a whole complete base (512 MiB at 8192)."""
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "side": eig.side,
+                "method": eig.method, "complete": "1" if eig.complete else "0",
+                "rest": repr(float(eig.rest)), "created": str(int(time.time())),
                 "tensor": ref.name if ref else "", "source": os.path.realpath(ref.path) if ref else "",
                 "shape": json.dumps(list(ref.shape)) if ref else "", "dtype": ref.dtype if ref else ""}
-        tensors = {"vals": cpu.vals.contiguous(), "vecs": cpu.vecs.contiguous(),
-                   "err": cpu.err.contiguous()}
-        if cpu.other is not None:
-            tensors["other"] = cpu.other.contiguous()
+        tensors = {"vals": eig.vals.contiguous(), "vecs": eig.vecs.contiguous(),
+                   "err": eig.err.contiguous()}
+        if eig.other is not None:
+            tensors["other"] = eig.other.contiguous()
         if wait:
             self._write(key, tensors, meta)
             return
@@ -210,12 +231,9 @@ class BaseCache:
                 self._writes.task_done()
 
     def _write(self, key, tensors, meta) -> None:
-        from safetensors.torch import save_file
-
         path = self._entry_path(key)
         try:
-            # straight from the tensors to a temporary sibling, then renamed (no bytes copy)
-            _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            _atomic_write(path, lambda tmp: _stream_entry(tmp, tensors, meta))
             self.stores += 1
             size = os.path.getsize(path)
         except OSError as exc:

@@ -235,10 +235,10 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
     if status != "scanned":
         return LayerResult(name=p.name, shape=shape, dtype=p.base.dtype, status=status)
     fields, used = engine.analyse(w0, wt, config, p.name, base_spec=raw.cached)
+    if device.type == "cuda":  # results complete: the cache writer may read `used` from any stream
+        torch.cuda.current_stream(device).synchronize()
     if base_cache is not None and raw.key is not None and _grew(raw.cached, used):
         base_cache.store(raw.key, used, p.base)
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
     return LayerResult(name=p.name, shape=shape, dtype=p.base.dtype, status="scanned",
                        seconds=time.perf_counter() - t0, **fields)
 
