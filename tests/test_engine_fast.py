@@ -281,6 +281,29 @@ def test_cache_damaged_entry_is_a_miss_and_is_rewritten(synth, tmp_path):
     assert BaseCache(cache).load(entry["key"]) is not None
 
 
+def test_cache_entry_round_trip_in_blocks_and_garbage_vectors_are_a_miss(tmp_path, monkeypatch):
+    """Entries are streamed in row blocks (here 1 KB): what comes back is bit-identical; an
+    entry whose vectors are not unit columns (a torn or racy write) is refused, not trusted."""
+    import intruder.spectral.cache as C
+    from intruder.spectral.partial import Eig
+
+    monkeypatch.setattr(C, "WRITE_BLOCK", 1000)
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(300, 7, generator=g, dtype=torch.float64))  # (300, 7)
+    o, _ = torch.linalg.qr(torch.randn(90, 7, generator=g, dtype=torch.float64))  # (90, 7)
+    e = Eig(torch.rand(7, generator=g, dtype=torch.float64), q, torch.zeros(7, dtype=torch.float64),
+            0.25, False, "left", "cheb64", o)
+    c = BaseCache(str(tmp_path / "cache"))
+    c.store("a" * 64, e)
+    bad = Eig(e.vals, q * 0.5, e.err, e.rest, e.complete, e.side, e.method)
+    c.store("b" * 64, bad)
+    assert c.flush() == []
+    back = c.load("a" * 64)
+    assert torch.equal(back.vecs, q) and torch.equal(back.other, o) and torch.equal(back.vals, e.vals)
+    assert back.rest == 0.25 and back.side == "left" and not back.complete
+    assert c.load("b" * 64) is None
+
+
 def test_cache_cli_list_and_clear(synth, tmp_path):
     cache = str(tmp_path / "cache")
     r = CliRunner()

@@ -186,6 +186,11 @@ class BaseCache:
                     meta["side"] not in ("left", "right"):
                 raise ValueError("inconsistent shapes")
             other = t.get("other")
+            for name in ("vecs", "other"):  # unit columns, or the entry is damaged
+                v = t.get(name)
+                if v is not None and v.numel() and not bool(
+                        ((torch.linalg.vector_norm(v.double(), dim=0) - 1.0).abs() < 1e-8).all()):
+                    raise ValueError(f"{name}: columns are not unit vectors")
             e = Eig(vals.double(), vecs.double(), err.double(), float(meta["rest"]),
                     meta["complete"] == "1", meta["side"], meta["method"],
                     None if other is None else other.double())
@@ -210,6 +215,10 @@ class BaseCache:
                    "err": eig.err.contiguous()}
         if eig.other is not None:
             tensors["other"] = eig.other.contiguous()
+        for t in tensors.values():  # .contiguous() may have queued a copy on this thread's
+            if t.device.type == "cuda":  # stream: the writer thread reads them on another
+                torch.cuda.current_stream(t.device).synchronize()
+                break
         if wait:
             self._write(key, tensors, meta)
             return
