@@ -25,8 +25,6 @@ from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, g
 # Gram sizes up to these take the exact path outright (measured: bench/NOTES.md)
 EXACT_DIM_CUDA = 256
 EXACT_DIM_CPU = 256
-import os as _os
-_LAPACK_TOP = _os.environ.get("INTRUDER_LAPACK_TOP", "1") == "1"
 BASE_R0 = 32  # base eigenpairs kept at first; doubled while the certificate asks for more
 
 
@@ -137,7 +135,7 @@ def base_eig(w0: torch.Tensor, want: int, start: Optional[torch.Tensor] = None,
     side = gram_side(w0.shape)
     if fast:
         g = gram(w0, side)  # (d, d)
-        if g.device.type == "cpu" and _LAPACK_TOP:  # LAPACK on an index range (CPU)
+        if g.device.type == "cpu":  # LAPACK on an index range beats iterating on a CPU
             e = eig_top_lapack(g, want, eps_g=gram_error(w0, g), side=side)
         else:
             e = eig_top(g, want, start=start, seed=seed, eps_g=gram_error(w0, g), side=side)

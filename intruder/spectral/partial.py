@@ -65,17 +65,15 @@ def gram_side(shape) -> str:
 
 
 def gram(w: torch.Tensor, side: str) -> torch.Tensor:
-    """W W^T (m, m) for side 'left', W^T W (n, n) for 'right'; float64, exactly symmetric.
+    """W W^T (m, m) for side 'left', W^T W (n, n) for 'right'; float64.
 
-    On a CPU, BLAS dsyrk computes one triangle: half the flops of a product (measured 9.2 vs
-    15.6 ms at 1536 x 576, one core). Same rounding bound (gram_error) either way."""
-    if w.device.type == "cpu" and w.dtype == torch.float64 and w.numel() >= 1 << 16:
-        return _syrk(w, side)
+    Large Grams on a GPU come from the upper block triangle (_gram_blocked). On a CPU a plain
+    product: BLAS dsyrk through scipy halves the flops but holds the GIL, and the scan computes
+    one matrix per core in threads (measured slower overall on 2 cores, bench/NOTES.md)."""
     d = w.shape[0] if side == "left" else w.shape[1]
-    blocks = 4 if d >= 2048 else 1
-    if blocks == 1:
-        return w @ w.mT if side == "left" else w.mT @ w  # (d, d)
-    return _gram_blocked(w if side == "left" else w.mT, blocks)
+    if w.device.type == "cuda" and d >= 2048:
+        return _gram_blocked(w if side == "left" else w.mT, 4)
+    return w @ w.mT if side == "left" else w.mT @ w  # (d, d)
 
 
 def _gram_blocked(a: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -94,20 +92,6 @@ def _gram_blocked(a: torch.Tensor, blocks: int) -> torch.Tensor:
             if j != i:
                 g[edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = blk.mT
     return g
-
-
-def _syrk(w: torch.Tensor, side: str) -> torch.Tensor:
-    import numpy as np
-    from scipy.linalg.blas import dsyrk
-
-    a = w.detach().numpy()  # (m, n) C order = (n, m) Fortran order as a.T
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    # a.T is Fortran-contiguous (n, m): trans=1 gives a.T^T a.T = W W^T, trans=0 gives W^T W
-    up = dsyrk(1.0, a.T, trans=1 if side == "left" else 0)  # (d, d): upper triangle, lower 0
-    g = up + up.T  # (d, d) symmetric, diagonal doubled
-    np.fill_diagonal(g, np.diagonal(up))
-    return torch.from_numpy(g)
 
 
 def gram_error(w: torch.Tensor, g: torch.Tensor) -> float:

@@ -1,0 +1,101 @@
+"""The small-block linear algebra of the update measures (intruder/spectral/sketch.py) and the
+GPU Gram path, held to float64 numpy references on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from intruder.spectral import margin as M
+from intruder.spectral.partial import _gram_blocked
+from intruder.spectral.sketch import norm_lanczos, orth, seeded_randn, sketch_singular_values
+
+
+def test_orth_is_orthonormal_spans_the_input_and_drops_a_deficient_rank():
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((400, 6)) @ rng.standard_normal((6, 20))  # rank 6 in 20 columns
+    y += 1e-12 * rng.standard_normal(y.shape)  # rounding-level rest
+    q = orth(torch.from_numpy(y), rcond=1e-7).numpy()
+    assert q.shape == (400, 6)
+    assert np.abs(q.T @ q - np.eye(6)).max() < 1e-13
+    resid = y - q @ (q.T @ y)  # nothing of y above the cut is outside span(q)
+    assert np.linalg.norm(resid) < 1e-9 * np.linalg.norm(y)
+    assert orth(torch.zeros(50, 3, dtype=torch.float64)).shape[1] == 0
+
+
+@pytest.mark.parametrize("shape", [(120, 80), (60, 200)])
+def test_norm_lanczos_and_projected_norm_match_numpy(shape):
+    rng = np.random.default_rng(shape[0])
+    d = rng.standard_normal(shape) * np.logspace(0, -2, shape[1])  # decaying columns
+    ref = np.linalg.norm(d, 2)
+    t = torch.from_numpy(d)
+    got = norm_lanczos(lambda x: t @ x, lambda y: t.mT @ y, shape[1], t.dtype, t.device,
+                       rtol=1e-14)
+    assert abs(got - ref) <= 1e-10 * ref
+    for left in (True, False):
+        k = 5
+        b, _ = np.linalg.qr(rng.standard_normal((shape[0] if left else shape[1], k)))
+        p = np.eye(b.shape[0]) - b @ b.T
+        want = np.linalg.norm(p @ d if left else d @ p, 2)
+        got = M.spectral_norm_projected(t, torch.from_numpy(b), left, rtol=1e-13)
+        assert got <= want * (1 + 1e-12)  # a lower bound ...
+        assert got >= want * (1 - 1e-8)  # ... converged
+
+
+def test_norm_lanczos_exact_when_the_krylov_space_closes():
+    """A rank-2 matrix: the Krylov space is invariant after one block; the answer is exact."""
+    rng = np.random.default_rng(5)
+    d = rng.standard_normal((90, 2)) @ rng.standard_normal((2, 70))
+    t = torch.from_numpy(d)
+    got = norm_lanczos(lambda x: t @ x, lambda y: t.mT @ y, 70, t.dtype, t.device, block=4)
+    assert abs(got - np.linalg.norm(d, 2)) <= 1e-12 * np.linalg.norm(d, 2)
+
+
+def test_sketch_singular_values_of_low_rank_plus_noise():
+    rng = np.random.default_rng(7)
+    u, _ = np.linalg.qr(rng.standard_normal((500, 12)))
+    v, _ = np.linalg.qr(rng.standard_normal((300, 12)))
+    s = np.logspace(0, -3, 12)
+    d = (u * s) @ v.T + 1e-9 * rng.standard_normal((500, 300))
+    ref = np.linalg.svd(d, compute_uv=False)
+    got = sketch_singular_values(torch.from_numpy(d), 40).numpy()
+    assert got.shape == (40,)
+    np.testing.assert_allclose(got[:12], ref[:12], rtol=1e-9)
+    assert (got[12:] <= ref[12:40] * (1 + 1e-9) + 1e-15).all()  # Ritz values never exceed
+
+
+def test_seeded_blocks_are_reproducible_and_reused():
+    a = seeded_randn(30, 4, 11, "cpu")
+    b = seeded_randn(30, 4, 11, "cpu")
+    assert torch.equal(a, b) and not torch.equal(a, seeded_randn(30, 4, 12, "cpu"))
+    r1 = seeded_randn(31, 4, 11, "cpu", reuse=True)
+    assert seeded_randn(31, 4, 11, "cpu", reuse=True) is r1
+
+
+@pytest.mark.parametrize("shape", [(2048, 700), (1000, 3000)])
+def test_blocked_gram_equals_the_product(shape):
+    """The GPU Gram path (upper block triangle, mirrored), run on the CPU: exactly symmetric and
+    equal to A A^T within float64 rounding."""
+    rng = np.random.default_rng(shape[1])
+    a = torch.from_numpy(rng.standard_normal(shape))
+    g = _gram_blocked(a, 4)
+    ref = a.numpy() @ a.numpy().T
+    assert torch.equal(g, g.mT)
+    assert np.abs(g.numpy() - ref).max() <= 1e-13 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rounding_rms_equals_the_definition(dtype):
+    """The exponent-histogram rms equals sqrt(mean(ulp^2) / 12) computed element by element with
+    frexp, in the stored dtype and after the float64 upcast alike."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((64, 96)) * 0.03).to(dtype)
+    bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}[dtype]
+    _, e = torch.frexp(x.double().abs())  # |x| = m 2^e, m in [0.5, 1): floor(log2|x|) = e - 1
+    ulp = torch.exp2((e - 1 - bits).double())
+    want = math.sqrt(float(ulp.square().mean()) / 12.0)
+    assert M.rounding_rms(x, bits) == pytest.approx(want, rel=1e-12)
+    assert M.rounding_rms(x.double(), bits) == pytest.approx(want, rel=1e-12)
