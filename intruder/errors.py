@@ -35,3 +35,8 @@ class OutputError(IntruderError):
 
 class EvalError(IntruderError):
     """An evaluator is unknown or its data/model cannot be used."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every temporary output is removed
+    on the way out (the command line installs the handler; exit status 143)."""

@@ -417,9 +417,12 @@ main()
 """
 
 
-def test_real_sigint_midway_leaves_nothing(tmp_path, corpus):
-    """A real SIGINT to `intruder scan`, once midway through the scan and once while the report's
-    temporary file is on disk: exit 130, one line, no output, no temporary file, old report kept."""
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "Interrupted"),
+                                           (signal.SIGTERM, 143, "Terminated")])
+def test_real_signal_midway_leaves_nothing(tmp_path, corpus, sig, code, word):
+    """A real SIGINT / SIGTERM to `intruder scan`, once midway through the scan and once while
+    the report's temporary file is on disk: exit 130 / 143, one line, no output, no temporary
+    file, old report kept."""
     procs = []
     for where in ("scan", "write"):
         out = tmp_path / where
@@ -438,10 +441,10 @@ def test_real_sigint_midway_leaves_nothing(tmp_path, corpus):
             time.sleep(0.05)
         if where == "write":
             assert len(os.listdir(out)) == 2  # report.json + the temporary file
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=60)
-        assert p.returncode == 130, stderr
-        assert stderr.splitlines() == ["Interrupted; no partial output was left behind."]
+        assert p.returncode == code, stderr
+        assert stderr.splitlines() == [f"{word}; no partial output was left behind."]
         assert stdout == ""
         assert os.listdir(out) == ["report.json"]
         assert (out / "report.json").read_text() == "previous report\n"

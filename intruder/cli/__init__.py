@@ -41,5 +41,17 @@ for _name in COMMAND_MODULES:
             raise
 
 
+def _terminated(signum, frame):
+    from ..errors import Terminated
+
+    raise Terminated()
+
+
 def main():
+    import signal
+
+    try:  # SIGTERM unwinds like Ctrl-C: temporary outputs are removed (SIGKILL cannot be caught)
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread: leave the default
+        pass
     cli(prog_name="intruder")

@@ -32,11 +32,15 @@ def handle_errors(fn):
             # one line whatever the message quotes (a path or shard name chosen by a stranger)
             click.echo(f"Error: {printable(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug:
                 raise
-            click.echo("Interrupted; no partial output was left behind.", err=True)
-            ctx.exit(130)
+            from ..errors import Terminated
+
+            term = isinstance(exc, Terminated)
+            click.echo(f"{'Terminated' if term else 'Interrupted'}; no partial output was left "
+                       f"behind.", err=True)
+            ctx.exit(143 if term else 130)
         except MemoryError:
             if debug:
                 raise
