@@ -16,7 +16,6 @@ REPORT_EDITS = {"max_cos_string": r"max_cos\[0\]: expected number",
                 "not_json": "not valid JSON"}
 
 
-
 def hand_edited_report(path: str, edit: str) -> str:
     """A scan report (schema 1.x) with one hand edit that violates the schema."""
     from hostile_corpus import HIDDEN, write_json

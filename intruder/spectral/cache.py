@@ -102,8 +102,8 @@ class BaseCache:
         self.lock = threading.Lock()
         self.index: Dict[str, dict] = {}  # real path -> {"identity": [...], "tensors": {...}}
         self.hits = self.misses = self.stores = 0
-        # pending writes hold CPU copies of spectra: bounded, so a slow disk slows the scan
-        # instead of growing its memory
+        # pending writes hold spectra (on their device until written): bounded, so a slow disk
+        # slows the scan instead of growing its memory
         self._writes: "queue.Queue" = queue.Queue(maxsize=4)
         self._total: Optional[int] = None  # bytes of entries, counted once, then kept up to date
         self._writer: Optional[threading.Thread] = None
