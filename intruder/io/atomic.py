@@ -46,8 +46,10 @@ def check_output(path: str, inputs: Iterable[str] = ()) -> str:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "wb") -> Iterator:
-    """Yield a file handle on a temporary sibling; rename onto `path` only on success."""
+def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
+    """Yield a file handle on a temporary sibling; rename onto `path` only on success.
+    durable: fsync before the rename (outputs); a cache whose damaged entries are misses
+    anyway may skip it."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
@@ -57,7 +59,8 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         _ordinary_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:

@@ -21,13 +21,13 @@ import hashlib
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..errors import OutputError
 from ..types import TensorRef
 
 FORMAT = "intruder-base-spectrum"
@@ -47,44 +47,38 @@ def default_cache_dir() -> str:
     return os.path.join(xdg, "intruder")
 
 
-def _atomic_write(path: str, data) -> None:
-    """Temporary sibling + rename: readers see the old file or the whole new one, never a part.
-    data: bytes, or a function that writes the temporary file given its path."""
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if not callable(data):
-                fh.write(data)
-        if callable(data):
-            data(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def _write_atomic(path: str, fill) -> None:
+    """Temporary sibling + rename (io.atomic): readers see the old file or the whole new one,
+    never a part. fill(fh) writes the content. No fsync: a torn entry is a miss, not an error."""
+    from ..io.atomic import atomic_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_file(path, "wb", durable=False) as fh:
+        fill(fh)
 
 
 WRITE_BLOCK = 16 * 2 ** 20  # bytes copied to the host at a time when writing an entry
 
 
-def _stream_entry(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
-    """One safetensors file from float64 tensors on any device, copied to the host in row
-    blocks of at most WRITE_BLOCK bytes."""
+def _stream_entry(fh, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+    """One safetensors file, written to fh, from float64 tensors on any device, copied to the
+    host in row blocks of at most WRITE_BLOCK bytes."""
     from ..io.writer import SafetensorsStreamWriter, TensorSpec, tensor_bytes
 
     specs = [TensorSpec(name, "F64", tuple(t.shape)) for name, t in tensors.items()]
-    with open(path, "wb") as fh:
-        w = SafetensorsStreamWriter(fh, specs, metadata=meta, where=path)
-        for name, t in tensors.items():
-            t = t.to(torch.float64)  # (rows, cols) or (r,)
-            rows = max(1, WRITE_BLOCK // max(1, 8 * (t.shape[1] if t.dim() == 2 else 1)))
-            w.write_blocks(name, (tensor_bytes(t[i:i + rows]) for i in range(0, t.shape[0], rows))
-                           if t.numel() else [])
-        w.close()
+    w = SafetensorsStreamWriter(fh, specs, metadata=meta, where=getattr(fh, "name", ""))
+    for name, t in tensors.items():
+        t = t.to(torch.float64)  # (rows, cols) or (r,)
+        rows = max(1, WRITE_BLOCK // max(1, 8 * (t.shape[1] if t.dim() == 2 else 1)))
+        w.write_blocks(name, (tensor_bytes(t[i:i + rows]) for i in range(0, t.shape[0], rows))
+                       if t.numel() else [])
+    w.close()
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary sibling left by an interrupted write (io.atomic's, or this cache's older
+    `.tmp-` ones)."""
+    return name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def _identity(path: str):
@@ -155,9 +149,11 @@ class BaseCache:
             doc["tensors"][ref.name] = [ref.dtype, list(ref.shape), key]
             data = json.dumps(doc).encode()
         try:
-            _atomic_write(self._index_path(doc["path"]), data)
+            _write_atomic(self._index_path(doc["path"]), lambda fh: fh.write(data))
         except OSError as exc:
             self._note(f"cannot write the cache index in {self.root} ({exc.strerror})")
+        except OutputError as exc:
+            self._note(f"cannot write the cache index in {self.root} ({exc})")
 
     # -- entries -----------------------------------------------------------------------------
     def _entry_path(self, key: str) -> str:
@@ -242,7 +238,7 @@ class BaseCache:
     def _write(self, key, tensors, meta) -> None:
         path = self._entry_path(key)
         try:
-            _atomic_write(path, lambda tmp: _stream_entry(tmp, tensors, meta))
+            _write_atomic(path, lambda fh: _stream_entry(fh, tensors, meta))
             self.stores += 1
             size = os.path.getsize(path)
         except OSError as exc:
@@ -360,7 +356,7 @@ class BaseCache:
             for name in os.listdir(d):
                 path = os.path.join(d, name)
                 if os.path.isfile(path) and (name.endswith((".safetensors", ".json"))
-                                             or name.startswith(".tmp-")):
+                                             or _is_temporary(name)):
                     try:
                         size += os.path.getsize(path)
                         os.unlink(path)

@@ -127,9 +127,9 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
 
 def _small_eigh(h: torch.Tensor):
     """eigh of a small symmetric matrix on the CPU (cuSOLVER is slow at this size); descending."""
-    hc = h.detach().to("cpu", torch.float64)
-    hc = (hc + hc.mT) * 0.5
-    th, z = torch.linalg.eigh(hc)  # ascending
+    from .sketch import cpu_symmetric
+
+    th, z = torch.linalg.eigh(cpu_symmetric(h))  # ascending
     return th.flip(0), z.flip(1).to(h.device)
 
 

@@ -38,10 +38,16 @@ def seeded_randn(rows: int, cols: int, seed: int, device, dtype=torch.float64,
     return out
 
 
+def cpu_symmetric(h: torch.Tensor) -> torch.Tensor:
+    """A small symmetric matrix on the CPU in float64, symmetrised (for LAPACK's eigh there:
+    cuSOLVER is slower at these sizes)."""
+    hc = h.detach().to("cpu", torch.float64)
+    return (hc + hc.mT) * 0.5
+
+
 def _small_gram(y: torch.Tensor) -> torch.Tensor:
     """y^T y (s, s) on the CPU, float64, symmetrised."""
-    c = (y.mT @ y).to("cpu", torch.float64)
-    return (c + c.mT) * 0.5
+    return cpu_symmetric(y.mT @ y)
 
 
 def orth(y: torch.Tensor, rcond: float = 1e-7, ref: Optional[float] = None) -> torch.Tensor:
