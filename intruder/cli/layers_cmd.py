@@ -11,7 +11,7 @@ from .common import handle_errors
 
 
 @cli.command("layers")
-@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only scan targets.")
 def layers_command(checkpoint, as_json, show_all):
