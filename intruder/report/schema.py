@@ -55,7 +55,11 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_floor": _NUM,  # rounding-noise edge of the tuned storage dtype
                          "delta_grid": _STR,  # storage grid of Wt: bfloat16|float16|float32|float64
                          "delta_sv_method": {"type": "string", "enum": ["gram", "randomized"]},
-                         "delta_sv": {"type": "array", "items": _NUM}}}  # top 64 of dW
+                         "delta_sv": {"type": "array", "items": _NUM},  # top 64 of dW
+                         # quantized / scaled storage decoded before the analysis (io/dequant.py,
+                         # io/gguf.py), e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"; only on
+                         # layers where a side was stored that way
+                         "storage_base": _STR, "storage_tuned": _STR}}
 SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
