@@ -72,3 +72,137 @@ def test_inplace_refuses_another_model(demo_pair):
     base, _, report = demo_pair
     with pytest.raises(ReportError, match="singular values recomputed"):
         InPlaceRescaler(_load(base), report)
+
+
+# ------------------------------------------------------------------------------- the sweep
+
+WIKI = os.path.join(os.environ.get("INTRUDER_DATA_DIR") or os.path.join(os.path.dirname(ROOT),
+                                                                        "shared", "data"),
+                    "wikitext-2-raw", "wiki.test.raw")
+WINO = os.path.join(os.path.dirname(WIKI), "..", "winogrande", "test.json")
+needs_data = pytest.mark.skipif(not (os.path.isfile(WIKI) and os.path.isfile(WINO)),
+                                reason="shared evaluation data not found")
+
+
+def _by_label(sweep):
+    return {row.label: {(r.evaluator, r.metric): r.value for r in row.results}
+            for row in sweep.rows}
+
+
+@pytest.fixture(scope="module")
+def demo_sweep(demo_pair, tmp_path_factory):
+    """One in-memory sweep on the demo LoRA r=8 model, every alpha also saved."""
+    from intruder.scale_sweep import run_sweep
+
+    base, tuned, report = demo_pair
+    out = tmp_path_factory.mktemp("sweep")
+    sweep = run_sweep(report, [0.0, 0.5, 1.0], str(out), base=base, tuned=tuned,
+                      evals=[f"wikitext:{WIKI}", f"task:{WINO}"], limit=2, device="cpu",
+                      save_alphas=[0.0, 0.5, 1.0])
+    return sweep
+
+
+@needs_data
+def test_in_memory_sweep_equals_written_checkpoints(demo_sweep, demo_pair):
+    """Each alpha evaluated in memory gives the numbers of its written checkpoint, loaded and
+    evaluated from disk: WikiText word perplexity within 1e-6 relative, task metrics equal."""
+    from intruder.evaluate import evaluate_model
+
+    base, _, _ = demo_pair
+    rows = _by_label(demo_sweep)
+    assert list(rows) == ["base", "tuned", "alpha=0", "alpha=0.5", "alpha=1"]
+    assert rows["alpha=1"] == rows["tuned"]
+    assert len({rows[k][("wikitext", "word_perplexity")] for k in rows}) == 4
+    for row in demo_sweep.rows:
+        if row.role != "scaled":
+            continue
+        assert os.path.exists(row.path)
+        disk = {(r.evaluator, r.metric): r.value for r in evaluate_model(
+            row.path, [f"wikitext:{WIKI}", f"task:{WINO}"], model_config=base, device="cpu",
+            limit=2, progress=False)}
+        mem = rows[row.label]
+        assert set(disk) == set(mem)
+        for key, v in disk.items():
+            if key[0] == "wikitext":
+                assert mem[key] == pytest.approx(v, rel=1e-6), (row.label, key)
+            else:
+                assert mem[key] == v, (row.label, key)
+    timing = demo_sweep.timing
+    assert [j["job"] for j in timing["jobs"]] == ["base", "alpha=0", "alpha=0.5", "alpha=1"]
+    assert all(j["eval_seconds"] > 0 for j in timing["jobs"])
+
+
+@needs_data
+def test_results_file_declares_format_and_one_axis_choice(demo_sweep):
+    """The PNG (writer) and the HTML (reader) choose the same two metrics."""
+    import json
+
+    from intruder.report.scale_results import FORMAT, load_scale_results
+    from intruder.scale_sweep import plot_choice
+
+    doc = json.load(open(demo_sweep.files["json"]))
+    assert doc["format"] == FORMAT and doc["timing"]["jobs"]
+    table = load_scale_results(demo_sweep.files["json"])
+    pre, task = plot_choice(demo_sweep.rows)
+    assert pre == ("wikitext", "word_perplexity") and task == ("task:winogrande", "accuracy")
+    assert (table.x_metric, table.y_metric) == ("/".join(pre), "/".join(task))
+
+
+def test_worker_restores_every_weight_after_a_sweep(demo_pair, tmp_path):
+    """After a sweep over several alphas the model's every tensor is bit for bit the loaded one."""
+    from intruder.evaluate import load_model
+    from intruder.scale_sweep import _storage_dtypes
+    from intruder.sweep_exec import Job, SweepSpec, Worker
+
+    base, tuned, report = demo_pair
+    p = tmp_path / "t.txt"
+    p.write_text("A short held-out text for the tiny model.\n" * 4)
+    spec = SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
+                     storage_dtypes=_storage_dtypes(report, tuned, None))
+    w = Worker(spec, "cpu")
+    for a in (0.0, 0.25, 1.0, 2.0, 0.5):
+        w.run(Job("alpha", a))
+    before = load_model(tuned, device="cpu", progress=False).model.state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in w.lm.model.state_dict().items())
+    stats = w.close()
+    assert stats.kept_bytes > 0
+    for k, v in w.lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_two_worker_processes_match_one(demo_pair, tmp_path):
+    """Alphas scheduled over 2 CPU worker processes give the one-worker results."""
+    from intruder.scale_sweep import _storage_dtypes
+    from intruder.sweep_exec import SweepSpec, assign, make_jobs, run_jobs
+
+    base, tuned, report = demo_pair
+    p = tmp_path / "t.txt"
+    p.write_text("Held-out text: the tiny model scores every token of it.\n" * 6)
+    spec = SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
+                     storage_dtypes=_storage_dtypes(report, tuned, None))
+    jobs = make_jobs([0.0, 0.5, 1.0])
+    assert [[j.alpha for j in part] for part in assign(jobs, 2)] == [[None, 0.5], [0.0, 1.0]]
+    one = run_jobs(spec, jobs, ["cpu"])
+    two = run_jobs(spec, jobs, ["cpu", "cpu"])
+    assert [r.job for r in two.results] == jobs and {r.worker for r in two.results} == {0, 1}
+    for a, b in zip(one.results, two.results):
+        for x, y in zip(a.results, b.results):
+            assert (x.evaluator, x.metric, x.n_units) == (y.evaluator, y.metric, y.n_units)
+            assert y.value == pytest.approx(x.value, rel=1e-9)
+        assert [c.rel_change for c in a.changes] == pytest.approx([c.rel_change for c in b.changes])
+
+
+def test_missing_data_fails_before_any_rescale(demo_pair, tmp_path):
+    """A missing WikiText file or a broken task file is found before anything is written."""
+    from intruder.errors import EvalError
+    from intruder.scale_sweep import run_sweep
+
+    base, tuned, report = demo_pair
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "no options here", "answer": "option1"}]')
+    for evals in ([f"wikitext:{tmp_path / 'nowhere.raw'}"], [f"task:{bad}"]):
+        out = tmp_path / "out"
+        with pytest.raises(EvalError):
+            run_sweep(report, [0.0, 0.5], str(out), base=base, tuned=tuned, evals=evals,
+                      device="cpu", save_alphas=[0.0])
+        assert not out.exists() or not os.listdir(out)
