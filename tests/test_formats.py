@@ -13,20 +13,19 @@ import struct
 
 import numpy as np
 import pytest
+import quantize_demo as qd
 import torch
 from click.testing import CliRunner
 
-import quantize_demo as qd
 from intruder.cli import cli
 from intruder.errors import CheckpointError
-from intruder.io import open_checkpoint, pair_checkpoints, read_ref
-from intruder.io import dequant
+from intruder.io import dequant, open_checkpoint, pair_checkpoints, read_ref
 from intruder.io.safetensors_file import DTYPES, PACKED_BITS, SafetensorsFile
 from intruder.scan import run_scan
 from intruder.types import ScanConfig
 
 gguf = pytest.importorskip("gguf")
-from intruder.io import gguf as ggufio  # noqa: E402
+from intruder.io import gguf as ggufio
 
 DEMO = os.path.join(qd.MODELS)
 CFG = ScanConfig(cache_dir=None, device="cpu")
@@ -264,7 +263,7 @@ def test_gguf_f16_scans_exactly_like_safetensors(conv):
         assert {dict(l.extra)["storage_base"] for l in both.layers} == {"gguf F16"}
     # the tensors themselves, q/k rows back in Hugging Face order: bit-identical
     ck, st = open_checkpoint(conv["lora_r8", "F16"]), open_checkpoint(os.path.join(DEMO, "lora_r8"))
-    for name, ref in st.refs.items():
+    for name in st.refs:
         assert torch.equal(ck.read(name), st.read(name)), name
 
 
@@ -294,7 +293,6 @@ def test_qk_row_permutation_is_undone(conv, monkeypatch):
     assert float((up[:, :10].mT @ u).abs().max(dim=1).values.min()) < 0.6
     # the demo base as GGUF: undone, it equals the base (no change); not undone, q/k look rotated
     base = os.path.join(DEMO, "base")
-    rep = run_scan(base, conv["base", "F16"], CFG) if False else None  # identical: no matrix to scan
     pairing = pair_checkpoints(open_checkpoint(base, allow_adapter=False), open_checkpoint(conv["base", "F16"]))
     assert all(torch.equal(read_ref(p.base), read_ref(p.tuned)) for p in pairing.pairs)
     monkeypatch.setattr(ggufio, "PERMUTED_ARCHS", ())
@@ -314,7 +312,7 @@ def test_gguf_k_quants_and_other_types_decode_through_gguf(tmp_path):
     want = {}
     for i, name in enumerate(("Q4_K", "Q6_K", "Q2_K", "Q5_K")):
         qt = gguf.GGMLQuantizationType[name]
-        block, size = gguf.GGML_QUANT_SIZES[qt]
+        size = gguf.GGML_QUANT_SIZES[qt][1]
         raw = rng.integers(0, 256, size=(8, 2 * size), dtype=np.uint8)
         # f16 super-block scales: small finite values (random bytes could be inf / nan)
         d_off = {"Q4_K": [0, 2], "Q5_K": [0, 2], "Q2_K": [size - 4, size - 2], "Q6_K": [size - 2]}[name]
@@ -354,7 +352,7 @@ def test_gguf_names_follow_the_other_checkpoint(conv, tmp_path):
     that spelling)."""
     from safetensors.torch import save_file
 
-    t = {k[len("model."):] if k.startswith("model.") else k: v for k, v in _demo_tensors("base").items()}
+    t = {k.removeprefix("model."): v for k, v in _demo_tensors("base").items()}
     save_file(t, str(tmp_path / "b.safetensors"))
     rep = _scan(str(tmp_path / "b.safetensors"), conv["lora_r8", "F16"])
     assert len(rep.layers) == 28 and not rep.unpaired_tuned

@@ -65,7 +65,7 @@ def _field(reader, key: str, default=None):
         part = f.parts[f.data[0]]  # gguf < 0.11: decode the scalar or string by hand
         return bytes(part).decode("utf-8") if part.dtype == np.uint8 and \
             f.types and f.types[0].name == "STRING" else part[0].item()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a malformed field reads as absent
         return default
 
 
@@ -82,7 +82,7 @@ def decodable(qtype) -> bool:
         elif qtype.name in _INT_TYPES:
             _DECODABLE[key] = False
         else:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            size = gguf.GGML_QUANT_SIZES[qtype][1]
             try:
                 gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
                 _DECODABLE[key] = True
@@ -155,7 +155,7 @@ def _name_tables(arch: str, n_blocks: int) -> Dict[str, List[str]]:
         return {}
     try:
         tmap = gguf.get_tensor_name_map(enum, max(n_blocks, 0))
-    except Exception:
+    except Exception:  # noqa: BLE001 - an architecture gguf's tables do not cover: names kept
         return {}
     inv: Dict[str, List[str]] = {}
     for hf, (_, gname) in tmap.mapping.items():
