@@ -34,7 +34,13 @@ from .io.identity import recorded_mismatch
 from .io.writer import identity_metadata
 from .io.atomic import check_output
 from .io.safetensors_file import DTYPES, SafetensorsFile
-from .io.writer import CheckpointWriter, TensorSpec, plan_like, plan_merged, tensor_bytes
+from .io.writer import (
+    CheckpointWriter,
+    TensorSpec,
+    plan_like,
+    plan_merged,
+    tensor_bytes,
+)
 from .spectral.decompose import top_spectrum
 from .types import LoraInfo, ScanReport, TensorRef
 
@@ -112,13 +118,26 @@ def select_intruders(report: ScanReport, epsilon: Optional[float] = None) -> Dic
     return out
 
 
-def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
-                       where: str = "") -> Component:
-    """Recompute the top-k triplets of Wt (float64) and sum the intruders' rank-one parts."""
+@dataclass(frozen=True)
+class Factors:
+    """The intruders of one matrix as float64 factors: sum_{j in I} sigma_j u_j v_j^T = us @ v^T."""
+
+    us: torch.Tensor  # (m, |I|) float64: U_I diag(sigma_I)
+    v: torch.Tensor  # (n, |I|) float64: V_I
+    sigma: Tuple[float, ...]  # recomputed sigma_j for j in I
+    warnings: Tuple[str, ...] = ()
+
+
+def intruder_factors(wt: torch.Tensor, sel: LayerIntruders, device=None,
+                     where: str = "") -> Factors:
+    """Recompute the top-k triplets of Wt (float64), check them against the report's singular
+    values, and return the intruders' factors (kept low rank: a 7B sweep holds them for every
+    matrix at once)."""
     dev = torch.device(device) if device is not None else wt.device
     w = wt.to(device=dev, dtype=torch.float64)  # (m, n)
     kk = min(sel.k + 1, min(w.shape))  # one more than the scan: the gap below rank k
     spec = top_spectrum(w, kk, left=True, right=True)  # u (m, kk), v (n, kk), sigma (kk,)
+    del w
     sig = spec.sigma.cpu()
     ref = sel.sigma
     top = float(sig[0]) if sig.numel() else 0.0
@@ -130,11 +149,10 @@ def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
                 f"{where or sel.name}: singular values recomputed from the checkpoint differ from "
                 f"the scan report's by {diff:.3g} (sigma_1 = {top:.6g}); the checkpoint is not the "
                 f"one that was scanned; rescan it")
-    idx = torch.tensor(sel.indices, dtype=torch.long)
-    u = spec.u[:, idx.to(dev)]  # (m, |I|)
-    v = spec.v[:, idx.to(dev)]  # (n, |I|)
-    s = spec.sigma[idx.to(dev)]  # (|I|,)
-    c = (u * s[None, :]) @ v.mT  # (m, n) = U_I diag(sigma_I) V_I^T
+    idx = torch.tensor(sel.indices, dtype=torch.long, device=dev)
+    u = spec.u[:, idx]  # (m, |I|)
+    v = spec.v[:, idx]  # (n, |I|)
+    s = spec.sigma[idx]  # (|I|,)
     warnings = []
     chosen = set(sel.indices)
     for j in sel.indices:
@@ -144,7 +162,16 @@ def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
                 warnings.append(f"{where or sel.name}: intruder {j} has the same singular value as "
                                 f"kept vector {i} (sigma {float(sig[j]):.6g}); the rescaled "
                                 f"direction inside that pair is not uniquely defined")
-    return Component(c, tuple(float(sig[j]) for j in sel.indices), tuple(warnings))
+    return Factors((u * s[None, :]).contiguous(), v.contiguous(),
+                   tuple(float(sig[j]) for j in sel.indices), tuple(warnings))
+
+
+def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
+                       where: str = "") -> Component:
+    """Recompute the top-k triplets of Wt (float64) and sum the intruders' rank-one parts."""
+    f = intruder_factors(wt, sel, device, where)
+    c = f.us @ f.v.mT  # (m, n) = U_I diag(sigma_I) V_I^T
+    return Component(c, f.sigma, f.warnings)
 
 
 def rescale(wt: torch.Tensor, comp: Component, alpha: float) -> torch.Tensor:
@@ -451,6 +478,6 @@ def _bar(total: int, enabled: bool, n_out: int):
                 desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
 
 
-__all__ = ["FORMULA", "Component", "LayerChange", "LayerIntruders", "ScaleResult",
-           "intruder_component", "provenance", "rescale", "rescale_matrix", "resolve_inputs",
+__all__ = ["FORMULA", "Component", "Factors", "LayerChange", "LayerIntruders", "ScaleResult",
+           "intruder_component", "intruder_factors", "provenance", "rescale", "rescale_matrix", "resolve_inputs",
            "scale_checkpoint", "select_intruders"]

@@ -78,6 +78,7 @@ class Intruder:
     near_overlap: float = 0.0  # ||projection onto base vectors with sigma near this sigma||
     top_overlap: float = 0.0  # ||projection onto the top-r base subspace||
     in_cluster: bool = False  # low max_cos but lies in a near-degenerate base cluster
+    max_cos_bound: bool = False  # max_cos is a certified upper bound, not the exact value
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,10 @@ class LayerResult:
     delta_norm_rel: float = 0.0  # ||Wt - W0||_2 / sigma_k(W0)
     delta_fro_rel: float = 0.0  # ||Wt - W0||_F / ||W0||_F
     method: str = ""  # decomposition used (for provenance / debugging)
+    # per max_cos entry: True where it is a certified upper bound on max|cos| (spectral slices
+    # proved the decisions without every base vector; base_index is then the best kept one);
+    # empty when every value is exact
+    max_cos_bound: Tuple[bool, ...] = ()
     seconds: float = 0.0
     extra: Tuple[Tuple[str, object], ...] = ()  # later measures (margin ...) as key/value
 

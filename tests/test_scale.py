@@ -471,7 +471,8 @@ def test_cli_scale_after_scan_with_wikitext(tiny_llama, shared_data, tmp_path, m
     scan = json.load(open("intruder-scan.json"))
     assert {l["name"]: [i["index"] for i in l["intruders"]] for l in scan["layers"]
             if l["intruders"]} == {tiny_llama["name"]: [0]}
-    r = runner.invoke(cli, ["scale", "--alpha", "0.5", "--eval", "wikitext", "--limit", "1"])
+    r = runner.invoke(cli, ["scale", "--alpha", "0.5", "--eval", "wikitext-sliding", "--limit",
+                            "1", "--save-alpha", "0.5"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "intruder-scale"
     model = out / "alpha-0.5"
@@ -503,7 +504,8 @@ def test_cli_scan_then_sweep_with_task(tiny_llama, shared_data, tmp_path, monkey
     out = tmp_path / "out"
     r = CliRunner().invoke(cli, ["scale", tiny_llama["base"], tiny_llama["tuned"], "--alpha",
                                  "0,1", "--eval", "wikitext", "--eval", f"task:{task}",
-                                 "--limit", "2", "-o", str(out), "--json", "-q"])
+                                 "--limit", "2", "-o", str(out), "--json", "-q",
+                                 "--save-alpha", "1"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert os.path.isfile(out / "intruder-scan.json")

@@ -278,14 +278,21 @@ def _layer_table(report: ScanReport) -> str:
 
 
 def _intruder_table(report: ScanReport) -> str:
-    rows = [(l.name, i.index, i.sigma, i.max_cos, i.base_index, i.near_overlap, i.top_overlap,
-             "yes" if i.in_cluster else "")
+    rows = [(l.name, i.index, i.sigma, f"\u2264 {i.max_cos:.3f}" if i.max_cos_bound else i.max_cos,
+             i.base_index, i.near_overlap, i.top_overlap, "yes" if i.in_cluster else "")
             for l in report.layers for i in l.intruders]
     if not rows:
         return f"<p>No intruders at epsilon {report.config.epsilon:g}.</p>"
     note = ""
+    n_bound = sum(1 for l in report.layers for i in l.intruders if i.max_cos_bound)
+    if n_bound:
+        note = (f'<p class="note">{n_bound} max|cos| value(s) marked \u2264 are certified upper '
+                f"bounds, not exact values: spectral slices of the base proved that no base "
+                f"vector reaches them without the complete decomposition (the decisions are "
+                f"exact; the best base index is then the best among the base's top vectors)."
+                f"</p>")
     if len(rows) > MAX_INTRUDER_ROWS:
-        note = (f'<p class="note">First {MAX_INTRUDER_ROWS} of {len(rows)} intruders; all are in '
+        note += (f'<p class="note">First {MAX_INTRUDER_ROWS} of {len(rows)} intruders; all are in '
                 f"the JSON report and in intruder.load_report(...).</p>")
         rows = rows[:MAX_INTRUDER_ROWS]
     return note + '<div class="scroll">' + table_html(

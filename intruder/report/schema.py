@@ -43,7 +43,8 @@ _CKPT["properties"].update({
 _INTRUDER = {"type": "object", "required": ["index", "sigma", "max_cos", "base_index"],
              "properties": {"index": _INT, "sigma": _NUM, "max_cos": _NUM, "base_index": _INT,
                             "near_overlap": _NUM, "top_overlap": _NUM,
-                            "in_cluster": {"type": "boolean"}}}
+                            "in_cluster": {"type": "boolean"},
+                            "max_cos_bound": {"type": "boolean"}}}
 _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"],
           "properties": {"name": _STR, "shape": {"type": "array", "items": _INT},
                          "status": {"type": "string",
@@ -70,7 +71,10 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_floor": _NUM,  # rounding-noise edge of the tuned storage dtype
                          "delta_grid": _STR,  # storage grid of Wt: bfloat16|float16|float32|float64
                          "delta_sv_method": {"type": "string", "enum": ["gram", "randomized"]},
-                         "delta_sv": {"type": "array", "items": _NUM}}}  # top 64 of dW
+                         "delta_sv": {"type": "array", "items": _NUM},  # top 64 of dW
+                         # engine: per max_cos entry, true where the value is a certified upper
+                         # bound (spectral slices; decisions exact); absent when all are exact
+                         "max_cos_bound": {"type": "array", "items": {"type": "boolean"}}}}
 SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
@@ -130,6 +134,8 @@ def to_dict(report: ScanReport) -> Dict[str, Any]:
              "near_overlap": list(l.near_overlap), "top_overlap": list(l.top_overlap),
              "delta_norm_rel": _finite(l.delta_norm_rel), "delta_fro_rel": _finite(l.delta_fro_rel),
              "method": l.method, "seconds": l.seconds}
+        if any(l.max_cos_bound):
+            d["max_cos_bound"] = list(l.max_cos_bound)
         if l.max_cos_right:
             d["max_cos_right"] = list(l.max_cos_right)
             d["base_index_right"] = list(l.base_index_right)
@@ -228,7 +234,7 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
         counts = tuple(sorted((float(k), int(v)) for k, v in (l.get("counts_by_epsilon") or {}).items()))
         kw = {k: v for k, v in l.items() if k in known and k not in ("intruders", "counts_by_epsilon")}
         for k in ("shape", "max_cos", "base_index", "sigma_tuned", "sigma_base", "near_overlap",
-                  "top_overlap", "max_cos_right", "base_index_right"):
+                  "top_overlap", "max_cos_right", "base_index_right", "max_cos_bound"):
             if k in kw:
                 kw[k] = tuple(kw[k])
         for k in ("delta_norm_rel", "delta_fro_rel"):
