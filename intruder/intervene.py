@@ -30,6 +30,8 @@ import torch
 from . import __version__
 from .errors import AdapterError, IntruderError, OutputError, ReportError
 from .io import open_checkpoint, pair_checkpoints, read_ref
+from .io.identity import recorded_mismatch
+from .io.writer import identity_metadata
 from .io.atomic import check_output
 from .io.safetensors_file import DTYPES, SafetensorsFile
 from .io.writer import (
@@ -226,11 +228,11 @@ def resolve_inputs(report: ScanReport, report_path: Optional[str] = None,
 
 
 def _verify(ck, info, what: str, report_path: Optional[str]) -> None:
-    got = ck.info().fingerprint
-    if info.fingerprint and got != info.fingerprint:
+    why = recorded_mismatch(ck, info)
+    if why:
         raise ReportError(f"{ck.path}: {what} checkpoint does not match the scan report "
-                          f"{report_path or ''} (fingerprint {got} vs {info.fingerprint}); it "
-                          f"changed since the scan, so rescan it".replace("  ", " "))
+                          f"{report_path or ''} ({why}); it changed since the scan, so rescan "
+                          f"it".replace("  ", " "))
 
 
 def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: Dict[str, LayerIntruders]):
@@ -301,6 +303,7 @@ def provenance(report: ScanReport, alpha: float, changes: Dict[str, Tuple[int, .
         "intruder.base_fingerprint": report.base.fingerprint,
         "intruder.tuned": report.tuned.path,
         "intruder.tuned_fingerprint": report.tuned.fingerprint,
+        **identity_metadata(report),
         "intruder.epsilon": repr(float(epsilon if epsilon is not None else c.epsilon)),
         "intruder.top_k": str(c.top_k),
         "intruder.vectors": c.vectors,
@@ -412,6 +415,9 @@ def _index_extra(meta: Dict[str, str]) -> Dict[str, object]:
     """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
     prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
     prov["intruders"] = json.loads(prov["intruders"])
+    for key in ("base_files", "tuned_files"):
+        if key in prov:
+            prov[key] = json.loads(prov[key])
     for key in ("alpha", "epsilon"):
         prov[key] = float(prov[key])
     prov["top_k"] = int(prov["top_k"])

@@ -132,8 +132,15 @@ class CheckpointInfo:
     n_tensors: int
     bytes: int
     dtypes: Tuple[str, ...]
-    fingerprint: str  # sha256 of the headers (names, shapes, dtypes, offsets) and sizes
+    fingerprint: str  # first 16 hex digits of sha256 below (schema < 1.2: of names and sizes)
     adapter: Optional[dict] = None  # summary of adapter_config.json when kind == adapter
+    # content identity and hub source (intruder/io/identity.py, intruder/io/hub.py)
+    sha256: Optional[str] = None  # sha256 of the sorted per-file sha256s (content hash)
+    files: Tuple[dict, ...] = ()  # {name, bytes, sha256} per file read
+    repo_id: Optional[str] = None  # hub repository, when read from the hub or its cache
+    revision: Optional[str] = None  # the revision asked for (branch, tag or commit)
+    commit: Optional[str] = None  # the commit sha it resolved to
+    declared_base: Optional[dict] = None  # adapters: base_model_name_or_path and its check
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import AdapterError, CheckpointError
 from ..types import CheckpointInfo, TensorRef
+from . import hub
+from . import identity as ident
 from .dequant import attach_storage
 from .jsonfile import read_json
 from .safetensors_file import DTYPES, SafetensorsFile, check_regular_file
@@ -47,20 +49,44 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return read_ref(ref, self._open)
 
-    def info(self) -> CheckpointInfo:
+    source: Optional[object] = None  # intruder.io.hub.ResolvedSource for a hub ID
+
+    def identity_files(self) -> List[str]:
+        """Files whose bytes make the checkpoint: the weights, and an adapter's config."""
+        extra = []
+        if self.kind == "adapter":
+            extra = [os.path.join(self.path, "adapter_config.json")]
+        return list(self.files) + extra
+
+    def info(self, identity: bool = True) -> CheckpointInfo:
+        """Identity for reports; identity=False skips the sha256 of the files."""
+        total = sum(os.path.getsize(f) for f in self.files)
+        adapter = self.adapter.summary() if self.adapter is not None else None
+        files, content = (), None
+        if identity:
+            files = tuple(ident.file_identities(self.identity_files(), self.path))
+            content = ident.content_hash([f["sha256"] for f in files])
+        src = self.source
+        if src is not None:
+            repo_id, revision, commit = src.repo_id, src.revision, src.commit
+        else:  # a path inside the hub cache still names its repository and commit
+            repo_id, commit = hub.identify_snapshot(self.path) or (None, None)
+            revision = None
+        return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
+                              bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
+                              fingerprint=(content or self.header_fingerprint())[:16],
+                              adapter=adapter, sha256=content, files=files, repo_id=repo_id,
+                              revision=revision, commit=commit)
+
+    def header_fingerprint(self) -> str:
+        """Reports before schema 1.2: sha256 of tensor names, dtypes, shapes and file sizes."""
         h = hashlib.sha256()
-        total = 0
         for name in sorted(self.refs):
             r = self.refs[name]
             h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
         for f in self.files:
-            size = os.path.getsize(f)
-            total += size
-            h.update(f"{os.path.basename(f)}|{size}\n".encode())
-        adapter = self.adapter.summary() if self.adapter is not None else None
-        return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
-                              bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
-                              fingerprint=h.hexdigest()[:16], adapter=adapter)
+            h.update(f"{os.path.basename(f)}|{os.path.getsize(f)}\n".encode())
+        return h.hexdigest()[:16]
 
 
 def _handle(path: str, cache: Dict[str, object]):
@@ -109,9 +135,16 @@ def read_stored_bytes(ref: TensorRef, cache: Optional[Dict[str, object]] = None)
     return handle.read(ref.name).contiguous().reshape(-1).view(torch.uint8)
 
 
-def open_checkpoint(path: str, allow_adapter: bool = True) -> Checkpoint:
-    """Index a checkpoint at `path` without reading tensor data."""
+def open_checkpoint(path: str, allow_adapter: bool = True,
+                    offline: Optional[bool] = None) -> Checkpoint:
+    """Index a checkpoint at `path` (or a hub ID `org/name[@revision]`, intruder.io.hub) without
+    reading tensor data. offline: None follows HF_HUB_OFFLINE / --offline."""
     p = os.fspath(path)
+    if not os.path.lexists(p) and hub.parse(p) is not None:  # a local path always wins
+        src = hub.resolve(p, offline=offline)
+        ck = open_checkpoint(src.path, allow_adapter)
+        ck.source = src
+        return ck
     if not os.path.lexists(p):
         raise CheckpointError(f"{p}: no such file or directory")
     if os.path.isdir(p):
