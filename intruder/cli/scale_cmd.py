@@ -10,6 +10,7 @@ import click
 
 from . import cli
 from .common import echo_err, float_list, handle_errors
+from .hubopts import offline_option, report_base_check, strict_base_option
 
 _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
 
@@ -26,8 +27,21 @@ _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
               type=click.Path(file_okay=False),
               help="Output directory: alpha-A/ (or alpha-A.safetensors) per alpha, results files.")
 @click.option("--eval", "evals", multiple=True, metavar="SPEC",
-              help="Evaluate base, tuned and every output: wikitext, wikitext:PATH, task:PATH. "
-                   "Repeatable.")
+              help="Evaluate base, tuned and every alpha (in memory): wikitext[:PATH], "
+                   "wikitext-sliding[:PATH] (adds the 8x dearer stride-512 token perplexity), "
+                   "task:PATH, lm-eval:TASK[,TASK...]. Repeatable.")
+@click.option("--save-alpha", "save_alpha", multiple=True, metavar="A[,A...]",
+              help="With --eval: also write the model of these alphas (repeatable; 'all' for "
+                   "every alpha). Without --eval every alpha is written.")
+@click.option("--lm-eval-include", "lm_eval_include", multiple=True,
+              type=click.Path(exists=True), metavar="DIR",
+              help="Folder (or YAML file) of lm-eval task configs for --eval lm-eval:TASK.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Evaluation workers, one model copy each, alphas split between them "
+                   "(default: one per visible GPU; 1 on the CPU).")
+@click.option("--shard/--no-shard", default=None,
+              help="Spread one model over every visible GPU (device_map=auto) instead of one "
+                   "copy per GPU (default: only when the model does not fit on one GPU).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Only the first N documents / items / lines of each evaluator.")
 @click.option("--model-config", type=click.Path(exists=True, file_okay=False), default=None,
@@ -54,11 +68,13 @@ _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
 @click.option("--html", type=click.Path(dir_okay=False), default=None,
               help="Also write the HTML audit of the scan with the trade-off section.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@strict_base_option
+@offline_option
 @click.pass_context
 @handle_errors
-def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_config, epsilon,
-                  top_k, vectors, include, exclude, device, dtype, max_length, force, as_json,
-                  html, quiet):
+def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_eval_include,
+                  workers, shard, limit, model_config, epsilon, top_k, vectors, include, exclude,
+                  device, dtype, max_length, force, as_json, html, quiet, strict_base):
     """Rescale intruder dimensions: W' = Wt + (alpha - 1) * sum_j sigma_j u_j v_j^T.
 
     Without BASE TUNED the intruders, paths and settings come from the scan report
@@ -67,15 +83,19 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
     directory a directory (config, tokenizer and index included), a PEFT adapter a merged model
     directory. alpha = 1 reproduces TUNED bit for bit.
 
-    With --eval, base, tuned and every output are evaluated; the table, scale-results.json,
-    scale-results.csv and scale-tradeoff.png (pre-training metric against task metric) record
-    the trade-off.
+    With --eval, base, tuned and every alpha are evaluated: the tuned model is loaded once per
+    GPU and rescaled in place for each alpha (several GPUs: alphas in parallel; torchrun works
+    the same way), and only the --save-alpha models are written. The table,
+    scale-results.json, scale-results.csv and scale-tradeoff.png (pre-training metric against
+    task metric) record the trade-off. Every evaluator's data is read before any model work.
 
     \b
     Examples:
       intruder scale --alpha 0.5 --eval wikitext
       intruder scale base/ tuned/ --alpha 0,0.25,0.5,0.75,1 --eval wikitext \\
           --eval task:siqa.json -o out/
+      intruder scale --alpha 0,0.5,1 --eval wikitext --eval lm-eval:arc_easy \\
+          --save-alpha 0.5
       intruder scale --alpha 0 --epsilon 0.7 -o removed/
     """
     from ..scale_sweep import format_sweep, run_sweep, to_dict
@@ -83,11 +103,15 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
     if len(paths) not in (0, 2):
         raise click.UsageError("give both BASE and TUNED, or neither (to use the scan report)")
     alphas = float_list(alpha, "--alpha")
-    if evals:  # an unknown evaluator or missing task file fails before any scan or write
-        from ..evaluate import get_evaluator
+    saves = _save_alphas(save_alpha, alphas)
+    if saves is not None and not evals:
+        raise click.UsageError("--save-alpha chooses what to keep of an evaluated sweep; without "
+                               "--eval every alpha is written")
+    if evals:  # an unknown evaluator, missing task file or data fails before any scan or write
+        from ..evaluate import check_evaluators, get_evaluator
 
-        for spec in evals:
-            get_evaluator(spec)
+        opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
+        check_evaluators([get_evaluator(spec, **opts) for spec in evals], limit)
     log = (lambda m: None) if quiet else (lambda m: echo_err(m))
     if html:  # refuse a bad --html path before anything is scanned or written
         from ..io.atomic import check_output
@@ -100,7 +124,10 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
             raise click.UsageError("--scan reads an existing report; with BASE TUNED a new scan "
                                    "runs, so give one or the other")
         report, report_path, base, tuned = _scan_first(paths, out_dir, epsilon, top_k, vectors,
-                                                       include, exclude, device, quiet, log)
+                                                       include, exclude, device, quiet, log,
+                                                       strict_base)
+        report_base_check(report.tuned, quiet)
+        base, tuned = report.base.path, report.tuned.path  # a hub ID -> its local snapshot
         eps_override = None
     else:
         given = [o for o, v in zip(_SCAN_ONLY, (top_k, vectors, include, exclude)) if v is not None]
@@ -123,7 +150,10 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
                       epsilon=eps_override, evals=evals, limit=limit, model_config=model_config,
                       device=device, dtype=None if dtype == "auto" else dtype,
                       max_length=max_length, force=force, progress=not quiet, log=log,
-                      scan_report=report_path)
+                      scan_report=report_path, save_alphas=saves,
+                      lm_eval_include=lm_eval_include, workers=workers, shard=shard)
+    if sweep is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
     else:
@@ -135,6 +165,19 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
 
         write_html(report, html, scale_results=sweep.files["json"])
         log(f"HTML audit written to {html}")
+
+
+def _save_alphas(values, alphas):
+    """--save-alpha values: None when not given, every alpha for 'all'."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        if v.strip().lower() == "all":
+            out.extend(alphas)
+        else:
+            out.extend(float_list(v, "--save-alpha"))
+    return tuple(out)
 
 
 def _missing_dirs(path: str):
@@ -149,7 +192,8 @@ def _missing_dirs(path: str):
     return out
 
 
-def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log):
+def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log,
+                strict_base=False):
     from ..report.schema import save_report
     from ..scale_sweep import prepare_out_dir
     from ..scan import run_scan
@@ -170,7 +214,7 @@ def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, devic
         check_output(report_path, [base, tuned])
         log(f"scanning {tuned} against {base} ...")
         report = run_scan(base, tuned, config, progress=not quiet,
-                          command=" ".join(["intruder"] + sys.argv[1:]))
+                          command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
         save_report(report, report_path)
     except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
         for d in made:
