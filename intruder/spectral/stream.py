@@ -310,6 +310,7 @@ def _warm_linalg(device) -> None:
     torch.linalg.eigh(a)
     torch.linalg.eigvalsh(a)
     torch.linalg.cholesky_ex(a)
+    torch.cholesky_inverse(torch.linalg.cholesky(a))
     torch.linalg.svdvals(a)
     torch.linalg.svd(a, full_matrices=False)
     torch.cuda.synchronize(device)
