@@ -18,6 +18,7 @@ summary, margin, provenance verdict and JSON schema all apply to it unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import sys
@@ -29,6 +30,8 @@ import torch
 
 from . import __version__
 from .errors import IntruderError, NonFiniteError
+from .io import identity
+from .io.basecheck import chain_checks, warning_text
 from .types import CheckpointInfo, LayerResult, ScanConfig, ScanReport
 
 PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
@@ -131,18 +134,23 @@ def _result(name, shape, dtype, fields=None, status="scanned", seconds=0.0) -> L
 
 
 def run_track(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
-              progress: bool = False, command: str = "", base_cache=None) -> TrackReport:
+              progress: bool = False, command: str = "", base_cache=None,
+              strict_base: bool = False) -> TrackReport:
     """Sequential fine-tunes: every step against the base and against the step before."""
-    return _run(base, checkpoints, config, "track", progress, command, base_cache)
+    return _run(base, checkpoints, config, "track", progress, command, base_cache,
+                strict_base)
 
 
 def run_compare(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
-                progress: bool = False, command: str = "", base_cache=None) -> TrackReport:
+                progress: bool = False, command: str = "", base_cache=None,
+                strict_base: bool = False) -> TrackReport:
     """Independent fine-tunes of one base, side by side; the base is decomposed once."""
-    return _run(base, checkpoints, config, "compare", progress, command, base_cache)
+    return _run(base, checkpoints, config, "compare", progress, command, base_cache,
+                strict_base)
 
 
-def _run(base, checkpoints, config, mode, progress, command, base_cache) -> TrackReport:
+def _run(base, checkpoints, config, mode, progress, command, base_cache,
+         strict_base=False) -> TrackReport:
     from .io import open_checkpoint, pair_checkpoints
     from .report.schema import SCHEMA_VERSION
     from .scan import derivation_warnings, validate_config
@@ -156,6 +164,8 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache) -> Trac
     device = resolve_device(config.device)
     base_ck = open_checkpoint(base, allow_adapter=False)
     cks = [open_checkpoint(p) for p in checkpoints]
+    identity.prefetch(base_ck.identity_files() + [f for ck in cks for f in ck.identity_files()])
+    checks = chain_checks(mode, base_ck, cks, strict_base)  # adapters' declared bases
     pairings = [pair_checkpoints(base_ck, ck, config.include, config.exclude) for ck in cks]
     pair_maps = [{p.name: p for p in pg.pairs} for pg in pairings]
     names = [p.name for p in pairings[0].pairs if all(p.name in pm for pm in pair_maps)]
@@ -181,19 +191,21 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache) -> Trac
     base_info = base_ck.info()
     elapsed = time.perf_counter() - t_start
 
-    def report(base_info_, tuned_info, pairing, layers):
+    def report(base_info_, tuned_info, pairing, layers, extra=()):
         return ScanReport(base=base_info_, tuned=tuned_info, config=config, layers=tuple(layers),
                           unpaired_base=pairing.unpaired_base if pairing else (),
                           unpaired_tuned=pairing.unpaired_tuned if pairing else (),
                           skipped=pairing.skipped if pairing else (),
-                          warnings=tuple(derivation_warnings(layers, config)),
+                          warnings=tuple(derivation_warnings(layers, config)) + tuple(extra),
                           seconds=elapsed, device=str(device), created=created, command=cmd,
                           tool_version=__version__, schema_version=SCHEMA_VERSION)
 
     entries = []
-    infos = [ck.info() for ck in cks]
+    infos = [ck.info() if c is None else dataclasses.replace(ck.info(), declared_base=c.to_dict())
+             for ck, c in zip(cks, checks)]
     for i in range(n):
-        rb = report(base_info, infos[i], pairings[i], vs_base[i])
+        warn = warning_text(checks[i], cks[i].path) if checks[i] is not None else None
+        rb = report(base_info, infos[i], pairings[i], vs_base[i], [warn] if warn else [])
         rp = report(infos[i - 1], infos[i], None, vs_prev[i]) if mode == "track" and i else None
         entries.append(TrackEntry(label=labels[i], path=checkpoints[i], vs_base=rb, vs_previous=rp,
                                   persistence=persist[i] if mode == "track" else {}))

@@ -46,6 +46,21 @@ def printable(text: str) -> str:
                    for ch in text)
 
 
+def source_text(info) -> str:
+    """Content hash, hub source and declared-base check of a checkpoint, for a header line."""
+    parts = []
+    if getattr(info, "sha256", None):
+        parts.append(f"sha256 {info.sha256[:16]} (content, {len(info.files)} file(s))")
+    if getattr(info, "repo_id", None):
+        rev = f"@{info.revision}" if info.revision and info.revision != info.commit else ""
+        parts.append(f"hub {info.repo_id}{rev} commit {(info.commit or '?')[:12]}")
+    check = getattr(info, "declared_base", None)
+    if check:
+        parts.append(f"declared base: {check.get('status')}"
+                     + (f" by {check['by']}" if check.get("by") else ""))
+    return ("\n         " + "; ".join(parts)) if parts else ""
+
+
 def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     """Layers with intruders, then totals, counts per epsilon and the time taken."""
     from ..scan import summary
@@ -57,8 +72,9 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
                      key=lambda l: (-len(l.intruders), l.name))
     lines = [f"intruder scan  (Algorithm 1: top-{c.top_k} {c.vectors} singular vectors, "
              f"intruder iff max |cos| to every base vector < epsilon = {eps:g})",
-             f"  base : {report.base.path}  [{report.base.kind}]",
-             f"  tuned: {report.tuned.path}  [{report.tuned.kind}]", ""]
+             f"  base : {report.base.path}  [{report.base.kind}]{source_text(report.base)}",
+             f"  tuned: {report.tuned.path}  [{report.tuned.kind}]{source_text(report.tuned)}",
+             ""]
     if flagged:
         rows = []
         for l in flagged[:max_rows]:

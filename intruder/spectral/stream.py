@@ -95,6 +95,10 @@ class _Budget:
 def _nbytes(ref: TensorRef) -> int:
     from ..io.safetensors_file import DTYPES
 
+    if ref.storage is not None:  # decoded to float32 (GGUF F16/BF16 stay 2 bytes: over-counted)
+        from ..io.dequant import decoded_nbytes
+
+        return decoded_nbytes(ref)
     n = DTYPES.get(ref.dtype, (8,))[0]
     for s in ref.shape:
         n *= s
@@ -136,14 +140,27 @@ class Reader:
             with self.lock:  # the caller's read() shares one handle cache
                 t = self.fallback(ref)
             return t.pin_memory() if self.pinned and t.numel() else t
-        from ..io.safetensors_file import DTYPES, open_regular
+        if ref.storage is not None:  # quantized / scaled: decoded to float here (io/dequant.py)
+            from ..io.dequant import decode
+
+            t = decode(ref, lambda r: self._stored(r, raw=True), self._stored)
+            return t.pin_memory() if self.pinned and t.numel() else t
+        return self._stored(ref, pinned=self.pinned)
+
+    def _stored(self, ref: TensorRef, raw: bool = False, pinned: bool = False) -> torch.Tensor:
+        """A tensor as stored (its dtype and shape), or its bytes as flat uint8 with raw."""
+        from ..io.safetensors_file import open_regular, torch_dtype
 
         sf = self._header(ref.path)
         e = sf.entries.get(ref.name)
         if e is None:
             raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
-        out = torch.empty(e.shape, dtype=getattr(torch, DTYPES[e.dtype][1]),
-                          pin_memory=self.pinned and e.end > e.start)
+        dt = torch.uint8 if raw else torch_dtype(e.dtype)
+        if dt is None:
+            raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: dtype {e.dtype} has no torch "
+                                  f"type in torch {torch.__version__}")
+        out = torch.empty((e.end - e.start,) if raw else e.shape, dtype=dt,
+                          pin_memory=pinned and e.end > e.start)
         nbytes = e.end - e.start
         if nbytes == 0:
             return out
