@@ -371,10 +371,21 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     if len({os.path.realpath(o) for o in outputs}) != len(outputs):
         raise OutputError("two alphas would write the same output path")
     sel = select_intruders(report, epsilon)
+    written = base_ck if tuned_ck.kind == "adapter" else tuned_ck
+    if written.kind == "gguf":
+        raise IntruderError(f"{written.path}: scale writes safetensors laid out like this "
+                            f"checkpoint, and cannot write GGUF; convert it to safetensors "
+                            f"(float16/bfloat16/float32) first")
     if tuned_ck.kind == "adapter":
         sources, plan = _adapter_sources(base_ck, tuned_ck, sel)
     else:
         sources, plan = _full_sources(base_ck, tuned_ck, report, sel)
+    for src in sources.values():
+        if (src.intruders is not None or src.kind == "lora") and src.ref.storage is not None:
+            raise IntruderError(f"{src.ref.path}: tensor {src.ref.name!r} is stored as "
+                                f"{src.ref.storage.kind}; scale writes the rescaled weights in "
+                                f"the stored dtype and does not re-quantize: convert it to "
+                                f"float16/bfloat16/float32 safetensors first")
     dev = resolve_device(device or report.config.device)
     intr_names = {n: s.intruders.indices for n, s in sources.items() if s.intruders is not None}
     metas = [dict(base_ck.metadata if tuned_ck.kind == "adapter" else tuned_ck.metadata,

@@ -1,5 +1,5 @@
-"""Checkpoint index: a single .safetensors file, a (sharded) Hugging Face directory, a PyTorch
-state dict (weights_only), or a PEFT adapter directory. Tensors are read lazily, one at a time.
+"""Checkpoint index: a single .safetensors file, a (sharded) Hugging Face directory, a GGUF file, a
+PyTorch state dict (weights_only), or a PEFT adapter directory. Tensors are read lazily, one at a time.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import AdapterError, CheckpointError
 from ..types import CheckpointInfo, TensorRef
 from . import hub
 from . import identity as ident
+from .dequant import attach_storage
 from .jsonfile import read_json
 from .safetensors_file import DTYPES, SafetensorsFile, check_regular_file
 
@@ -31,11 +32,14 @@ class Checkpoint:
     """Names, shapes and dtypes of every tensor, and where each one lives; no data held."""
 
     path: str
-    kind: str  # safetensors | sharded | directory | pickle | adapter
+    kind: str  # safetensors | sharded | directory | pickle | adapter | gguf
     refs: Dict[str, TensorRef]
     files: List[str]
     adapter: Optional[object] = None  # intruder.io.adapter.Adapter for kind == adapter
     metadata: Dict[str, str] = field(default_factory=dict)
+    # GGUF: our name of a tensor -> the other Hugging Face spellings of it (io/gguf.py); pairing
+    # renames to the one the other checkpoint uses
+    aliases: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     _open: Dict[str, object] = field(default_factory=dict, repr=False)
 
     def read(self, name: str):
@@ -85,20 +89,50 @@ class Checkpoint:
         return h.hexdigest()[:16]
 
 
-def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
-    """Read the tensor a TensorRef points at. `cache` keeps parsed headers (not data) per file."""
-    cache = {} if cache is None else cache
-    handle = cache.get(ref.path)
+def _handle(path: str, cache: Dict[str, object]):
+    handle = cache.get(path)
     if handle is None:
-        if ref.path.endswith(".safetensors"):
-            handle = SafetensorsFile(ref.path)
+        if path.endswith(".safetensors"):
+            handle = SafetensorsFile(path)
+        elif path.endswith(".gguf"):
+            from .gguf import GGUFFile
+
+            handle = GGUFFile(path)
         else:
-            handle = _PickleFile(ref.path)
+            handle = _PickleFile(path)
         cache.clear()  # keep one file open at a time
-        cache[ref.path] = handle
+        cache[path] = handle
+    return handle
+
+
+def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
+    """Read the tensor a TensorRef points at, decoded to float when it is stored quantized
+    (io/dequant.py, io/gguf.py). `cache` keeps parsed headers (not data) per file."""
+    cache = {} if cache is None else cache
+    if ref.storage is not None and not ref.path.endswith(".gguf"):
+        from .dequant import decode
+
+        return decode(ref, lambda r: read_stored_bytes(r, cache), lambda r: read_ref(r, cache))
+    handle = _handle(ref.path, cache)
     if ref.name not in handle.entries:
         raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
+    if ref.path.endswith(".gguf"):
+        return handle.read(ref.name, ref.storage)
     return handle.read(ref.name)
+
+
+def read_stored_bytes(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
+    """A tensor's stored bytes as a flat uint8 torch tensor (for decoders)."""
+    import torch
+
+    cache = {} if cache is None else cache
+    handle = _handle(ref.path, cache)
+    if ref.name not in handle.entries:
+        raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
+    if isinstance(handle, SafetensorsFile):
+        data = bytearray(handle.raw_bytes(ref.name))
+        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return handle.read(ref.name).contiguous().reshape(-1).view(torch.uint8)
 
 
 def open_checkpoint(path: str, allow_adapter: bool = True,
@@ -118,12 +152,16 @@ def open_checkpoint(path: str, allow_adapter: bool = True,
     check_regular_file(p)
     if p.endswith(".safetensors"):
         return _from_safetensors(p, [p], "safetensors")
+    if p.endswith(".gguf"):
+        from .gguf import open_gguf
+
+        return open_gguf(p)
     if p.endswith(PICKLE_SUFFIXES):
         return _from_pickle(p, [p])
     if p.endswith(".json"):
         raise CheckpointError(f"{p}: give the directory holding this JSON file, not the file")
-    raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors, .bin, .pt, "
-                          f"or a model / adapter directory)")
+    raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors, .gguf, .bin, "
+                          f".pt, or a model / adapter directory)")
 
 
 def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
@@ -158,6 +196,11 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
         if os.path.lexists(os.path.join(d, name)):
             return _from_pickle(d, [_inside(d, name, d)])
+    ggufs = [f for f in listing if f.endswith(".gguf")]
+    if ggufs:
+        from .gguf import open_gguf_dir
+
+        return open_gguf_dir(d, [_inside(d, f, d) for f in ggufs])
     raise CheckpointError(f"{d}: directory holds no weights (no model.safetensors, "
                           f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
 
@@ -229,7 +272,20 @@ def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
                 raise CheckpointError(f"{f}: tensor {name!r} also appears in "
                                       f"{os.path.basename(refs[name].path)}")
             refs[name] = TensorRef(f, name, e.shape, e.dtype)
+    refs = attach_storage(refs, _model_config(path))
     return Checkpoint(path, kind, refs, files, metadata=metadata)
+
+
+def _model_config(path: str) -> Optional[dict]:
+    """config.json of a model directory (for quantization_config), or None; never an error."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(cfg):
+        return None
+    try:
+        doc = _load_json(cfg)
+    except CheckpointError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _unpickle_reason(exc: Exception) -> str:
@@ -308,4 +364,5 @@ def _from_pickle_kind(path: str, files: Iterable[str], kind: str) -> Checkpoint:
                                       f"{os.path.basename(refs[name].path)}")
             dt = _TORCH_TO_ST[str(t.dtype).replace("torch.", "")]
             refs[name] = TensorRef(f, name, tuple(t.shape), dt)
+    refs = attach_storage(refs, _model_config(path))
     return Checkpoint(path, "pickle" if kind == "pickle" else kind, refs, list(files))

@@ -79,15 +79,16 @@ def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
 def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str] = None,
                      exclude: Optional[str] = None) -> Pairing:
     """Pair every selected base matrix with its tuned counterpart (full tensor or LoRA factors)."""
+    base_refs, tuned_refs = _gguf_names(base, tuned)
     if tuned.kind == "adapter":
-        return _pair_adapter(base, tuned, include, exclude)
-    tuned_refs = {normalise(n): r for n, r in tuned.refs.items()}
-    mapping = _align(list(base.refs), list(tuned_refs))
+        return _pair_adapter(base, tuned, include, exclude, base_refs)
+    tuned_refs = {normalise(n): r for n, r in tuned_refs.items()}
+    mapping = _align(list(base_refs), list(tuned_refs))
     if not mapping:
         raise PairingError(f"{base.path} and {tuned.path} have no tensor names in common "
                            f"(base e.g. {_example(base.refs)}, tuned e.g. {_example(tuned_refs)})")
     pairs, skipped, unpaired_base = [], [], []
-    for name, ref in base.refs.items():
+    for name, ref in base_refs.items():
         reason = select(name, ref.shape, include, exclude)
         t_name = mapping.get(name)
         if t_name is None:
@@ -95,6 +96,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str]
                 unpaired_base.append(name)
             continue
         t_ref = tuned_refs[t_name]
+        if reason is None:
+            reason = _unusable(ref, t_ref)
         if reason is not None:
             skipped.append((name, reason))
             continue
@@ -106,27 +109,56 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str]
     return Pairing(tuple(pairs), tuple(unpaired_base), tuple(unpaired_tuned), tuple(skipped))
 
 
-def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude) -> Pairing:
+def _gguf_names(base: Checkpoint, tuned: Checkpoint):
+    """Both sides' refs, a GGUF side's tensors named as the other side names them."""
+    from .gguf import rename_to_match
+
+    base_refs, tuned_refs = base.refs, tuned.refs
+    if base.kind == "gguf" and tuned.kind != "gguf":
+        other = list(tuned.refs) + [normalise(n) for n in tuned.refs]
+        if tuned.kind == "adapter":
+            other += [m + ".weight" for m in tuned.adapter.modules]
+        base_refs = rename_to_match(base, other)
+    elif tuned.kind == "gguf" and base.kind != "gguf":
+        tuned_refs = rename_to_match(tuned, base.refs)
+    return base_refs, tuned_refs
+
+
+def _unusable(*refs: TensorRef) -> Optional[str]:
+    from .dequant import unusable
+
+    for side, ref in zip(("base", "tuned"), refs):
+        why = unusable(ref)
+        if why is not None:
+            return f"{side}: {why}"
+    return None
+
+
+def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude,
+                  base_refs: Optional[Dict[str, TensorRef]] = None) -> Pairing:
     from .adapter import lora_info_for
 
+    base_refs = base.refs if base_refs is None else base_refs
     ad = tuned.adapter
     modules = dict(ad.modules)
     repl = dict(ad.replacements)
     # map adapter module paths / replacement names onto base names
-    mod_map = _align([n[: -len(".weight")] for n in base.refs if n.endswith(".weight")],
+    mod_map = _align([n[: -len(".weight")] for n in base_refs if n.endswith(".weight")],
                      list(modules))
-    rep_map = _align(list(base.refs), list(repl))
+    rep_map = _align(list(base_refs), list(repl))
     if not mod_map and not rep_map:
         raise PairingError(f"{tuned.path}: none of the adapter's {len(modules)} modules matches a "
                            f"tensor of {base.path} (adapter e.g. {_example(modules)}, base e.g. "
-                           f"{_example(base.refs)}); an adapter of another model?")
+                           f"{_example(base_refs)}); an adapter of another model?")
     pairs, skipped = [], []
-    for name, ref in base.refs.items():
+    for name, ref in base_refs.items():
         reason = select(name, ref.shape, include, exclude)
         mod = name[: -len(".weight")] if name.endswith(".weight") else None
         a_mod = mod_map.get(mod) if mod is not None else None
         r_name = rep_map.get(name)
         touched = a_mod is not None or r_name is not None
+        if reason is None:
+            reason = _unusable(ref, repl[r_name]) if r_name is not None else _unusable(ref)
         if reason is not None:
             if touched:
                 skipped.append((name, reason))

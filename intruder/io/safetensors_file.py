@@ -13,24 +13,60 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from ..errors import CheckpointError
 
-# safetensors dtype -> (bytes per element, torch dtype name)
+# safetensors dtype -> (bytes per element, torch dtype name): every whole-byte dtype the format
+# defines (safetensors 0.8). A torch without one of these types (float8 before 2.1, uint16/32/64
+# before 2.3, float8_e8m0fnu before 2.7) still parses the file; io/dequant.py decodes the 8-bit
+# floats from their bytes, and the others are skipped by the scan with a note.
 DTYPES: Mapping[str, Tuple[int, str]] = {
     "F64": (8, "float64"),
     "F32": (4, "float32"),
     "F16": (2, "float16"),
     "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "C64": (8, "complex64"),
     "I64": (8, "int64"),
     "I32": (4, "int32"),
     "I16": (2, "int16"),
     "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
     "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
 }
+# sub-byte dtypes, packed (bits per element): parsed and listed, their bytes readable, never
+# scanned (the format fixes neither the packing order nor where the block scales live)
+PACKED_BITS: Mapping[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype of a safetensors dtype string, or None where this torch lacks it."""
+    import torch
+
+    info = DTYPES.get(dtype)
+    return getattr(torch, info[1], None) if info is not None else None
+
+
+def storage_nbytes(dtype: str, shape) -> Optional[int]:
+    """Bytes a tensor of this dtype and shape occupies; None for a packed size that is not whole."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if dtype in DTYPES:
+        return numel * DTYPES[dtype][0]
+    bits = numel * PACKED_BITS[dtype]
+    return bits // 8 if bits % 8 == 0 else None
+
+
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
@@ -156,8 +192,9 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
     dtype = info.get("dtype")
     shape = info.get("shape")
     offs = info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or (dtype not in DTYPES and dtype not in PACKED_BITS):
+        raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r} (not a "
+                              f"safetensors dtype)")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise CheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
@@ -169,12 +206,13 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
         raise CheckpointError(
             f"{path}: tensor {name!r}: data_offsets {offs} outside the data section "
             f"({data_len} bytes); truncated file?")
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel * DTYPES[dtype][0] != end - begin:
+    need = storage_nbytes(dtype, shape)
+    if need is None:
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} of packed {dtype} is not a "
+                              f"whole number of bytes")
+    if need != end - begin:
         raise CheckpointError(
-            f"{path}: tensor {name!r}: shape {shape} x {dtype} needs {numel * DTYPES[dtype][0]} "
+            f"{path}: tensor {name!r}: shape {shape} x {dtype} needs {need} "
             f"bytes but data_offsets span {end - begin}")
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -200,7 +238,11 @@ class SafetensorsFile:
 
         e = self.entries[name]
         nbytes = e.end - e.start
-        out = torch.empty(e.shape, dtype=getattr(torch, DTYPES[e.dtype][1]))
+        dt = torch_dtype(e.dtype)
+        if dt is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: dtype {e.dtype} has no torch "
+                                  f"type in torch {torch.__version__}")
+        out = torch.empty(e.shape, dtype=dt)
         if nbytes == 0:
             return out
         flat = out.reshape(-1).view(torch.uint8).numpy()  # (nbytes,) aliasing `out`

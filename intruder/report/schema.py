@@ -74,7 +74,11 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_sv": {"type": "array", "items": _NUM},  # top 64 of dW
                          # engine: per max_cos entry, true where the value is a certified upper
                          # bound (spectral slices; decisions exact); absent when all are exact
-                         "max_cos_bound": {"type": "array", "items": {"type": "boolean"}}}}
+                         "max_cos_bound": {"type": "array", "items": {"type": "boolean"}},
+                         # quantized / scaled storage decoded before the analysis (io/dequant.py,
+                         # io/gguf.py), e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"; only on
+                         # layers where a side was stored that way
+                         "storage_base": _STR, "storage_tuned": _STR}}
 SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
