@@ -122,6 +122,10 @@ def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, d
     runner = run_track if mode == "track" else run_compare
     tr = runner(base, list(paths), config, progress=not quiet and not as_json,
                 command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
+    from ..spectral.multi import is_primary
+
+    if not is_primary():  # torchrun: rank 0 writes and prints the document
+        return
     for e in tr.entries:
         report_base_check(e.vs_base.tuned, quiet)
     text = dumps(tr)
