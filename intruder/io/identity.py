@@ -1,8 +1,8 @@
 """Content identity of input files: the sha256 of every file a checkpoint is read from.
 
-Digests are streamed in 8 MiB blocks on background threads (`prefetch`; one per 4 cores, at
-most 8: a 7B pair's 27 GB take 22 s on one thread of an H200 host), so hashing overlaps
-the scan's own reads of the same files (hashlib releases the GIL on large blocks), and they are
+Digests are streamed in 8 MiB blocks on background threads (`prefetch`; one file per thread, up
+to `n_workers()`), so hashing overlaps the scan's own reads of the same files (hashlib releases
+the GIL on large blocks), and they are
 remembered twice: in this process, and on disk under `<user cache dir>/sha256/`, keyed by the
 file's real path, size, mtime, ctime, inode and device, so a re-scan of unchanged files hashes
 nothing. A file that changes while it is hashed is hashed again and its digest is not cached.
@@ -126,12 +126,13 @@ _queue: queue.Queue[_Job] = queue.Queue()
 _workers: List[threading.Thread] = []
 
 
-def _pool_size() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus // 4))
+def n_workers() -> int:
+    """Files hashed at once: $INTRUDER_HASH_WORKERS, else half the cores, 1 to 4 (one core
+    streams sha256 at roughly 0.6-2 GB/s; shards of one model hash in parallel)."""
+    env = os.environ.get("INTRUDER_HASH_WORKERS", "")
+    if env.strip().isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def _work() -> None:
@@ -147,11 +148,9 @@ def _job(path: str, background: bool) -> _Job:
             return job
         job = _jobs[key] = _Job(path, key)
         if background:
-            # daemons: an interrupted scan does not wait for a hash; one more thread per queued
-            # file up to the pool size
-            if len(_workers) < _pool_size() and len(_workers) < _queue.qsize() + 1:
-                t = threading.Thread(target=_work, name=f"intruder-sha256-{len(_workers)}",
-                                     daemon=True)
+            if len(_workers) < n_workers():
+                # daemons: an interrupted scan does not wait for a hash to finish
+                t = threading.Thread(target=_work, name="intruder-sha256", daemon=True)
                 t.start()
                 _workers.append(t)
             _queue.put(job)
