@@ -48,8 +48,8 @@ def _common(fn):
 
 
 @cli.command("track")
-@click.argument("base", type=click.Path())
-@click.argument("steps", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("steps", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-track.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
@@ -74,8 +74,8 @@ def track_command(base, steps, output, **kw):
 
 
 @cli.command("compare")
-@click.argument("base", type=click.Path())
-@click.argument("finetunes", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("finetunes", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-compare.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
