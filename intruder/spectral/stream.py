@@ -54,6 +54,7 @@ class Raw:
     cached: object = None  # cached base Eig (CPU) or None
     nbytes: int = 0
     read_s: float = 0.0
+    noise: Optional[float] = None  # rounding rms quantized storage put into dW (storage_noise)
 
 
 class _Budget:
@@ -194,6 +195,7 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
             raw.parts[ref] = reader.read(ref)
     elif p.tuned is not None and p.tuned != p.base:
         raw.wt = reader.read(p.tuned)
+        raw.noise = storage_noise(p, raw.w0, raw.wt, reader.read)
     if base_cache is not None:
         key = base_cache.known_key(p.base)
         if key is None:
@@ -203,6 +205,19 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
         raw.cached = base_cache.load(key)
     raw.read_s = time.perf_counter() - t0
     return raw
+
+
+def storage_noise(p: LayerPair, w0: torch.Tensor, wt: torch.Tensor, read: Callable):
+    """The rms rounding error that quantized storage of either side (io/dequant.noise_rms) put
+    into wt - w0 (independent roundings add in variance), or None when neither side is
+    quantized. A LoRA merged onto a quantized base carries none: both sides share its rounding."""
+    if p.base.storage is None and (p.tuned is None or p.tuned.storage is None):
+        return None
+    from ..io.dequant import noise_rms
+
+    parts = [noise_rms(p.base, w0, read), noise_rms(p.tuned, wt, read)]
+    parts = [x for x in parts if x is not None]
+    return sum(x * x for x in parts) ** 0.5 if parts else None
 
 
 def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
@@ -251,7 +266,7 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
         on_copied()
     if status != "scanned":
         return LayerResult(name=p.name, shape=shape, dtype=p.base.dtype, status=status)
-    fields, used = engine.analyse(w0, wt, config, p.name, base_spec=raw.cached)
+    fields, used = engine.analyse(w0, wt, config, p.name, base_spec=raw.cached, noise=raw.noise)
     if device.type == "cuda":  # results complete: the cache writer may read `used` from any stream
         torch.cuda.current_stream(device).synchronize()
     if base_cache is not None and raw.key is not None and _grew(raw.cached, used):
