@@ -210,21 +210,24 @@ class Source:
 def resolve_inputs(report: ScanReport, report_path: Optional[str] = None,
                    base: Optional[str] = None, tuned: Optional[str] = None) -> Tuple[str, str]:
     """BASE and TUNED paths: given ones, else the report's (relative to the working directory,
-    else to the report's folder)."""
-    def find(given, recorded, what):
+    else to the report's folder; a hub snapshot no longer cached: its repo_id@commit)."""
+    def find(given, info, what):
         if given:
             return given
+        recorded = info.path
         cands = [recorded]
         if report_path and not os.path.isabs(recorded):
             cands.append(os.path.join(os.path.dirname(os.path.abspath(report_path)), recorded))
         for c in cands:
             if os.path.exists(c):
                 return c
+        if getattr(info, "repo_id", None) and getattr(info, "commit", None):
+            return f"{info.repo_id}@{info.commit}"
         raise ReportError(f"{report_path or 'scan report'}: {what} checkpoint {recorded!r} "
                           f"(recorded in the report) not found; run from the scan's directory "
                           f"or give BASE and TUNED")
 
-    return (find(base, report.base.path, "base"), find(tuned, report.tuned.path, "tuned"))
+    return (find(base, report.base, "base"), find(tuned, report.tuned, "tuned"))
 
 
 def _verify(ck, info, what: str, report_path: Optional[str]) -> None:

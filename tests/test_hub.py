@@ -426,3 +426,28 @@ def test_layers_accepts_an_id(server):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["repo_id"] == "org/base" and doc["commit"] == C_BASE
+
+
+def test_track_checks_each_adapter_against_the_step_it_is_applied_to(env):
+    steps = [os.path.join(DEMO, "adapters", f"continual_{i}") for i in (1, 2)]
+    r = CliRunner().invoke(cli, ["track", BASE, *steps, "-q", "--no-cache", "-o", "t.json"])
+    assert r.exit_code == 0, r.output
+    doc = load("t.json")
+    checks = [e["vs_base"]["tuned"]["declared_base"] for e in doc["entries"]]
+    assert (checks[0]["status"], checks[0]["by"]) == ("match", "path")
+    assert checks[1]["status"] == "unverified"  # applied to an adapter merged in memory
+    assert "Warning" not in r.stderr
+
+
+def test_report_inputs_fall_back_to_the_hub_commit(env):
+    import dataclasses
+
+    from intruder.intervene import resolve_inputs
+    from intruder.report.schema import load_report
+
+    scan([BASE, TUNED, "-o", "r.json"])
+    rep = load_report("r.json")
+    gone = dataclasses.replace(rep.base, path=str(env / "cleared-cache" / "snapshot"),
+                               repo_id="org/base", commit=C_BASE)
+    rep = dataclasses.replace(rep, base=gone)
+    assert resolve_inputs(rep, "r.json") == (f"org/base@{C_BASE}", TUNED)

@@ -12,7 +12,7 @@ from .hubopts import offline_option
 
 
 @cli.command("layers")
-@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only scan targets.")
 @offline_option

@@ -16,12 +16,12 @@ _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
 
 
 @cli.command("scale")
-@click.argument("paths", nargs=-1, metavar="[BASE TUNED]", type=click.Path())
+@click.argument("paths", nargs=-1, metavar="[BASE TUNED]", type=click.Path(readable=False))
 @click.option("--alpha", required=True, metavar="A[,A...]",
               help="Factor for the intruders' singular values: 0 removes them, 1 keeps the tuned "
                    "model; a comma list writes one model per value.")
 @click.option("--scan", "scan_path", default="intruder-scan.json", show_default=True,
-              type=click.Path(dir_okay=False),
+              type=click.Path(dir_okay=False, readable=False),
               help="Scan report to take paths, intruders and settings from (without BASE TUNED).")
 @click.option("-o", "--output", "out_dir", default="intruder-scale", show_default=True,
               type=click.Path(file_okay=False),

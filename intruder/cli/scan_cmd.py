@@ -14,8 +14,9 @@ EXIT_INTRUDERS = 3
 
 
 @cli.command("scan")
-@click.argument("base", type=click.Path(file_okay=True, dir_okay=True))
-@click.argument("tuned", type=click.Path(file_okay=True, dir_okay=True), required=False)
+@click.argument("base", type=click.Path(file_okay=True, dir_okay=True, readable=False))
+@click.argument("tuned", type=click.Path(file_okay=True, dir_okay=True, readable=False),
+                required=False)
 @click.option("--top-k", default=10, show_default=True, type=int,
               help="How many top tuned singular vectors to test.")
 @click.option("--epsilon", "epsilon", default="0.5", show_default=True,

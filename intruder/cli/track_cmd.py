@@ -48,8 +48,8 @@ def _common(fn):
 
 
 @cli.command("track")
-@click.argument("base", type=click.Path())
-@click.argument("steps", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("steps", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-track.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
@@ -74,8 +74,8 @@ def track_command(base, steps, output, **kw):
 
 
 @cli.command("compare")
-@click.argument("base", type=click.Path())
-@click.argument("finetunes", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("finetunes", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-compare.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
@@ -122,6 +122,10 @@ def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, d
     runner = run_track if mode == "track" else run_compare
     tr = runner(base, list(paths), config, progress=not quiet and not as_json,
                 command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
+    from ..spectral.multi import is_primary
+
+    if not is_primary():  # torchrun: rank 0 writes and prints the document
+        return
     for e in tr.entries:
         report_base_check(e.vs_base.tuned, quiet)
     text = dumps(tr)

@@ -17,7 +17,7 @@ from . import hub
 from . import identity as ident
 from .dequant import attach_storage
 from .jsonfile import read_json
-from .safetensors_file import DTYPES, SafetensorsFile, check_regular_file
+from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -85,7 +85,8 @@ class Checkpoint:
             r = self.refs[name]
             h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
         for f in self.files:
-            h.update(f"{os.path.basename(f)}|{os.path.getsize(f)}\n".encode())
+            # file names are bytes to the system; fsencode keeps non-UTF-8 names hashable
+            h.update(os.fsencode(os.path.basename(f)) + f"|{os.path.getsize(f)}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -205,26 +206,42 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
                           f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
 
 
-def _allowed_roots(root: str) -> List[str]:
+def _allowed_roots(root: str) -> Tuple[List[str], str]:
     """The model directory, plus the blob store when it is a Hugging Face cache snapshot
-    (<repo>/snapshots/<revision>/ whose files are symlinks into <repo>/blobs/)."""
+    (<repo>/snapshots/<revision>/ whose files are symlinks into <repo>/blobs/); and why a blob
+    store was not trusted ("" if there is none). `root` is already resolved. The blob store is
+    trusted only as a real folder inside the repository folder: `blobs -> /` would otherwise let
+    a snapshot link reach any file on the machine."""
     roots = [root]
-    if os.path.basename(os.path.dirname(root)) == "snapshots":
-        blobs = os.path.join(os.path.dirname(os.path.dirname(root)), "blobs")
-        if os.path.isdir(blobs):
-            roots.append(os.path.realpath(blobs))
-    return roots
+    if os.path.basename(os.path.dirname(root)) != "snapshots":
+        return roots, ""
+    repo = os.path.dirname(os.path.dirname(root))
+    blobs = os.path.join(repo, "blobs")
+    if os.path.islink(blobs):
+        return roots, f"{blobs} is a symlink, so the snapshot's blob store is not trusted"
+    if not os.path.isdir(blobs):
+        return roots, ""
+    real = os.path.realpath(blobs)
+    if os.path.commonpath([repo, real]) != repo:  # cannot happen below a resolved root; kept
+        return roots, f"{blobs} resolves outside {repo}, so it is not trusted"
+    roots.append(real)
+    return roots, ""
 
 
 def _inside(d: str, rel: str, what: str) -> str:
     """Resolve rel inside directory d; refuse paths or symlinks that leave it."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\x00" in rel:
         raise CheckpointError(f"{what}: shard path {rel!r} must be a relative file name")
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file can have that name
+        raise CheckpointError(f"{what}: shard path {rel!r} is not a valid file name")
     root = os.path.realpath(d)
     full = os.path.realpath(os.path.join(d, rel))
-    if not any(os.path.commonpath([r, full]) == r for r in _allowed_roots(root)):
+    roots, distrust = _allowed_roots(root)
+    if not any(os.path.commonpath([r, full]) == r for r in roots):
         raise CheckpointError(f"{what}: {rel!r} resolves to {full}, outside the model "
-                              f"directory {root}; refused")
+                              f"directory {root}; refused" + (f" ({distrust})" if distrust else ""))
     if not os.path.exists(full):
         raise CheckpointError(f"{what}: names {rel!r}, which does not exist")
     # the name, not the resolved target: a Hugging Face cache blob has no .safetensors suffix
@@ -341,6 +358,8 @@ class _PickleFile:
         self.entries = {}
         for k, v in sd.items():
             if isinstance(k, str) and isinstance(v, torch.Tensor):
+                if not _valid_unicode(k):
+                    raise CheckpointError(f"{path}: tensor name {k!r} is not valid Unicode")
                 dt = _TORCH_TO_ST.get(str(v.dtype).replace("torch.", ""))
                 if dt is None:
                     raise CheckpointError(f"{path}: tensor {k!r}: unsupported dtype {v.dtype}")

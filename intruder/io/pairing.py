@@ -11,11 +11,26 @@ from ..types import LayerPair, TensorRef
 from .checkpoint import Checkpoint
 
 PEFT_PREFIX = "base_model.model."
-# 2-D weights that are not linear projections: skipped unless --include selects them
-_NOT_LINEAR = re.compile(
-    r"(^|\.)(embed_tokens|embed_positions|embeddings?|word_embeddings|position_embeddings|"
-    r"token_type_embeddings|wte|wpe|shared|lm_head|embed_out|output_embeddings)(\.|$)"
-    r"|(^|\.)(\w*norm\w*|ln_\w+|ln_f)\.")
+# 2-D weights that are not linear projections: skipped unless --include selects them. A name
+# component equal to one of these, or a component before the last made of word characters that
+# contains "norm" or starts with "ln_" (checked per component: a header may hold a million names)
+_NOT_LINEAR_PARTS = frozenset((
+    "embed_tokens", "embed_positions", "embedding", "embeddings", "word_embeddings",
+    "position_embeddings", "token_type_embeddings", "wte", "wpe", "shared", "lm_head", "embed_out",
+    "output_embeddings"))
+_WORD = re.compile(r"\w+")
+
+
+def _not_linear(name: str) -> bool:
+    parts = name.split(".")
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        if part in _NOT_LINEAR_PARTS:
+            return True
+        if i < last and ("norm" in part or (part.startswith("ln_") and len(part) > 3)) \
+                and _WORD.fullmatch(part):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -33,11 +48,13 @@ def normalise(name: str) -> str:
 
 def is_default_target(name: str, shape) -> bool:
     """Linear-layer weights: 2-D tensors named *.weight that are not embeddings, heads or norms."""
-    return len(shape) == 2 and name.endswith(".weight") and not _NOT_LINEAR.search(name)
+    return len(shape) == 2 and name.endswith(".weight") and not _not_linear(name)
 
 
 def select(name: str, shape, include: Optional[str], exclude: Optional[str]) -> Optional[str]:
     """None if the tensor is scanned, else the reason it is not."""
+    if len(shape) == 2 and 0 in tuple(shape):
+        return "empty matrix (a dimension is 0)"
     if exclude and re.search(exclude, name):
         return "excluded by --exclude"
     if include and re.search(include, name):
@@ -53,11 +70,14 @@ def select(name: str, shape, include: Optional[str], exclude: Optional[str]) -> 
 
 def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
     """base name -> tuned name. Exact match first; then names that differ only by one leading
-    component (e.g. 'transformer.h.0...' vs 'h.0...'), if that match is unique."""
+    component (e.g. 'transformer.h.0...' vs 'h.0...'), if that match is unique.
+
+    Linear in the number of names (sets and dicts only): a header may hold a million tensors."""
     tuned_set = set(tuned_names)
     out = {n: n for n in base_names if n in tuned_set}
+    used_t = set(out)  # tuned names already taken (equal to their base names so far)
     rest_b = [n for n in base_names if n not in out]
-    rest_t = [n for n in tuned_names if n not in set(out.values())]
+    rest_t = [n for n in tuned_names if n not in used_t]
     if not rest_b or not rest_t:
         return out
     for strip_base in (True, False):
@@ -65,14 +85,17 @@ def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
         dst_set = set(dst)
         cand: Dict[str, List[str]] = {}
         for n in src:
-            if "." in n and n.split(".", 1)[1] in dst_set:
-                cand.setdefault(n.split(".", 1)[1], []).append(n)
+            if "." in n:
+                short = n.split(".", 1)[1]
+                if short in dst_set:
+                    cand.setdefault(short, []).append(n)
         for short, longs in cand.items():
             if len(longs) != 1:
                 continue
             b, t = (longs[0], short) if strip_base else (short, longs[0])
-            if b not in out and t not in out.values():
+            if b not in out and t not in used_t:
                 out[b] = t
+                used_t.add(t)
     return out
 
 

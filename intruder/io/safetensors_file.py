@@ -68,6 +68,7 @@ def storage_nbytes(dtype: str, shape) -> Optional[int]:
 
 
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+MAX_DIM = 2 ** 63 - 1  # a dimension torch (int64 sizes) can hold, even in an empty tensor
 
 
 class DuplicateKeyError(ValueError):
@@ -77,11 +78,13 @@ class DuplicateKeyError(ValueError):
 
 
 def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise DuplicateKeyError(k)
-        out[k] = v
+    out = dict(pairs)  # C speed; a header can hold a million objects
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKeyError(k)
+            seen.add(k)
     return out
 
 
@@ -156,11 +159,15 @@ def parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int
                                       f"{path}: file too short for a safetensors header "
                                       f"({size} bytes)")
             (n,) = struct.unpack("<Q", fh.read(8))
+            # the length is never printed: for a file that is not a checkpoint at all it is
+            # eight bytes of someone's text (a password file's first line, say)
             if n > MAX_HEADER:
-                raise CheckpointError(f"{path}: header length {n} exceeds the 100 MB limit")
+                raise CheckpointError(f"{path}: header length (first 8 bytes) exceeds the 100 MB "
+                                      f"limit; not a safetensors file?")
             if 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: header length {n} is larger than the file ({size} bytes); truncated?")
+                    f"{path}: header length (first 8 bytes) is larger than the file ({size} "
+                    f"bytes); truncated, or not a safetensors file?")
             raw = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
@@ -179,11 +186,23 @@ def parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    if not all(_valid_unicode(k) and _valid_unicode(v) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: __metadata__ holds a string that is not valid Unicode")
     entries: Dict[str, TensorEntry] = {}
     for name, info in header.items():
+        if not _valid_unicode(name):  # a lone surrogate escape; serde_json (safetensors) refuses it
+            raise CheckpointError(f"{path}: tensor name {name!r} is not valid Unicode")
         entries[name] = _entry(path, name, info, data_start, data_len)
     _check_layout(path, entries, data_len, data_start)
     return entries, metadata, data_start
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _entry(path: str, name: str, info, data_start: int, data_len: int) -> TensorEntry:
@@ -192,21 +211,31 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
     dtype = info.get("dtype")
     shape = info.get("shape")
     offs = info.get("data_offsets")
-    if not isinstance(dtype, str) or (dtype not in DTYPES and dtype not in PACKED_BITS):
+    if type(dtype) is not str or (dtype not in DTYPES and dtype not in PACKED_BITS):
         raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r} (not a "
                               f"safetensors dtype)")
-    if (not isinstance(shape, list) or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    # JSON gives exactly int for integers (bool is a subclass, hence `type(..) is int`)
+    numel = 1
+    if type(shape) is not list or len(shape) > 8:
+        numel = -1
+    else:
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                numel = -1
+                break
+            numel *= d
+    if numel < 0:
         raise CheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
-    if (not isinstance(offs, list) or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+    if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int \
+            or type(offs[1]) is not int:
         raise CheckpointError(f"{path}: tensor {name!r}: invalid data_offsets {offs!r}")
     begin, end = offs
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(
             f"{path}: tensor {name!r}: data_offsets {offs} outside the data section "
             f"({data_len} bytes); truncated file?")
-    need = storage_nbytes(dtype, shape)
+    size = DTYPES.get(dtype)
+    need = numel * size[0] if size is not None else storage_nbytes(dtype, shape)
     if need is None:
         raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} of packed {dtype} is not a "
                               f"whole number of bytes")
@@ -218,11 +247,28 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
 
 
 def _check_layout(path: str, entries: Dict[str, TensorEntry], data_len: int, data_start: int):
-    """Tensors must not overlap (a duplicated region would alias two weights)."""
-    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
-    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+    """The data section is the tensors, back to back, and nothing else (as the safetensors library
+    requires): no two tensors overlap (a duplicated region would alias two weights), no gap
+    between them and no bytes after the last one (room for content no reader looks at)."""
+    spans = sorted((e.start, e.end, e.name) for e in entries.values())  # O(n log n)
+    nonempty = [s for s in spans if s[1] > s[0]]
+    for (s0, e0, n0), (s1, e1, n1) in zip(nonempty, nonempty[1:]):
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    pos, prev = data_start, None
+    for start, end, name in spans:
+        if start < pos:  # an empty tensor placed inside another one
+            raise CheckpointError(f"{path}: tensor {name!r} starts inside tensor {prev!r}")
+        if start > pos:
+            where = f"after tensor {prev!r}" if prev is not None else "before the first tensor"
+            raise CheckpointError(f"{path}: {start - pos} unused bytes {where} (tensor {name!r} "
+                                  f"starts at data offset {start - data_start}); the data "
+                                  f"section must hold the tensors back to back")
+        pos, prev = end, name
+    if pos != data_start + data_len:
+        raise CheckpointError(f"{path}: {data_start + data_len - pos} bytes after the last tensor "
+                              f"(the data section must end where the last tensor ends); "
+                              f"corrupt, or something appended to the file")
 
 
 class SafetensorsFile:

@@ -302,7 +302,9 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
     torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
-    bytes (INTRUDER_HOST_BUDGET_MB)."""
+    bytes (INTRUDER_HOST_BUDGET_MB). An item may be a tuple of pairs that share one base (a
+    fleet of fine-tunes): the base is read and decomposed once, and a tuple of LayerResults
+    comes back for it."""
     from . import multi
     from .stream import Pipeline
 
@@ -325,7 +327,8 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     rank, world, local = ctx
     multi.init_group()
     devices = multi.rank_devices(config.device, local)
-    mine = multi.shard([tuple(p.base.shape) for p in pairs], world)[rank]
+    mine = multi.shard([tuple((p[0] if isinstance(p, tuple) else p).base.shape) for p in pairs],
+                       world)[rank]
     bar = _bar(len(mine), progress and rank == 0)
     local_out = []
     try:
