@@ -307,6 +307,7 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
     if on_copied is not None:
         on_copied()
     spec = raw.cached
+    scratch: Optional[dict] = {} if raw.more else None  # base-only work shared by a fleet
     out = []
     for m, (status, _, wt) in zip(members, prepared):
         if status != "scanned":
@@ -315,7 +316,7 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
             continue
         t1 = time.perf_counter()
         fields, spec = engine.analyse(w0, wt, config, m.pair.name, base_spec=spec,
-                                      noise=m.noise)
+                                      scratch=scratch, noise=m.noise)
         out.append(LayerResult(name=m.pair.name, shape=shape, dtype=p.base.dtype,
                                status="scanned", seconds=time.perf_counter() -
                                (t0 if not out else t1), **fields))
