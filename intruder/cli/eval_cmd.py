@@ -10,7 +10,7 @@ import click
 
 from .. import __version__
 from . import cli
-from .common import echo_err, handle_errors
+from .common import echo_err, emit, handle_errors
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -65,9 +65,9 @@ def eval_cmd(model, specs, limit, model_config, device, dtype, max_length, as_js
     echo_err(f"model on {lm.device} ({lm.dtype}), max length {lm.max_length}", quiet)
     results = run_evaluators(lm, evaluators, limit=limit, progress=not quiet)
     if as_json:
-        click.echo(json.dumps(_json_doc(model, lm, limit, results), indent=2))
+        emit(json.dumps(_json_doc(model, lm, limit, results), indent=2))
     else:
-        click.echo(format_table(results))
+        emit(format_table(results))
 
 
 def _json_doc(model, lm, limit, results) -> dict:

@@ -8,10 +8,13 @@ import sys
 
 import click
 
+from ..errors import OutputError
+from ..io.targets import CONTAINER, DIR, FILE, Target, check_targets, create_dir, remove_dirs
 from . import cli
-from .common import echo_err, float_list, handle_errors
+from .common import echo_err, emit, float_list, handle_errors, terminal_safe
 
 _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
+SCAN_JSON = "intruder-scan.json"  # the scan report `scale BASE TUNED` saves under -o
 
 
 @cli.command("scale")
@@ -78,30 +81,39 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
           --eval task:siqa.json -o out/
       intruder scale --alpha 0 --epsilon 0.7 -o removed/
     """
-    from ..scale_sweep import format_sweep, run_sweep, to_dict
+    from ..scale_sweep import format_sweep, to_dict
 
     if len(paths) not in (0, 2):
         raise click.UsageError("give both BASE and TUNED, or neither (to use the scan report)")
-    alphas = float_list(alpha, "--alpha")
+    alphas = tuple(dict.fromkeys(float_list(alpha, "--alpha")))  # unique, in the given order
     if evals:  # an unknown evaluator or missing task file fails before any scan or write
         from ..evaluate import get_evaluator
 
         for spec in evals:
             get_evaluator(spec)
     log = (lambda m: None) if quiet else (lambda m: echo_err(m))
-    if html:  # refuse a bad --html path before anything is scanned or written
-        from ..io.atomic import check_output
-
-        check_output(html, list(paths))
     src = ctx.get_parameter_source("scan_path")
     scan_given = src is not None and src.name == "COMMANDLINE"
     if paths:
         if scan_given:
             raise click.UsageError("--scan reads an existing report; with BASE TUNED a new scan "
                                    "runs, so give one or the other")
-        report, report_path, base, tuned = _scan_first(paths, out_dir, epsilon, top_k, vectors,
-                                                       include, exclude, device, quiet, log)
-        eps_override = None
+        base, tuned = paths
+        _check_scale_targets(out_dir, alphas, base, tuned, None, html, force)
+        made = create_dir(out_dir)
+        try:
+            report, report_path = _scan_first(base, tuned, out_dir, epsilon, top_k, vectors,
+                                              include, exclude, device, quiet, log)
+            sweep = _sweep(report, alphas, out_dir, report_path, base, tuned, None, evals, limit,
+                           model_config, device, dtype, max_length, force, quiet, log)
+            # the new report replaces the old one only now, with everything else done
+            from ..report.schema import save_report
+
+            save_report(report, report_path)
+        except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
+            remove_dirs(made)
+            raise
+        log(f"scan report written to {report_path}")
     else:
         given = [o for o, v in zip(_SCAN_ONLY, (top_k, vectors, include, exclude)) if v is not None]
         if given:
@@ -109,7 +121,9 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
                                    f"and TUNED to scan again, or rescan with `intruder scan`")
         from ..report.schema import load_report
 
-        report, report_path, base, tuned = load_report(scan_path), scan_path, None, None
+        from ..intervene import resolve_inputs
+
+        report, report_path = load_report(scan_path), scan_path
         eps_override = None
         if epsilon is not None:
             eps = float_list(epsilon, "--epsilon")
@@ -117,17 +131,19 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
                 raise click.BadParameter("with a scan report --epsilon takes one value",
                                          param_hint="--epsilon")
             eps_override = eps[0]
-    if html:  # ... and one onto the report's checkpoints before any model is written
-        check_output(html, [p for p in (base, tuned, report.base.path, report.tuned.path) if p])
-    sweep = run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
-                      epsilon=eps_override, evals=evals, limit=limit, model_config=model_config,
-                      device=device, dtype=None if dtype == "auto" else dtype,
-                      max_length=max_length, force=force, progress=not quiet, log=log,
-                      scan_report=report_path)
+        base, tuned = resolve_inputs(report, report_path)
+        _check_scale_targets(out_dir, alphas, base, tuned, report_path, html, force)
+        made = create_dir(out_dir)
+        try:
+            sweep = _sweep(report, alphas, out_dir, report_path, base, tuned, eps_override, evals,
+                           limit, model_config, device, dtype, max_length, force, quiet, log)
+        except BaseException:
+            remove_dirs(made)
+            raise
     if as_json:
-        click.echo(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
+        emit(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
     else:
-        click.echo(format_sweep(sweep))
+        emit(terminal_safe(format_sweep(sweep)))
     for what, path in sweep.files.items():
         log(f"{what} written to {path}")
     if html:
@@ -137,49 +153,51 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, limit, model_con
         log(f"HTML audit written to {html}")
 
 
-def _missing_dirs(path: str):
-    """The directories that creating `path` with its parents would add, deepest first."""
-    out, p = [], os.path.abspath(path)
-    while p and not os.path.exists(p):
-        out.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    return out
+def _check_scale_targets(out_dir, alphas, base, tuned, report_path, html, force) -> None:
+    """Every path this run writes, checked together before any scan or write."""
+    from ..scale_sweep import PLOT_PNG, RESULTS_CSV, RESULTS_JSON, output_path
+
+    targets = [Target(out_dir, "-o", CONTAINER, make_parents=True)]
+    for a in alphas:
+        p = output_path(out_dir, a, tuned)
+        targets.append(Target(p, f"the alpha={a:g} output", FILE if p.endswith(".safetensors")
+                              else DIR, make_parents=True))
+        if os.path.lexists(p) and not force:
+            raise OutputError(f"{p}: already exists (use --force to replace it)")
+    for name in (RESULTS_JSON, RESULTS_CSV, PLOT_PNG) + (() if report_path else (SCAN_JSON,)):
+        targets.append(Target(os.path.join(out_dir, name), name, make_parents=True))
+    if html:
+        targets.append(Target(html, "--html"))
+    check_targets(targets, [base, tuned, report_path])
 
 
-def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log):
-    from ..report.schema import save_report
-    from ..scale_sweep import prepare_out_dir
+def _sweep(report, alphas, out_dir, report_path, base, tuned, epsilon, evals, limit, model_config,
+           device, dtype, max_length, force, quiet, log):
+    from ..scale_sweep import run_sweep
+
+    return run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
+                     epsilon=epsilon, evals=evals, limit=limit, model_config=model_config,
+                     device=device, dtype=None if dtype == "auto" else dtype,
+                     max_length=max_length, force=force, progress=not quiet, log=log,
+                     scan_report=report_path)
+
+
+def _scan_first(base, tuned, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet,
+                log):
+    """Scan BASE TUNED; the report is kept in memory and saved only once the sweep is done."""
     from ..scan import run_scan
     from ..types import ScanConfig
 
-    base, tuned = paths
     config = ScanConfig(top_k=10 if top_k is None else top_k,
                         epsilons=float_list(epsilon, "--epsilon") if epsilon else (0.5,),
                         vectors=vectors or "left", include=include, exclude=exclude,
                         device=device,
                         cache_dir=os.environ.get("INTRUDER_CACHE_DIR") or None)
-    made = _missing_dirs(out_dir)  # what prepare_out_dir creates; removed again on failure
-    prepare_out_dir(out_dir, [base, tuned])
-    report_path = os.path.join(out_dir, "intruder-scan.json")
-    from ..io.atomic import check_output
-
-    try:
-        check_output(report_path, [base, tuned])
-        log(f"scanning {tuned} against {base} ...")
-        report = run_scan(base, tuned, config, progress=not quiet,
-                          command=" ".join(["intruder"] + sys.argv[1:]))
-        save_report(report, report_path)
-    except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
-        for d in made:
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
-        raise
+    report_path = os.path.join(out_dir, SCAN_JSON)
+    log(f"scanning {tuned} against {base} ...")
+    report = run_scan(base, tuned, config, progress=not quiet,
+                      command=" ".join(["intruder"] + sys.argv[1:]))
     n = sum(len(l.intruders) for l in report.layers)
     log(f"scan: {n} intruder(s) at epsilon {config.epsilon:g} in "
-        f"{sum(1 for l in report.layers if l.intruders)} matrices; report written to {report_path}")
-    return report, report_path, base, tuned
+        f"{sum(1 for l in report.layers if l.intruders)} matrices")
+    return report, report_path

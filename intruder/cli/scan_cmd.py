@@ -6,10 +6,10 @@ import sys
 
 import click
 
+from .. import exitcodes
+from ..io.targets import Target, check_targets
 from . import cli
-from .common import echo_err, float_list, handle_errors, terminal_safe
-
-EXIT_INTRUDERS = 3
+from .common import FINITE_FLOAT, echo_err, emit, float_list, handle_errors, terminal_safe
 
 
 @cli.command("scan")
@@ -35,14 +35,15 @@ EXIT_INTRUDERS = 3
               type=click.Path(dir_okay=False), help="Where to write the JSON report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the table.")
 @click.option("--html", type=click.Path(dir_okay=False), default=None, help="Also write an HTML audit.")
-@click.option("--fail-on-intruders", is_flag=True, help="Exit with code 3 when any intruder is found.")
-@click.option("--fail-on-margin", type=float, default=None, metavar="COS",
-              help="Exit with code 4 when a matrix's lowest max|cos| lies within COS of epsilon "
-                   "(min max|cos| < epsilon + COS): close to, or past, its first intruder. "
+@click.option("--fail-on-intruders", is_flag=True,
+              help=f"Exit with code {exitcodes.INTRUDERS} when any intruder is found.")
+@click.option("--fail-on-margin", type=FINITE_FLOAT, default=None, metavar="COS",
+              help=f"Exit with code {exitcodes.MARGIN} when a matrix's lowest max|cos| lies "
+                   "within COS of epsilon (min max|cos| < epsilon + COS): close to, or past, its first intruder. "
                    "See docs/margin.md.")
-@click.option("--fail-on-strength", type=float, default=None, metavar="X",
-              help="Exit with code 4 when a matrix's novel strength ||(I - U0_k U0_k^T) dW||_2 / "
-                   "sigma_k(W0) reaches X (a new direction enters the top-k near 1).")
+@click.option("--fail-on-strength", type=FINITE_FLOAT, default=None, metavar="X",
+              help=f"Exit with code {exitcodes.MARGIN} when a matrix's novel strength "
+                   "||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0) reaches X (a new direction enters the top-k near 1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Skip (and list) layers with NaN/Inf instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or chatter on stderr.")
 @handle_errors
@@ -60,7 +61,6 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
       intruder scan base-dir/ adapter-dir/ --epsilon 0.3,0.5,0.7,0.9 --json
       intruder scan base-dir/ tuned-dir/ --include 'embed_tokens' --exclude 'layers\\.0\\.'
     """
-    from ..io.atomic import check_output
     from ..report.schema import dumps, save_report
     from ..report.table import scan_table
     from ..scan import run_scan
@@ -74,9 +74,7 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
     config = ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include,
                         exclude=exclude, device=device, allow_nonfinite=allow_nonfinite,
                         cache_dir=None if no_cache else cache_dir)
-    check_output(output, [base, tuned])
-    if html:
-        check_output(html, [base, tuned])
+    check_targets([Target(output, "-o"), Target(html, "--html") if html else None], [base, tuned])
     report = run_scan(base, tuned, config, progress=not quiet and not as_json,
                       command=" ".join(["intruder"] + sys.argv[1:]))
     from ..spectral.multi import is_primary
@@ -84,20 +82,19 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
     if not is_primary():  # torchrun: rank 0 writes and prints the report
         return
     save_report(report, output)
-    if as_json:
-        click.echo(dumps(report))
-    else:
-        click.echo(terminal_safe(scan_table(report)))
-        echo_err(f"report written to {output}", quiet)
     if html:
         from ..report.html import write_html
 
         write_html(report, html)
+    if as_json:
+        emit(dumps(report))
+    else:
+        emit(terminal_safe(scan_table(report)))
+        echo_err(f"report written to {output}", quiet)
+    if html:
         echo_err(f"HTML audit written to {html}", quiet)
-    if fail_on_intruders and any(l.intruders for l in report.layers):
-        sys.exit(EXIT_INTRUDERS)
-    from ..spectral.margin import fail_code  # 4: inside the margin (issue 9)
+    from ..spectral.margin import fail_code
 
-    code = fail_code([report], False, fail_on_margin, fail_on_strength)
+    code = fail_code([report], fail_on_intruders, fail_on_margin, fail_on_strength)
     if code:
         sys.exit(code)

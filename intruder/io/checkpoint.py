@@ -48,11 +48,11 @@ class Checkpoint:
         total = 0
         for name in sorted(self.refs):
             r = self.refs[name]
-            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
+            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode("utf-8", "surrogatepass"))
         for f in self.files:
             size = os.path.getsize(f)
             total += size
-            h.update(f"{os.path.basename(f)}|{size}\n".encode())
+            h.update(f"{os.path.basename(f)}|{size}\n".encode("utf-8", "surrogatepass"))
         adapter = self.adapter.summary() if self.adapter is not None else None
         return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
                               bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
