@@ -358,6 +358,7 @@ def _edited_report(pair, tmp_path, edit):
     doc = json.loads(open(pair["report"]).read())
     layer = next(l for l in doc["layers"] if l["intruders"])
     edit(doc, layer)
+    os.makedirs(tmp_path, exist_ok=True)
     path = str(tmp_path / "edited.json")
     hc.write_json(path, doc)
     return path, layer["name"]
@@ -394,34 +395,50 @@ def test_scale_refuses_edited_intruder_ranks(pair, tmp_path):
 
 
 def test_scale_binds_the_report_to_the_scanned_weights(pair, tmp_path):
-    """Another fine-tune of the same layout has the same header fingerprint. With sigma_tuned
-    the recomputed singular values expose it; a report stripped of sigma_tuned used to rescale
-    it silently and is now refused."""
+    """Another fine-tune with the same layout in the scanned file's place. A report recording the
+    content sha256 refuses it at once. An older report (only the header fingerprint, equal for
+    both) is bound by its singular values: with sigma_tuned the recomputed values expose the
+    swap; a report stripped of sigma_tuned used to rescale the other fine-tune silently and is
+    now refused."""
     import shutil
 
     from intruder.intervene import scale_checkpoint
+    from intruder.io import open_checkpoint
     from intruder.report.schema import load_report
 
     d = tmp_path / "moved"
     d.mkdir()
     shutil.copy(pair["base"], d / "base.safetensors")
     shutil.copy(pair["other"], d / "tuned.safetensors")  # same names, shapes, sizes
-    args = ["scale", str(d / "base.safetensors"), str(d / "tuned.safetensors")]
+    base, tuned = str(d / "base.safetensors"), str(d / "tuned.safetensors")
+    fp = {"base": open_checkpoint(base).header_fingerprint(),
+          "tuned": open_checkpoint(tuned).header_fingerprint()}
+    assert fp["tuned"] == open_checkpoint(pair["tuned"]).header_fingerprint()
 
-    def strip(doc, layer):
+    def older(doc, layer):  # identity as schema 1.1 recorded it
+        for side in ("base", "tuned"):
+            doc[side].pop("sha256", None)
+            doc[side].pop("files", None)
+            doc[side]["fingerprint"] = fp[side]
+
+    def older_without_sigma(doc, layer):
+        older(doc, layer)
         for l in doc["layers"]:
             l.pop("sigma_tuned", None)
 
-    stripped, _ = _edited_report(pair, tmp_path, strip)
-    for report, expect in ((pair["report"], "differ from the scan report's"),
-                           (stripped, "records no sigma_tuned")):
+    cases = [(pair["report"], "does not match the scan report|differ from the scan report's"),
+             (_edited_report(pair, tmp_path, older)[0], "differ from the scan report's"),
+             (_edited_report(pair, tmp_path / "x", older_without_sigma)[0],
+              "records no sigma_tuned")]
+    for report, expect in cases:
         with pytest.raises(errors.ReportError, match=expect):
             scale_checkpoint(load_report(report), [0.0], [str(tmp_path / "o.safetensors")],
-                             base=args[1], tuned=args[2], device="cpu")
+                             base=base, tuned=tuned, device="cpu")
         assert not (tmp_path / "o.safetensors").exists()
-    # the CLI says the same in one line
-    res = _run(["scale", "--scan", stripped, "--alpha", "0", "-q", "-o", str(tmp_path / "o")])
+    # the CLI says the same in one line, before anything is written
+    res = _run(["scale", "--scan", cases[2][0], "--alpha", "0", "-q", "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and "records no sigma_tuned" in _error_line(res)
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------ reports and JSON
@@ -474,7 +491,8 @@ def test_report_and_task_json_have_a_size_cap(tmp_path, monkeypatch):
     ('[{"q": NaN}]', r"NaN is not a JSON value"),
     ('[{"q": 1, "q": 2}]', r"key 'q' appears twice"),
     ('[{"q": ', r"Expecting value at line 1"),
-])
+], ids=["nesting-100", "nesting-100000", "digits-5000", "float-1e999", "nan", "duplicate-key",
+        "truncated"])
 def test_task_json_bombs_give_one_line(tmp_path, text, expect):
     from pathlib import Path
 

@@ -194,6 +194,19 @@ class TaskEvaluator:
         self.name = f"task:{task_name(self.path)}"
         self.batch_size = batch_size
 
+    def check(self, limit: Optional[int] = None) -> str:
+        """Read and parse the file now (before any model work); returns what will be scored."""
+        if self.path.suffix == ".txt":
+            try:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EvalError(f"cannot read {self.path}: {exc}") from exc
+            if not any(ln.strip() for ln in lines[:limit]):
+                raise EvalError(f"{self.path} has no text to score")
+            return f"{self.name}: {len(lines[:limit])} lines of held-out text"
+        items = load_choice_items(self.path, limit)
+        return f"{self.name}: {len(items)} multiple-choice items"
+
     def evaluate(self, lm, limit: Optional[int] = None, progress: bool = True) -> List[EvalResult]:
         """Score the first `limit` items (or lines of a .txt file)."""
         if self.path.suffix == ".txt":
