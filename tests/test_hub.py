@@ -451,3 +451,30 @@ def test_report_inputs_fall_back_to_the_hub_commit(env):
                                repo_id="org/base", commit=C_BASE)
     rep = dataclasses.replace(rep, base=gone)
     assert resolve_inputs(rep, "r.json") == (f"org/base@{C_BASE}", TUNED)
+
+
+def test_eval_and_compare_take_ids_offline(cached):
+    r = CliRunner().invoke(cli, ["eval", "org/absent", "--offline", "-q", "--limit", "1"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: not in the local" in r.stderr
+    r = CliRunner().invoke(cli, ["compare", "org/base", "org/lora", f"org/tuned@{C_TUNED}",
+                                 "--offline", "-q", "--no-cache", "-o", "c.json"])
+    assert r.exit_code == 0, r.output
+    doc = load("c.json")
+    assert [e["vs_base"]["tuned"]["commit"] for e in doc["entries"]] == [C_LORA, C_TUNED]
+    assert doc["entries"][0]["vs_base"]["tuned"]["declared_base"]["status"] == "match"
+
+
+def test_unreachable_hub_falls_back_to_the_cache(cached, monkeypatch):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there: connection refused at once
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    r = CliRunner().invoke(cli, ["scan", "org/base", TUNED, "--no-cache", "-o", "r.json"])
+    assert r.exit_code == 0, r.output
+    assert "unreachable" in r.stderr
+    assert load("r.json")["base"]["commit"] == C_BASE
+    r = scan(["org/uncached", TUNED], expect=1)
+    assert "is unreachable" in r.stderr and r.stderr.count("\n") == 1
