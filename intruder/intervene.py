@@ -30,6 +30,8 @@ import torch
 from . import __version__
 from .errors import AdapterError, IntruderError, OutputError, ReportError
 from .io import open_checkpoint, pair_checkpoints, read_ref
+from .io.identity import recorded_mismatch
+from .io.writer import identity_metadata
 from .io.atomic import check_output
 from .io.safetensors_file import DTYPES, SafetensorsFile
 from .io.writer import (
@@ -208,29 +210,32 @@ class Source:
 def resolve_inputs(report: ScanReport, report_path: Optional[str] = None,
                    base: Optional[str] = None, tuned: Optional[str] = None) -> Tuple[str, str]:
     """BASE and TUNED paths: given ones, else the report's (relative to the working directory,
-    else to the report's folder)."""
-    def find(given, recorded, what):
+    else to the report's folder; a hub snapshot no longer cached: its repo_id@commit)."""
+    def find(given, info, what):
         if given:
             return given
+        recorded = info.path
         cands = [recorded]
         if report_path and not os.path.isabs(recorded):
             cands.append(os.path.join(os.path.dirname(os.path.abspath(report_path)), recorded))
         for c in cands:
             if os.path.exists(c):
                 return c
+        if getattr(info, "repo_id", None) and getattr(info, "commit", None):
+            return f"{info.repo_id}@{info.commit}"
         raise ReportError(f"{report_path or 'scan report'}: {what} checkpoint {recorded!r} "
                           f"(recorded in the report) not found; run from the scan's directory "
                           f"or give BASE and TUNED")
 
-    return (find(base, report.base.path, "base"), find(tuned, report.tuned.path, "tuned"))
+    return (find(base, report.base, "base"), find(tuned, report.tuned, "tuned"))
 
 
 def _verify(ck, info, what: str, report_path: Optional[str]) -> None:
-    got = ck.info().fingerprint
-    if info.fingerprint and got != info.fingerprint:
+    why = recorded_mismatch(ck, info)
+    if why:
         raise ReportError(f"{ck.path}: {what} checkpoint does not match the scan report "
-                          f"{report_path or ''} (fingerprint {got} vs {info.fingerprint}); it "
-                          f"changed since the scan, so rescan it".replace("  ", " "))
+                          f"{report_path or ''} ({why}); it changed since the scan, so rescan "
+                          f"it".replace("  ", " "))
 
 
 def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: Dict[str, LayerIntruders]):
@@ -301,6 +306,7 @@ def provenance(report: ScanReport, alpha: float, changes: Dict[str, Tuple[int, .
         "intruder.base_fingerprint": report.base.fingerprint,
         "intruder.tuned": report.tuned.path,
         "intruder.tuned_fingerprint": report.tuned.fingerprint,
+        **identity_metadata(report),
         "intruder.epsilon": repr(float(epsilon if epsilon is not None else c.epsilon)),
         "intruder.top_k": str(c.top_k),
         "intruder.vectors": c.vectors,
@@ -365,10 +371,21 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     if len({os.path.realpath(o) for o in outputs}) != len(outputs):
         raise OutputError("two alphas would write the same output path")
     sel = select_intruders(report, epsilon)
+    written = base_ck if tuned_ck.kind == "adapter" else tuned_ck
+    if written.kind == "gguf":
+        raise IntruderError(f"{written.path}: scale writes safetensors laid out like this "
+                            f"checkpoint, and cannot write GGUF; convert it to safetensors "
+                            f"(float16/bfloat16/float32) first")
     if tuned_ck.kind == "adapter":
         sources, plan = _adapter_sources(base_ck, tuned_ck, sel)
     else:
         sources, plan = _full_sources(base_ck, tuned_ck, report, sel)
+    for src in sources.values():
+        if (src.intruders is not None or src.kind == "lora") and src.ref.storage is not None:
+            raise IntruderError(f"{src.ref.path}: tensor {src.ref.name!r} is stored as "
+                                f"{src.ref.storage.kind}; scale writes the rescaled weights in "
+                                f"the stored dtype and does not re-quantize: convert it to "
+                                f"float16/bfloat16/float32 safetensors first")
     dev = resolve_device(device or report.config.device)
     intr_names = {n: s.intruders.indices for n, s in sources.items() if s.intruders is not None}
     metas = [dict(base_ck.metadata if tuned_ck.kind == "adapter" else tuned_ck.metadata,
@@ -401,6 +418,9 @@ def _index_extra(meta: Dict[str, str]) -> Dict[str, object]:
     """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
     prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
     prov["intruders"] = json.loads(prov["intruders"])
+    for key in ("base_files", "tuned_files"):
+        if key in prov:
+            prov[key] = json.loads(prov[key])
     for key in ("alpha", "epsilon"):
         prov[key] = float(prov[key])
     prov["top_k"] = int(prov["top_k"])

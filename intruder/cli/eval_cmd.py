@@ -11,6 +11,7 @@ import click
 from .. import __version__
 from . import cli
 from .common import echo_err, handle_errors
+from .hubopts import offline_option, resolve_model
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -23,7 +24,7 @@ def _device(ctx, param, value):
 
 
 @cli.command("eval")
-@click.argument("model", type=click.Path(exists=True))
+@click.argument("model", type=click.Path())
 @click.option("--eval", "specs", multiple=True, default=("wikitext",), show_default=True,
               metavar="SPEC", help="Evaluator: wikitext[:PATH] (wiki.test.raw; lm-eval's metrics), "
               "wikitext-sliding[:PATH] (adds the stride-512 token perplexity, about 8x the cost), "
@@ -45,10 +46,12 @@ def _device(ctx, param, value):
               help="Tokens per window (default: the model's context length).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@offline_option
 @handle_errors
 def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, max_length,
              as_json, quiet):
-    """Evaluate MODEL (HF directory or .safetensors file) on WikiText-2 and tasks.
+    """Evaluate MODEL (HF directory, .safetensors file, or hub ID org/name[@revision]) on
+    WikiText-2 and tasks.
 
     Every number names its protocol: `wikitext` gives lm-eval's word_perplexity,
     byte_perplexity and bits_per_byte; `wikitext-sliding` adds a sliding-window
@@ -67,6 +70,7 @@ def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, 
     opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
     evaluators = [get_evaluator(s, **opts) for s in specs]  # unknown names fail before loading
     check_evaluators(evaluators, limit)  # ... and so does missing or unreadable data
+    model = resolve_model(model)
     echo_err(f"loading {model} ...", quiet)
     lm = load_model(model, model_config=model_config, device=device,
                     dtype=None if dtype == "auto" else dtype, max_length=max_length,

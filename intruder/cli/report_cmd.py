@@ -13,19 +13,19 @@ from .common import echo_err, handle_errors
 
 @cli.command("report")
 @click.argument("scan_json", required=False, default="intruder-scan.json",
-                type=click.Path(dir_okay=False))
+                type=click.Path(dir_okay=False, readable=False))
 @click.option("-o", "--output", default="intruder-audit.html", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the HTML audit.")
-@click.option("--scale-results", type=click.Path(dir_okay=False), default=None,
+@click.option("--scale-results", type=click.Path(dir_okay=False, readable=False), default=None,
               help="scale-results.json of an `intruder scale --eval` run: adds the trade-off plot "
                    "and table.")
 @click.option("--similarity/--no-similarity", default=None,
               help="Recompute the similarity heatmaps from the checkpoints (default: only when "
                    "they are at their scanned paths, unchanged, and the chosen matrices are at "
                    "most 2048 on their short side).")
-@click.option("--base", "base_path", type=click.Path(), default=None,
+@click.option("--base", "base_path", type=click.Path(readable=False), default=None,
               help="Where the base checkpoint is now, if it moved since the scan.")
-@click.option("--tuned", "tuned_path", type=click.Path(), default=None,
+@click.option("--tuned", "tuned_path", type=click.Path(readable=False), default=None,
               help="Where the tuned checkpoint is now, if it moved since the scan.")
 @click.option("--layers", "n_affected", default=3, show_default=True, type=click.IntRange(1, 12),
               help="How many of the most affected matrices get a similarity heatmap.")

@@ -10,17 +10,18 @@ import click
 
 from . import cli
 from .common import echo_err, float_list, handle_errors
+from .hubopts import offline_option, report_base_check, strict_base_option
 
 _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
 
 
 @cli.command("scale")
-@click.argument("paths", nargs=-1, metavar="[BASE TUNED]", type=click.Path())
+@click.argument("paths", nargs=-1, metavar="[BASE TUNED]", type=click.Path(readable=False))
 @click.option("--alpha", required=True, metavar="A[,A...]",
               help="Factor for the intruders' singular values: 0 removes them, 1 keeps the tuned "
                    "model; a comma list writes one model per value.")
 @click.option("--scan", "scan_path", default="intruder-scan.json", show_default=True,
-              type=click.Path(dir_okay=False),
+              type=click.Path(dir_okay=False, readable=False),
               help="Scan report to take paths, intruders and settings from (without BASE TUNED).")
 @click.option("-o", "--output", "out_dir", default="intruder-scale", show_default=True,
               type=click.Path(file_okay=False),
@@ -67,11 +68,13 @@ _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
 @click.option("--html", type=click.Path(dir_okay=False), default=None,
               help="Also write the HTML audit of the scan with the trade-off section.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@strict_base_option
+@offline_option
 @click.pass_context
 @handle_errors
 def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_eval_include,
                   workers, shard, limit, model_config, epsilon, top_k, vectors, include, exclude,
-                  device, dtype, max_length, force, as_json, html, quiet):
+                  device, dtype, max_length, force, as_json, html, quiet, strict_base):
     """Rescale intruder dimensions: W' = Wt + (alpha - 1) * sum_j sigma_j u_j v_j^T.
 
     Without BASE TUNED the intruders, paths and settings come from the scan report
@@ -121,7 +124,10 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
             raise click.UsageError("--scan reads an existing report; with BASE TUNED a new scan "
                                    "runs, so give one or the other")
         report, report_path, base, tuned = _scan_first(paths, out_dir, epsilon, top_k, vectors,
-                                                       include, exclude, device, quiet, log)
+                                                       include, exclude, device, quiet, log,
+                                                       strict_base)
+        report_base_check(report.tuned, quiet)
+        base, tuned = report.base.path, report.tuned.path  # a hub ID -> its local snapshot
         eps_override = None
     else:
         given = [o for o, v in zip(_SCAN_ONLY, (top_k, vectors, include, exclude)) if v is not None]
@@ -186,7 +192,8 @@ def _missing_dirs(path: str):
     return out
 
 
-def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log):
+def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log,
+                strict_base=False):
     from ..report.schema import save_report
     from ..scale_sweep import prepare_out_dir
     from ..scan import run_scan
@@ -207,7 +214,7 @@ def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, devic
         check_output(report_path, [base, tuned])
         log(f"scanning {tuned} against {base} ...")
         report = run_scan(base, tuned, config, progress=not quiet,
-                          command=" ".join(["intruder"] + sys.argv[1:]))
+                          command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
         save_report(report, report_path)
     except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
         for d in made:

@@ -8,13 +8,15 @@ import click
 
 from . import cli
 from .common import echo_err, float_list, handle_errors, terminal_safe
+from .hubopts import offline_option, report_base_check, strict_base_option
 
 EXIT_INTRUDERS = 3
 
 
 @cli.command("scan")
-@click.argument("base", type=click.Path(file_okay=True, dir_okay=True))
-@click.argument("tuned", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("base", type=click.Path(file_okay=True, dir_okay=True, readable=False))
+@click.argument("tuned", type=click.Path(file_okay=True, dir_okay=True, readable=False),
+                required=False)
 @click.option("--top-k", default=10, show_default=True, type=int,
               help="How many top tuned singular vectors to test.")
 @click.option("--epsilon", "epsilon", default="0.5", show_default=True,
@@ -45,20 +47,28 @@ EXIT_INTRUDERS = 3
                    "sigma_k(W0) reaches X (a new direction enters the top-k near 1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Skip (and list) layers with NaN/Inf instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or chatter on stderr.")
+@strict_base_option
+@offline_option
 @handle_errors
 def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cache,
                  output, as_json, html, fail_on_intruders, fail_on_margin, fail_on_strength,
-                 allow_nonfinite, quiet):
+                 allow_nonfinite, quiet, strict_base):
     """Find intruder dimensions of TUNED against BASE.
 
     BASE: a .safetensors file, a Hugging Face model directory (sharded or not) or a .bin/.pt
     state dict. TUNED: the same kinds, or a PEFT LoRA adapter directory (merged per tensor).
+    Either may be a Hugging Face model ID, org/name or org/name@revision (a local path of the
+    same spelling wins). With one argument, a PEFT adapter, its declared base
+    (base_model_name_or_path) is BASE; an adapter given with another BASE is a warning
+    (--strict-base: an error).
 
     \b
     Examples:
       intruder scan base.safetensors tuned.safetensors
       intruder scan base-dir/ adapter-dir/ --epsilon 0.3,0.5,0.7,0.9 --json
       intruder scan base-dir/ tuned-dir/ --include 'embed_tokens' --exclude 'layers\\.0\\.'
+      intruder scan meta-llama/Llama-2-7b-hf someone/llama2-lora@v1.0
+      intruder scan adapter-dir/
     """
     from ..io.atomic import check_output
     from ..report.schema import dumps, save_report
@@ -74,11 +84,19 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
     config = ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include,
                         exclude=exclude, device=device, allow_nonfinite=allow_nonfinite,
                         cache_dir=None if no_cache else cache_dir)
+    if tuned is None:  # one argument: an adapter, scanned against its declared base
+        import os
+
+        if os.path.lexists(base) and not os.path.lexists(os.path.join(base, "adapter_config.json")):
+            raise click.UsageError("missing TUNED: one argument alone must be a PEFT adapter "
+                                   "(scanned against its declared base); give BASE and TUNED")
+        base, tuned = None, base
     check_output(output, [base, tuned])
     if html:
         check_output(html, [base, tuned])
     report = run_scan(base, tuned, config, progress=not quiet and not as_json,
-                      command=" ".join(["intruder"] + sys.argv[1:]))
+                      command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
+    report_base_check(report.tuned, quiet)
     from ..spectral.multi import is_primary
 
     if not is_primary():  # torchrun: rank 0 writes and prints the report

@@ -9,6 +9,7 @@ import click
 
 from . import cli
 from .common import echo_err, float_list, handle_errors
+from .hubopts import offline_option, report_base_check, strict_base_option
 
 EXIT_INTRUDERS = 3
 EXIT_MARGIN = 4
@@ -47,11 +48,13 @@ def _common(fn):
 
 
 @cli.command("track")
-@click.argument("base", type=click.Path())
-@click.argument("steps", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("steps", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-track.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
+@strict_base_option
+@offline_option
 def track_command(base, steps, output, **kw):
     """Follow intruders along sequential fine-tunes (continual learning).
 
@@ -71,11 +74,13 @@ def track_command(base, steps, output, **kw):
 
 
 @cli.command("compare")
-@click.argument("base", type=click.Path())
-@click.argument("finetunes", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("finetunes", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-compare.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
+@strict_base_option
+@offline_option
 def compare_command(base, finetunes, output, **kw):
     """Compare many fine-tunes of one base side by side, with a provenance verdict each.
 
@@ -97,7 +102,7 @@ def compare_command(base, finetunes, output, **kw):
 @handle_errors
 def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, device, cache_dir,
          no_cache, as_json, html, fail_on_intruders, fail_on_margin, fail_on_strength,
-         allow_nonfinite, quiet):
+         allow_nonfinite, quiet, strict_base=False):
     from ..io.atomic import check_output, write_text
     from ..track import dumps, run_compare, run_track
     from ..types import ScanConfig
@@ -116,7 +121,13 @@ def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, d
         check_output(html, inputs)
     runner = run_track if mode == "track" else run_compare
     tr = runner(base, list(paths), config, progress=not quiet and not as_json,
-                command=" ".join(["intruder"] + sys.argv[1:]))
+                command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
+    from ..spectral.multi import is_primary
+
+    if not is_primary():  # torchrun: rank 0 writes and prints the document
+        return
+    for e in tr.entries:
+        report_base_check(e.vs_base.tuned, quiet)
     text = dumps(tr)
     write_text(output, text + "\n")
     if as_json:

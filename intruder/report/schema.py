@@ -16,7 +16,8 @@ from typing import Any, Dict
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
 
-SCHEMA_VERSION = "1.1"  # 1.1: margin + dW-spectrum layer fields, summary margin/provenance
+SCHEMA_VERSION = "1.2"  # 1.1: margin + dW-spectrum layer fields, summary margin/provenance;
+# 1.2: per-file sha256, content hash, hub repo_id / revision / commit, declared base
 SCHEMA_ID = "https://github.com/intruder-tool/intruder/schema/scan-report-1.json"
 
 _NUM = {"type": "number"}
@@ -25,10 +26,25 @@ _STR = {"type": "string"}
 _CKPT = {"type": "object", "required": ["path", "kind", "n_tensors", "fingerprint"],
          "properties": {"path": _STR, "kind": _STR, "n_tensors": _INT, "bytes": _INT,
                         "fingerprint": _STR, "dtypes": {"type": "array", "items": _STR}}}
+# 1.2: content identity and hub source of each checkpoint (intruder/io/identity.py, io/hub.py,
+# io/basecheck.py); fingerprint is now the first 16 hex digits of sha256
+_NULL_STR = {"type": ["string", "null"]}
+_CKPT["properties"].update({
+    "sha256": _NULL_STR,  # sha256 of the sorted per-file sha256 hex digests, one per line
+    "files": {"type": "array", "items": {
+        "type": "object", "required": ["name", "sha256"],
+        "properties": {"name": _STR, "bytes": _INT, "sha256": _STR}}},
+    "repo_id": _NULL_STR, "revision": _NULL_STR, "commit": _NULL_STR,
+    "declared_base": {"type": ["object", "null"], "properties": {
+        "declared": _NULL_STR, "resolved": _NULL_STR, "given": _STR,
+        "status": {"type": "string", "enum": ["match", "mismatch", "unverified", "undeclared"]},
+        "by": _STR, "detail": _STR}},
+})
 _INTRUDER = {"type": "object", "required": ["index", "sigma", "max_cos", "base_index"],
              "properties": {"index": _INT, "sigma": _NUM, "max_cos": _NUM, "base_index": _INT,
                             "near_overlap": _NUM, "top_overlap": _NUM,
-                            "in_cluster": {"type": "boolean"}}}
+                            "in_cluster": {"type": "boolean"},
+                            "max_cos_bound": {"type": "boolean"}}}
 _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"],
           "properties": {"name": _STR, "shape": {"type": "array", "items": _INT},
                          "status": {"type": "string",
@@ -55,7 +71,14 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_floor": _NUM,  # rounding-noise edge of the tuned storage dtype
                          "delta_grid": _STR,  # storage grid of Wt: bfloat16|float16|float32|float64
                          "delta_sv_method": {"type": "string", "enum": ["gram", "randomized"]},
-                         "delta_sv": {"type": "array", "items": _NUM}}}  # top 64 of dW
+                         "delta_sv": {"type": "array", "items": _NUM},  # top 64 of dW
+                         # engine: per max_cos entry, true where the value is a certified upper
+                         # bound (spectral slices; decisions exact); absent when all are exact
+                         "max_cos_bound": {"type": "array", "items": {"type": "boolean"}},
+                         # quantized / scaled storage decoded before the analysis (io/dequant.py,
+                         # io/gguf.py), e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"; only on
+                         # layers where a side was stored that way
+                         "storage_base": _STR, "storage_tuned": _STR}}
 SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
@@ -115,6 +138,8 @@ def to_dict(report: ScanReport) -> Dict[str, Any]:
              "near_overlap": list(l.near_overlap), "top_overlap": list(l.top_overlap),
              "delta_norm_rel": _finite(l.delta_norm_rel), "delta_fro_rel": _finite(l.delta_fro_rel),
              "method": l.method, "seconds": l.seconds}
+        if any(l.max_cos_bound):
+            d["max_cos_bound"] = list(l.max_cos_bound)
         if l.max_cos_right:
             d["max_cos_right"] = list(l.max_cos_right)
             d["base_index_right"] = list(l.base_index_right)
@@ -165,6 +190,8 @@ def validate(doc: Any, schema: Dict[str, Any] = SCHEMA, where: str = "$") -> Non
           "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
           "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
           and math.isfinite(v)}
+    if isinstance(t, list):  # ["string", "null"]: None never reaches here (skipped below)
+        t = next((x for x in t if x != "null" and ok[x](doc)), t[0])
     if t and not ok[t](doc):
         raise ReportError(f"{where}: expected {t}, got {type(doc).__name__}")
     if "enum" in schema and doc not in schema["enum"]:
@@ -211,7 +238,7 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
         counts = tuple(sorted((float(k), int(v)) for k, v in (l.get("counts_by_epsilon") or {}).items()))
         kw = {k: v for k, v in l.items() if k in known and k not in ("intruders", "counts_by_epsilon")}
         for k in ("shape", "max_cos", "base_index", "sigma_tuned", "sigma_base", "near_overlap",
-                  "top_overlap", "max_cos_right", "base_index_right"):
+                  "top_overlap", "max_cos_right", "base_index_right", "max_cos_bound"):
             if k in kw:
                 kw[k] = tuple(kw[k])
         for k in ("delta_norm_rel", "delta_fro_rel"):
@@ -224,8 +251,8 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
         layers.append(LayerResult(intruders=intr, counts_by_epsilon=counts, extra=extra, **kw))
     ck = {f.name for f in fields(CheckpointInfo)}
     return ScanReport(
-        base=CheckpointInfo(**{k: (tuple(v) if k == "dtypes" else v) for k, v in doc["base"].items() if k in ck}),
-        tuned=CheckpointInfo(**{k: (tuple(v) if k == "dtypes" else v) for k, v in doc["tuned"].items() if k in ck}),
+        base=CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in doc["base"].items() if k in ck}),
+        tuned=CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in doc["tuned"].items() if k in ck}),
         config=config, layers=tuple(layers),
         unpaired_base=tuple(doc.get("unpaired_base", ())),
         unpaired_tuned=tuple(doc.get("unpaired_tuned", ())),
