@@ -21,7 +21,7 @@ from intruder.cli import cli
 from intruder.errors import CheckpointError
 from intruder.io import dequant, open_checkpoint, pair_checkpoints, read_ref
 from intruder.io.safetensors_file import DTYPES, PACKED_BITS, SafetensorsFile
-from intruder.scan import run_scan
+from intruder.scan import run_scan, summary
 from intruder.types import ScanConfig
 
 gguf = pytest.importorskip("gguf")
@@ -369,3 +369,52 @@ def test_gguf_garbage_and_missing_split_are_one_line_errors(tmp_path):
     p.write_bytes(b"not a gguf at all")
     with pytest.raises(CheckpointError, match="bad.gguf"):
         open_checkpoint(str(p))
+
+
+# ------------------------------------------------------------ quantization noise and provenance
+
+@pytest.mark.parametrize("layout", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "fp8 per-tensor",
+                                    "fp8 per-channel", "fp8 block", "int8 SCB"])
+def test_noise_estimate_matches_the_measured_rounding_error(layout):
+    """noise_rms, read from the stored values alone, against ||decoded - original||_rms."""
+    from intruder.types import Storage, TensorRef
+
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.02
+    if layout.startswith("Q"):
+        qt = gguf.GGMLQuantizationType[layout]
+        d = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.float().numpy(), qt), qt))
+        ref, scale = TensorRef("x.gguf", "x", (256, 512), layout, Storage(f"gguf {layout}")), None
+    elif layout.startswith("fp8"):
+        kind = layout.split()[1]
+        codes, scale = qd.fp8_quantize(w, kind)
+        full = scale if kind != "block" else \
+            scale.repeat_interleave(128, 0)[:256].repeat_interleave(128, 1)[:, :512]
+        d = (codes.to(torch.float32) * full).to(torch.float32)
+        block = (128, 128) if kind == "block" else (1, 1)
+        sref = TensorRef("x.safetensors", "s", tuple(scale.shape), "F32")
+        ref = TensorRef("x.safetensors", "x", (256, 512), "F8_E4M3", Storage(kind, sref, block))
+    else:
+        scale = w.abs().amax(1).to(torch.float32)  # (m,) bitsandbytes SCB
+        d = ((w / (scale[:, None].double() / 127)).round() * scale[:, None] / 127).to(torch.float32)
+        sref = TensorRef("x.safetensors", "s", (256,), "F32")
+        ref = TensorRef("x.safetensors", "x", (256, 512), "I8", Storage("scb", sref, (1, 512), 127.0))
+    est = dequant.noise_rms(ref, d, lambda r: scale)
+    true = float((d.double() - w).square().mean().sqrt())
+    assert est == pytest.approx(true, rel=0.1)
+    # float grids add nothing beyond what the margin already measures
+    assert dequant.noise_rms(TensorRef("x.gguf", "x", (256, 512), "F16", Storage("gguf F16")),
+                             d, None) is None
+
+
+def test_provenance_sees_quantization_as_rounding_not_fine_tuning(conv):
+    """Without the quantization noise floor every quantized matrix looked like a dense (full)
+    fine-tune: a Q8_0 base read as full-ft-like at confidence 0.97."""
+    base = os.path.join(DEMO, "base")
+    for q in ("Q8_0", "fp8"):
+        rep = _scan(base, conv["base", q])
+        assert summary(rep)["provenance"]["verdict"] == "precision-only", q
+        assert {dict(l.extra)["delta_grid"] for l in rep.layers} == {"quantized"}
+        lora = summary(_scan(base, conv["lora_r8", q]))["provenance"]
+        assert lora["verdict"] == "lora-like" and lora["estimated_rank"] == 8, q
+    both = summary(_scan(conv["base", "Q8_0"], conv["lora_r8", "Q8_0"]))["provenance"]
+    assert both["verdict"] == "lora-like" and both["estimated_rank"] == 8
