@@ -7,7 +7,7 @@ import json
 import click
 
 from . import cli
-from .common import handle_errors
+from .common import emit, handle_errors
 from .hubopts import offline_option
 
 
@@ -67,7 +67,7 @@ def _layers(checkpoint, as_json, show_all):
                              "unusable": unusable(ref)})
     if as_json:
         info = ck.info(identity=False)
-        click.echo(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
+        emit(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
                                "n_tensors": info.n_tensors, "bytes": info.bytes,
                                "adapter": info.adapter, "path": ck.path, "repo_id": info.repo_id,
                                "revision": info.revision, "commit": info.commit,
@@ -88,7 +88,7 @@ def _layers(checkpoint, as_json, show_all):
                               + ([r["storage"] or ""] if stored else [])
                               + ([_scanned(r)] if show_all else [])
                               for r in rows])
-    click.echo(table)
+    emit(table)
     click.echo(f"{len(rows)} {'modules' if ck.kind == 'adapter' else 'tensors'} listed; "
                f"{ck.kind} checkpoint with {len(ck.refs)} tensors", err=True)
 

@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import exitcodes
+
 # How many singular values of dW are kept in the report (and computed on large matrices).
 DELTA_SV_KEEP = 64
 # Exact spectrum of dW up to this smaller dimension; randomized (range finder) above.
@@ -322,8 +324,8 @@ def margin_line(m: dict) -> str:
     return s
 
 
-EXIT_INTRUDERS = 3  # --fail-on-intruders
-EXIT_MARGIN = 4  # --fail-on-margin / --fail-on-strength
+EXIT_INTRUDERS = exitcodes.INTRUDERS  # --fail-on-intruders
+EXIT_MARGIN = exitcodes.MARGIN  # --fail-on-margin / --fail-on-strength
 
 
 def margin_breaches(layers, epsilon: float, cos_within: Optional[float] = None,
