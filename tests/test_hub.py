@@ -241,6 +241,10 @@ def test_digest_cache_avoids_rehash(env, monkeypatch):
     want = hashlib.sha256(src.read_bytes()).hexdigest()
     assert identity.sha256_file(str(src)) == want
     identity._jobs.clear()  # a new process: only the on-disk cache remains
+    assert identity._cached(identity._key(str(src))) is None  # just written: not remembered
+    monkeypatch.setattr(identity, "RACY_NS", 0)
+    assert identity.sha256_file(str(src)) == want
+    identity._jobs.clear()
 
     def boom(*a):
         raise AssertionError("hashed again")
