@@ -468,6 +468,12 @@ def test_report_inputs_fall_back_to_the_hub_commit(env):
 def test_eval_and_compare_take_ids_offline(cached):
     r = CliRunner().invoke(cli, ["eval", "org/absent", "--offline", "-q", "--limit", "1"])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: not in the local" in r.stderr
+    from intruder.cli.hubopts import resolve_model  # what eval loads (its JSON's "source")
+
+    with hub.settings(offline=True, progress=False):
+        path, source = resolve_model("org/base")
+    assert os.path.basename(path) == C_BASE and os.path.exists(os.path.join(path, "tokenizer.json"))
+    assert source == {"repo_id": "org/base", "revision": "main", "commit": C_BASE}
     r = CliRunner().invoke(cli, ["compare", "org/base", "org/lora", f"org/tuned@{C_TUNED}",
                                  "--offline", "-q", "--no-cache", "-o", "c.json"])
     assert r.exit_code == 0, r.output
