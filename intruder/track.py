@@ -323,6 +323,11 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
         r = _result(name, shape, dtype, status="nonfinite")
         return r, (r if i else None), None
 
+    # rounding that quantized storage put into the differences (io/dequant.noise_rms), from the
+    # host tensors: the base's, and each full step's own
+    n_base = _noise(p0.base, raw.w0)
+    n_step = [_noise(m.pair.tuned, m.wt) if m.pair.lora is None and m.wt is not None else None
+              for m in steps]
     w0 = stream.base_on(raw, device, config.allow_nonfinite)
     if w0 is None:
         if on_copied is not None:
@@ -346,6 +351,7 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
     prev_w = w0  # (m, n) the previous step's weights
     prev_top = None  # (d, k) previous step's top-k vectors
     prev_intr: Tuple[int, ...] = ()
+    prev_noise = None  # quantization rounding rms of the previous step's weights
     out = []
     for i, (m, (kind, val)) in enumerate(zip(steps, held)):
         t0 = time.perf_counter()
@@ -366,7 +372,8 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
         if wt.dtype == w0.dtype and torch.equal(wt, w0):
             vb = _result(name, shape, dtype, status="unchanged")
         else:
-            fields, spec = analyse(w0, wt, config, name, base_spec=spec)
+            fields, spec = analyse(w0, wt, config, name, base_spec=spec,
+                                   noise=_rss(n_base, n_step[i]))
             vb = _result(name, shape, dtype, fields, seconds=time.perf_counter() - t0)
             cur_intr = tuple(x.index for x in fields["intruders"])
         vp = None
@@ -374,7 +381,7 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
             if wt.dtype == prev_w.dtype and torch.equal(wt, prev_w):
                 vp = _result(name, shape, dtype, status="unchanged")
             else:  # the previous step decomposed afresh: its top-k are prev_top
-                pf, _ = analyse(prev_w, wt, config, name)
+                pf, _ = analyse(prev_w, wt, config, name, noise=_rss(prev_noise, n_step[i]))
                 vp = _result(name, shape, dtype, pf)
         cur_top = None
         if cur_intr or prev_intr:
@@ -386,8 +393,26 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
         out.append((vb, vp, per))
         prev_top, prev_intr = cur_top, cur_intr
         prev_w = wt
+        prev_noise = n_step[i] if p.lora is None and kind != "same" else prev_noise
     if nb:  # results complete: the cache writer may read `spec` from any stream
         torch.cuda.current_stream(device).synchronize()
     if base_cache is not None and raw.key is not None and stream._grew(raw.cached, spec):
         base_cache.store(raw.key, spec, p0.base)
     return tuple(out)
+
+
+def _noise(ref, t) -> Optional[float]:
+    """Rounding rms of a quantized stored tensor (None for plain float storage)."""
+    if ref is None or ref.storage is None or t is None:
+        return None
+    from .io import read_ref
+    from .io.dequant import noise_rms
+
+    handles: dict = {}
+    return noise_rms(ref, t, lambda r: read_ref(r, handles))
+
+
+def _rss(*parts):
+    """Root sum of squares of the rounding rms values given (None: no quantized side)."""
+    parts = [x for x in parts if x is not None]
+    return sum(x * x for x in parts) ** 0.5 if parts else None

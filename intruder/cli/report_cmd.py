@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..io.targets import Target, check_targets, create_parents, remove_dirs
 from . import cli
 from .common import echo_err, handle_errors
 
@@ -46,7 +47,6 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
       intruder report scan.json --scale-results out/scale-results.json --similarity
       intruder report scan.json --base /models/base --tuned /models/ft -o audit.html
     """
-    from ..io.atomic import check_output
     from ..report.html import write_html
     from ..report.schema import load_report
 
@@ -54,14 +54,17 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
     # a scan run elsewhere recorded paths relative to its own directory: try beside the JSON too
     base_path = base_path or _beside(report.base.path, scan_json)
     tuned_path = tuned_path or _beside(report.tuned.path, scan_json)
-    inputs = [scan_json] + [p for p in (scale_results, base_path, tuned_path) if p]
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent) and not os.path.exists(parent):
-        os.makedirs(parent, exist_ok=True)
-    check_output(output, inputs)
-    info = write_html(report, output, scale_results=scale_results, similarity=similarity,
-                      base_path=base_path, tuned_path=tuned_path, n_affected=n_affected,
-                      command=" ".join(["intruder"] + sys.argv[1:]))
+    recorded = [p for p in (report.base.path, report.tuned.path) if p and os.path.exists(p)]
+    inputs = [scan_json] + [p for p in (scale_results, base_path, tuned_path) if p] + recorded
+    check_targets([Target(output, "-o", make_parents=True)], inputs)
+    made = create_parents(output)
+    try:
+        info = write_html(report, output, scale_results=scale_results, similarity=similarity,
+                          base_path=base_path, tuned_path=tuned_path, n_affected=n_affected,
+                          command=" ".join(["intruder"] + sys.argv[1:]))
+    except BaseException:  # a failure leaves no empty folders behind
+        remove_dirs(made)
+        raise
     echo_err(f"HTML audit written to {output} ({info.bytes / 1e3:.0f} kB, {info.figures} "
              f"figures; similarity heatmaps {info.similarity})", quiet)
 

@@ -83,7 +83,7 @@ class Checkpoint:
         h = hashlib.sha256()
         for name in sorted(self.refs):
             r = self.refs[name]
-            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
+            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode("utf-8", "surrogatepass"))
         for f in self.files:
             # file names are bytes to the system; fsencode keeps non-UTF-8 names hashable
             h.update(os.fsencode(os.path.basename(f)) + f"|{os.path.getsize(f)}\n".encode())

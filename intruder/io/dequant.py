@@ -234,3 +234,63 @@ def decoded_nbytes(ref: TensorRef) -> int:
     for d in ref.shape:
         n *= d
     return n
+
+
+# GGUF types whose rounding step can be read off the decoded values, per group of `group`
+# columns: ("amax", q) step = max|w| / q (symmetric codes, the largest one hit by the block's
+# largest value: exact for Q8_0 / Q4_0 / Q5_0), ("range", L) step = (max - min) / L (codes 0..L:
+# exact for Q4_1 / Q5_1; for K-quants, whose sub-block scales are themselves rounded, an estimate)
+_GGUF_STEPS = {"Q8_0": (32, "amax", 127), "Q4_0": (32, "amax", 8), "Q5_0": (32, "amax", 16),
+               "Q4_1": (32, "range", 15), "Q5_1": (32, "range", 31), "Q2_K": (16, "range", 3),
+               "Q3_K": (16, "amax", 4), "Q4_K": (32, "range", 15), "Q5_K": (32, "range", 31),
+               "Q6_K": (16, "amax", 32)}
+_MANTISSA = {"F8_E4M3": (3, 7), "F8_E5M2": (2, 15), "F8_E4M3FNUZ": (3, 8), "F8_E5M2FNUZ": (2, 16)}
+
+
+def noise_rms(ref: TensorRef, t, read: Callable) -> Optional[float]:
+    """Root mean square rounding error the stored format put into the decoded tensor t (m, n),
+    or None when the format adds none beyond its float grid (F16, BF16, F32 ...) or is unknown.
+
+    Round-to-nearest on a grid of step h leaves an error uniform in +-h/2 (variance h^2 / 12); h is
+    the code step times the element's scale (8-bit floats: the ulp of its code). read(ref) reads
+    a scale tensor as float."""
+    import torch
+
+    st = ref.storage
+    if st is None or t.numel() == 0 or t.dim() != 2:
+        return None
+    w = t.to(torch.float64)  # (m, n)
+    m, n = w.shape
+    gg = st.kind[len("gguf "):] if st.kind.startswith("gguf ") else None
+    if gg is not None:
+        spec = _GGUF_STEPS.get(gg)
+        if spec is None or n % spec[0]:
+            return None
+        group, how, q = spec
+        blocks = w.reshape(m, n // group, group)  # (m, n/g, g)
+        if how == "amax":
+            step = blocks.abs().amax(dim=2) / q  # (m, n/g)
+        else:
+            step = (blocks.amax(dim=2) - blocks.amin(dim=2)) / q  # (m, n/g)
+        return float((step.square().mean() / 12.0).sqrt())
+    full = torch.ones(1, 1, dtype=torch.float64)
+    if st.scale is not None:
+        s = read(st.scale)
+        if not s.is_floating_point() or s.dtype in (torch.uint8,):
+            return None
+        s = s.to(torch.float64).reshape(_scale_grid(tuple(s.shape), m, n))  # (s0, s1)
+        bm, bn = st.block
+        full = s if s.shape in ((m, 1), (1, 1)) else \
+            s.repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]  # (m, n)
+        full = full / st.divisor
+    if ref.dtype == "I8":
+        step = full.expand(m, n)  # one code step per element
+        return float((step.square().mean() / 12.0).sqrt())
+    if ref.dtype not in _MANTISSA:
+        return None
+    mbits, bias = _MANTISSA[ref.dtype]
+    codes = torch.where(full != 0, w / full, torch.zeros_like(w))  # (m, n) the 8-bit values
+    _, e = torch.frexp(codes)  # |code| in [2^(e-1), 2^e)
+    e = torch.clamp(e - 1, min=1 - bias)  # subnormals share the smallest normal's step
+    ulp = torch.ldexp(full.expand(m, n), e - mbits)  # (m, n) code step x scale
+    return float((ulp.square().mean() / 12.0).sqrt())

@@ -15,6 +15,7 @@ from typing import Any, Dict
 
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
+from .validate import validate_report
 
 SCHEMA_VERSION = "1.2"  # 1.1: margin + dW-spectrum layer fields, summary margin/provenance;
 # 1.2: per-file sha256, content hash, hub repo_id / revision / commit, declared base
@@ -223,6 +224,7 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
     if major != SCHEMA_VERSION.split(".")[0]:
         raise ReportError(f"{source}: schema_version {doc['schema_version']} is not readable by "
                           f"this version (reads {SCHEMA_VERSION.split('.')[0]}.x)")
+    validate_report(doc, source)  # relations between fields (intruder/report/validate.py)
     c = doc["config"]
     config = ScanConfig(top_k=c["top_k"], epsilons=tuple(float(e) for e in c["epsilon"]),
                         vectors=c.get("vectors", "left"), include=c.get("include"),

@@ -166,11 +166,13 @@ def tuned_eig(wt: torch.Tensor, k: int, start: Optional[torch.Tensor] = None,
 
 
 def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = "",
-            base_spec=None, scratch: Optional[dict] = None) -> Tuple[dict, Eig]:
+            base_spec=None, scratch: Optional[dict] = None,
+            noise: Optional[float] = None) -> Tuple[dict, Eig]:
     """Algorithm 1 plus caveat measures on one pair already on its device. Returns (fields,
     base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
     Eig, what the base cache stores) can be passed back as base_spec for the same base.
-    scratch: a dict kept across calls with the same base (a fleet), for base-only work."""
+    scratch: a dict kept across calls with the same base (a fleet), for base-only work.
+    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise)."""
     stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
@@ -260,7 +262,8 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         else (),
     )
     fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
-        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored)
+        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored,
+        noise=noise)
     return fields, be
 
 

@@ -60,6 +60,7 @@ class Raw:
     read_s: float = 0.0
     more: List["Raw"] = field(default_factory=list)  # the group's other pairs (same base)
     group: bool = False  # an item given as a group: its result is a tuple
+    noise: Optional[float] = None  # rounding rms quantized storage put into dW (storage_noise)
 
 
 class _Budget:
@@ -214,6 +215,9 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
     _read_tuned(raw, reader)
     for sub in raw.more:
         _read_tuned(sub, reader)
+    for r in (raw, *raw.more):
+        if r.wt is not None:
+            r.noise = storage_noise(r.pair, raw.w0, r.wt, reader.read)
     if base_cache is not None:
         key = base_cache.known_key(p.base)
         if key is None:
@@ -223,6 +227,19 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
         raw.cached = base_cache.load(key)
     raw.read_s = time.perf_counter() - t0
     return raw
+
+
+def storage_noise(p: LayerPair, w0: torch.Tensor, wt: torch.Tensor, read: Callable):
+    """The rms rounding error that quantized storage of either side (io/dequant.noise_rms) put
+    into wt - w0 (independent roundings add in variance), or None when neither side is
+    quantized. A LoRA merged onto a quantized base carries none: both sides share its rounding."""
+    if p.base.storage is None and (p.tuned is None or p.tuned.storage is None):
+        return None
+    from ..io.dequant import noise_rms
+
+    parts = [noise_rms(p.base, w0, read), noise_rms(p.tuned, wt, read)]
+    parts = [x for x in parts if x is not None]
+    return sum(x * x for x in parts) ** 0.5 if parts else None
 
 
 def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
@@ -299,7 +316,7 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
             continue
         t1 = time.perf_counter()
         fields, spec = engine.analyse(w0, wt, config, m.pair.name, base_spec=spec,
-                                      scratch=scratch)
+                                      scratch=scratch, noise=m.noise)
         out.append(LayerResult(name=m.pair.name, shape=shape, dtype=p.base.dtype,
                                status="scanned", seconds=time.perf_counter() -
                                (t0 if not out else t1), **fields))
