@@ -511,3 +511,14 @@ def test_scale_from_ids_writes_a_model_naming_its_sources(cached):
         meta = fh.metadata()
     assert (meta["intruder.base_repo_id"], meta["intruder.base_commit"]) == ("org/base", C_BASE)
     assert meta["intruder.tuned_commit"] == C_TUNED and meta["intruder.tuned_revision"] == C_TUNED
+
+
+def test_altered_cache_blob_is_refused(cached):
+    snap = os.path.join(str(cached / "hf"), "models--org--tuned", "snapshots", C_TUNED)
+    blob = os.path.realpath(os.path.join(snap, "model.safetensors"))
+    data = bytearray(open(blob, "rb").read())
+    data[-1] ^= 1  # one bit of one weight
+    with open(blob, "wb") as fh:
+        fh.write(data)
+    r = scan(["org/base", f"org/tuned@{C_TUNED}", "--offline"], expect=1)
+    assert "holds other bytes" in r.stderr and r.stderr.count("\n") == 1

@@ -86,7 +86,7 @@ def _store(key: _Key, digest: str) -> None:
 
 def _hash_file(path: str, key: _Key) -> str:
     """Stream the file through sha256; re-hash once if it changed meanwhile."""
-    for attempt in range(2):
+    for _ in range(2):
         h = hashlib.sha256()
         buf = bytearray(BLOCK)
         view = memoryview(buf)
@@ -198,8 +198,22 @@ def file_identities(files: Sequence[str], root: str) -> List[dict]:
     out = []
     for f in files:
         rel = os.path.relpath(f, base) if base else os.path.basename(f)
-        out.append({"name": rel, "bytes": os.path.getsize(f), "sha256": sha256_file(f)})
+        digest = sha256_file(f)
+        _check_blob(f, digest)
+        out.append({"name": rel, "bytes": os.path.getsize(f), "sha256": digest})
     return out
+
+
+def _check_blob(path: str, digest: str) -> None:
+    """A hub cache names large (LFS) blobs by their sha256: a blob whose bytes disagree was
+    corrupted or altered after download, and must not be reported as that commit's file."""
+    real = os.path.realpath(path)
+    name = os.path.basename(real)
+    if os.path.basename(os.path.dirname(real)) == "blobs" and len(name) == 64 and \
+            all(c in "0123456789abcdef" for c in name) and name != digest:
+        raise CheckpointError(f"{path}: the hub cache blob {name[:16]}... holds other bytes "
+                              f"(sha256 {digest[:16]}...): corrupted or altered after download; "
+                              f"delete it and download again")
 
 
 def recorded_mismatch(ck, info) -> Optional[str]:
