@@ -190,6 +190,7 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
         pair0 = pair_maps[0][name]
         ref = pair0.base
         shape, dtype = tuple(ref.shape), ref.dtype
+        before = base_cache.identity(ref) if base_cache is not None else None  # see key_for
         w0 = read_ref(ref, base_handles)
         if not _check_finite(w0, "base", name, ref.path, config.allow_nonfinite):
             for i in range(n):
@@ -199,7 +200,7 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
             _tick(bar, n)
             continue
         w0_dev = w0.to(device)
-        b0 = base_cache.get(pair0, w0, config) if base_cache is not None else None
+        b0 = base_cache.get(pair0, w0, config, before) if base_cache is not None else None
         cached = b0 is not None
         prev_w = w0  # (m, n) the previous step's weights (track) / the base (compare)
         prev_top = None  # (d, k) previous step's top-k vectors (track)
@@ -228,7 +229,7 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
                 if b0 is None:
                     b0 = b0_used
                     if base_cache is not None and not cached:
-                        base_cache.put(pair0, w0, config, b0)
+                        base_cache.put(pair0, w0, config, b0, before)
                         cached = True
                 vs_base[i].append(_result(name, shape, dtype, fields,
                                           seconds=time.perf_counter() - t0))

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from .. import settings
 from . import cli
 from .common import echo_err, float_list, handle_errors
 from .hubopts import offline_option, report_base_check, strict_base_option
@@ -204,7 +205,7 @@ def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, devic
                         epsilons=float_list(epsilon, "--epsilon") if epsilon else (0.5,),
                         vectors=vectors or "left", include=include, exclude=exclude,
                         device=device,
-                        cache_dir=os.environ.get("INTRUDER_CACHE_DIR") or None)
+                        cache_dir=settings.cache_dir_explicit())
     made = _missing_dirs(out_dir)  # what prepare_out_dir creates; removed again on failure
     prepare_out_dir(out_dir, [base, tuned])
     report_path = os.path.join(out_dir, "intruder-scan.json")

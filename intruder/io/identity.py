@@ -20,6 +20,7 @@ import queue
 import threading
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .. import settings
 from ..errors import CheckpointError
 
 BLOCK = 8 << 20  # bytes read per hashlib update
@@ -29,11 +30,7 @@ _Key = Tuple[str, int, int, int, int, int]
 def cache_dir() -> str:
     """Where digests are remembered: $INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder, else
     ~/.cache/intruder (the base spectral cache's root), subfolder sha256/."""
-    root = os.environ.get("INTRUDER_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "intruder")
-    return os.path.join(root, "sha256")
+    return os.path.join(settings.cache_dir(), "sha256")
 
 
 def _key(path: str) -> _Key:
