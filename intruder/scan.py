@@ -67,6 +67,7 @@ def run_scan(base: Optional[str], tuned: str, config: Optional[ScanConfig] = Non
     handles: dict = {}  # parsed headers, one file at a time
     layers = list(scan_pairs(pairing.pairs, lambda ref: read_ref(ref, handles), config,
                              progress=progress, base_cache=base_cache))
+    layers = with_storage(pairing.pairs, layers)
     device = str(resolve_device(config.device))
     warnings = list(derivation_warnings(layers, config))
     skipped = list(pairing.skipped)
@@ -84,6 +85,28 @@ def run_scan(base: Optional[str], tuned: str, config: Optional[ScanConfig] = Non
         device=device, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         tool_version=__version__, schema_version=SCHEMA_VERSION)
+
+
+def with_storage(pairs, layers):
+    """Layers of quantized or scaled tensors get `storage_base` / `storage_tuned` fields saying
+    how each side was stored and decoded (io/dequant.py, io/gguf.py) before the analysis."""
+    import dataclasses
+
+    out = []
+    for p, l in zip(pairs, layers):
+        tuned = p.tuned if p.tuned is not None and p.tuned != p.base else None
+        if p.base.storage is None and (tuned is None or tuned.storage is None):
+            out.append(l)
+            continue
+        fields = [("storage_base", _storage_text(p.base))]
+        if tuned is not None:
+            fields.append(("storage_tuned", _storage_text(tuned)))
+        out.append(dataclasses.replace(l, extra=tuple(l.extra) + tuple(fields)))
+    return out
+
+
+def _storage_text(ref) -> str:
+    return ref.storage.kind if ref.storage is not None else ref.dtype.lower()
 
 
 def _base_check(tuned_ck, base_ck, strict: bool):

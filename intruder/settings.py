@@ -26,6 +26,8 @@ INTRUDER_EXACT_DIM         largest Gram size (smaller matrix side)     256      
                            decomposed exactly outright (0-2^31)
 INTRUDER_SLICE_MIN_DIM     smallest Gram size where spectral slices    768                     (none)
                            replace the complete base (0: never)
+INTRUDER_HASH_WORKERS      input files hashed at once for the          half the cores, 1 to 4  (none)
+                           report's content identity (1-64)
 INTRUDER_DATA_DIR          folder holding wikitext-2-raw/              (none)                  eval wikitext:PATH;
                            wiki.test.raw (and the tests' shared data)                          demo --data-dir
 INTRUDER_WIKITEXT          the wiki.test.raw file itself (checked      (none)                  eval wikitext:PATH
@@ -116,6 +118,8 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          _int(0, 1 << 31, "matrix side")),
     Knob("INTRUDER_SLICE_MIN_DIM", "smallest Gram size where spectral slices replace the "
          "complete base (0: never)", "768", "", _int(0, 1 << 31, "matrix side; 0 disables")),
+    Knob("INTRUDER_HASH_WORKERS", "input files hashed at once (content identity)",
+         "half the cores, 1 to 4", "", _int(1, 64, "hashing threads")),
     Knob("INTRUDER_DATA_DIR", "folder holding wikitext-2-raw/wiki.test.raw", "(none)",
          "eval wikitext:PATH, demo --data-dir", _path("the shared data folder")),
     Knob("INTRUDER_WIKITEXT", "the wiki.test.raw file", "(none)", "eval wikitext:PATH",
@@ -180,6 +184,10 @@ def exact_dim() -> Optional[int]:
 
 def slice_min_dim() -> Optional[int]:
     return get("INTRUDER_SLICE_MIN_DIM")
+
+
+def hash_workers() -> Optional[int]:
+    return get("INTRUDER_HASH_WORKERS")
 
 
 def data_dir() -> Optional[str]:

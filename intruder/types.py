@@ -33,13 +33,25 @@ class ScanConfig:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How a stored tensor becomes float weights (quantized or scaled storage; io/dequant.py)."""
+
+    kind: str  # what the report says, e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"
+    scale: Optional["TensorRef"] = None  # scale tensor beside the weight (safetensors layouts)
+    block: Tuple[int, int] = (0, 0)  # rows x columns sharing one scale (0: from the shapes)
+    divisor: float = 1.0  # w = codes * scale / divisor (bitsandbytes SCB: 127)
+    heads: int = 0  # GGUF q/k projection: undo llama.cpp's rotary row order in this many heads
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """Where a tensor lives; holds no data."""
 
     path: str  # file holding the tensor
     name: str  # name inside that file
     shape: Tuple[int, ...]
-    dtype: str  # safetensors dtype string: F32, BF16, F16, ...
+    dtype: str  # safetensors dtype string (F32, BF16, F8_E4M3 ...) or GGUF type (Q8_0 ...)
+    storage: Optional[Storage] = None  # set when reading needs a decode step (io/dequant.py)
 
 
 @dataclass(frozen=True)

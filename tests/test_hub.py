@@ -426,3 +426,55 @@ def test_layers_accepts_an_id(server):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["repo_id"] == "org/base" and doc["commit"] == C_BASE
+
+
+def test_track_checks_each_adapter_against_the_step_it_is_applied_to(env):
+    steps = [os.path.join(DEMO, "adapters", f"continual_{i}") for i in (1, 2)]
+    r = CliRunner().invoke(cli, ["track", BASE, *steps, "-q", "--no-cache", "-o", "t.json"])
+    assert r.exit_code == 0, r.output
+    doc = load("t.json")
+    checks = [e["vs_base"]["tuned"]["declared_base"] for e in doc["entries"]]
+    assert (checks[0]["status"], checks[0]["by"]) == ("match", "path")
+    assert checks[1]["status"] == "unverified"  # applied to an adapter merged in memory
+    assert "Warning" not in r.stderr
+
+
+def test_report_inputs_fall_back_to_the_hub_commit(env):
+    import dataclasses
+
+    from intruder.intervene import resolve_inputs
+    from intruder.report.schema import load_report
+
+    scan([BASE, TUNED, "-o", "r.json"])
+    rep = load_report("r.json")
+    gone = dataclasses.replace(rep.base, path=str(env / "cleared-cache" / "snapshot"),
+                               repo_id="org/base", commit=C_BASE)
+    rep = dataclasses.replace(rep, base=gone)
+    assert resolve_inputs(rep, "r.json") == (f"org/base@{C_BASE}", TUNED)
+
+
+def test_eval_and_compare_take_ids_offline(cached):
+    r = CliRunner().invoke(cli, ["eval", "org/absent", "--offline", "-q", "--limit", "1"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: not in the local" in r.stderr
+    r = CliRunner().invoke(cli, ["compare", "org/base", "org/lora", f"org/tuned@{C_TUNED}",
+                                 "--offline", "-q", "--no-cache", "-o", "c.json"])
+    assert r.exit_code == 0, r.output
+    doc = load("c.json")
+    assert [e["vs_base"]["tuned"]["commit"] for e in doc["entries"]] == [C_LORA, C_TUNED]
+    assert doc["entries"][0]["vs_base"]["tuned"]["declared_base"]["status"] == "match"
+
+
+def test_unreachable_hub_falls_back_to_the_cache(cached, monkeypatch):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there: connection refused at once
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    r = CliRunner().invoke(cli, ["scan", "org/base", TUNED, "--no-cache", "-o", "r.json"])
+    assert r.exit_code == 0, r.output
+    assert "unreachable" in r.stderr
+    assert load("r.json")["base"]["commit"] == C_BASE
+    r = scan(["org/uncached", TUNED], expect=1)
+    assert "is unreachable" in r.stderr and r.stderr.count("\n") == 1

@@ -250,7 +250,8 @@ def test_cache_round_trip_keeps_the_scale(tmp_path):
 GARBAGE = {"INTRUDER_CACHE_DIR": " ", "INTRUDER_CACHE_MAX_GB": "nan",
            "INTRUDER_CPU_WORKERS": "0", "INTRUDER_STREAMS": "3x", "INTRUDER_READERS": "-1",
            "INTRUDER_HOST_BUDGET_MB": "-5", "INTRUDER_EXACT_DIM": "1e3",
-           "INTRUDER_SLICE_MIN_DIM": "-1", "INTRUDER_DATA_DIR": "   ",
+           "INTRUDER_SLICE_MIN_DIM": "-1", "INTRUDER_HASH_WORKERS": "two",
+           "INTRUDER_DATA_DIR": "   ",
            "INTRUDER_WIKITEXT": " "}
 
 

@@ -153,3 +153,28 @@ def test_slices_disabled_gives_complete_base(monkeypatch):
     w0, wt = _planted(384, 384, seed=5)
     f = _check_engine(w0, wt, torch.float32)
     assert "+slices" not in f["method"] and not f["max_cos_bound"]
+
+
+def test_fleet_shares_the_inverse_gram(monkeypatch):
+    """Two fine-tunes of one base with one scratch dict (as a compare group): the base's inverse
+    Gram is computed once and both results match the reference."""
+    import intruder.spectral.slices as slices
+
+    monkeypatch.setenv("INTRUDER_SLICE_MIN_DIM", "256")
+    monkeypatch.setenv("INTRUDER_EXACT_DIM", "128")
+    calls = []
+    real = slices.inverse_gram
+    monkeypatch.setattr(slices, "inverse_gram", lambda *a: calls.append(1) or real(*a))
+    w0, wt1 = _planted(384, 384, seed=5)
+    _, wt2 = _planted(384, 384, seed=5, rank=2)
+    cfg = ScanConfig(epsilons=EPS)
+    scratch: dict = {}
+    spec = None
+    for wt in (wt1, wt2):
+        f, spec = analyse(w0, wt, cfg, "m", base_spec=spec, scratch=scratch)
+        ref = reference_intruders(w0.numpy(), wt.numpy(), 10, 0.5)
+        mc = np.array(f["max_cos"])
+        for e in EPS:
+            assert ((mc < e) == (ref.max_cos < e)).all()
+        assert "+slices" in f["method"]
+    assert len(calls) == 1

@@ -9,7 +9,7 @@ import click
 
 from ..errors import OutputError
 from . import cli
-from .common import handle_errors
+from .common import emit, handle_errors
 
 _DIR_HELP = ("Cache directory (default: $INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder or "
              "~/.cache/intruder).")
@@ -56,13 +56,13 @@ def cache_list(cache_dir, as_json):
     entries = c.entries()
     total = sum(e["bytes"] for e in entries)
     if as_json:
-        click.echo(json.dumps({"cache_dir": c.root, "entries": entries, "bytes": total,
+        emit(json.dumps({"cache_dir": c.root, "entries": entries, "bytes": total,
                                "max_bytes": c.max_bytes}, indent=2))
         return
     from ..report.table import format_table
 
-    click.echo(f"base spectral cache: {c.root}")
-    click.echo(f"{len(entries)} entries, {_size(total)} of at most {_size(c.max_bytes)} "
+    emit(f"base spectral cache: {c.root}")
+    emit(f"{len(entries)} entries, {_size(total)} of at most {_size(c.max_bytes)} "
                f"(INTRUDER_CACHE_MAX_GB)")
     if not entries:
         return
@@ -74,7 +74,7 @@ def cache_list(cache_dir, as_json):
                      e["dtype"], f"{kept} of {e['gram_dim']}", e["method"], _size(e["bytes"]),
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])),
                      e["key"][:12]])
-    click.echo(format_table(["tensor", "shape", "dtype", "singular vectors kept", "method",
+    emit(format_table(["tensor", "shape", "dtype", "singular vectors kept", "method",
                              "size", "last used", "key (sha256)"], rows, "llllrrll"))
 
 
@@ -86,9 +86,9 @@ def cache_clear(cache_dir):
     c = _cache(cache_dir)
     n, size, failed = c.clear()
     if n:
-        click.echo(f"removed {n} files ({_size(size)}) from {c.root}")
+        emit(f"removed {n} files ({_size(size)}) from {c.root}")
     elif not failed:
-        click.echo(f"nothing to remove: {c.root} holds no cache files")
+        emit(f"nothing to remove: {c.root} holds no cache files")
     if failed:
         raise OutputError(f"could not remove {len(failed)} cache file(s) "
                           f"({failed[0]}{', ...' if len(failed) > 1 else ''})")

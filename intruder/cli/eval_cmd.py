@@ -10,7 +10,7 @@ import click
 
 from .. import __version__
 from . import cli
-from .common import echo_err, handle_errors
+from .common import echo_err, emit, handle_errors
 from .hubopts import offline_option, resolve_model
 
 _DEVICES = ("auto", "cpu", "cuda")
@@ -78,9 +78,9 @@ def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, 
     echo_err(f"model on {lm.device} ({lm.dtype}), max length {lm.max_length}", quiet)
     results = run_evaluators(lm, evaluators, limit=limit, progress=not quiet)
     if as_json:
-        click.echo(json.dumps(_json_doc(model, lm, limit, results), indent=2))
+        emit(json.dumps(_json_doc(model, lm, limit, results), indent=2))
     else:
-        click.echo(format_table(results))
+        emit(format_table(results))
 
 
 def _json_doc(model, lm, limit, results) -> dict:

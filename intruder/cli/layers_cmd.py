@@ -7,12 +7,12 @@ import json
 import click
 
 from . import cli
-from .common import handle_errors
+from .common import emit, handle_errors
 from .hubopts import offline_option
 
 
 @cli.command("layers")
-@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only scan targets.")
 @offline_option
@@ -63,7 +63,7 @@ def _layers(checkpoint, as_json, show_all):
                              "file": os.path.basename(ref.path), "scan_target": target})
     if as_json:
         info = ck.info(identity=False)
-        click.echo(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
+        emit(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
                                "n_tensors": info.n_tensors, "bytes": info.bytes,
                                "adapter": info.adapter, "path": ck.path, "repo_id": info.repo_id,
                                "revision": info.revision, "commit": info.commit,
@@ -81,6 +81,6 @@ def _layers(checkpoint, as_json, show_all):
                              [[r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["file"]]
                               + (["yes" if r["scan_target"] else "no"] if show_all else [])
                               for r in rows])
-    click.echo(table)
+    emit(table)
     click.echo(f"{len(rows)} {'modules' if ck.kind == 'adapter' else 'tensors'} listed; "
                f"{ck.kind} checkpoint with {len(ck.refs)} tensors", err=True)

@@ -9,20 +9,23 @@ import sys
 import click
 
 from .. import settings
+from ..errors import OutputError
+from ..io.targets import CONTAINER, DIR, FILE, Target, check_targets, create_dir, remove_dirs
 from . import cli
-from .common import echo_err, float_list, handle_errors
+from .common import echo_err, emit, float_list, handle_errors, terminal_safe
 from .hubopts import offline_option, report_base_check, strict_base_option
 
 _SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
+SCAN_JSON = "intruder-scan.json"  # the scan report `scale BASE TUNED` saves under -o
 
 
 @cli.command("scale")
-@click.argument("paths", nargs=-1, metavar="[BASE TUNED]", type=click.Path())
+@click.argument("paths", nargs=-1, metavar="[BASE TUNED]", type=click.Path(readable=False))
 @click.option("--alpha", required=True, metavar="A[,A...]",
               help="Factor for the intruders' singular values: 0 removes them, 1 keeps the tuned "
                    "model; a comma list writes one model per value.")
 @click.option("--scan", "scan_path", default="intruder-scan.json", show_default=True,
-              type=click.Path(dir_okay=False),
+              type=click.Path(dir_okay=False, readable=False),
               help="Scan report to take paths, intruders and settings from (without BASE TUNED).")
 @click.option("-o", "--output", "out_dir", default="intruder-scale", show_default=True,
               type=click.Path(file_okay=False),
@@ -99,11 +102,12 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
           --save-alpha 0.5
       intruder scale --alpha 0 --epsilon 0.7 -o removed/
     """
-    from ..scale_sweep import format_sweep, run_sweep, to_dict
+    from ..intervene import refuse_overflowing_alphas  # imports torch: not at CLI start-up
+    from ..scale_sweep import format_sweep, to_dict
 
     if len(paths) not in (0, 2):
         raise click.UsageError("give both BASE and TUNED, or neither (to use the scan report)")
-    alphas = float_list(alpha, "--alpha")
+    alphas = tuple(dict.fromkeys(float_list(alpha, "--alpha")))  # unique, in the given order
     saves = _save_alphas(save_alpha, alphas)
     if saves is not None and not evals:
         raise click.UsageError("--save-alpha chooses what to keep of an evaluated sweep; without "
@@ -114,30 +118,43 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
         opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
         check_evaluators([get_evaluator(spec, **opts) for spec in evals], limit)
     log = (lambda m: None) if quiet else (lambda m: echo_err(m))
-    if html:  # refuse a bad --html path before anything is scanned or written
-        from ..io.atomic import check_output
-
-        check_output(html, list(paths))
+    kw = dict(evals=evals, limit=limit, model_config=model_config, device=device,
+              dtype=None if dtype == "auto" else dtype, max_length=max_length, force=force,
+              progress=not quiet, log=log, save_alphas=saves, lm_eval_include=lm_eval_include,
+              workers=workers, shard=shard)
+    written = alphas if not evals else tuple(dict.fromkeys(saves or ()))  # models written
     src = ctx.get_parameter_source("scan_path")
     scan_given = src is not None and src.name == "COMMANDLINE"
     if paths:
         if scan_given:
             raise click.UsageError("--scan reads an existing report; with BASE TUNED a new scan "
                                    "runs, so give one or the other")
-        report, report_path, base, tuned = _scan_first(paths, out_dir, epsilon, top_k, vectors,
-                                                       include, exclude, device, quiet, log,
-                                                       strict_base)
-        report_base_check(report.tuned, quiet)
-        base, tuned = report.base.path, report.tuned.path  # a hub ID -> its local snapshot
-        eps_override = None
+        _check_scale_targets(out_dir, written, paths[0], paths[1], None, html, force)
+        made = create_dir(out_dir)
+        try:
+            report, report_path = _scan_first(paths, out_dir, epsilon, top_k, vectors, include,
+                                              exclude, device, quiet, log, strict_base)
+            report_base_check(report.tuned, quiet)
+            base, tuned = report.base.path, report.tuned.path  # a hub ID -> its local snapshot
+            refuse_overflowing_alphas(report, alphas)
+            sweep = _sweep(report, alphas, out_dir, report_path, base, tuned, None, kw)
+            # the new report replaces the previous one only now, everything else done
+            if sweep is not None:
+                from ..report.schema import save_report
+
+                save_report(report, report_path)
+        except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
+            remove_dirs(made)
+            raise
     else:
         given = [o for o, v in zip(_SCAN_ONLY, (top_k, vectors, include, exclude)) if v is not None]
         if given:
             raise click.UsageError(f"--{given[0].replace('_', '-')} is a scan setting: give BASE "
                                    f"and TUNED to scan again, or rescan with `intruder scan`")
+        from ..intervene import resolve_inputs
         from ..report.schema import load_report
 
-        report, report_path, base, tuned = load_report(scan_path), scan_path, None, None
+        report, report_path = load_report(scan_path), scan_path
         eps_override = None
         if epsilon is not None:
             eps = float_list(epsilon, "--epsilon")
@@ -145,26 +162,28 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
                 raise click.BadParameter("with a scan report --epsilon takes one value",
                                          param_hint="--epsilon")
             eps_override = eps[0]
-    if html:  # ... and one onto the report's checkpoints before any model is written
-        check_output(html, [p for p in (base, tuned, report.base.path, report.tuned.path) if p])
-    sweep = run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
-                      epsilon=eps_override, evals=evals, limit=limit, model_config=model_config,
-                      device=device, dtype=None if dtype == "auto" else dtype,
-                      max_length=max_length, force=force, progress=not quiet, log=log,
-                      scan_report=report_path, save_alphas=saves,
-                      lm_eval_include=lm_eval_include, workers=workers, shard=shard)
+        refuse_overflowing_alphas(report, alphas, eps_override)
+        base, tuned = resolve_inputs(report, report_path)
+        _check_scale_targets(out_dir, written, base, tuned, report_path, html, force)
+        made = create_dir(out_dir)
+        try:
+            sweep = _sweep(report, alphas, out_dir, report_path, None, None, eps_override, kw)
+        except BaseException:
+            remove_dirs(made)
+            raise
     if sweep is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    if as_json:
-        click.echo(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
-    else:
-        click.echo(format_sweep(sweep))
-    for what, path in sweep.files.items():
-        log(f"{what} written to {path}")
     if html:
         from ..report.html import write_html
 
         write_html(report, html, scale_results=sweep.files["json"])
+    if as_json:
+        emit(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
+    else:
+        emit(terminal_safe(format_sweep(sweep)))
+    for what, path in sweep.files.items():
+        log(f"{what} written to {path}")
+    if html:
         log(f"HTML audit written to {html}")
 
 
@@ -181,22 +200,34 @@ def _save_alphas(values, alphas):
     return tuple(out)
 
 
-def _missing_dirs(path: str):
-    """The directories that creating `path` with its parents would add, deepest first."""
-    out, p = [], os.path.abspath(path)
-    while p and not os.path.exists(p):
-        out.append(p)
-        parent = os.path.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    return out
+def _check_scale_targets(out_dir, alphas, base, tuned, report_path, html, force) -> None:
+    """Every path this run writes, checked together before any scan or write."""
+    from ..scale_sweep import PLOT_PNG, RESULTS_CSV, RESULTS_JSON, output_path
+
+    targets = [Target(out_dir, "-o", CONTAINER, make_parents=True)]
+    for a in alphas:
+        p = output_path(out_dir, a, tuned)
+        targets.append(Target(p, f"the alpha={a:g} output", FILE if p.endswith(".safetensors")
+                              else DIR, make_parents=True))
+        if os.path.lexists(p) and not force:
+            raise OutputError(f"{p}: already exists (use --force to replace it)")
+    for name in (RESULTS_JSON, RESULTS_CSV, PLOT_PNG) + (() if report_path else (SCAN_JSON,)):
+        targets.append(Target(os.path.join(out_dir, name), name, make_parents=True))
+    if html:
+        targets.append(Target(html, "--html"))
+    check_targets(targets, [base, tuned, report_path])
+
+
+def _sweep(report, alphas, out_dir, report_path, base, tuned, epsilon, kw):
+    from ..scale_sweep import run_sweep
+
+    return run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
+                     epsilon=epsilon, scan_report=report_path, **kw)
 
 
 def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log,
                 strict_base=False):
-    from ..report.schema import save_report
-    from ..scale_sweep import prepare_out_dir
+    """Scan BASE TUNED; the report is kept in memory and saved once the sweep is done."""
     from ..scan import run_scan
     from ..types import ScanConfig
 
@@ -206,25 +237,11 @@ def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, devic
                         vectors=vectors or "left", include=include, exclude=exclude,
                         device=device,
                         cache_dir=settings.cache_dir_explicit())
-    made = _missing_dirs(out_dir)  # what prepare_out_dir creates; removed again on failure
-    prepare_out_dir(out_dir, [base, tuned])
-    report_path = os.path.join(out_dir, "intruder-scan.json")
-    from ..io.atomic import check_output
-
-    try:
-        check_output(report_path, [base, tuned])
-        log(f"scanning {tuned} against {base} ...")
-        report = run_scan(base, tuned, config, progress=not quiet,
-                          command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
-        save_report(report, report_path)
-    except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
-        for d in made:
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
-        raise
+    report_path = os.path.join(out_dir, SCAN_JSON)
+    log(f"scanning {tuned} against {base} ...")
+    report = run_scan(base, tuned, config, progress=not quiet,
+                      command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
     n = sum(len(l.intruders) for l in report.layers)
     log(f"scan: {n} intruder(s) at epsilon {config.epsilon:g} in "
-        f"{sum(1 for l in report.layers if l.intruders)} matrices; report written to {report_path}")
-    return report, report_path, base, tuned
+        f"{sum(1 for l in report.layers if l.intruders)} matrices")
+    return report, report_path

@@ -31,7 +31,6 @@ next-token accuracy.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import EvalError
+from ..io.jsonfile import read_json, read_jsonl
 from ..types import EvalResult
 from .scoring import rolling_windows, score_requests
 
@@ -169,12 +169,8 @@ def _label_index(answer, k: int, word: Optional[str], where: str) -> int:
 
 def load_choice_items(path: Path, limit: Optional[int] = None) -> List[ChoiceItem]:
     """Read and parse a JSON (list) or JSONL multiple-choice file."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-        data = ([json.loads(ln) for ln in raw.splitlines() if ln.strip()]
-                if path.suffix == ".jsonl" else json.loads(raw))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvalError(f"cannot read task file {path}: {exc}") from exc
+    reader = read_jsonl if path.suffix == ".jsonl" else read_json
+    data = reader(str(path), EvalError, "task file", max_bytes=None)  # capped, strict, one line
     if not isinstance(data, list) or not data:
         raise EvalError(f"task file {path} must hold a non-empty JSON list of items")
     data = data[:limit] if limit else data

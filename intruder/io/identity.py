@@ -1,7 +1,8 @@
 """Content identity of input files: the sha256 of every file a checkpoint is read from.
 
-Digests are streamed in 8 MiB blocks on one background thread (`prefetch`), so hashing overlaps
-the scan's own reads of the same files (hashlib releases the GIL on large blocks), and they are
+Digests are streamed in 8 MiB blocks on background threads (`prefetch`; one file per thread, up
+to `n_workers()`), so hashing overlaps the scan's own reads of the same files (hashlib releases
+the GIL on large blocks), and they are
 remembered twice: in this process, and on disk under `<user cache dir>/sha256/`, keyed by the
 file's real path, size, mtime, ctime, inode and device, so a re-scan of unchanged files hashes
 nothing. A file that changes while it is hashed is hashed again and its digest is not cached.
@@ -119,7 +120,16 @@ class _Job:
 _lock = threading.Lock()
 _jobs: Dict[_Key, _Job] = {}
 _queue: queue.Queue[_Job] = queue.Queue()
-_worker: Optional[threading.Thread] = None
+_workers: List[threading.Thread] = []
+
+
+def n_workers() -> int:
+    """Files hashed at once: $INTRUDER_HASH_WORKERS, else half the cores, 1 to 4 (one core
+    streams sha256 at roughly 0.6-2 GB/s; shards of one model hash in parallel)."""
+    env = settings.hash_workers()
+    if env is not None:
+        return env
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def _work() -> None:
@@ -128,7 +138,6 @@ def _work() -> None:
 
 
 def _job(path: str, background: bool) -> _Job:
-    global _worker
     key = _key(path)
     with _lock:
         job = _jobs.get(key)
@@ -136,9 +145,11 @@ def _job(path: str, background: bool) -> _Job:
             return job
         job = _jobs[key] = _Job(path, key)
         if background:
-            if _worker is None:  # daemon: an interrupted scan does not wait for a hash
-                _worker = threading.Thread(target=_work, name="intruder-sha256", daemon=True)
-                _worker.start()
+            if len(_workers) < n_workers():
+                # daemons: an interrupted scan does not wait for a hash to finish
+                t = threading.Thread(target=_work, name="intruder-sha256", daemon=True)
+                t.start()
+                _workers.append(t)
             _queue.put(job)
             return job
     job.run()

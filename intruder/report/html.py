@@ -36,8 +36,13 @@ JS_MARKER = 'data-audit-js="ready"'  # set on <html> by the inline script once i
 
 
 def escape(s: object) -> str:
-    """HTML-escape any value for text or a quoted attribute."""
-    return _html.escape(str(s), quote=True)
+    """HTML-escape any value for text or a quoted attribute; a file name that is not valid
+    Unicode (non-UTF-8 bytes, or any non-ASCII name under LANG=C) is shown with its bytes
+    escaped (\xe9) instead of breaking the page's UTF-8."""
+    text = str(s)
+    if not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _html.escape(text, quote=True)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any, Dict
 
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
+from .validate import validate_report
 
 SCHEMA_VERSION = "1.2"  # 1.1: margin + dW-spectrum layer fields, summary margin/provenance;
 # 1.2: per-file sha256, content hash, hub repo_id / revision / commit, declared base
@@ -74,7 +75,11 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_sv": {"type": "array", "items": _NUM},  # top 64 of dW
                          # engine: per max_cos entry, true where the value is a certified upper
                          # bound (spectral slices; decisions exact); absent when all are exact
-                         "max_cos_bound": {"type": "array", "items": {"type": "boolean"}}}}
+                         "max_cos_bound": {"type": "array", "items": {"type": "boolean"}},
+                         # quantized / scaled storage decoded before the analysis (io/dequant.py,
+                         # io/gguf.py), e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"; only on
+                         # layers where a side was stored that way
+                         "storage_base": _STR, "storage_tuned": _STR}}
 SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
@@ -219,6 +224,7 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
     if major != SCHEMA_VERSION.split(".")[0]:
         raise ReportError(f"{source}: schema_version {doc['schema_version']} is not readable by "
                           f"this version (reads {SCHEMA_VERSION.split('.')[0]}.x)")
+    validate_report(doc, source)  # relations between fields (intruder/report/validate.py)
     c = doc["config"]
     config = ScanConfig(top_k=c["top_k"], epsilons=tuple(float(e) for e in c["epsilon"]),
                         vectors=c.get("vectors", "left"), include=c.get("include"),

@@ -166,17 +166,20 @@ def tuned_eig(wt: torch.Tensor, k: int, start: Optional[torch.Tensor] = None,
 
 
 def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = "",
-            base_spec=None) -> Tuple[dict, Eig]:
+            base_spec=None, scratch: Optional[dict] = None,
+            noise: Optional[float] = None) -> Tuple[dict, Eig]:
     """Algorithm 1 plus caveat measures on one pair already on its device. Returns (fields,
     base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
     Eig, what the base cache stores) can be passed back as base_spec for the same base.
+    scratch: a dict kept across calls with the same base (a fleet), for base-only work.
+    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise).
     Float64 weights whose squares leave float64's range are scanned scaled by an exact power
     of two (scaling.py)."""
-    return analyse_scaled(_analyse, w0, wt, config, name, base_spec)
+    return analyse_scaled(_analyse, w0, wt, config, name, base_spec, scratch, noise)
 
 
 def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
-             base_spec) -> Tuple[dict, Eig]:
+             base_spec, scratch: Optional[dict], noise: Optional[float]) -> Tuple[dict, Eig]:
     stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
@@ -210,7 +213,7 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         widen = not why.startswith("full") and 2 * (want + want // 2) < dim
         if why.endswith(TAIL) and not widen and config.vectors != "both" and fast and \
                 dim >= slice_min_dim():
-            got = _slices(w0, be, t, b, left, k, config.epsilons)
+            got = _slices(w0, be, t, b, left, k, config.epsilons, scratch)
             if got is not None:
                 value, bound = got
                 prime = ml or mr
@@ -266,7 +269,8 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         else (),
     )
     fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
-        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored)
+        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored,
+        noise=noise)
     return fields, be
 
 
@@ -284,15 +288,23 @@ def slice_min_dim() -> int:
     return SLICE_MIN_DIM
 
 
-def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons):
+def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[dict] = None):
     """Spectral-slice certificate for the matched side: (value (k,) CPU, bound (k,) bool) when
     every decision at every epsilon is proved without the complete base, else None."""
-    from .slices import leftout_bound
+    from .slices import inverse_gram, leftout_bound
 
     side = "left" if left else "right"
     tv, terr = (t.u, t.err_u) if left else (t.v, t.err_v)
     bv, berr = (b.u, b.err_u) if left else (b.v, b.err_v)
-    out = leftout_bound(w0, be, tv[:, :k], terr, side)
+    inv = None
+    if scratch is not None:  # the base's inverse Gram, once per base in a fleet
+        key = ("inverse_gram", be.side)
+        if key not in scratch:
+            scratch[key] = inverse_gram(w0, be.side)
+        inv = scratch[key]
+        if inv is None:
+            return None
+    out = leftout_bound(w0, be, tv[:, :k], terr, side, inv=inv)
     if out is None:
         return None
     best, e, _, _ = kept_bounds(tv, terr, bv, berr, k)
@@ -304,7 +316,9 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
     torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
-    bytes (INTRUDER_HOST_BUDGET_MB)."""
+    bytes (INTRUDER_HOST_BUDGET_MB). An item may be a tuple of pairs that share one base (a
+    fleet of fine-tunes): the base is read and decomposed once, and a tuple of LayerResults
+    comes back for it."""
     from . import multi
     from .stream import Pipeline
 
@@ -327,7 +341,8 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     rank, world, local = ctx
     multi.init_group()
     devices = multi.rank_devices(config.device, local)
-    mine = multi.shard([tuple(p.base.shape) for p in pairs], world)[rank]
+    mine = multi.shard([tuple((p[0] if isinstance(p, tuple) else p).base.shape) for p in pairs],
+                       world)[rank]
     bar = _bar(len(mine), progress and rank == 0)
     local_out = []
     try:

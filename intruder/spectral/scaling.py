@@ -74,14 +74,16 @@ def unscale_fields(fields: dict, c: float) -> dict:
 
 
 def analyse_scaled(inner: Callable, w0: torch.Tensor, wt: torch.Tensor, config, name: str,
-                   base_spec) -> Tuple[dict, Eig]:
+                   base_spec, scratch: Optional[dict] = None,
+                   noise: Optional[float] = None) -> Tuple[dict, Eig]:
     """inner (the engine's analysis) on (c W0, c Wt) with c = pow2_scale(W0, Wt); outputs in
-    the units of W0 and Wt, the base spectrum tagged with its scale (what the cache stores)."""
+    the units of W0 and Wt, the base spectrum tagged with its scale (what the cache stores).
+    A scaled pair shares no scratch (base-only work in other units) with its fleet."""
     c = pow2_scale(w0, wt)
     spec = rescale_eig(base_spec, c)
     if c == 1.0:
-        return inner(w0, wt, config, name, spec)
+        return inner(w0, wt, config, name, spec, scratch, noise)
     w0s = w0.to(torch.float64) * c  # (m, n) exact
     wts = wt.to(torch.float64) * c  # (m, n) exact
-    fields, be = inner(w0s, wts, config, name, spec)
+    fields, be = inner(w0s, wts, config, name, spec, None, None if noise is None else noise * c)
     return unscale_fields(fields, c), replace(be, scale=c)

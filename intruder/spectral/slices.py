@@ -110,26 +110,27 @@ def _chol_slack(m: torch.Tensor) -> float:
     return 1.01 * (m.shape[0] + 1) * U64 * abs(float(torch.diagonal(m).sum()))
 
 
-def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optional[torch.Tensor],
-                  side: str, degree: int = DEGREE, slices: int = SLICES) -> Optional[torch.Tensor]:
-    """(k,) CPU float64: for each tuned vector t_j (a column of t_vecs, the `side` singular
-    vectors of the tuned matrix), an upper bound on |<t_j, b>| over every base singular vector
-    b of that side that is NOT among e's kept ones. None when a fence cannot be proved (the
-    caller then decomposes the base completely).
+@dataclass(frozen=True)
+class InverseGram:
+    """H ~ G^-1 of one base with its proved facts (the part of the bound that depends on the base
+    alone: a fleet of fine-tunes of one base computes it once per matrix)."""
 
-    w0 (m, n) float64 on the device; e: certified top-R base eigenpairs (not complete);
-    t_err (k,): angle bounds of the tuned vectors."""
+    side: str  # which Gram of W0: left (W0 W0^T) or right (W0^T W0)
+    h: torch.Tensor  # (d, d) float64, exactly symmetric
+    lo: float  # the spectra of H and of the exact G^-1 lie in [lo, hi]
+    hi: float
+    rho: float  # >= ||H - G_exact^-1||: residual of every exact eigenvector of G in H
+    g_f: float  # ||G||_F (rounding of W0^T t)
+
+
+def inverse_gram(w0: torch.Tensor, side: str) -> Optional[InverseGram]:
+    """H = G^-1 by Cholesky, ||H G - I|| measured and H's spectrum fenced (Lanczos estimate of
+    ||H||, proved by a Cholesky of hi I - H). None for a (nearly) singular base."""
     from .sketch import norm_lanczos
 
-    rest = float(e.rest)
     d = min(w0.shape)
-    if e.complete or e.r >= d or not rest > 0:
-        return None
     dev = w0.device
-    k = t_vecs.shape[1]
-    fb = bank(degree, slices)
-    n = fb.degree
-    g = gram(w0, e.side)  # (d, d) float64
+    g = gram(w0, side)  # (d, d) float64
     eps_g = gram_error(w0, g)
     chol, info = torch.linalg.cholesky_ex(g)  # (d, d) lower
     if int(info) != 0:  # (nearly) singular base: the complete decomposition handles it
@@ -143,7 +144,6 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optiona
     h_f = float(torch.linalg.matrix_norm(h))
     e_r = 1.01 * float(torch.linalg.matrix_norm(res)) + 1.01 * (d + 2) * U64 * h_f * g_f
     del res, g
-    # the upper fence of H: Lanczos estimate of ||H||, proved by a Cholesky of hi I - H
     apply_h = functools.partial(torch.matmul, h)  # y (d, b) -> H y
     est = norm_lanczos(apply_h, apply_h, d, h.dtype, dev, block=4, iters=12, rtol=1e-4, seed=7)
     del apply_h
@@ -151,10 +151,12 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optiona
     for grow in (1.01, 1.2, 2.0):
         m = -h
         m.diagonal().add_(est * grow)
-        if _chol_ok(m):
+        ok = _chol_ok(m)
+        if ok:
             hi = est * grow + _chol_slack(m)
+        del m
+        if ok:
             break
-    del m
     if hi is None:
         return None
     # ||H G_ex - I|| <= delta (G_ex: the exact Gram; ||G - G_ex|| <= eps_g), hence for the exact
@@ -162,8 +164,34 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optiona
     delta = e_r + hi * eps_g
     if not delta < 0.5:
         return None
-    rho = delta * hi / (1.0 - delta)  # ||H - G_ex^-1||: residual of every exact eigenvector
-    lo, hi = -rho, hi + rho  # the spectra of H and of G_ex^-1 lie in [lo, hi]
+    rho = delta * hi / (1.0 - delta)
+    return InverseGram(side, h, -rho, hi + rho, rho, g_f)
+
+
+def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optional[torch.Tensor],
+                  side: str, degree: int = DEGREE, slices: int = SLICES,
+                  inv: Optional[InverseGram] = None) -> Optional[torch.Tensor]:
+    """(k,) CPU float64: for each tuned vector t_j (a column of t_vecs, the `side` singular
+    vectors of the tuned matrix), an upper bound on |<t_j, b>| over every base singular vector
+    b of that side that is NOT among e's kept ones. None when a fence cannot be proved (the
+    caller then decomposes the base completely).
+
+    w0 (m, n) float64 on the device; e: certified top-R base eigenpairs (not complete);
+    t_err (k,): angle bounds of the tuned vectors; inv: inverse_gram(w0, e.side) when the
+    caller has it already."""
+    rest = float(e.rest)
+    d = min(w0.shape)
+    if e.complete or e.r >= d or not rest > 0:
+        return None
+    dev = w0.device
+    k = t_vecs.shape[1]
+    fb = bank(degree, slices)
+    n = fb.degree
+    if inv is None or inv.side != e.side or inv.h.shape[0] != d:
+        inv = inverse_gram(w0, e.side)
+        if inv is None:
+            return None
+    h, lo, hi, rho, g_f = inv.h, inv.lo, inv.hi, inv.rho, inv.g_f
     eta = float(e.err.double().square().sum().sqrt()) * (1 + 1e-12) + 1e-15
     x = e.vecs  # (d, R)
     t = t_vecs.to(dev, torch.float64)  # (d_t, k)
@@ -189,7 +217,6 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optiona
     for i in range(1, n):  # T_{i+1} = 2 Ht T_i - T_{i-1}
         torch.addmm(ys[i - 1], h, ys[i], beta=-1.0, alpha=2.0 * a, out=ys[i + 1])
         ys[i + 1].add_(ys[i], alpha=-2.0 * c)
-    del h
     # slices that can hold a left-out eigenvalue: mu = 1 / lambda in [1 / rest, hi]
     x_min = a / rest - c
     active = np.nonzero(fb.x_hi >= x_min)[0]
