@@ -92,14 +92,21 @@ def _by_label(sweep):
 @pytest.fixture(scope="module")
 def demo_sweep(demo_pair, tmp_path_factory):
     """One in-memory sweep on the demo LoRA r=8 model, every alpha also saved."""
+    import json
+
+    from intruder.evaluate.data import load_wikitext
     from intruder.scale_sweep import run_sweep
 
     base, tuned, report = demo_pair
     out = tmp_path_factory.mktemp("sweep")
-    sweep = run_sweep(report, [0.0, 0.5, 1.0], str(out), base=base, tuned=tuned,
-                      evals=[f"wikitext:{WIKI}", f"task:{WINO}"], limit=2, device="cpu",
-                      save_alphas=[0.0, 0.5, 1.0])
-    return sweep
+    data = tmp_path_factory.mktemp("data")
+    corpus = load_wikitext(WIKI)  # the first article; 40 WinoGrande items
+    (data / "wiki.test.raw").write_text("\n".join(corpus.lines[:corpus.documents[0].stop]))
+    (data / "winogrande.json").write_text(json.dumps(json.load(open(WINO))[:40]))
+    evals = [f"wikitext:{data / 'wiki.test.raw'}", f"task:{data / 'winogrande.json'}"]
+    sweep = run_sweep(report, [0.0, 0.5, 1.0], str(out), base=base, tuned=tuned, evals=evals,
+                      device="cpu", save_alphas=[0.0, 0.5])
+    return sweep, evals
 
 
 @needs_data
@@ -109,17 +116,17 @@ def test_in_memory_sweep_equals_written_checkpoints(demo_sweep, demo_pair):
     from intruder.evaluate import evaluate_model
 
     base, _, _ = demo_pair
+    demo_sweep, evals = demo_sweep
     rows = _by_label(demo_sweep)
     assert list(rows) == ["base", "tuned", "alpha=0", "alpha=0.5", "alpha=1"]
     assert rows["alpha=1"] == rows["tuned"]
     assert len({rows[k][("wikitext", "word_perplexity")] for k in rows}) == 4
     for row in demo_sweep.rows:
-        if row.role != "scaled":
+        if row.role != "scaled" or row.alpha == 1.0:  # alpha 1: the tuned row, same numbers
             continue
         assert os.path.exists(row.path)
         disk = {(r.evaluator, r.metric): r.value for r in evaluate_model(
-            row.path, [f"wikitext:{WIKI}", f"task:{WINO}"], model_config=base, device="cpu",
-            limit=2, progress=False)}
+            row.path, evals, model_config=base, device="cpu", progress=False)}
         mem = rows[row.label]
         assert set(disk) == set(mem)
         for key, v in disk.items():
@@ -140,6 +147,7 @@ def test_results_file_declares_format_and_one_axis_choice(demo_sweep):
     from intruder.report.scale_results import FORMAT, load_scale_results
     from intruder.scale_sweep import plot_choice
 
+    demo_sweep, _ = demo_sweep
     doc = json.load(open(demo_sweep.files["json"]))
     assert doc["format"] == FORMAT and doc["timing"]["jobs"]
     table = load_scale_results(demo_sweep.files["json"])
@@ -206,3 +214,67 @@ def test_missing_data_fails_before_any_rescale(demo_pair, tmp_path):
             run_sweep(report, [0.0, 0.5], str(out), base=base, tuned=tuned, evals=evals,
                       device="cpu", save_alphas=[0.0])
         assert not out.exists() or not os.listdir(out)
+
+
+SIQA = os.path.join(os.path.dirname(WIKI), "..", "social_i_qa", "test.json")
+
+
+@pytest.mark.skipif(not os.path.isfile(SIQA), reason="shared evaluation data not found")
+def test_lm_eval_custom_task_equals_lm_eval_on_written_checkpoint(demo_pair, tmp_path,
+                                                                  monkeypatch):
+    """`--eval lm-eval:TASK` with a user's task YAML over a local JSON file: the in-memory
+    sweep's numbers are lm-eval's own, run directly on the written alpha checkpoint."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("datasets")
+    import json
+    from pathlib import Path
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from intruder.evaluate.lmeval import DEFAULT_BATCH, results_from_lm_eval
+    from intruder.evaluate.task import load_choice_items
+    from intruder.scale_sweep import run_sweep
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    items = load_choice_items(Path(SIQA), 24)
+    data = tmp_path / "tasks" / "siqa_local.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps([{"question": it.stem, "choices": list(it.options),
+                                 "label": it.label} for it in items]))
+    (data.parent / "siqa_local.yaml").write_text(
+        "task: siqa_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    base, tuned, report = demo_pair
+    out = tmp_path / "out"
+    sweep = run_sweep(report, [0.0, 1.0], str(out), base=base, tuned=tuned,
+                      evals=["lm-eval:siqa_local"], lm_eval_include=[str(data.parent)],
+                      device="cpu", save_alphas=[0.0])
+    rows = {row.label: row for row in sweep.rows}
+    mem = {r.metric: r for r in rows["alpha=0"].results}
+    assert set(mem) == {"acc", "acc_norm"} and all(r.n_units == 24 for r in mem.values())
+    assert mem["acc"].evaluator == "lm-eval:siqa_local" and "0-shot" in mem["acc"].protocol
+    # lm-eval by itself on the checkpoint the sweep wrote for alpha = 0
+    direct = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=rows["alpha=0"].path, dtype="float32", device="cpu",
+                   batch_size=DEFAULT_BATCH),
+        tasks=["siqa_local"], task_manager=TaskManager(include_path=str(data.parent)),
+        log_samples=False)
+    ref = {r.metric: r.value for r in results_from_lm_eval(direct, ["siqa_local"], "")}
+    assert ref == {m: r.value for m, r in mem.items()}
+    assert sweep.files["plot"].endswith(".png")
+
+
+def test_lm_eval_unknown_task_fails_before_work(demo_pair, tmp_path):
+    pytest.importorskip("lm_eval")
+    from intruder.errors import EvalError
+    from intruder.scale_sweep import run_sweep
+
+    base, tuned, report = demo_pair
+    with pytest.raises(EvalError, match="no task 'hellaswagg'.*hellaswag"):
+        run_sweep(report, [0.0], str(tmp_path / "o"), base=base, tuned=tuned,
+                  evals=["lm-eval:hellaswagg"], device="cpu")
+    assert not (tmp_path / "o").exists()
