@@ -312,13 +312,15 @@ def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[d
 
 
 def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
-               progress: bool = False, base_cache=None) -> Iterator[LayerResult]:
+               progress: bool = False, base_cache=None,
+               group_fn: Optional[Callable] = None) -> Iterator[LayerResult]:
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
     torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
     bytes (INTRUDER_HOST_BUDGET_MB). An item may be a tuple of pairs that share one base (a
     fleet of fine-tunes): the base is read and decomposed once, and a tuple of LayerResults
-    comes back for it."""
+    comes back for it. group_fn: what runs per item on its device instead of stream.compute
+    (same arguments; track.py's sequential steps)."""
     from . import multi
     from .stream import Pipeline
 
@@ -328,7 +330,7 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
         devices = multi.resolve_devices(config.device)
         bar = _bar(len(pairs), progress)
         try:
-            for res in Pipeline(pairs, read, config, devices, base_cache):
+            for res in Pipeline(pairs, read, config, devices, base_cache, group_fn=group_fn):
                 if bar is not None:
                     bar.update(1)
                 yield res
@@ -347,7 +349,7 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     local_out = []
     try:
         for i, res in zip(mine, Pipeline([pairs[i] for i in mine], read, config, devices,
-                                         base_cache)):
+                                         base_cache, group_fn=group_fn)):
             local_out.append((i, res))
             if bar is not None:
                 bar.update(1)

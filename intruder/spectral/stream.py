@@ -354,11 +354,13 @@ class Pipeline:
     def __init__(self, pairs: List, read: Callable, config: ScanConfig,
                  devices: List[torch.device], base_cache=None, readers: Optional[int] = None,
                  per_device: Optional[int] = None, budget: Optional[int] = None,
-                 threaded: Optional[bool] = None):
+                 threaded: Optional[bool] = None, group_fn: Optional[Callable] = None):
         self.pairs = pairs
         self.config = config
         self.devices = devices
         self.base_cache = base_cache
+        # what a worker runs per item: compute (scan, compare) or the caller's (track)
+        self.group_fn = group_fn or compute
         cuda = devices[0].type == "cuda"
         cpus = usable_cpus()
         self.cpu_workers = 1 if cuda else cpu_workers(cpus)
@@ -446,9 +448,9 @@ class Pipeline:
         try:
             if stream is not None:
                 with torch.cuda.device(device), torch.cuda.stream(stream):
-                    res = compute(raw, device, self.config, self.base_cache, on_copied)
+                    res = self.group_fn(raw, device, self.config, self.base_cache, on_copied)
             else:
-                res = compute(raw, device, self.config, self.base_cache, on_copied)
+                res = self.group_fn(raw, device, self.config, self.base_cache, on_copied)
         except BaseException as exc:
             res = exc
         finally:
