@@ -15,12 +15,14 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 
+from .. import settings
 from ..errors import IntruderError, NonFiniteError
 from ..types import Intruder, LayerPair, LayerResult, ScanConfig
 from .certify import TAIL, certify_side, kept_bounds, slice_decisions
 from .decompose import Spectrum, spectrum_of
 from .match import counts_by_epsilon, match_vectors
 from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
+from .scaling import analyse_scaled
 
 # Gram sizes up to these take the exact path outright (measured: bench/NOTES.md)
 EXACT_DIM_CUDA = 256
@@ -100,11 +102,9 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def exact_dim(device) -> int:
     """Largest Gram size that takes the exact path outright (full eigh is cheap there)."""
-    import os
-
-    env = os.environ.get("INTRUDER_EXACT_DIM")
-    if env:
-        return int(env)
+    env = settings.exact_dim()
+    if env is not None:
+        return env
     return EXACT_DIM_CUDA if torch.device(device).type == "cuda" else EXACT_DIM_CPU
 
 
@@ -172,7 +172,14 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
     base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
     Eig, what the base cache stores) can be passed back as base_spec for the same base.
     scratch: a dict kept across calls with the same base (a fleet), for base-only work.
-    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise)."""
+    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise).
+    Float64 weights whose squares leave float64's range are scanned scaled by an exact power
+    of two (scaling.py)."""
+    return analyse_scaled(_analyse, w0, wt, config, name, base_spec, scratch, noise)
+
+
+def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
+             base_spec, scratch: Optional[dict], noise: Optional[float]) -> Tuple[dict, Eig]:
     stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
@@ -275,12 +282,9 @@ def _method(be: Eig, te: Eig, slices: bool = False) -> str:
 def slice_min_dim() -> int:
     """Smallest Gram size where spectral slices replace the complete base (INTRUDER_SLICE_MIN_DIM;
     0 disables them)."""
-    import os
-
-    env = os.environ.get("INTRUDER_SLICE_MIN_DIM")
-    if env:
-        v = int(env)
-        return v if v > 0 else 1 << 62
+    env = settings.slice_min_dim()
+    if env is not None:
+        return env if env > 0 else 1 << 62
     return SLICE_MIN_DIM
 
 
