@@ -322,6 +322,7 @@ def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base,
     """Sequential fine-tunes, matrix by matrix: each step against the base (its spectrum
     decomposed once per matrix) and against the step before."""
     from .io import read_ref
+    from .io.dequant import noise_rms
     from .spectral.decompose import top_spectrum
     from .spectral.engine import analyse
 
@@ -348,6 +349,7 @@ def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base,
         cached = b0 is not None
         prev_w = w0  # (m, n) the previous step's weights (track) / the base (compare)
         prev_top = None  # (d, k) previous step's top-k vectors (track)
+        prev_noise = None  # quantization rounding rms of the previous step's weights
         prev_intr: Tuple[int, ...] = ()
         for i in range(n):
             t0 = time.perf_counter()
@@ -355,6 +357,10 @@ def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base,
             ref_w = prev_w if mode == "track" else w0
             reader = (lambda r, h=handles[i]: read_ref(r, h))
             wt = _load_tuned(pair, ref_w, reader)
+            # rounding that quantized storage put into the differences (io/dequant.noise_rms)
+            n_base = noise_rms(pair.base, w0, read_ref) if pair.base.storage else None
+            n_tuned = noise_rms(pair.tuned, wt, read_ref) \
+                if pair.lora is None and pair.tuned is not None and pair.tuned.storage else None
             where = pair.lora.a.path if pair.lora is not None else (pair.tuned.path if pair.tuned else "")
             if not _check_finite(wt, "tuned", name, where, config.allow_nonfinite):
                 vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
@@ -369,7 +375,8 @@ def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base,
                 vs_base[i].append(_result(name, shape, dtype, status="unchanged"))
                 cur_intr: Tuple[int, ...] = ()
             else:
-                fields, b0_used = analyse(w0_dev, wt_dev, config, name, base_spec=b0)
+                fields, b0_used = analyse(w0_dev, wt_dev, config, name, base_spec=b0,
+                                          noise=_rss(n_base, n_tuned))
                 if b0 is None:
                     b0 = b0_used
                     if base_cache is not None and not cached:
@@ -386,7 +393,8 @@ def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base,
                         vs_prev[i].append(_result(name, shape, dtype, status="unchanged"))
                     else:
                         # full decomposition of the previous step: its top-k are prev_top
-                        pf, _ = analyse(prev_w.to(device), wt_dev, config, name)
+                        pf, _ = analyse(prev_w.to(device), wt_dev, config, name,
+                                        noise=_rss(prev_noise, n_tuned))
                         vs_prev[i].append(_result(name, shape, dtype, pf))
                 if cur_intr or prev_intr:
                     k = min(config.top_k, min(shape))
@@ -397,6 +405,13 @@ def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base,
                     if cur_top is not None else _persistence(None, prev_intr, None, ())
                 prev_top, prev_intr = cur_top, cur_intr
                 prev_w = wt
+                prev_noise = n_tuned if pair.lora is None else prev_noise
             _tick(bar, 1)
     if bar is not None:
         bar.close()
+
+
+def _rss(*parts):
+    """Root sum of squares of the rounding rms values given (None: no quantized side)."""
+    parts = [x for x in parts if x is not None]
+    return sum(x * x for x in parts) ** 0.5 if parts else None

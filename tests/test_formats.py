@@ -245,6 +245,11 @@ def test_checkpoint_with_unsupported_tensors_still_scans(tmp_path):
     assert {s["name"] for s in doc["skipped"]} >= set(extra) | {victim}
     res = CliRunner().invoke(cli, ["layers", str(tmp_path / "t"), "--all"])
     assert res.exit_code == 0 and "F4" in res.output and "BOOL" in res.output
+    assert "no (skipped: its dtype holds codes, not weights)" in res.output
+    res = CliRunner().invoke(cli, ["scan", str(tmp_path / "b"), str(tmp_path / "t"), "--no-cache",
+                                   "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "note: 4 matrices skipped for their stored dtype" in res.output
 
 
 # ------------------------------------------------------------------------------- GGUF
@@ -265,6 +270,35 @@ def test_gguf_f16_scans_exactly_like_safetensors(conv):
     ck, st = open_checkpoint(conv["lora_r8", "F16"]), open_checkpoint(os.path.join(DEMO, "lora_r8"))
     for name in st.refs:
         assert torch.equal(ck.read(name), st.read(name)), name
+
+
+def test_quantized_storage_is_named_in_the_terminal_and_layers(conv, tmp_path):
+    res = CliRunner().invoke(cli, ["scan", os.path.join(DEMO, "base"), conv["lora_r8", "Q8_0"],
+                                   "--no-cache", "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "decoded to float before the scan: tuned gguf Q8_0 (28 matrices)" in res.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {(l["storage_base"], l["storage_tuned"]) for l in doc["layers"]} == {("f16", "gguf Q8_0")}
+    res = CliRunner().invoke(cli, ["layers", conv["lora_r8", "fp8"], "--json"])
+    rows = {r["name"]: r for r in json.loads(res.stdout)["tensors"]}
+    assert rows["model.layers.0.self_attn.q_proj.weight"]["storage"] == "fp8_e4m3 per-channel scale"
+
+
+def test_float8_decodes_without_a_torch_float8_type(monkeypatch, tmp_path):
+    """torch < 2.1 (no float8) / < 2.7 (no float8_e8m0fnu): the 256-entry tables decode."""
+    from safetensors.torch import save_file
+
+    from intruder.io import safetensors_file
+
+    codes, scale = qd.fp8_quantize(torch.randn(64, 32, generator=torch.Generator().manual_seed(3)),
+                                   "per-channel")
+    save_file({"m.weight": codes, "m.weight_scale": scale}, str(tmp_path / "f.safetensors"))
+    ref = open_checkpoint(str(tmp_path / "f.safetensors")).refs["m.weight"]
+    want = read_ref(ref)
+    monkeypatch.setattr(safetensors_file, "torch_dtype", lambda dt: None if dt.startswith("F8") else
+                        getattr(torch, DTYPES[dt][1]))
+    assert torch.equal(read_ref(ref), want)
+    assert torch.equal(want, codes.to(torch.float32) * scale)
 
 
 def test_gguf_q8_0_scans_like_safetensors_within_tolerance(conv):
@@ -418,3 +452,13 @@ def test_provenance_sees_quantization_as_rounding_not_fine_tuning(conv):
         assert lora["verdict"] == "lora-like" and lora["estimated_rank"] == 8, q
     both = summary(_scan(conv["base", "Q8_0"], conv["lora_r8", "Q8_0"]))["provenance"]
     assert both["verdict"] == "lora-like" and both["estimated_rank"] == 8
+
+
+def test_track_counts_quantization_rounding_step_to_step(conv, tmp_path):
+    res = CliRunner().invoke(cli, ["track", os.path.join(DEMO, "base"), conv["base", "Q8_0"],
+                                   conv["lora_r8", "Q8_0"], "--no-cache", "-o",
+                                   str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    rows = [l for l in res.output.splitlines() if l.strip().startswith(("1 ", "2 "))]
+    assert "precision-only" in rows[0]
+    assert rows[1].count("lora-like r~8") == 2  # against the base and against the Q8_0 base

@@ -132,6 +132,14 @@ def test_offline_ids_scan_like_paths(cached, monkeypatch):
     # the same bytes read through the cache's symlinks: the same content hashes
     assert a["base"]["sha256"] == b["base"]["sha256"] and a["tuned"]["sha256"] == b["tuned"]["sha256"]
     assert a["base"]["repo_id"] is None
+    # the new fields validate (Draft 2020-12) and survive a reload
+    import jsonschema
+
+    from intruder.report.schema import SCHEMA, load_report
+
+    jsonschema.Draft202012Validator(SCHEMA).validate(b)
+    rep = load_report("hub.json")
+    assert rep.tuned.commit == C_TUNED and rep.base.files[0]["sha256"] == b["base"]["files"][0]["sha256"]
 
 
 def test_branch_and_tag_from_cache_with_flag(cached):
@@ -233,6 +241,10 @@ def test_digest_cache_avoids_rehash(env, monkeypatch):
     want = hashlib.sha256(src.read_bytes()).hexdigest()
     assert identity.sha256_file(str(src)) == want
     identity._jobs.clear()  # a new process: only the on-disk cache remains
+    assert identity._cached(identity._key(str(src))) is None  # just written: not remembered
+    monkeypatch.setattr(identity, "RACY_NS", 0)
+    assert identity.sha256_file(str(src)) == want
+    identity._jobs.clear()
 
     def boom(*a):
         raise AssertionError("hashed again")
@@ -478,3 +490,18 @@ def test_unreachable_hub_falls_back_to_the_cache(cached, monkeypatch):
     assert load("r.json")["base"]["commit"] == C_BASE
     r = scan(["org/uncached", TUNED], expect=1)
     assert "is unreachable" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_scale_from_ids_writes_a_model_naming_its_sources(cached):
+    from safetensors import safe_open
+
+    r = CliRunner().invoke(cli, ["scale", "org/base", f"org/tuned@{C_TUNED}", "--alpha", "0.5",
+                                 "-o", "out", "-q", "--offline"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    out = [os.path.join(dp, f) for dp, _, fs in os.walk("out") for f in fs
+           if f.endswith(".safetensors")]
+    assert out and os.path.exists(os.path.join(os.path.dirname(out[0]), "config.json"))
+    with safe_open(out[0], "pt") as fh:
+        meta = fh.metadata()
+    assert (meta["intruder.base_repo_id"], meta["intruder.base_commit"]) == ("org/base", C_BASE)
+    assert meta["intruder.tuned_commit"] == C_TUNED and meta["intruder.tuned_revision"] == C_TUNED

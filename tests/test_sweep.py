@@ -206,3 +206,67 @@ def test_missing_data_fails_before_any_rescale(demo_pair, tmp_path):
             run_sweep(report, [0.0, 0.5], str(out), base=base, tuned=tuned, evals=evals,
                       device="cpu", save_alphas=[0.0])
         assert not out.exists() or not os.listdir(out)
+
+
+SIQA = os.path.join(os.path.dirname(WIKI), "..", "social_i_qa", "test.json")
+
+
+@pytest.mark.skipif(not os.path.isfile(SIQA), reason="shared evaluation data not found")
+def test_lm_eval_custom_task_equals_lm_eval_on_written_checkpoint(demo_pair, tmp_path,
+                                                                  monkeypatch):
+    """`--eval lm-eval:TASK` with a user's task YAML over a local JSON file: the in-memory
+    sweep's numbers are lm-eval's own, run directly on the written alpha checkpoint."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("datasets")
+    import json
+    from pathlib import Path
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from intruder.evaluate.lmeval import DEFAULT_BATCH, results_from_lm_eval
+    from intruder.evaluate.task import load_choice_items
+    from intruder.scale_sweep import run_sweep
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    items = load_choice_items(Path(SIQA), 24)
+    data = tmp_path / "tasks" / "siqa_local.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps([{"question": it.stem, "choices": list(it.options),
+                                 "label": it.label} for it in items]))
+    (data.parent / "siqa_local.yaml").write_text(
+        "task: siqa_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    base, tuned, report = demo_pair
+    out = tmp_path / "out"
+    sweep = run_sweep(report, [0.0, 1.0], str(out), base=base, tuned=tuned,
+                      evals=["lm-eval:siqa_local"], lm_eval_include=[str(data.parent)],
+                      device="cpu", save_alphas=[0.0])
+    rows = {row.label: row for row in sweep.rows}
+    mem = {r.metric: r for r in rows["alpha=0"].results}
+    assert set(mem) == {"acc", "acc_norm"} and all(r.n_units == 24 for r in mem.values())
+    assert mem["acc"].evaluator == "lm-eval:siqa_local" and "0-shot" in mem["acc"].protocol
+    # lm-eval by itself on the checkpoint the sweep wrote for alpha = 0
+    direct = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=rows["alpha=0"].path, dtype="float32", device="cpu",
+                   batch_size=DEFAULT_BATCH),
+        tasks=["siqa_local"], task_manager=TaskManager(include_path=str(data.parent)),
+        log_samples=False)
+    ref = {r.metric: r.value for r in results_from_lm_eval(direct, ["siqa_local"], "")}
+    assert ref == {m: r.value for m, r in mem.items()}
+    assert sweep.files["plot"].endswith(".png")
+
+
+def test_lm_eval_unknown_task_fails_before_work(demo_pair, tmp_path):
+    pytest.importorskip("lm_eval")
+    from intruder.errors import EvalError
+    from intruder.scale_sweep import run_sweep
+
+    base, tuned, report = demo_pair
+    with pytest.raises(EvalError, match="no task 'hellaswagg'.*hellaswag"):
+        run_sweep(report, [0.0], str(tmp_path / "o"), base=base, tuned=tuned,
+                  evals=["lm-eval:hellaswagg"], device="cpu")
+    assert not (tmp_path / "o").exists()

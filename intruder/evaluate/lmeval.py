@@ -28,7 +28,7 @@ def _import():
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise EvalError("--eval lm-eval:TASK needs lm-evaluation-harness: "
-                        "pip install 'lm_eval>=0.4'") from exc
+                        "pip install 'intruder[lmeval]'") from exc
     return lm_eval, TaskManager
 
 
@@ -56,8 +56,7 @@ class LmEvalEvaluator:
                 if not os.path.exists(p):
                     raise EvalError(f"--lm-eval-include {p}: no such file or folder")
             _, TaskManager = _import()
-            self._manager = TaskManager(include_path=list(self.include) or None,
-                                        verbosity="ERROR")
+            self._manager = TaskManager(include_path=list(self.include) or None)
         return self._manager
 
     def check(self, limit: Optional[int] = None) -> str:

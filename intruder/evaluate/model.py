@@ -192,7 +192,7 @@ def _dispatch(model: Any) -> Any:
     try:
         from accelerate import dispatch_model, infer_auto_device_map
     except ImportError as exc:
-        raise EvalError("sharding a model over GPUs needs accelerate: pip install accelerate") from exc
+        raise EvalError("sharding a model over GPUs needs accelerate: pip install 'intruder[shard]'") from exc
     no_split = getattr(model, "_no_split_modules", None) or []
     device_map = infer_auto_device_map(model, no_split_module_classes=list(no_split),
                                        dtype=next(model.parameters()).dtype)

@@ -93,9 +93,11 @@ def _given(base_ck, info) -> str:
     return base_ck.path
 
 
-def check_base(adapter_ck, base_ck, base_info=None) -> BaseCheck:
-    """Compare the adapter's declared base with `base_ck` (see the module docstring)."""
-    info = base_info or base_ck.info()
+def check_base(adapter_ck, base_ck) -> BaseCheck:
+    """Compare the adapter's declared base with `base_ck` (see the module docstring). Contents
+    are hashed only when paths and hub commits cannot decide, so that a scan's background
+    hashing still overlaps its reads."""
+    info = base_ck.info(identity=False)  # path, hub repo and commit
     given = _given(base_ck, info)
     d = declared(adapter_ck)
     if d is None:
@@ -110,7 +112,7 @@ def check_base(adapter_ck, base_ck, base_info=None) -> BaseCheck:
         except CheckpointError as exc:
             return BaseCheck(d, local, given, "unverified", "",
                              f"declared base {d} ({local}) cannot be read: {exc}")
-        return _by_content(d, local, given, other, info)
+        return _by_content(d, local, given, other, base_ck.info())
     spec = _hub_spec(d, adapter_ck)
     if spec is None:
         return BaseCheck(d, None, given, "unverified", "",
@@ -138,7 +140,7 @@ def check_base(adapter_ck, base_ck, base_info=None) -> BaseCheck:
         return BaseCheck(d, spec, given, "unverified", "",
                          f"declared base {spec} is not in the local hub cache, so it could not "
                          f"be compared with BASE {base_ck.path}")
-    return _by_content(d, spec, given, other_ck.info(), info)
+    return _by_content(d, spec, given, other_ck.info(), base_ck.info())
 
 
 def _by_content(d, resolved, given, other, info) -> BaseCheck:

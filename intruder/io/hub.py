@@ -136,13 +136,18 @@ def resolve(spec: str, offline: Optional[bool] = None) -> ResolvedSource:
         raise CheckpointError(f"{spec}: not a Hugging Face model ID (org/name or org/name@rev)")
     repo_id, revision = parsed
     offline = is_offline() if offline is None else offline
+    src = None
     if _COMMIT.match(revision):  # immutable: a complete cached snapshot needs no network
         snap = os.path.join(repo_folder(repo_id), "snapshots", revision)
         if os.path.isdir(snap) and not missing_weights(snap):
-            return ResolvedSource(snap, repo_id, revision, revision)
-    if offline:
-        return _from_cache(spec, repo_id, revision, "offline (HF_HUB_OFFLINE=1 or --offline)")
-    return _download(spec, repo_id, revision)
+            src = ResolvedSource(snap, repo_id, revision, revision)
+    if src is None and offline:
+        src = _from_cache(spec, repo_id, revision, "offline (HF_HUB_OFFLINE=1 or --offline)")
+    if src is None:
+        src = _download(spec, repo_id, revision)
+    _log(f"hub: {repo_id}@{revision} is commit {src.commit} "
+         f"({f'{len(src.downloaded)} file(s) downloaded' if src.downloaded else 'local cache'})")
+    return src
 
 
 def _hub():

@@ -5,7 +5,8 @@ to `n_workers()`), so hashing overlaps the scan's own reads of the same files (h
 the GIL on large blocks), and they are
 remembered twice: in this process, and on disk under `<user cache dir>/sha256/`, keyed by the
 file's real path, size, mtime, ctime, inode and device, so a re-scan of unchanged files hashes
-nothing. A file that changes while it is hashed is hashed again and its digest is not cached.
+nothing. A file that changes while it is hashed is hashed again and its digest is not cached;
+nor is that of a file modified in the last 2 s (timestamps can be that coarse).
 
 A checkpoint's content hash is the sha256 of its files' hex digests, sorted, one per line:
 `sha256sum FILES | cut -c1-64 | sort | sha256sum` in a shell. Names do not enter it, so the same
@@ -19,11 +20,13 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
 
 BLOCK = 8 << 20  # bytes read per hashlib update
+RACY_NS = 2_000_000_000  # a file modified this recently is hashed but not cached
 _Key = Tuple[str, int, int, int, int, int]
 
 
@@ -98,7 +101,10 @@ def _hash_file(path: str, key: _Key) -> str:
             raise CheckpointError(f"{path}: cannot read for its sha256 ({exc.strerror})")
         after = _key(path)
         if after == key:
-            _store(key, h.hexdigest())
+            # as git's index: a file changed within RACY_NS of now could change again without
+            # a new timestamp (coarse clocks), so its digest is not remembered on disk
+            if time.time_ns() - max(key[2], key[3]) >= RACY_NS:
+                _store(key, h.hexdigest())
             return h.hexdigest()
         key = after
     return h.hexdigest()  # still changing: the digest of what was read, not cached

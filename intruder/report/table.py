@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from ..types import ScanReport
 
@@ -61,6 +61,26 @@ def source_text(info) -> str:
     return ("\n         " + "; ".join(parts)) if parts else ""
 
 
+def storage_lines(report: ScanReport) -> List[str]:
+    """Which matrices were decoded from quantized storage, and which were skipped for their
+    dtype (io/dequant.py, io/gguf.py)."""
+    counts: Dict[Tuple[str, str], int] = {}
+    for l in report.layers:
+        for key, side in (("storage_base", "base"), ("storage_tuned", "tuned")):
+            kind = dict(l.extra).get(key)
+            if kind and kind.upper() not in ("F64", "F32", "F16", "BF16"):  # not stored plainly
+                counts[side, kind] = counts.get((side, kind), 0) + 1
+    out = []
+    if counts:
+        out.append("decoded to float before the scan: " + "; ".join(
+            f"{side} {kind} ({n} matrices)" for (side, kind), n in sorted(counts.items())))
+    codes = [n for n, why in report.skipped if why.endswith("not scanned")]
+    if codes:
+        out.append(f"note: {len(codes)} matrices skipped for their stored dtype (e.g. {codes[0]}; "
+                   f"reasons in the JSON's skipped list)")
+    return out
+
+
 def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     """Layers with intruders, then totals, counts per epsilon and the time taken."""
     from ..scan import summary
@@ -113,6 +133,7 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     if s["in_cluster_intruders"]:
         lines.append(f"note: {s['in_cluster_intruders']} flagged vector(s) lie inside a "
                      f"near-degenerate base cluster (rotation, not a new direction)")
+    lines += storage_lines(report)
     if report.unpaired_base or report.unpaired_tuned:
         lines.append(f"unpaired: {len(report.unpaired_base)} base-only, "
                      f"{len(report.unpaired_tuned)} tuned-only tensors (listed in the JSON)")
