@@ -89,8 +89,10 @@ def _layers(checkpoint, as_json, show_all):
                               + ([_scanned(r)] if show_all else [])
                               for r in rows])
     emit(table)
+    src = ck.info(identity=False)
+    hub_note = f"; hub {src.repo_id} commit {src.commit}" if src.repo_id else ""
     click.echo(f"{len(rows)} {'modules' if ck.kind == 'adapter' else 'tensors'} listed; "
-               f"{ck.kind} checkpoint with {len(ck.refs)} tensors", err=True)
+               f"{ck.kind} checkpoint with {len(ck.refs)} tensors{hub_note}", err=True)
 
 
 def _scanned(row) -> str:
