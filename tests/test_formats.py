@@ -280,9 +280,11 @@ def test_gguf_f16_scans_exactly_like_safetensors(conv):
 
 def test_quantized_storage_is_named_in_the_terminal_and_layers(conv, tmp_path):
     res = CliRunner().invoke(cli, ["scan", os.path.join(DEMO, "base"), conv["lora_r8", "Q8_0"],
-                                   "--no-cache", "-o", str(tmp_path / "r.json")])
+                                   "--no-cache", "-o", str(tmp_path / "r.json"),
+                                   "--html", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
     assert "decoded to float before the scan: tuned gguf Q8_0 (28 matrices)" in res.output
+    assert (tmp_path / "r.html").read_text().count("F16 (tuned: gguf Q8_0)") == 28
     doc = json.loads((tmp_path / "r.json").read_text())
     assert {(l["storage_base"], l["storage_tuned"]) for l in doc["layers"]} == {("f16", "gguf Q8_0")}
     res = CliRunner().invoke(cli, ["layers", conv["lora_r8", "fp8"], "--json"])
