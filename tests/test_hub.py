@@ -420,6 +420,11 @@ def test_download_then_scan(server):
     assert all("/api/models/" in p for _, p in server.log)
     ref = os.path.join(str(server and os.environ["HF_HUB_CACHE"]), "models--org--tuned", "refs", "v1")
     assert open(ref).read() == C_TUNED
+    # and offline, the snapshot huggingface_hub laid out serves the same IDs
+    server.log.clear()
+    scan(["org/base", "org/tuned@v1", "--offline", "-o", "offline.json"])
+    assert server.log == []
+    same_numbers(doc, load("offline.json"))
 
 
 @pytest.mark.parametrize("spec,needle", [
