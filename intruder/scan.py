@@ -6,11 +6,13 @@ import datetime as _dt
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Optional
 
 from . import __version__
 from .errors import IntruderError
 from .io import open_checkpoint, pair_checkpoints, read_ref
+from .report.verdict import decide
 from .types import ScanConfig, ScanReport
 
 
@@ -60,13 +62,14 @@ def run_scan(base: str, tuned: str, config: Optional[ScanConfig] = None,
     skipped = list(pairing.skipped)
     skipped += [(l.name, "non-finite weights (--allow-nonfinite)") for l in layers
                 if l.status == "nonfinite"]
-    return ScanReport(
+    report = ScanReport(
         base=base_ck.info(), tuned=tuned_ck.info(), config=config, layers=tuple(layers),
         unpaired_base=pairing.unpaired_base, unpaired_tuned=pairing.unpaired_tuned,
         skipped=tuple(skipped), warnings=tuple(warnings), seconds=time.perf_counter() - t0,
         device=device, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         tool_version=__version__, schema_version=SCHEMA_VERSION)
+    return replace(report, verdict=decide(report))
 
 
 UNRELATED_COS = 0.25  # weight cosine below which a matrix looks unrelated to its base

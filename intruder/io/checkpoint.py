@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
@@ -59,12 +60,19 @@ class Checkpoint:
                               fingerprint=h.hexdigest()[:16], adapter=adapter)
 
 
+# in-memory checkpoints (intruder.io.memory), by their `<memory N: label>` path; held weakly
+MEMORY: "weakref.WeakValueDictionary[str, Checkpoint]" = weakref.WeakValueDictionary()
+
+
 def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
     """Read the tensor a TensorRef points at. `cache` keeps parsed headers (not data) per file."""
     cache = {} if cache is None else cache
     handle = cache.get(ref.path)
     if handle is None:
-        if ref.path.endswith(".safetensors"):
+        mem = MEMORY.get(ref.path)
+        if mem is not None:
+            handle = mem.store
+        elif ref.path.endswith(".safetensors"):
             handle = SafetensorsFile(ref.path)
         else:
             handle = _PickleFile(ref.path)
@@ -78,6 +86,12 @@ def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
 def open_checkpoint(path: str, allow_adapter: bool = True) -> Checkpoint:
     """Index a checkpoint at `path` without reading tensor data."""
     p = os.fspath(path)
+    mem = MEMORY.get(p)
+    if mem is not None:
+        if mem.kind == "adapter" and not allow_adapter:
+            raise CheckpointError(f"{p}: is a PEFT model; it can only be the TUNED side "
+                                  f"(give the base model as BASE)")
+        return mem
     if not os.path.lexists(p):
         raise CheckpointError(f"{p}: no such file or directory")
     if os.path.isdir(p):

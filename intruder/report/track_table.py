@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .table import format_table
+from .table import format_table, printable
 
 
 def _f(x, fmt=".3f"):
@@ -70,6 +70,8 @@ def track_table(tr) -> str:
                      "(a cliff in the singular values of Wt - W0 above the storage rounding "
                      "floor), full-ft-like when >= 80% have a dense one; est. rank: the most "
                      "common rank (range). See docs/provenance.md.")
+    for e, r in zip(tr.entries, rows):
+        lines.append(printable(f"verdict ({e.label}): {r['verdict']['wording']}"))
     for e, r in zip(tr.entries, rows):
         for w in r["warnings"]:
             lines.append(f"WARNING ({e.label}): {w}")
