@@ -1,33 +1,34 @@
 #!/usr/bin/env bash
-# One GPU call (within one 10-minute device command): per-stage probe, 7B shapes on one and all
-# GPUs (cold and warm twice), 70B subset (one layer, extrapolated). Everything lands in $OUT as it
-# is produced (a call cut short still returns what ran).
-#   bash bench/device_run.sh [7b|70b|all]
+# One GPU call (within one 10-minute device command), everything the engine's speed claims rest
+# on: the intruder-heavy and mild 7B pairs (cold, warm, the paper's algorithm, the float64 exact
+# engine), the fleet compare (1 and n fine-tunes, 1 and 2 GPUs), the 135M pairs, the start-up
+# probe. Each stage writes into $OUT as it runs and gets what is left of a global deadline, so a
+# call cut short still returns what ran.
+#   bash bench/device_run.sh [SECONDS]     (default 520)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-what=${1:-all}
-{ date -u; nvidia-smi -L; nproc; free -g | head -2; df -h /tmp | tail -1; } > "$OUT/machine.txt" 2>&1
-python - >> "$OUT/machine.txt" 2>&1 <<'PY'
-import hashlib, os, threading, time
-data = os.urandom(512 << 20)
-for nt in (1, 8):
-    def job():
-        hashlib.sha256(data).hexdigest()
-    ts = [threading.Thread(target=job) for _ in range(nt)]
-    t0 = time.perf_counter(); [t.start() for t in ts]; [t.join() for t in ts]
-    print(f"sha256 {nt} threads: {nt * len(data) / (time.perf_counter() - t0) / 1e9:.1f} GB/s")
-PY
-if [ "$what" != 70b ]; then
-  timeout 90 python bench/probe_device.py --out "$OUT" --skip micro,scan > "$OUT/probe.txt" 2>&1
-  timeout 330 python bench/scan_speed.py --model 7b --multi-gpu --repeat 2 \
-    --results "$OUT/results.md" --log "$OUT/bench7b.log" > "$OUT/bench7b.txt" 2>&1
-  echo "7b exit $?" >> "$OUT/bench7b.log"
-fi
-if [ "$what" != 7b ]; then
-  timeout 150 python bench/scan_speed.py --model 70b --layers 1 --ref-layers 0 --peft-layers 0 \
-    --results "$OUT/results.md" --log "$OUT/bench70b.log" > "$OUT/bench70b.txt" 2>&1
-  echo "70b exit $?" >> "$OUT/bench70b.log"
-fi
-cat "$OUT/machine.txt"; tail -c 1800 "$OUT/probe.txt" 2>/dev/null
-tail -c 2600 "$OUT/bench7b.txt" 2>/dev/null; tail -c 1500 "$OUT/bench70b.txt" 2>/dev/null
+end=$((SECONDS + ${1:-520}))
+left() { local l=$((end - SECONDS)); [ "$l" -gt "$1" ] && echo "$1" || echo "$l"; }
+stage() {  # stage NAME MAX_SECONDS CMD...
+  local name=$1 max=$2; shift 2
+  local t; t=$(left "$max")
+  if [ "$t" -lt 20 ]; then echo "$name: skipped (deadline)" >> "$OUT/stages.txt"; return; fi
+  local t0=$SECONDS
+  timeout "$t" "$@" > "$OUT/$name.txt" 2>&1
+  echo "$name: exit $? after $((SECONDS - t0)) s (limit $t s)" >> "$OUT/stages.txt"
+}
+{ date -u; nvidia-smi -L; nproc; free -g | head -2; df -h /tmp | tail -1; git log --oneline -1; } \
+  > "$OUT/machine.txt" 2>&1
+R="$OUT/results.md"
+stage heavy7b 230 python bench/scan_speed.py --model 7b --kinds heavy --peft-layers 0 \
+  --results "$R" --log "$OUT/heavy7b.log"
+stage fleet7b 200 python bench/fleet_speed.py --model 7b --layers 16 --n 4 --results "$R" \
+  --log "$OUT/fleet7b.log"
+stage startup 40 python bench/startup_probe.py --device cuda
+stage small135m 70 python bench/scan_speed.py --model 135m --peft-layers 0 --results "$R" \
+  --log "$OUT/small135m.log"
+stage mild7b 120 python bench/scan_speed.py --model 7b --kinds mild --layers 16 --peft-layers 0 \
+  --results "$R" --log "$OUT/mild7b.log"
+cat "$OUT/machine.txt" "$OUT/stages.txt"; tail -c 1500 "$OUT/startup.txt"
+for f in heavy7b fleet7b small135m mild7b; do tail -c 1400 "$OUT/$f.log" 2>/dev/null; done

@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -35,6 +35,9 @@ MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 ALPHA = {"q_proj": 0.6, "k_proj": 0.6, "v_proj": 0.4, "o_proj": 0.4, "gate_proj": 0.35,
          "up_proj": 0.35, "down_proj": 0.35}
 LORA_RANK = 16
+KINDS = ("mild", "heavy")
+HEAVY_RANK = 4
+HEAVY_AT = (1, 3, 5, 8)  # planted strengths: these (0-based) base singular values
 
 
 def shapes(model: str) -> List[Tuple[str, Tuple[int, int]]]:
@@ -48,6 +51,11 @@ def shapes(model: str) -> List[Tuple[str, Tuple[int, int]]]:
 
 def strong(layer: int, module: str) -> bool:
     return layer % 4 == 3 and module in ("self_attn.q_proj", "self_attn.v_proj")
+
+
+def heavy(layer: int) -> bool:
+    """Layers whose every matrix gets planted new directions in the heavy pair."""
+    return layer % 2 == 0
 
 
 class Gen:
@@ -70,7 +78,8 @@ class Gen:
         sign = torch.randint(0, 2, (rows, 1), generator=self.g, device=self.device) * 2 - 1
         return (q[rp] * sign)[:, cp]  # (rows, cols) orthonormal columns
 
-    def pair(self, m: int, n: int, alpha: float, rho: float):
+    def base(self, m: int, n: int, alpha: float):
+        """W0 (m, n) bf16 = U diag(s) V^T and s (r,)."""
         r = min(m, n)
         u = self.basis(m, r)  # (m, r)
         v = self.basis(n, r)  # (n, r)
@@ -78,54 +87,90 @@ class Gen:
         s = i ** -alpha * (1 + 0.02 * torch.randn(r, generator=self.g, device=self.device))
         s = s.abs().sort(descending=True).values  # (r,)
         s *= 0.02 * (m * n) ** 0.5 / s.norm()  # entry rms 0.02
-        w0 = ((u * s) @ v.mT).to(torch.bfloat16)  # (m, n)
+        return ((u * s) @ v.mT).to(torch.bfloat16), s
+
+    def mild(self, w0: torch.Tensor, s: torch.Tensor, rho: float):
+        """Wt = bf16(W0 + B A), rank 16, ||B A||_2 = rho sigma_10. Returns (wt, a, b)."""
+        m, n = w0.shape
         b = torch.randn(m, LORA_RANK, generator=self.g, device=self.device)  # (m, 16)
         a = torch.randn(LORA_RANK, n, generator=self.g, device=self.device)  # (16, n)
         _, rb = torch.linalg.qr(b)  # (16, 16): ||B A||_2 = ||R_b R_a^T||_2, no big SVD
         _, ra = torch.linalg.qr(a.mT)  # (16, 16)
         norm = float(torch.linalg.matrix_norm(rb @ ra.mT, ord=2))
         b = b * (rho * float(s[9]) / norm)
-        wt = (w0.float() + b @ a).to(torch.bfloat16)
-        return w0, wt, a, b
+        return (w0.float() + b @ a).to(torch.bfloat16), a, b
+
+    def planted(self, w0: torch.Tensor, s: torch.Tensor):
+        """Wt = bf16(W0 + B A), rank 4 along new random unit directions with strengths
+        sigma_2, sigma_4, sigma_6, sigma_9 of the base (new directions in the top-10).
+        Returns (wt, a (16, n), b (m, 16)), the factors zero-padded to LORA_RANK."""
+        m, n = w0.shape
+        b = torch.randn(m, HEAVY_RANK, generator=self.g, device=self.device)  # (m, 4)
+        a = torch.randn(HEAVY_RANK, n, generator=self.g, device=self.device)  # (4, n)
+        b = b / b.norm(dim=0) * s[list(HEAVY_AT)]
+        a = a / a.norm(dim=1, keepdim=True)
+        bp = torch.zeros(m, LORA_RANK, device=self.device)
+        ap = torch.zeros(LORA_RANK, n, device=self.device)
+        bp[:, :HEAVY_RANK] = b
+        ap[:HEAVY_RANK] = a
+        return (w0.float() + b @ a).to(torch.bfloat16), ap, bp
 
 
 def build(model: str, out: str, layers: int = 0, device: str = "cuda", seed: int = 0,
-          shard_layers: int = 4, adapter: bool = True) -> dict:
-    """Write OUT/base, OUT/tuned (HF-style sharded safetensors) and OUT/adapter."""
+          shard_layers: int = 4, adapter: bool = True, kind: str = "mild",
+          fleet: Sequence[str] = ()) -> dict:
+    """Write OUT/base, OUT/tuned (HF-style sharded safetensors) and OUT/adapter; with `fleet`
+    (a kind per fine-tune) OUT/ft-0, OUT/ft-1, ... instead of OUT/tuned: several fine-tunes of
+    one base."""
+    kinds = list(fleet) or [kind]
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"kind {k!r}: one of {KINDS}")
     from safetensors.torch import save_file
 
     n_layers = layers or MODELS[model][0]
     gen = Gen(device, seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
-    paths = {k: os.path.join(out, k) for k in ("base", "tuned", "adapter")}
+    tuned = [f"ft-{i}" for i in range(len(kinds))] if fleet else ["tuned"]
+    paths = {k: os.path.join(out, k) for k in ["base", *tuned] + (["adapter"] if adapter else [])}
     for p in paths.values():
         os.makedirs(p, exist_ok=True)
-    maps = {"base": {}, "tuned": {}}
+    maps: Dict[str, Dict[str, str]] = {k: {} for k in ["base", *tuned]}
     lora: Dict[str, torch.Tensor] = {}
     info = []
     for first in range(0, n_layers, shard_layers):
         last = min(n_layers, first + shard_layers)
         shard = f"model-{first // shard_layers + 1:05d}.safetensors"
-        tensors = {"base": {}, "tuned": {}}
+        tensors: Dict[str, Dict[str, torch.Tensor]] = {k: {} for k in maps}
         for layer in range(first, last):
             for mod, (m, n) in shapes(model):
                 name = f"model.layers.{layer}.{mod}.weight"
+                alpha = ALPHA[mod.split(".")[1]]
                 rho = 2.0 if strong(layer, mod) else \
                     float(0.05 + 0.25 * torch.rand(1, generator=gen.g, device=device))
-                w0, wt, a, b = gen.pair(m, n, ALPHA[mod.split(".")[1]], rho)
+                w0, s = gen.base(m, n, alpha)
                 tensors["base"][name] = w0.cpu()
-                tensors["tuned"][name] = wt.cpu()
-                pre = f"base_model.model.model.layers.{layer}.{mod}"
-                lora[f"{pre}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
-                lora[f"{pre}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
-                info.append({"name": name, "shape": [m, n], "rho": rho})
-        for side in ("base", "tuned"):
+                rhos = []
+                for j, (k, side) in enumerate(zip(kinds, tuned)):
+                    if k == "heavy" and heavy(layer):
+                        wt, a, b = gen.planted(w0, s)
+                        rhos.append(-1.0)  # planted: strengths sigma_2..sigma_9 of the base
+                    else:
+                        wt, a, b = gen.mild(w0, s, rho)
+                        rhos.append(rho)
+                    tensors[side][name] = wt.cpu()
+                    if j == 0 and adapter:
+                        pre = f"base_model.model.model.layers.{layer}.{mod}"
+                        lora[f"{pre}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
+                        lora[f"{pre}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
+                info.append({"name": name, "shape": [m, n], "rho": rhos[0], "rhos": rhos})
+        for side in maps:
             save_file(tensors[side], os.path.join(paths[side], shard), metadata={"format": "pt"})
             for name in tensors[side]:
                 maps[side][name] = shard
         del tensors
-    for side in ("base", "tuned"):
+    for side in maps:
         with open(os.path.join(paths[side], "model.safetensors.index.json"), "w") as fh:
             json.dump({"metadata": {}, "weight_map": maps[side]}, fh)
     if adapter:
@@ -135,8 +180,8 @@ def build(model: str, out: str, layers: int = 0, device: str = "cuda", seed: int
                "fan_in_fan_out": False, "init_lora_weights": True, "task_type": "CAUSAL_LM"}
         with open(os.path.join(paths["adapter"], "adapter_config.json"), "w") as fh:
             json.dump(cfg, fh)
-    meta = {"model": model, "layers": n_layers, "matrices": info, "seed": seed,
-            "seconds": time.perf_counter() - t0}
+    meta = {"model": model, "kind": kind, "fleet": kinds if fleet else None, "layers": n_layers,
+            "matrices": info, "seed": seed, "seconds": time.perf_counter() - t0}
     with open(os.path.join(out, "bench_meta.json"), "w") as fh:
         json.dump(meta, fh)
     return meta
@@ -149,8 +194,11 @@ def main():
     ap.add_argument("--layers", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", choices=KINDS, default="mild")
+    ap.add_argument("--fleet", default="", help="comma-separated kinds: several fine-tunes")
     a = ap.parse_args()
-    meta = build(a.model, a.out, a.layers, a.device, a.seed)
+    fleet = [k for k in a.fleet.split(",") if k]
+    meta = build(a.model, a.out, a.layers, a.device, a.seed, kind=a.kind, fleet=fleet)
     print(f"wrote {a.model} pair ({meta['layers']} layers) to {a.out} in {meta['seconds']:.1f} s")
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from . import exitcodes
+
 
 class IntruderError(Exception):
     """Base class: a problem the user can fix (bad input, bad option, unwritable output)."""
 
-    exit_code = 1
+    exit_code = exitcodes.ERROR
 
 
 class CheckpointError(IntruderError):

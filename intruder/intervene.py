@@ -30,9 +30,17 @@ import torch
 from . import __version__
 from .errors import AdapterError, IntruderError, OutputError, ReportError
 from .io import open_checkpoint, pair_checkpoints, read_ref
+from .io.identity import recorded_mismatch
+from .io.writer import identity_metadata
 from .io.atomic import check_output
 from .io.safetensors_file import DTYPES, SafetensorsFile
-from .io.writer import CheckpointWriter, TensorSpec, plan_like, plan_merged, tensor_bytes
+from .io.writer import (
+    CheckpointWriter,
+    TensorSpec,
+    plan_like,
+    plan_merged,
+    tensor_bytes,
+)
 from .spectral.decompose import top_spectrum
 from .types import LoraInfo, ScanReport, TensorRef
 
@@ -49,6 +57,7 @@ class LayerIntruders:
     indices: Tuple[int, ...]  # ranks in the tuned top-k spectrum
     sigma: Tuple[float, ...]  # recorded top-k tuned singular values
     k: int  # how many top tuned triplets the scan computed
+    shape: Tuple[int, ...] = ()  # (m, n) as the report records it
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,13 @@ class ScaleResult:
 
 def select_intruders(report: ScanReport, epsilon: Optional[float] = None) -> Dict[str, LayerIntruders]:
     """Intruders per scanned matrix: the report's own (its first epsilon), or every top-k vector
-    with max |cos| < `epsilon` when one is given (the report keeps max_cos for all top-k)."""
-    if epsilon is not None and not 0.0 < epsilon <= 1.0:
+    with max |cos| < `epsilon` when one is given (the report keeps max_cos for all top-k).
+
+    A report is data from a file that may have been edited: every rank must lie in the top-k
+    spectrum the layer records, appear once, and the layer must record its top-k singular values
+    (sigma_tuned), which bind it to the checkpoint: they are compared with the values recomputed
+    from the weights before anything is rescaled."""
+    if epsilon is not None and not (math.isfinite(epsilon) and 0.0 < epsilon <= 1.0):
         raise IntruderError(f"--epsilon must lie in (0, 1], got {epsilon}")
     out = {}
     for l in report.layers:
@@ -101,22 +115,78 @@ def select_intruders(report: ScanReport, epsilon: Optional[float] = None) -> Dic
             idx = tuple(sorted(i.index for i in l.intruders))
         else:
             idx = tuple(j for j, c in enumerate(l.max_cos) if c < epsilon)
-        if idx:
-            k = len(l.sigma_tuned) or report.config.top_k
-            if max(idx) >= k:
-                raise ReportError(f"layer {l.name!r}: intruder rank {max(idx)} is outside the "
-                                  f"top-{k} spectrum the report records")
-            out[l.name] = LayerIntruders(l.name, idx, tuple(l.sigma_tuned), k)
+        if not idx:
+            continue
+        k = len(l.sigma_tuned)
+        if k == 0:
+            raise ReportError(f"layer {l.name!r}: the scan report records no sigma_tuned (the "
+                              f"top-k singular values), so it cannot be checked against the "
+                              f"checkpoint it would rescale; rescan with `intruder scan`")
+        bad = [j for j in idx if not (isinstance(j, int) and 0 <= j < k)]
+        if bad:
+            raise ReportError(f"layer {l.name!r}: intruder rank {bad[0]} is outside the top-{k} "
+                              f"spectrum the report records (ranks 0..{k - 1})")
+        dup = sorted({j for j in idx if idx.count(j) > 1})
+        if dup:
+            raise ReportError(f"layer {l.name!r}: intruder rank {dup[0]} is listed twice; it "
+                              f"would be rescaled twice")
+        out[l.name] = LayerIntruders(l.name, idx, tuple(l.sigma_tuned), k, tuple(l.shape))
     return out
 
 
-def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
-                       where: str = "") -> Component:
-    """Recompute the top-k triplets of Wt (float64) and sum the intruders' rank-one parts."""
+def overflow_alpha(sel: LayerIntruders, alpha: float, dtype: torch.dtype) -> bool:
+    """True when W' = Wt + (alpha - 1) C certainly has an entry beyond `dtype`'s range, judged
+    from the recorded singular values alone (nothing read):
+    max|W'| >= |alpha - 1| max|C| - max|Wt| >= |alpha - 1| ||C||_F / sqrt(m n) - sigma_1(Wt),
+    with ||C||_F^2 = sum_{j in I} sigma_j^2 and max|Wt| <= ||Wt||_2 = sigma_1."""
+    if not dtype.is_floating_point or len(sel.shape) != 2 or not sel.sigma:
+        return False
+    m, n = sel.shape
+    c_fro = math.sqrt(math.fsum(sel.sigma[j] ** 2 for j in sel.indices))
+    try:
+        low = abs(alpha - 1.0) * c_fro / math.sqrt(m * n) - sel.sigma[0]
+    except OverflowError:
+        return True
+    return low > float(torch.finfo(dtype).max)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The intruders of one matrix as float64 factors: sum_{j in I} sigma_j u_j v_j^T = us @ v^T."""
+
+    us: torch.Tensor  # (m, |I|) float64: U_I diag(sigma_I)
+    v: torch.Tensor  # (n, |I|) float64: V_I
+    sigma: Tuple[float, ...]  # recomputed sigma_j for j in I
+    warnings: Tuple[str, ...] = ()
+
+
+def refuse_overflowing_alphas(report: ScanReport, alphas: Sequence[float],
+                              epsilon: Optional[float] = None) -> None:
+    """Before any model is loaded or written: refuse an alpha whose rescaled weights certainly
+    exceed their dtype's range (overflow_alpha on the report's singular values and dtypes)."""
+    sel = select_intruders(report, epsilon)
+    for l in report.layers:
+        s = sel.get(l.name)
+        if s is None or l.dtype not in DTYPES:
+            continue
+        dt = _torch_dtype(l.dtype)
+        for a in alphas:
+            if overflow_alpha(s, float(a), dt):
+                raise IntruderError(f"--alpha {float(a):g}: the rescaled {l.name!r} exceeds the "
+                                    f"range of {l.dtype} (largest finite "
+                                    f"{float(torch.finfo(dt).max):.4g}); nothing was written")
+
+
+def intruder_factors(wt: torch.Tensor, sel: LayerIntruders, device=None,
+                     where: str = "") -> Factors:
+    """Recompute the top-k triplets of Wt (float64), check them against the report's singular
+    values, and return the intruders' factors (kept low rank: a 7B sweep holds them for every
+    matrix at once)."""
     dev = torch.device(device) if device is not None else wt.device
     w = wt.to(device=dev, dtype=torch.float64)  # (m, n)
     kk = min(sel.k + 1, min(w.shape))  # one more than the scan: the gap below rank k
     spec = top_spectrum(w, kk, left=True, right=True)  # u (m, kk), v (n, kk), sigma (kk,)
+    del w
     sig = spec.sigma.cpu()
     ref = sel.sigma
     top = float(sig[0]) if sig.numel() else 0.0
@@ -128,11 +198,10 @@ def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
                 f"{where or sel.name}: singular values recomputed from the checkpoint differ from "
                 f"the scan report's by {diff:.3g} (sigma_1 = {top:.6g}); the checkpoint is not the "
                 f"one that was scanned; rescan it")
-    idx = torch.tensor(sel.indices, dtype=torch.long)
-    u = spec.u[:, idx.to(dev)]  # (m, |I|)
-    v = spec.v[:, idx.to(dev)]  # (n, |I|)
-    s = spec.sigma[idx.to(dev)]  # (|I|,)
-    c = (u * s[None, :]) @ v.mT  # (m, n) = U_I diag(sigma_I) V_I^T
+    idx = torch.tensor(sel.indices, dtype=torch.long, device=dev)
+    u = spec.u[:, idx]  # (m, |I|)
+    v = spec.v[:, idx]  # (n, |I|)
+    s = spec.sigma[idx]  # (|I|,)
     warnings = []
     chosen = set(sel.indices)
     for j in sel.indices:
@@ -142,7 +211,16 @@ def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
                 warnings.append(f"{where or sel.name}: intruder {j} has the same singular value as "
                                 f"kept vector {i} (sigma {float(sig[j]):.6g}); the rescaled "
                                 f"direction inside that pair is not uniquely defined")
-    return Component(c, tuple(float(sig[j]) for j in sel.indices), tuple(warnings))
+    return Factors((u * s[None, :]).contiguous(), v.contiguous(),
+                   tuple(float(sig[j]) for j in sel.indices), tuple(warnings))
+
+
+def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
+                       where: str = "") -> Component:
+    """Recompute the top-k triplets of Wt (float64) and sum the intruders' rank-one parts."""
+    f = intruder_factors(wt, sel, device, where)
+    c = f.us @ f.v.mT  # (m, n) = U_I diag(sigma_I) V_I^T
+    return Component(c, f.sigma, f.warnings)
 
 
 def rescale(wt: torch.Tensor, comp: Component, alpha: float) -> torch.Tensor:
@@ -159,7 +237,11 @@ def rescale(wt: torch.Tensor, comp: Component, alpha: float) -> torch.Tensor:
 def rescale_matrix(wt: torch.Tensor, indices: Sequence[int], alpha: float, top_k: int = 10,
                    device=None) -> torch.Tensor:
     """One-call form: rescale the triplets at `indices` (ranks) of wt by alpha."""
-    sel = LayerIntruders("matrix", tuple(sorted(indices)), (), max(top_k, max(indices) + 1))
+    idx = tuple(sorted(int(j) for j in indices))
+    if not idx or idx[0] < 0 or len(set(idx)) != len(idx):
+        raise IntruderError(f"intruder ranks must be distinct non-negative integers, got "
+                            f"{list(indices)}")
+    sel = LayerIntruders("matrix", idx, (), max(top_k, idx[-1] + 1))
     return rescale(wt, intruder_component(wt, sel, device), alpha)
 
 
@@ -181,29 +263,32 @@ class Source:
 def resolve_inputs(report: ScanReport, report_path: Optional[str] = None,
                    base: Optional[str] = None, tuned: Optional[str] = None) -> Tuple[str, str]:
     """BASE and TUNED paths: given ones, else the report's (relative to the working directory,
-    else to the report's folder)."""
-    def find(given, recorded, what):
+    else to the report's folder; a hub snapshot no longer cached: its repo_id@commit)."""
+    def find(given, info, what):
         if given:
             return given
+        recorded = info.path
         cands = [recorded]
         if report_path and not os.path.isabs(recorded):
             cands.append(os.path.join(os.path.dirname(os.path.abspath(report_path)), recorded))
         for c in cands:
             if os.path.exists(c):
                 return c
+        if getattr(info, "repo_id", None) and getattr(info, "commit", None):
+            return f"{info.repo_id}@{info.commit}"
         raise ReportError(f"{report_path or 'scan report'}: {what} checkpoint {recorded!r} "
                           f"(recorded in the report) not found; run from the scan's directory "
                           f"or give BASE and TUNED")
 
-    return (find(base, report.base.path, "base"), find(tuned, report.tuned.path, "tuned"))
+    return (find(base, report.base, "base"), find(tuned, report.tuned, "tuned"))
 
 
 def _verify(ck, info, what: str, report_path: Optional[str]) -> None:
-    got = ck.info().fingerprint
-    if info.fingerprint and got != info.fingerprint:
+    why = recorded_mismatch(ck, info)
+    if why:
         raise ReportError(f"{ck.path}: {what} checkpoint does not match the scan report "
-                          f"{report_path or ''} (fingerprint {got} vs {info.fingerprint}); it "
-                          f"changed since the scan, so rescan it".replace("  ", " "))
+                          f"{report_path or ''} ({why}); it changed since the scan, so rescan "
+                          f"it".replace("  ", " "))
 
 
 def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: Dict[str, LayerIntruders]):
@@ -262,6 +347,15 @@ def _adapter_sources(base_ck, tuned_ck, sel: Dict[str, LayerIntruders]):
     return sources, plan_merged(base_ck, overrides, extra, overlay_dir=tuned_ck.path)
 
 
+def _utf8(path: str) -> str:
+    """A path as valid Unicode for the safetensors header: the bytes of a non-UTF-8 file name
+    (or of any non-ASCII name under LANG=C) shown escaped, \xe9."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+
+
 def provenance(report: ScanReport, alpha: float, changes: Dict[str, Tuple[int, ...]],
                epsilon: Optional[float]) -> Dict[str, str]:
     """Safetensors metadata (strings) recording how the output was made."""
@@ -270,10 +364,11 @@ def provenance(report: ScanReport, alpha: float, changes: Dict[str, Tuple[int, .
         "intruder.tool_version": __version__,
         "intruder.intervention": FORMULA,
         "intruder.alpha": repr(float(alpha)),
-        "intruder.base": report.base.path,
+        "intruder.base": _utf8(report.base.path),
         "intruder.base_fingerprint": report.base.fingerprint,
-        "intruder.tuned": report.tuned.path,
+        "intruder.tuned": _utf8(report.tuned.path),
         "intruder.tuned_fingerprint": report.tuned.fingerprint,
+        **identity_metadata(report),
         "intruder.epsilon": repr(float(epsilon if epsilon is not None else c.epsilon)),
         "intruder.top_k": str(c.top_k),
         "intruder.vectors": c.vectors,
@@ -338,10 +433,22 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     if len({os.path.realpath(o) for o in outputs}) != len(outputs):
         raise OutputError("two alphas would write the same output path")
     sel = select_intruders(report, epsilon)
+    written = base_ck if tuned_ck.kind == "adapter" else tuned_ck
+    if written.kind == "gguf":
+        raise IntruderError(f"{written.path}: scale writes safetensors laid out like this "
+                            f"checkpoint, and cannot write GGUF; convert it to safetensors "
+                            f"(float16/bfloat16/float32) first")
     if tuned_ck.kind == "adapter":
         sources, plan = _adapter_sources(base_ck, tuned_ck, sel)
     else:
         sources, plan = _full_sources(base_ck, tuned_ck, report, sel)
+    for src in sources.values():
+        if (src.intruders is not None or src.kind == "lora") and src.ref.storage is not None:
+            raise IntruderError(f"{src.ref.path}: tensor {src.ref.name!r} is stored as "
+                                f"{src.ref.storage.kind}; scale writes the rescaled weights in "
+                                f"the stored dtype and does not re-quantize: convert it to "
+                                f"float16/bfloat16/float32 safetensors first")
+    _refuse_overflow(sources, plan, alphas)
     dev = resolve_device(device or report.config.device)
     intr_names = {n: s.intruders.indices for n, s in sources.items() if s.intruders is not None}
     metas = [dict(base_ck.metadata if tuned_ck.kind == "adapter" else tuned_ck.metadata,
@@ -370,10 +477,28 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
             for a, out, ch, w in zip(alphas, outputs, changes, writers)]
 
 
+def _refuse_overflow(sources, plan, alphas) -> None:
+    """An alpha whose rescaled weights cannot be stored in their dtype is refused before any
+    output is opened (the exact check on each rescaled tensor follows in _produce)."""
+    for spec in plan.tensors():
+        s = sources[spec.name].intruders
+        if s is None:
+            continue
+        dt = _torch_dtype(spec.dtype)
+        for a in alphas:
+            if overflow_alpha(s, a, dt):
+                raise IntruderError(f"--alpha {a:g}: the rescaled {spec.name!r} exceeds the "
+                                    f"range of {spec.dtype} (largest finite "
+                                    f"{float(torch.finfo(dt).max):.4g}); nothing was written")
+
+
 def _index_extra(meta: Dict[str, str]) -> Dict[str, object]:
     """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
     prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
     prov["intruders"] = json.loads(prov["intruders"])
+    for key in ("base_files", "tuned_files"):
+        if key in prov:
+            prov[key] = json.loads(prov[key])
     for key in ("alpha", "epsilon"):
         prov[key] = float(prov[key])
     prov["top_k"] = int(prov["top_k"])
@@ -414,6 +539,9 @@ def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, change
             stored = wt if identity is None else identity
         else:
             data = stored = rescale(wt, comp, a).to(out_dtype)
+            if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+                raise IntruderError(f"--alpha {a:g}: the rescaled {spec.name!r} has values "
+                                    f"beyond the range of {spec.dtype}; nothing was written")
         rel = float((stored.to(torch.float64) - wt64).norm()) / norm if norm > 0 else 0.0
         changes[i].append(LayerChange(spec.name, src.intruders.indices, comp.sigma, rel))
         yield data
@@ -445,6 +573,7 @@ def _bar(total: int, enabled: bool, n_out: int):
                 desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
 
 
-__all__ = ["FORMULA", "Component", "LayerChange", "LayerIntruders", "ScaleResult",
-           "intruder_component", "provenance", "rescale", "rescale_matrix", "resolve_inputs",
-           "scale_checkpoint", "select_intruders"]
+__all__ = ["FORMULA", "Component", "Factors", "LayerChange", "LayerIntruders", "ScaleResult",
+           "intruder_component", "intruder_factors", "overflow_alpha", "provenance", "rescale",
+           "rescale_matrix", "refuse_overflowing_alphas", "resolve_inputs", "scale_checkpoint",
+           "select_intruders"]

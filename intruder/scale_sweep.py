@@ -1,12 +1,14 @@
-"""An alpha sweep: rescale the intruders for each alpha, evaluate base, tuned and every output,
+"""An alpha sweep: rescale the intruders for each alpha, evaluate base, tuned and every alpha,
 write scale-results.json / .csv and the trade-off plot (the paper's causal experiment).
 
     sweep = run_sweep(report, [0, 0.5, 1], "out/", evals=["wikitext", "task:siqa.json"])
     print(format_sweep(sweep))
 
-Layout under the output directory: one model per alpha (`alpha-0.5/` for a directory or adapter
-input, `alpha-0.5.safetensors` for a file input), `scale-results.json`, and with evaluations
-`scale-results.csv` and `scale-tradeoff.png`.
+Without evaluations every alpha's model is written (`alpha-0.5/` for a directory or adapter
+input, `alpha-0.5.safetensors` for a file input). With evaluations the tuned model is loaded
+once per device and moved between alphas in place (intruder.inplace, intruder.sweep_exec):
+nothing is written but `scale-results.json`, `scale-results.csv`, `scale-tradeoff.png` and the
+alphas named in `save_alphas`. Every evaluator's data is found and read before any model work.
 """
 
 from __future__ import annotations
@@ -19,20 +21,31 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
-from .errors import OutputError
+from .errors import IntruderError, OutputError
 from .intervene import FORMULA, ScaleResult, resolve_inputs, scale_checkpoint
 from .io.atomic import check_output, write_text
+from .report.scale_results import (
+    FORMAT,
+    PLOT_PNG,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    choose_axes,
+    result_entry,
+)
+from .sweep_exec import (
+    SweepSpec,
+    distributed,
+    make_jobs,
+    peak_summary,
+    run_jobs,
+    run_jobs_torchrun,
+)
 from .types import EvalResult, ScanReport
-
-RESULTS_JSON = "scale-results.json"
-RESULTS_CSV = "scale-results.csv"
-PLOT_PNG = "scale-tradeoff.png"
-PRETRAIN_METRICS = ("word_perplexity", "bits_per_byte", "byte_perplexity", "token_perplexity")
-TASK_METRICS = ("accuracy", "acc_norm", "token_loss", "next_token_accuracy")
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,7 @@ class ModelRow:
     label: str  # base | tuned | alpha=0.5
     role: str  # base | tuned | scaled
     alpha: Optional[float]
-    path: str
+    path: str  # where the model is ("" when it was evaluated in memory only)
     n_intruders: Optional[int] = None  # directions rescaled (None for base / tuned)
     n_matrices: Optional[int] = None
     max_rel_change: Optional[float] = None  # max over matrices of ||W'-Wt||_F / ||Wt||_F
@@ -61,12 +74,14 @@ class Sweep:
     alphas: Tuple[float, ...]
     epsilon: float
     top_k: int
-    scaled: Tuple[ScaleResult, ...]
+    scaled: Tuple[ScaleResult, ...]  # the checkpoints written
     rows: Tuple[ModelRow, ...]
     evals: Tuple[str, ...] = ()
     limit: Optional[int] = None
     files: Dict[str, str] = field(default_factory=dict)
     scan_report: str = ""
+    timing: Dict[str, object] = field(default_factory=dict)
+    warnings: Tuple[str, ...] = ()
 
 
 def alpha_name(a: float) -> str:
@@ -103,62 +118,192 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
               model_config: Optional[str] = None, device: str = "auto",
               dtype: Optional[str] = None, max_length: Optional[int] = None,
               force: bool = False, progress: bool = False,
-              log: Callable[[str], None] = lambda m: None, scan_report: str = "") -> Sweep:
-    """Write one model per alpha under out_dir, then (with `evals`) evaluate and record."""
+              log: Callable[[str], None] = lambda m: None, scan_report: str = "",
+              save_alphas: Optional[Sequence[float]] = None,
+              lm_eval_include: Sequence[str] = (), workers: Optional[int] = None,
+              shard: Optional[bool] = None) -> Optional[Sweep]:
+    """Evaluate base, tuned and every alpha (in memory) and record; write the models of
+    `save_alphas` (every alpha when there is nothing to evaluate).
+
+    workers: evaluation processes (default: one per visible GPU, one on the CPU); shard: spread
+    one model over every GPU (default: when it does not fit on one). Under torchrun every rank
+    calls this; rank 0 returns the Sweep, the others None.
+    """
+    t_start = time.perf_counter()
     alphas = tuple(dict.fromkeys(float(a) for a in alphas))  # unique, in the given order
+    for a in alphas:
+        if not math.isfinite(a):
+            raise IntruderError(f"--alpha must be a finite number, got {a}")
     base_path, tuned_path = resolve_inputs(report, report_path, base, tuned)
-    evaluators = _build_evaluators(evals)  # an unknown evaluator fails before any work
+    evals = tuple(evals)
+    options = {"lm_eval_include": tuple(lm_eval_include)} if lm_eval_include else {}
+    evaluators = _build_evaluators(evals, options)  # an unknown evaluator fails before any work
+    if evaluators:  # every evaluator's data found and read before anything is rescaled
+        from .evaluate import check_evaluators
+
+        for line in check_evaluators(evaluators, limit):
+            log(f"data: {line}")
+    if save_alphas is None:
+        saves = () if evaluators else alphas
+    else:
+        saves = tuple(dict.fromkeys(float(a) for a in save_alphas))
+        extra = [a for a in saves if a not in alphas]
+        if extra:
+            raise IntruderError(f"--save-alpha {alpha_name(extra[0])} is not one of the swept "
+                                f"alphas ({', '.join(alpha_name(a) for a in alphas)})")
+    rank, world, _ = distributed()
     prepare_out_dir(out_dir, [base_path, tuned_path])
-    outputs = [output_path(out_dir, a, tuned_path) for a in alphas]
+    outputs = [output_path(out_dir, a, tuned_path) for a in saves]
     results_json = os.path.join(out_dir, RESULTS_JSON)
     for p in outputs + [results_json]:
         check_output(p, [base_path, tuned_path])
-        if os.path.lexists(p) and not force and p != results_json:
+        if os.path.lexists(p) and not force and p != results_json and rank == 0:
             raise OutputError(f"{p}: already exists (use --force to replace it)")
     adapter = os.path.isfile(os.path.join(tuned_path, "adapter_config.json"))
     tmp_ref = None
-    write_alphas, write_outputs = list(alphas), list(outputs)
-    if evaluators and adapter and 1.0 not in alphas:
-        # the tuned reference of an adapter is the merged model: written in the same pass
+    write_alphas, write_outputs = list(saves), list(outputs)
+    if evaluators and adapter:
+        # the model to load is the adapter merged into the base: written once, alpha = 1
         tmp_ref = tempfile.mkdtemp(prefix=".tuned-merged-", dir=out_dir)
         os.rmdir(tmp_ref)
         write_alphas.append(1.0)
         write_outputs.append(tmp_ref)
-    log(f"rescaling intruders ({FORMULA}) for alpha = "
-        f"{', '.join(alpha_name(a) for a in alphas)}")
+    scaled: List[ScaleResult] = []
+    timing: Dict[str, object] = {}
     try:
-        scaled = scale_checkpoint(report, write_alphas, write_outputs, report_path=report_path,
-                                  base=base_path, tuned=tuned_path, epsilon=epsilon,
-                                  device=None if device == "auto" else device, progress=progress)
-        for r in scaled[: len(alphas)]:
-            log(f"  alpha {alpha_name(r.alpha)}: {r.n_intruders} intruder direction(s) in "
-                f"{len(r.layers)} matrices -> {r.path}")
-        rows = []
+        if write_alphas and rank == 0:
+            log(f"rescaling intruders ({FORMULA}) and writing alpha = "
+                f"{', '.join(alpha_name(a) for a in write_alphas[:len(saves)]) or '1 (merged)'}")
+            t0 = time.perf_counter()
+            scaled = scale_checkpoint(report, write_alphas, write_outputs, report_path=report_path,
+                                      base=base_path, tuned=tuned_path, epsilon=epsilon,
+                                      device=None if device == "auto" else device,
+                                      progress=progress)
+            timing["write_seconds"] = time.perf_counter() - t0
+            for r in scaled[: len(saves)]:
+                log(f"  alpha {alpha_name(r.alpha)}: {r.n_intruders} intruder direction(s) in "
+                    f"{len(r.layers)} matrices -> {r.path}")
+        if world > 1 and tmp_ref is not None:
+            tmp_ref = _share_from_rank0(tmp_ref)
+        rows: List[ModelRow] = []
+        warnings: List[str] = [w for r in scaled for w in r.warnings]
         if evaluators:
-            rows = _evaluate_all(evaluators, base_path, tuned_path, adapter, scaled, alphas,
-                                 tmp_ref, model_config, device, dtype, max_length, limit,
-                                 progress, log)
+            model_path = tmp_ref or tuned_path
+            spec = SweepSpec(report=report, base_path=base_path, model_path=model_path,
+                             evals=evals, epsilon=epsilon, eval_options=tuple(options.items()),
+                             model_config=_model_config(model_config, base_path), dtype=dtype,
+                             max_length=max_length, limit=limit,
+                             storage_dtypes=_storage_dtypes(report, model_path, epsilon))
+            jobs = make_jobs(sorted(set(alphas) | {1.0}))
+            if world > 1:
+                spec = SweepSpec(**{**spec.__dict__, "shard": False})
+                run = run_jobs_torchrun(spec, jobs, _torchrun_device(device), log)
+                if run is None:
+                    return None
+                devices = [f"{world} torchrun ranks"]
+            else:
+                devices, sharded = plan_devices(device, workers, shard, model_path)
+                spec = SweepSpec(**{**spec.__dict__, "shard": sharded})
+                log(f"evaluating {len(jobs)} models on {', '.join(devices)}"
+                    f"{' (one model sharded over every GPU)' if sharded else ''}")
+                run = run_jobs(spec, jobs, devices, log, progress)
+            rows, more = _rows(run.results, alphas, base_path, tuned_path, adapter, scaled)
+            warnings += more
+            timing.update(_timing(run, devices))
     finally:
-        if tmp_ref is not None:
+        if tmp_ref is not None and rank == 0:
             shutil.rmtree(tmp_ref, ignore_errors=True)
     if not rows:
-        rows = [_row_for(r) for r in scaled[: len(alphas)]]
+        rows = [_row_for(r) for r in scaled[: len(saves)]]
+    timing["wall_seconds"] = time.perf_counter() - t_start
     sweep = Sweep(base=base_path, tuned=tuned_path,
                   tuned_kind="adapter" if adapter else ("file" if os.path.isfile(tuned_path)
                                                         else "dir"),
                   out_dir=out_dir, alphas=alphas,
                   epsilon=float(epsilon if epsilon is not None else report.config.epsilon),
-                  top_k=report.config.top_k, scaled=tuple(scaled[: len(alphas)]),
-                  rows=tuple(rows), evals=tuple(evals), limit=limit, scan_report=scan_report)
+                  top_k=report.config.top_k, scaled=tuple(scaled[: len(saves)]),
+                  rows=tuple(rows), evals=evals, limit=limit, scan_report=scan_report,
+                  timing=timing, warnings=tuple(dict.fromkeys(warnings)))
     return write_results(sweep)
 
 
-def _build_evaluators(evals: Sequence[str]):
+def _build_evaluators(evals: Sequence[str], options: Optional[dict] = None):
     if not evals:
         return []
     from .evaluate import get_evaluator
 
-    return [get_evaluator(s) for s in evals]
+    return [get_evaluator(s, **(options or {})) for s in evals]
+
+
+def _model_config(model_config: Optional[str], base_path: str) -> Optional[str]:
+    if model_config is None and os.path.isfile(os.path.join(base_path, "config.json")):
+        return base_path  # config + tokenizer for bare .safetensors models
+    return model_config
+
+
+def _storage_dtypes(report: ScanReport, model_path: str, epsilon) -> Tuple[Tuple[str, str], ...]:
+    """Report layer -> torch dtype name the checkpoint stores it in (what a written alpha
+    checkpoint would hold), so a model evaluated in float32 sees the written weights."""
+    from .intervene import select_intruders
+    from .io import open_checkpoint
+    from .io.pairing import _align
+    from .io.safetensors_file import DTYPES
+
+    ck = open_checkpoint(model_path, allow_adapter=False)
+    layers = list(select_intruders(report, epsilon))
+    mapping = _align(layers, list(ck.refs))
+    return tuple((n, DTYPES[ck.refs[mapping[n]].dtype][1]) for n in layers if n in mapping)
+
+
+def plan_devices(device: str, workers: Optional[int], shard: Optional[bool],
+                 model_path: str) -> Tuple[List[str], bool]:
+    """(devices, sharded): one worker per visible GPU (or `workers` of them), one sharded model
+    when it is larger than one GPU (or `shard`), `workers` CPU processes on the CPU."""
+    import torch
+
+    from .evaluate.model import resolve_device
+
+    dev = resolve_device(device)
+    if workers is not None and workers < 1:
+        raise IntruderError(f"--workers must be at least 1, got {workers}")
+    if dev == "cpu":
+        if shard:
+            raise IntruderError("--shard needs GPUs")
+        return ["cpu"] * (workers or 1), False
+    if dev.startswith("cuda:"):
+        return [dev], False
+    n = torch.cuda.device_count()
+    if shard is None:
+        shard = n > 1 and _model_bytes(model_path) > 0.75 * torch.cuda.mem_get_info(0)[1]
+    if shard:
+        return ["cuda"], True
+    k = min(workers or n, n)
+    return [f"cuda:{i}" for i in range(k)], False
+
+
+def _model_bytes(path: str) -> int:
+    from .io import open_checkpoint
+    from .io.safetensors_file import DTYPES
+
+    ck = open_checkpoint(path, allow_adapter=False)
+    return sum(math.prod(r.shape) * DTYPES[r.dtype][0] for r in ck.refs.values())
+
+
+def _torchrun_device(device: str) -> str:
+    import torch
+
+    return "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+
+
+def _share_from_rank0(value):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    dist.barrier()
+    return box[0]
 
 
 def _row_for(r: ScaleResult, results=(), note: str = "") -> ModelRow:
@@ -170,36 +315,42 @@ def _row_for(r: ScaleResult, results=(), note: str = "") -> ModelRow:
                     max_rel_change=rel, results=tuple(results), note=note)
 
 
-def _evaluate_all(evaluators, base_path, tuned_path, adapter, scaled, alphas, tmp_ref,
-                  model_config, device, dtype, max_length, limit, progress, log) -> List[ModelRow]:
-    from .evaluate import evaluate_model
-
-    if model_config is None and os.path.isfile(os.path.join(base_path, "config.json")):
-        model_config = base_path  # config + tokenizer for bare .safetensors outputs
-
-    def run(label, path):
-        log(f"evaluating {label}: {path}")
-        return tuple(evaluate_model(path, evaluators, model_config=model_config, device=device,
-                                    dtype=dtype, max_length=max_length, limit=limit,
-                                    progress=progress))
-
-    rows = [ModelRow("base", "base", None, base_path, results=run("base", base_path))]
-    by_alpha = {r.alpha: r for r in scaled}
-    if adapter:
-        ref = by_alpha[1.0]
-        tuned_res = run("tuned (adapter merged, alpha = 1)", ref.path)
-        rows.append(ModelRow("tuned", "tuned", 1.0, tuned_path, results=tuned_res,
-                             note="adapter merged into base (the alpha = 1 model)"))
-    else:
-        tuned_res = run("tuned", tuned_path)
-        rows.append(ModelRow("tuned", "tuned", 1.0, tuned_path, results=tuned_res))
+def _rows(results, alphas, base_path, tuned_path, adapter, scaled):
+    """Model rows from the job results: base, tuned (alpha = 1 in memory), each alpha."""
+    by_alpha = {r.job.alpha: r for r in results if r.job.kind == "alpha"}
+    saved = {r.alpha: r.path for r in scaled}
+    base = next(r for r in results if r.job.kind == "base")
+    tuned = by_alpha[1.0]
+    rows = [ModelRow("base", "base", None, base_path, results=base.results),
+            ModelRow("tuned", "tuned", 1.0, tuned_path, results=tuned.results,
+                     note="adapter merged into base (the alpha = 1 model)" if adapter else "")]
+    warnings: List[str] = []
     for a in sorted(alphas):
         r = by_alpha[a]
-        if a == 1.0:  # bit-identical to the tuned weights: the same numbers
-            rows.append(_row_for(r, tuned_res, "same weights as tuned; results of the tuned row"))
+        warnings.extend(r.warnings)
+        n_i = sum(len(c.indices) for c in r.changes)
+        rel = max((c.rel_change for c in r.changes), default=0.0)
+        if a == 1.0:
+            note = "same weights as tuned; results of the tuned row"
+        elif a in saved:
+            note = ""
         else:
-            rows.append(_row_for(r, run(f"alpha = {alpha_name(a)}", r.path)))
-    return rows
+            note = "evaluated in memory; not saved (--save-alpha keeps a checkpoint)"
+        rows.append(ModelRow(f"alpha={alpha_name(a)}", "scaled", a, saved.get(a, ""), n_i,
+                             len(r.changes), rel, tuned.results if a == 1.0 else r.results,
+                             note))
+    return rows, warnings
+
+
+def _timing(run, devices) -> Dict[str, object]:
+    """Seconds per job (model load, rescale, one evaluation pass) and peak memory per worker."""
+    jobs = [{"job": "base" if r.job.kind == "base" else f"alpha={alpha_name(r.job.alpha)}",
+             "worker": r.worker, "device": r.device, "load_seconds": r.load_seconds,
+             "rescale_seconds": r.rescale_seconds, "eval_seconds": r.eval_seconds}
+            for r in run.results]
+    out: Dict[str, object] = {"devices": list(devices), "jobs": jobs}
+    out.update(peak_summary(run.stats))
+    return out
 
 
 # ------------------------------------------------------------------------------------ results
@@ -221,18 +372,12 @@ def _result(row: ModelRow, key: Tuple[str, str]) -> Optional[EvalResult]:
     return None
 
 
-def _finite(v):
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
 def to_dict(sweep: Sweep) -> dict:
     """The sweep as one JSON-ready document (scale-results.json)."""
     rows = []
     for row in sweep.rows:
         d = {k: v for k, v in asdict(row).items() if k != "results"}
-        d["results"] = [dict(evaluator=r.evaluator, metric=r.metric, value=_finite(r.value),
-                             n_units=r.n_units, unit=r.unit, protocol=r.protocol,
-                             extra={k: v for k, v in r.extra}) for r in row.results]
+        d["results"] = [result_entry(r) for r in row.results]
         rows.append(d)
     outputs = [{"alpha": r.alpha, "path": r.path, "kind": r.kind, "tensors": r.n_tensors,
                 "bytes": r.bytes, "intruders": r.n_intruders,
@@ -240,6 +385,7 @@ def to_dict(sweep: Sweep) -> dict:
                             "rel_change": l.rel_change} for l in r.layers],
                 "warnings": list(r.warnings)} for r in sweep.scaled]
     return {
+        "format": FORMAT,
         "tool_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "intervention": FORMULA + " over the intruders I of each matrix (float64, written in "
@@ -249,6 +395,7 @@ def to_dict(sweep: Sweep) -> dict:
         "epsilon": sweep.epsilon, "top_k": sweep.top_k, "alphas": list(sweep.alphas),
         "evals": list(sweep.evals), "limit": sweep.limit,
         "outputs": outputs, "models": rows, "files": dict(sweep.files),
+        "timing": dict(sweep.timing), "warnings": list(sweep.warnings),
     }
 
 
@@ -268,12 +415,7 @@ def to_csv(sweep: Sweep) -> str:
 
 def plot_choice(rows: Sequence[ModelRow]):
     """(pre-training metric key, task metric key) the plot uses; either may be None."""
-    keys = _metric_keys(rows)
-    pre = next((k for m in PRETRAIN_METRICS for k in keys
-                if k[1] == m and not k[0].startswith("task")), None)
-    task = next((k for m in TASK_METRICS for k in keys if k[1] == m and k[0].startswith("task")),
-                None)
-    return pre, task
+    return choose_axes(_metric_keys(rows))
 
 
 def write_plot(sweep: Sweep, path: str) -> Optional[str]:
@@ -364,9 +506,8 @@ def format_sweep(sweep: Sweep) -> str:
     notes = [f"  {row.label}: {row.note}" for row in sweep.rows if row.note]
     if notes:
         lines += ["", "notes:"] + notes
-    warns = sorted({w for r in sweep.scaled for w in r.warnings})
-    lines += [f"WARNING: {w}" for w in warns]
-    if not any(r.n_intruders for r in sweep.scaled):
+    lines += [f"WARNING: {w}" for w in sweep.warnings]
+    if not any(r.n_intruders for r in sweep.rows if r.role == "scaled"):
         lines.append(f"WARNING: the scan found no intruders at epsilon {sweep.epsilon:g}; every "
                      f"output equals the tuned model (try --epsilon with a larger value)")
     return "\n".join(lines)

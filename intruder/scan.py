@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import sys
 import time
-from dataclasses import replace
 from typing import Optional
 
 from . import __version__
 from .errors import IntruderError
-from .io import open_checkpoint, pair_checkpoints, read_ref
+from .io import identity, open_checkpoint, pair_checkpoints, read_ref
+from .io.basecheck import check_base, declared_base_spec, enforce, warning_text
 from .report.verdict import decide
 from .types import ScanConfig, ScanReport
 
@@ -34,17 +35,27 @@ def validate_config(config: ScanConfig) -> None:
                 raise IntruderError(f"{opt} {rx!r}: not a valid regular expression ({exc})")
 
 
-def run_scan(base: str, tuned: str, config: Optional[ScanConfig] = None,
-             progress: bool = False, base_cache=None, command: str = "") -> ScanReport:
-    """Scan TUNED against BASE and return the report (nothing is written)."""
+def run_scan(base: Optional[str], tuned: str, config: Optional[ScanConfig] = None,
+             progress: bool = False, base_cache=None, command: str = "",
+             strict_base: bool = False) -> ScanReport:
+    """Scan TUNED against BASE and return the report (nothing is written). BASE None: TUNED is
+    an adapter whose declared base (base_model_name_or_path) is used. strict_base: an adapter
+    whose declared base is not BASE is an error, not a warning."""
     from .report.schema import SCHEMA_VERSION
     from .spectral.engine import resolve_device, scan_pairs
 
     config = config or ScanConfig()
     validate_config(config)
     t0 = time.perf_counter()
-    base_ck = open_checkpoint(base, allow_adapter=False)
     tuned_ck = open_checkpoint(tuned)
+    if base is None:
+        if tuned_ck.kind != "adapter":
+            raise IntruderError(f"{tuned}: one checkpoint alone must be a PEFT adapter (its "
+                                f"declared base is used); give BASE and TUNED")
+        base = declared_base_spec(tuned_ck)
+    base_ck = open_checkpoint(base, allow_adapter=False)
+    identity.prefetch(base_ck.identity_files() + tuned_ck.identity_files())  # overlaps the scan
+    base_check = _base_check(tuned_ck, base_ck, strict_base)
     pairing = pair_checkpoints(base_ck, tuned_ck, config.include, config.exclude)
     if not pairing.pairs:
         raise IntruderError(f"no matrices to scan between {base} and {tuned} "
@@ -57,19 +68,56 @@ def run_scan(base: str, tuned: str, config: Optional[ScanConfig] = None,
     handles: dict = {}  # parsed headers, one file at a time
     layers = list(scan_pairs(pairing.pairs, lambda ref: read_ref(ref, handles), config,
                              progress=progress, base_cache=base_cache))
+    layers = with_storage(pairing.pairs, layers)
     device = str(resolve_device(config.device))
     warnings = list(derivation_warnings(layers, config))
     skipped = list(pairing.skipped)
     skipped += [(l.name, "non-finite weights (--allow-nonfinite)") for l in layers
                 if l.status == "nonfinite"]
+    tuned_info = tuned_ck.info()
+    if base_check is not None:
+        tuned_info = dataclasses.replace(tuned_info, declared_base=base_check.to_dict())
+        text = warning_text(base_check, tuned_ck.path)
+        warnings += [text] if text else []
     report = ScanReport(
-        base=base_ck.info(), tuned=tuned_ck.info(), config=config, layers=tuple(layers),
+        base=base_ck.info(), tuned=tuned_info, config=config, layers=tuple(layers),
         unpaired_base=pairing.unpaired_base, unpaired_tuned=pairing.unpaired_tuned,
         skipped=tuple(skipped), warnings=tuple(warnings), seconds=time.perf_counter() - t0,
         device=device, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         tool_version=__version__, schema_version=SCHEMA_VERSION)
-    return replace(report, verdict=decide(report))
+    return dataclasses.replace(report, verdict=decide(report))
+
+
+def with_storage(pairs, layers):
+    """Layers of quantized or scaled tensors get `storage_base` / `storage_tuned` fields saying
+    how each side was stored and decoded (io/dequant.py, io/gguf.py) before the analysis."""
+    import dataclasses
+
+    out = []
+    for p, l in zip(pairs, layers):
+        tuned = p.tuned if p.tuned is not None and p.tuned != p.base else None
+        if p.base.storage is None and (tuned is None or tuned.storage is None):
+            out.append(l)
+            continue
+        fields = [("storage_base", _storage_text(p.base))]
+        if tuned is not None:
+            fields.append(("storage_tuned", _storage_text(tuned)))
+        out.append(dataclasses.replace(l, extra=tuple(l.extra) + tuple(fields)))
+    return out
+
+
+def _storage_text(ref) -> str:
+    return ref.storage.kind if ref.storage is not None else ref.dtype.lower()
+
+
+def _base_check(tuned_ck, base_ck, strict: bool):
+    """The adapter's declared base against BASE (None when TUNED is not an adapter)."""
+    if tuned_ck.kind != "adapter" or not tuned_ck.files:  # in memory: a PeftModel's own base
+        return None
+    check = check_base(tuned_ck, base_ck)
+    enforce(check, tuned_ck.path, strict)
+    return check
 
 
 UNRELATED_COS = 0.25  # weight cosine below which a matrix looks unrelated to its base

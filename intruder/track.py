@@ -18,6 +18,7 @@ summary, margin, provenance verdict and JSON schema all apply to it unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import sys
@@ -29,6 +30,8 @@ import torch
 
 from . import __version__
 from .errors import IntruderError, NonFiniteError
+from .io import identity
+from .io.basecheck import chain_checks, warning_text
 from .report.verdict import decide
 from .types import CheckpointInfo, LayerResult, ScanConfig, ScanReport
 
@@ -132,23 +135,27 @@ def _result(name, shape, dtype, fields=None, status="scanned", seconds=0.0) -> L
 
 
 def run_track(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
-              progress: bool = False, command: str = "", base_cache=None) -> TrackReport:
+              progress: bool = False, command: str = "", base_cache=None,
+              strict_base: bool = False) -> TrackReport:
     """Sequential fine-tunes: every step against the base and against the step before."""
-    return _run(base, checkpoints, config, "track", progress, command, base_cache)
+    return _run(base, checkpoints, config, "track", progress, command, base_cache,
+                strict_base)
 
 
 def run_compare(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
-                progress: bool = False, command: str = "", base_cache=None) -> TrackReport:
+                progress: bool = False, command: str = "", base_cache=None,
+                strict_base: bool = False) -> TrackReport:
     """Independent fine-tunes of one base, side by side; the base is decomposed once."""
-    return _run(base, checkpoints, config, "compare", progress, command, base_cache)
+    return _run(base, checkpoints, config, "compare", progress, command, base_cache,
+                strict_base)
 
 
-def _run(base, checkpoints, config, mode, progress, command, base_cache) -> TrackReport:
-    from .io import open_checkpoint, pair_checkpoints, read_ref
+def _run(base, checkpoints, config, mode, progress, command, base_cache,
+         strict_base=False) -> TrackReport:
+    from .io import open_checkpoint, pair_checkpoints
     from .report.schema import SCHEMA_VERSION
     from .scan import derivation_warnings, validate_config
-    from .spectral.decompose import top_spectrum
-    from .spectral.engine import analyse, resolve_device
+    from .spectral.engine import resolve_device
 
     config = config or ScanConfig()
     validate_config(config)
@@ -158,6 +165,8 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache) -> Trac
     device = resolve_device(config.device)
     base_ck = open_checkpoint(base, allow_adapter=False)
     cks = [open_checkpoint(p) for p in checkpoints]
+    identity.prefetch(base_ck.identity_files() + [f for ck in cks for f in ck.identity_files()])
+    checks = chain_checks(mode, base_ck, cks, strict_base)  # adapters' declared bases
     pairings = [pair_checkpoints(base_ck, ck, config.include, config.exclude) for ck in cks]
     pair_maps = [{p.name: p for p in pg.pairs} for pg in pairings]
     names = [p.name for p in pairings[0].pairs if all(p.name in pm for pm in pair_maps)]
@@ -173,97 +182,31 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache) -> Trac
     vs_base: List[List[LayerResult]] = [[] for _ in range(n)]
     vs_prev: List[List[LayerResult]] = [[] for _ in range(n)]
     persist: List[Dict[str, Persistence]] = [{} for _ in range(n)]
-    base_handles: dict = {}
-    handles = [dict() for _ in range(n)]
-    k_side = "left" if config.vectors in ("left", "both") else "right"
-    bar = _bar(len(names) * n, progress, mode)
-    for name in names:
-        pair0 = pair_maps[0][name]
-        ref = pair0.base
-        shape, dtype = tuple(ref.shape), ref.dtype
-        w0 = read_ref(ref, base_handles)
-        if not _check_finite(w0, "base", name, ref.path, config.allow_nonfinite):
-            for i in range(n):
-                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
-                if mode == "track" and i:
-                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
-            _tick(bar, n)
-            continue
-        w0_dev = w0.to(device)
-        b0 = base_cache.get(pair0, w0, config) if base_cache is not None else None
-        cached = b0 is not None
-        prev_w = w0  # (m, n) the previous step's weights (track) / the base (compare)
-        prev_top = None  # (d, k) previous step's top-k vectors (track)
-        prev_intr: Tuple[int, ...] = ()
-        for i in range(n):
-            t0 = time.perf_counter()
-            pair = pair_maps[i][name]
-            ref_w = prev_w if mode == "track" else w0
-            reader = (lambda r, h=handles[i]: read_ref(r, h))
-            wt = _load_tuned(pair, ref_w, reader)
-            where = pair.lora.a.path if pair.lora is not None else (pair.tuned.path if pair.tuned else "")
-            if not _check_finite(wt, "tuned", name, where, config.allow_nonfinite):
-                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
-                if mode == "track" and i:
-                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
-                prev_top, prev_intr = None, ()
-                _tick(bar, 1)
-                continue
-            wt_dev = wt.to(device)
-            same_base = wt.dtype == w0.dtype and torch.equal(wt, w0)
-            if same_base:
-                vs_base[i].append(_result(name, shape, dtype, status="unchanged"))
-                cur_intr: Tuple[int, ...] = ()
-            else:
-                fields, b0_used = analyse(w0_dev, wt_dev, config, name, base_spec=b0)
-                if b0 is None:
-                    b0 = b0_used
-                    if base_cache is not None and not cached:
-                        base_cache.put(pair0, w0, config, b0)
-                        cached = True
-                vs_base[i].append(_result(name, shape, dtype, fields,
-                                          seconds=time.perf_counter() - t0))
-                cur_intr = tuple(x.index for x in fields["intruders"])
-            if mode == "track":
-                cur_top = None
-                if i > 0:
-                    same_prev = wt.dtype == prev_w.dtype and torch.equal(wt, prev_w)
-                    if same_prev:
-                        vs_prev[i].append(_result(name, shape, dtype, status="unchanged"))
-                    else:
-                        # full decomposition of the previous step: its top-k are prev_top
-                        pf, _ = analyse(prev_w.to(device), wt_dev, config, name)
-                        vs_prev[i].append(_result(name, shape, dtype, pf))
-                if cur_intr or prev_intr:
-                    k = min(config.top_k, min(shape))
-                    spec = top_spectrum(wt_dev, k, left=k_side == "left", right=k_side == "right")
-                    vecs = spec.u if k_side == "left" else spec.v
-                    cur_top = vecs[:, :k]  # (d, k)
-                persist[i][name] = _persistence(prev_top, prev_intr, cur_top, cur_intr) \
-                    if cur_top is not None else _persistence(None, prev_intr, None, ())
-                prev_top, prev_intr = cur_top, cur_intr
-                prev_w = wt
-            _tick(bar, 1)
-    if bar is not None:
-        bar.close()
+    if mode == "compare":
+        _compare_streamed(names, pair_maps, config, progress, base_cache, vs_base)
+    else:
+        _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base, vs_prev,
+                    persist)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     cmd = command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     base_info = base_ck.info()
     elapsed = time.perf_counter() - t_start
 
-    def report(base_info_, tuned_info, pairing, layers):
+    def report(base_info_, tuned_info, pairing, layers, extra=()):
         return ScanReport(base=base_info_, tuned=tuned_info, config=config, layers=tuple(layers),
                           unpaired_base=pairing.unpaired_base if pairing else (),
                           unpaired_tuned=pairing.unpaired_tuned if pairing else (),
                           skipped=pairing.skipped if pairing else (),
-                          warnings=tuple(derivation_warnings(layers, config)),
+                          warnings=tuple(derivation_warnings(layers, config)) + tuple(extra),
                           seconds=elapsed, device=str(device), created=created, command=cmd,
                           tool_version=__version__, schema_version=SCHEMA_VERSION)
 
     entries = []
-    infos = [ck.info() for ck in cks]
+    infos = [ck.info() if c is None else dataclasses.replace(ck.info(), declared_base=c.to_dict())
+             for ck, c in zip(cks, checks)]
     for i in range(n):
-        rb = report(base_info, infos[i], pairings[i], vs_base[i])
+        warn = warning_text(checks[i], cks[i].path) if checks[i] is not None else None
+        rb = report(base_info, infos[i], pairings[i], vs_base[i], [warn] if warn else [])
         # step i + 1 of a track carries i + 1 roundings of the stored weights against the base
         rb = replace(rb, verdict=decide(rb, i + 1 if mode == "track" else 1))
         rp = report(infos[i - 1], infos[i], None, vs_prev[i]) if mode == "track" and i else None
@@ -366,3 +309,103 @@ def dumps(tr: TrackReport) -> str:
 def summaries(tr: TrackReport) -> List[dict]:
     """entry_summary of every checkpoint, in order."""
     return [entry_summary(e, tr.mode, i) for i, e in enumerate(tr.entries, 1)]
+
+
+def _compare_streamed(names, pair_maps, config, progress, base_cache, vs_base) -> None:
+    """Independent fine-tunes on the scan's streaming pipeline: per matrix one group of pairs
+    sharing the base, read once and decomposed once (or taken from the cache) while the next
+    groups are read; several CUDA streams and GPUs, and torchrun ranks, as in a scan."""
+    from .io import read_ref
+    from .spectral.engine import scan_pairs
+
+    handles: dict = {}
+    groups = [tuple(pm[name] for pm in pair_maps) for name in names]
+    for got in scan_pairs(groups, lambda ref: read_ref(ref, handles), config, progress=progress,
+                          base_cache=base_cache):
+        for i, res in enumerate(got):
+            vs_base[i].append(res)
+
+
+def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base, vs_prev,
+                persist) -> None:
+    """Sequential fine-tunes, matrix by matrix: each step against the base (its spectrum
+    decomposed once per matrix) and against the step before."""
+    from .io import read_ref
+    from .spectral.decompose import top_spectrum
+    from .spectral.engine import analyse
+
+    mode = "track"
+    n = len(pair_maps)
+    base_handles: dict = {}
+    handles = [dict() for _ in range(n)]
+    k_side = "left" if config.vectors in ("left", "both") else "right"
+    bar = _bar(len(names) * n, progress, mode)
+    for name in names:
+        pair0 = pair_maps[0][name]
+        ref = pair0.base
+        shape, dtype = tuple(ref.shape), ref.dtype
+        w0 = read_ref(ref, base_handles)
+        if not _check_finite(w0, "base", name, ref.path, config.allow_nonfinite):
+            for i in range(n):
+                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
+                if mode == "track" and i:
+                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
+            _tick(bar, n)
+            continue
+        w0_dev = w0.to(device)
+        b0 = base_cache.get(pair0, w0, config) if base_cache is not None else None
+        cached = b0 is not None
+        prev_w = w0  # (m, n) the previous step's weights (track) / the base (compare)
+        prev_top = None  # (d, k) previous step's top-k vectors (track)
+        prev_intr: Tuple[int, ...] = ()
+        for i in range(n):
+            t0 = time.perf_counter()
+            pair = pair_maps[i][name]
+            ref_w = prev_w if mode == "track" else w0
+            reader = (lambda r, h=handles[i]: read_ref(r, h))
+            wt = _load_tuned(pair, ref_w, reader)
+            where = pair.lora.a.path if pair.lora is not None else (pair.tuned.path if pair.tuned else "")
+            if not _check_finite(wt, "tuned", name, where, config.allow_nonfinite):
+                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
+                if mode == "track" and i:
+                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
+                prev_top, prev_intr = None, ()
+                _tick(bar, 1)
+                continue
+            wt_dev = wt.to(device)
+            same_base = wt.dtype == w0.dtype and torch.equal(wt, w0)
+            if same_base:
+                vs_base[i].append(_result(name, shape, dtype, status="unchanged"))
+                cur_intr: Tuple[int, ...] = ()
+            else:
+                fields, b0_used = analyse(w0_dev, wt_dev, config, name, base_spec=b0)
+                if b0 is None:
+                    b0 = b0_used
+                    if base_cache is not None and not cached:
+                        base_cache.put(pair0, w0, config, b0)
+                        cached = True
+                vs_base[i].append(_result(name, shape, dtype, fields,
+                                          seconds=time.perf_counter() - t0))
+                cur_intr = tuple(x.index for x in fields["intruders"])
+            if mode == "track":
+                cur_top = None
+                if i > 0:
+                    same_prev = wt.dtype == prev_w.dtype and torch.equal(wt, prev_w)
+                    if same_prev:
+                        vs_prev[i].append(_result(name, shape, dtype, status="unchanged"))
+                    else:
+                        # full decomposition of the previous step: its top-k are prev_top
+                        pf, _ = analyse(prev_w.to(device), wt_dev, config, name)
+                        vs_prev[i].append(_result(name, shape, dtype, pf))
+                if cur_intr or prev_intr:
+                    k = min(config.top_k, min(shape))
+                    spec = top_spectrum(wt_dev, k, left=k_side == "left", right=k_side == "right")
+                    vecs = spec.u if k_side == "left" else spec.v
+                    cur_top = vecs[:, :k]  # (d, k)
+                persist[i][name] = _persistence(prev_top, prev_intr, cur_top, cur_intr) \
+                    if cur_top is not None else _persistence(None, prev_intr, None, ())
+                prev_top, prev_intr = cur_top, cur_intr
+                prev_w = wt
+            _tick(bar, 1)
+    if bar is not None:
+        bar.close()

@@ -33,13 +33,25 @@ class ScanConfig:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How a stored tensor becomes float weights (quantized or scaled storage; io/dequant.py)."""
+
+    kind: str  # what the report says, e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"
+    scale: Optional["TensorRef"] = None  # scale tensor beside the weight (safetensors layouts)
+    block: Tuple[int, int] = (0, 0)  # rows x columns sharing one scale (0: from the shapes)
+    divisor: float = 1.0  # w = codes * scale / divisor (bitsandbytes SCB: 127)
+    heads: int = 0  # GGUF q/k projection: undo llama.cpp's rotary row order in this many heads
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """Where a tensor lives; holds no data."""
 
     path: str  # file holding the tensor
     name: str  # name inside that file
     shape: Tuple[int, ...]
-    dtype: str  # safetensors dtype string: F32, BF16, F16, ...
+    dtype: str  # safetensors dtype string (F32, BF16, F8_E4M3 ...) or GGUF type (Q8_0 ...)
+    storage: Optional[Storage] = None  # set when reading needs a decode step (io/dequant.py)
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class Intruder:
     near_overlap: float = 0.0  # ||projection onto base vectors with sigma near this sigma||
     top_overlap: float = 0.0  # ||projection onto the top-r base subspace||
     in_cluster: bool = False  # low max_cos but lies in a near-degenerate base cluster
+    max_cos_bound: bool = False  # max_cos is a certified upper bound, not the exact value
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,10 @@ class LayerResult:
     delta_norm_rel: float = 0.0  # ||Wt - W0||_2 / sigma_k(W0)
     delta_fro_rel: float = 0.0  # ||Wt - W0||_F / ||W0||_F
     method: str = ""  # decomposition used (for provenance / debugging)
+    # per max_cos entry: True where it is a certified upper bound on max|cos| (spectral slices
+    # proved the decisions without every base vector; base_index is then the best kept one);
+    # empty when every value is exact
+    max_cos_bound: Tuple[bool, ...] = ()
     seconds: float = 0.0
     extra: Tuple[Tuple[str, object], ...] = ()  # later measures (margin ...) as key/value
 
@@ -115,8 +132,15 @@ class CheckpointInfo:
     n_tensors: int
     bytes: int
     dtypes: Tuple[str, ...]
-    fingerprint: str  # sha256 of the headers (names, shapes, dtypes, offsets) and sizes
+    fingerprint: str  # first 16 hex digits of sha256 below (schema < 1.2: of names and sizes)
     adapter: Optional[dict] = None  # summary of adapter_config.json when kind == adapter
+    # content identity and hub source (intruder/io/identity.py, intruder/io/hub.py)
+    sha256: Optional[str] = None  # sha256 of the sorted per-file sha256s (content hash)
+    files: Tuple[dict, ...] = ()  # {name, bytes, sha256} per file read
+    repo_id: Optional[str] = None  # hub repository, when read from the hub or its cache
+    revision: Optional[str] = None  # the revision asked for (branch, tag or commit)
+    commit: Optional[str] = None  # the commit sha it resolved to
+    declared_base: Optional[dict] = None  # adapters: base_model_name_or_path and its check
 
 
 @dataclass(frozen=True)

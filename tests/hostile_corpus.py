@@ -239,6 +239,11 @@ def build_corpus(root: str, seed: int = 0) -> Dict[str, object]:
     p = J("files", "model.gguf")
     with open(p, "wb") as fh:
         fh.write(b"GGUF" + rng.bytes(256))
+    add("garbage_gguf", ["scan", base, p], "not a readable GGUF file", [p], "CheckpointError",
+        "random bytes (.gguf)")
+    p = J("files", "model.onnx")
+    with open(p, "wb") as fh:
+        fh.write(rng.bytes(256))
     add("unknown_format", ["scan", base, p], "unknown checkpoint format", [p], "CheckpointError",
         "random bytes (unknown suffix)")
     add("char_device_null", ["scan", base, "/dev/null"], "not a regular file.*character device",

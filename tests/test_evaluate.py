@@ -426,7 +426,7 @@ def test_cuda_matches_cpu(tiny_model_dir, lm, tmp_path):
 
 @needs_data
 def test_evaluate_model_library_entry(tiny_model_dir):
-    res = evaluate_model(tiny_model_dir, [f"wikitext:{WIKI_TEST}"], device="cpu", limit=1,
+    res = evaluate_model(tiny_model_dir, [f"wikitext-sliding:{WIKI_TEST}"], device="cpu", limit=1,
                          progress=False)
     assert [r.metric for r in res] == ["word_perplexity", "byte_perplexity", "bits_per_byte",
                                        "token_perplexity"]
@@ -447,7 +447,7 @@ def runner(monkeypatch):
 def test_cli_table_and_json(runner, tiny_model_dir):
     from intruder.cli import cli
 
-    args = ["eval", str(tiny_model_dir), "--eval", "wikitext", "--eval", f"task:{WINOGRANDE}",
+    args = ["eval", str(tiny_model_dir), "--eval", "wikitext-sliding", "--eval", f"task:{WINOGRANDE}",
             "--limit", "1", "--device", "cpu", "-q"]
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
@@ -477,4 +477,5 @@ def test_cli_unknown_evaluator_is_one_line_error(runner, tiny_model_dir):
     assert res.exit_code == 1
     assert res.stderr.strip().splitlines() == [
         "Error: unknown evaluator 'wikitxt'; did you mean 'wikitext'? "
-        "(available: wikitext[:PATH], wikitext-lmeval[:PATH], task:PATH)"]
+        "(available: wikitext[:PATH], wikitext-sliding[:PATH], task:PATH, "
+        "lm-eval:TASK[,TASK...])"]

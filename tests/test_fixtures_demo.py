@@ -154,8 +154,11 @@ def check_adapters_merge_to_stored(root: Path) -> None:
         n_proj = 0
         for k, v in stored.items():
             mine = ours[k].to(dt)
-            diff = (mine.float() - v.float()).abs().max().item()
-            assert diff < 1e-5, (a["name"], k, diff)
+            # The merge's matmul rounds differently on different BLAS code paths: allow one
+            # rounding step of the storage dtype (eps * |v|, at least its smallest normal).
+            diff = (mine.float() - v.float()).abs()
+            ulp = torch.finfo(dt).eps * v.float().abs().clamp_min(torch.finfo(dt).tiny)
+            assert bool((diff <= ulp).all()), (a["name"], k, diff.max().item())
             n_proj += any(p in k for p in PROJ)
         assert n_proj == len(PROJ) * base.config.num_hidden_layers
         # The adapter really changed the projections.

@@ -187,14 +187,18 @@ def test_similarity_refuses_changed_weights(planted, synth, tmp_path):
     shutil.copy(synth["base_file"], d / "base.safetensors")
     base, tuned, _ = synthetic.llama_pair(plants=synthetic.DEFAULT_PLANTS, seed=0)
     name = "model.layers.1.mlp.up_proj.weight"
-    tuned[name] = tuned[name] * 1.5  # same names, shapes and sizes: same fingerprint
+    tuned[name] = tuned[name] * 1.5  # same names, shapes and sizes: other content sha256
     synthetic.write_safetensors(str(d / "tuned.safetensors"), tuned)
-    with pytest.raises(ReportError, match="differ from the scanned ones"):
+    with pytest.raises(ReportError, match="changed since the scan \\(content sha256"):
         recompute_similarity(planted, [name], base_path=str(d / "base.safetensors"),
                              tuned_path=str(d / "tuned.safetensors"))
+    # without the identity check, the recomputed numbers still give the change away
+    with pytest.raises(ReportError, match="differ from the scanned ones"):
+        recompute_similarity(planted, [name], base_path=str(d / "base.safetensors"),
+                             tuned_path=str(d / "tuned.safetensors"), check_fingerprint=False)
     page, info = render_html(planted, base_path=str(d / "base.safetensors"),
                              tuned_path=str(d / "tuned.safetensors"), command="t")
-    assert info.similarity.startswith("not available:") and "differ" in info.similarity
+    assert info.similarity.startswith("not available:") and "changed" in info.similarity
     with pytest.raises(ReportError):
         render_html(planted, similarity=True, base_path=str(d / "nope.safetensors"))
 

@@ -348,23 +348,34 @@ def test_writer_is_atomic_and_checks_the_plan(synth, tmp_path):
 
 
 def test_report_that_does_not_match_the_checkpoint(synth, file_report, tmp_path):
-    # same names, shapes and sizes (same fingerprint) but other values: caught by the sigma check
+    import dataclasses
+
+    from intruder.io import open_checkpoint
+
+    # same names, shapes and sizes but other values: caught by the content sha256
     t = _tensors(synth["tuned_file"])
     name = "model.layers.1.mlp.up_proj.weight"
     t[name] = t[name] * np.float32(1.01)
     (tmp_path / "elsewhere").mkdir()
     other = tmp_path / "elsewhere" / os.path.basename(synth["tuned_file"])
     synthetic.write_safetensors(str(other), t)
-    with pytest.raises(ReportError, match="differ from the scan report"):
+    with pytest.raises(ReportError, match="content sha256"):
         scale_checkpoint(file_report, [0.5], [str(tmp_path / "o.safetensors")],
                          tuned=str(other))
+    # a report from before content hashes (schema 1.1, fingerprint of names and sizes only):
+    # the same edit is caught by the sigma check
+    old = dataclasses.replace(file_report, **{
+        side: dataclasses.replace(getattr(file_report, side), sha256=None, files=(),
+                                  fingerprint=open_checkpoint(synth[f"{side}_file"]).header_fingerprint())
+        for side in ("base", "tuned")})
+    with pytest.raises(ReportError, match="differ from the scan report"):
+        scale_checkpoint(old, [0.5], [str(tmp_path / "o.safetensors")], tuned=str(other))
     assert not os.path.exists(tmp_path / "o.safetensors")  # nothing half-written
-    # a checkpoint with another layout: caught by the fingerprint
+    # a checkpoint with another layout: caught by the old fingerprint
     del t["model.norm.weight"]
     synthetic.write_safetensors(str(other), t)
     with pytest.raises(ReportError, match="changed since the scan"):
-        scale_checkpoint(file_report, [0.5], [str(tmp_path / "o.safetensors")],
-                         tuned=str(other))
+        scale_checkpoint(old, [0.5], [str(tmp_path / "o.safetensors")], tuned=str(other))
 
 
 def test_epsilon_override_selects_from_recorded_max_cos(synth, file_report, tmp_path):
@@ -460,7 +471,8 @@ def test_cli_scale_after_scan_with_wikitext(tiny_llama, shared_data, tmp_path, m
     scan = json.load(open("intruder-scan.json"))
     assert {l["name"]: [i["index"] for i in l["intruders"]] for l in scan["layers"]
             if l["intruders"]} == {tiny_llama["name"]: [0]}
-    r = runner.invoke(cli, ["scale", "--alpha", "0.5", "--eval", "wikitext", "--limit", "1"])
+    r = runner.invoke(cli, ["scale", "--alpha", "0.5", "--eval", "wikitext-sliding", "--limit",
+                            "1", "--save-alpha", "0.5"])
     assert r.exit_code == 0, r.output
     out = tmp_path / "intruder-scale"
     model = out / "alpha-0.5"
@@ -492,7 +504,8 @@ def test_cli_scan_then_sweep_with_task(tiny_llama, shared_data, tmp_path, monkey
     out = tmp_path / "out"
     r = CliRunner().invoke(cli, ["scale", tiny_llama["base"], tiny_llama["tuned"], "--alpha",
                                  "0,1", "--eval", "wikitext", "--eval", f"task:{task}",
-                                 "--limit", "2", "-o", str(out), "--json", "-q"])
+                                 "--limit", "2", "-o", str(out), "--json", "-q",
+                                 "--save-alpha", "1"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert os.path.isfile(out / "intruder-scan.json")

@@ -146,3 +146,33 @@ def test_persistence_rules():
     assert p.match_cos == (pytest.approx(2 ** -0.5),)
     assert _persistence(None, (), eye, (2,)).new == (2,)
     assert _persistence(eye, (2,), None, ()).gone == (2,)
+
+
+def test_compare_torchrun_two_ranks_equal_one_process(seq, tmp_path):
+    """torchrun --nproc-per-node 2 -m intruder compare (gloo on the CPU): rank 0 writes a
+    document equal to a single process's (the fine-tunes' matrices split across the ranks)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out1, out2 = str(tmp_path / "one.json"), str(tmp_path / "two.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    args = ["compare", seq["base"], seq["step1"], seq["step2"], seq["step3"], "-q", "--no-cache",
+            "--device", "cpu"]
+    subprocess.run([sys.executable, "-m", "intruder", *args, "-o", out1], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=2", "-m", "intruder", *args, "-o", out2], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = json.load(open(out1)), json.load(open(out2))
+    assert len(a["entries"]) == len(b["entries"]) == 3
+    for ea, eb in zip(a["entries"], b["entries"]):
+        la, lb = ea["vs_base"]["layers"], eb["vs_base"]["layers"]
+        assert [x["name"] for x in la] == [x["name"] for x in lb]
+        for x, y in zip(la, lb):
+            assert x["status"] == y["status"] and x.get("max_cos") == y.get("max_cos")
+            assert x.get("intruders") == y.get("intruders")
+        assert ea["summary"]["intruders"] == eb["summary"]["intruders"]

@@ -8,7 +8,7 @@ import time
 import click
 
 from . import cli
-from .common import handle_errors
+from .common import emit, handle_errors
 
 _DIR_HELP = ("Cache directory (default: $INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder or "
              "~/.cache/intruder).")
@@ -55,13 +55,13 @@ def cache_list(cache_dir, as_json):
     entries = c.entries()
     total = sum(e["bytes"] for e in entries)
     if as_json:
-        click.echo(json.dumps({"cache_dir": c.root, "entries": entries, "bytes": total,
+        emit(json.dumps({"cache_dir": c.root, "entries": entries, "bytes": total,
                                "max_bytes": c.max_bytes}, indent=2))
         return
     from ..report.table import format_table
 
-    click.echo(f"base spectral cache: {c.root}")
-    click.echo(f"{len(entries)} entries, {_size(total)} of at most {_size(c.max_bytes)} "
+    emit(f"base spectral cache: {c.root}")
+    emit(f"{len(entries)} entries, {_size(total)} of at most {_size(c.max_bytes)} "
                f"(INTRUDER_CACHE_MAX_GB)")
     if not entries:
         return
@@ -73,7 +73,7 @@ def cache_list(cache_dir, as_json):
                      e["dtype"], f"{kept} of {e['gram_dim']}", e["method"], _size(e["bytes"]),
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])),
                      e["key"][:12]])
-    click.echo(format_table(["tensor", "shape", "dtype", "singular vectors kept", "method",
+    emit(format_table(["tensor", "shape", "dtype", "singular vectors kept", "method",
                              "size", "last used", "key (sha256)"], rows, "llllrrll"))
 
 
@@ -84,4 +84,4 @@ def cache_clear(cache_dir):
     """Remove every cached base spectrum (they are recomputed when needed)."""
     c = _cache(cache_dir)
     n, size = c.clear()
-    click.echo(f"removed {n} files ({_size(size)}) from {c.root}")
+    emit(f"removed {n} files ({_size(size)}) from {c.root}")

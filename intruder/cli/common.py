@@ -1,12 +1,18 @@
-"""Shared CLI plumbing: one-line errors, quiet/debug flags, stderr chatter."""
+"""Shared CLI plumbing: one-line errors, quiet/debug flags, stderr chatter, stdout that fails
+cleanly, finite number options and the output-target gate."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import math
+import os
+import sys
 
 import click
 
-from ..errors import IntruderError
+from .. import exitcodes
+from ..errors import IntruderError, OutputError
 
 
 def echo_err(msg: str, quiet: bool = False) -> None:
@@ -40,18 +46,18 @@ def handle_errors(fn):
             term = isinstance(exc, Terminated)
             click.echo(f"{'Terminated' if term else 'Interrupted'}; no partial output was left "
                        f"behind.", err=True)
-            ctx.exit(143 if term else 130)
+            ctx.exit(exitcodes.TERMINATED if term else exitcodes.INTERRUPTED)
         except MemoryError:
             if debug:
                 raise
             click.echo("Error: out of memory; no partial output was left behind", err=True)
-            ctx.exit(1)
+            ctx.exit(exitcodes.ERROR)
         except RuntimeError as exc:  # torch reports a failed allocation as a RuntimeError
             if debug or not is_out_of_memory(exc):
                 raise
             click.echo(f"Error: out of memory ({_first_line(exc)}); no partial output was left "
                        f"behind", err=True)
-            ctx.exit(1)
+            ctx.exit(exitcodes.ERROR)
 
     return wrapper
 
@@ -82,11 +88,62 @@ def terminal_safe(text: str) -> str:
 
 
 def float_list(value: str, what: str) -> tuple:
-    """Parse '0.3,0.5' into floats; a usage error names the option."""
+    """Parse '0.3,0.5' into finite floats; a usage error names the option."""
     try:
         out = tuple(float(v) for v in str(value).split(",") if v.strip() != "")
     except ValueError:
         raise click.BadParameter(f"{what} must be a comma-separated list of numbers, got {value!r}")
     if not out:
         raise click.BadParameter(f"{what} is empty")
+    bad = [v for v in out if not math.isfinite(v)]
+    if bad:
+        raise click.BadParameter(f"{what} must hold finite numbers, got {bad[0]} in {value!r}")
     return out
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan, inf and values that overflow to inf (1e400)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+FINITE_FLOAT = FiniteFloat()
+
+
+def emit(text: str = "") -> None:
+    """Write a result to stdout. A stdout that cannot take it (a full disk, /dev/full, a reader
+    that went away: `| head`) gives one error line and a non-zero exit instead of a traceback;
+    the rest of the output is discarded so that the interpreter's final flush stays quiet."""
+    try:
+        click.echo(text)
+    except OSError as exc:
+        _discard_stdout()
+        err = OutputError(f"standard output: cannot write ({exc.strerror or exc}); the output "
+                          f"files, if any, are complete")
+        if exc.errno == errno.EPIPE:
+            err.exit_code = exitcodes.BROKEN_PIPE
+        raise err from None
+
+
+def _discard_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a test runner's stream
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass

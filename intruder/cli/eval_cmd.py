@@ -10,7 +10,8 @@ import click
 
 from .. import __version__
 from . import cli
-from .common import echo_err, handle_errors
+from .common import echo_err, emit, handle_errors
+from .hubopts import offline_option, resolve_model
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -23,10 +24,15 @@ def _device(ctx, param, value):
 
 
 @cli.command("eval")
-@click.argument("model", type=click.Path(exists=True))
+@click.argument("model", type=click.Path())
 @click.option("--eval", "specs", multiple=True, default=("wikitext",), show_default=True,
-              metavar="SPEC", help="Evaluator: wikitext, wikitext:PATH (wiki.test.raw) or task:PATH "
-              "(.json multiple choice, .txt held-out text). Repeatable.")
+              metavar="SPEC", help="Evaluator: wikitext[:PATH] (wiki.test.raw; lm-eval's metrics), "
+              "wikitext-sliding[:PATH] (adds the stride-512 token perplexity, about 8x the cost), "
+              "task:PATH (.json multiple choice, .txt held-out text), lm-eval:TASK[,TASK...] "
+              "(lm-evaluation-harness tasks). Repeatable.")
+@click.option("--lm-eval-include", "lm_eval_include", multiple=True,
+              type=click.Path(exists=True), metavar="DIR",
+              help="Folder (or YAML file) of lm-eval task configs for --eval lm-eval:TASK.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Only the first N documents / items / lines of each evaluator.")
 @click.option("--model-config", type=click.Path(exists=True, file_okay=False), default=None,
@@ -40,12 +46,16 @@ def _device(ctx, param, value):
               help="Tokens per window (default: the model's context length).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@offline_option
 @handle_errors
-def eval_cmd(model, specs, limit, model_config, device, dtype, max_length, as_json, quiet):
-    """Evaluate MODEL (HF directory or .safetensors file) on WikiText-2 and tasks.
+def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, max_length,
+             as_json, quiet):
+    """Evaluate MODEL (HF directory, .safetensors file, or hub ID org/name[@revision]) on
+    WikiText-2 and tasks.
 
     Every number names its protocol: `wikitext` gives lm-eval's word_perplexity,
-    byte_perplexity and bits_per_byte plus a sliding-window token_perplexity. WikiText data
+    byte_perplexity and bits_per_byte; `wikitext-sliding` adds a sliding-window
+    token_perplexity. WikiText data
     comes from wikitext:PATH, $INTRUDER_WIKITEXT (the wiki.test.raw file) or $INTRUDER_DATA_DIR
     (a folder holding wikitext-2-raw/wiki.test.raw).
 
@@ -55,9 +65,12 @@ def eval_cmd(model, specs, limit, model_config, device, dtype, max_length, as_js
       intruder eval scaled.safetensors --model-config base-dir/ --eval wikitext
       intruder eval model-dir/ --eval task:winogrande/test.json --json
     """
-    from ..evaluate import get_evaluator, load_model, run_evaluators
+    from ..evaluate import check_evaluators, get_evaluator, load_model, run_evaluators
 
-    evaluators = [get_evaluator(s) for s in specs]  # unknown names fail before the model loads
+    opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
+    evaluators = [get_evaluator(s, **opts) for s in specs]  # unknown names fail before loading
+    check_evaluators(evaluators, limit)  # ... and so does missing or unreadable data
+    model = resolve_model(model)
     echo_err(f"loading {model} ...", quiet)
     lm = load_model(model, model_config=model_config, device=device,
                     dtype=None if dtype == "auto" else dtype, max_length=max_length,
@@ -65,9 +78,9 @@ def eval_cmd(model, specs, limit, model_config, device, dtype, max_length, as_js
     echo_err(f"model on {lm.device} ({lm.dtype}), max length {lm.max_length}", quiet)
     results = run_evaluators(lm, evaluators, limit=limit, progress=not quiet)
     if as_json:
-        click.echo(json.dumps(_json_doc(model, lm, limit, results), indent=2))
+        emit(json.dumps(_json_doc(model, lm, limit, results), indent=2))
     else:
-        click.echo(format_table(results))
+        emit(format_table(results))
 
 
 def _json_doc(model, lm, limit, results) -> dict:

@@ -7,20 +7,25 @@ import json
 import click
 
 from . import cli
-from .common import handle_errors
+from .common import emit, handle_errors
+from .hubopts import offline_option
 
 
 @cli.command("layers")
-@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("checkpoint", type=click.Path(file_okay=True, dir_okay=True, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only scan targets.")
+@offline_option
 def layers_command(checkpoint, as_json, show_all):
     """List tensors of CHECKPOINT: name, shape, dtype, source file, LoRA rank/alpha.
+
+    CHECKPOINT may be a Hugging Face model ID, org/name or org/name@revision.
 
     \b
     Examples:
       intruder layers model-dir/
       intruder layers adapter-dir/ --json
+      intruder layers org/name@main
     """
     return _layers(checkpoint, as_json, show_all)
 
@@ -57,10 +62,12 @@ def _layers(checkpoint, as_json, show_all):
                 rows.append({"name": name, "shape": list(ref.shape), "dtype": ref.dtype,
                              "file": os.path.basename(ref.path), "scan_target": target})
     if as_json:
-        info = ck.info()
-        click.echo(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
+        info = ck.info(identity=False)
+        emit(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
                                "n_tensors": info.n_tensors, "bytes": info.bytes,
-                               "adapter": info.adapter, "tensors": rows}, indent=1))
+                               "adapter": info.adapter, "path": ck.path, "repo_id": info.repo_id,
+                               "revision": info.revision, "commit": info.commit,
+                               "tensors": rows}, indent=1))
         return
     if ck.kind == "adapter":
         table = format_table(["module", "dW shape", "dtype", "file", "r", "alpha", "scaling", "extra"],
@@ -74,6 +81,6 @@ def _layers(checkpoint, as_json, show_all):
                              [[r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["file"]]
                               + (["yes" if r["scan_target"] else "no"] if show_all else [])
                               for r in rows])
-    click.echo(table)
+    emit(table)
     click.echo(f"{len(rows)} {'modules' if ck.kind == 'adapter' else 'tensors'} listed; "
                f"{ck.kind} checkpoint with {len(ck.refs)} tensors", err=True)

@@ -7,25 +7,26 @@ import sys
 
 import click
 
+from ..io.targets import Target, check_targets, create_parents, remove_dirs
 from . import cli
 from .common import echo_err, handle_errors
 
 
 @cli.command("report")
 @click.argument("scan_json", required=False, default="intruder-scan.json",
-                type=click.Path(dir_okay=False))
+                type=click.Path(dir_okay=False, readable=False))
 @click.option("-o", "--output", default="intruder-audit.html", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the HTML audit.")
-@click.option("--scale-results", type=click.Path(dir_okay=False), default=None,
+@click.option("--scale-results", type=click.Path(dir_okay=False, readable=False), default=None,
               help="scale-results.json of an `intruder scale --eval` run: adds the trade-off plot "
                    "and table.")
 @click.option("--similarity/--no-similarity", default=None,
               help="Recompute the similarity heatmaps from the checkpoints (default: only when "
                    "they are at their scanned paths, unchanged, and the chosen matrices are at "
                    "most 2048 on their short side).")
-@click.option("--base", "base_path", type=click.Path(), default=None,
+@click.option("--base", "base_path", type=click.Path(readable=False), default=None,
               help="Where the base checkpoint is now, if it moved since the scan.")
-@click.option("--tuned", "tuned_path", type=click.Path(), default=None,
+@click.option("--tuned", "tuned_path", type=click.Path(readable=False), default=None,
               help="Where the tuned checkpoint is now, if it moved since the scan.")
 @click.option("--layers", "n_affected", default=3, show_default=True, type=click.IntRange(1, 12),
               help="How many of the most affected matrices get a similarity heatmap.")
@@ -46,7 +47,6 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
       intruder report scan.json --scale-results out/scale-results.json --similarity
       intruder report scan.json --base /models/base --tuned /models/ft -o audit.html
     """
-    from ..io.atomic import check_output
     from ..report.html import write_html
     from ..report.schema import load_report
 
@@ -54,14 +54,17 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
     # a scan run elsewhere recorded paths relative to its own directory: try beside the JSON too
     base_path = base_path or _beside(report.base.path, scan_json)
     tuned_path = tuned_path or _beside(report.tuned.path, scan_json)
-    inputs = [scan_json] + [p for p in (scale_results, base_path, tuned_path) if p]
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent) and not os.path.exists(parent):
-        os.makedirs(parent, exist_ok=True)
-    check_output(output, inputs)
-    info = write_html(report, output, scale_results=scale_results, similarity=similarity,
-                      base_path=base_path, tuned_path=tuned_path, n_affected=n_affected,
-                      command=" ".join(["intruder"] + sys.argv[1:]))
+    recorded = [p for p in (report.base.path, report.tuned.path) if p and os.path.exists(p)]
+    inputs = [scan_json] + [p for p in (scale_results, base_path, tuned_path) if p] + recorded
+    check_targets([Target(output, "-o", make_parents=True)], inputs)
+    made = create_parents(output)
+    try:
+        info = write_html(report, output, scale_results=scale_results, similarity=similarity,
+                          base_path=base_path, tuned_path=tuned_path, n_affected=n_affected,
+                          command=" ".join(["intruder"] + sys.argv[1:]))
+    except BaseException:  # a failure leaves no empty folders behind
+        remove_dirs(made)
+        raise
     echo_err(f"HTML audit written to {output} ({info.bytes / 1e3:.0f} kB, {info.figures} "
              f"figures; similarity heatmaps {info.similarity})", quiet)
 

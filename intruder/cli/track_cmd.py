@@ -7,11 +7,12 @@ import sys
 
 import click
 
+from ..exitcodes import INTRUDERS as EXIT_INTRUDERS
+from ..exitcodes import MARGIN as EXIT_MARGIN
+from ..io.targets import Target, check_targets
 from . import cli
-from .common import echo_err, float_list, handle_errors
-
-EXIT_INTRUDERS = 3
-EXIT_MARGIN = 4
+from .common import FINITE_FLOAT, echo_err, emit, float_list, handle_errors, terminal_safe
+from .hubopts import offline_option, report_base_check, strict_base_option
 
 
 def _common(fn):
@@ -33,10 +34,10 @@ def _common(fn):
                      help="Also write a self-contained HTML page (tables and plots)."),
         click.option("--fail-on-intruders", is_flag=True,
                      help=f"Exit {EXIT_INTRUDERS} when any checkpoint has an intruder (vs base)."),
-        click.option("--fail-on-margin", type=float, default=None, metavar="COS",
+        click.option("--fail-on-margin", type=FINITE_FLOAT, default=None, metavar="COS",
                      help=f"Exit {EXIT_MARGIN} when a matrix's lowest max|cos| lies within COS of "
                           f"epsilon (see `intruder scan --help`)."),
-        click.option("--fail-on-strength", type=float, default=None, metavar="X",
+        click.option("--fail-on-strength", type=FINITE_FLOAT, default=None, metavar="X",
                      help=f"Exit {EXIT_MARGIN} when a matrix's novel strength reaches X."),
         click.option("--allow-nonfinite", is_flag=True, help="Skip layers with NaN/Inf."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or chatter on stderr."),
@@ -47,11 +48,13 @@ def _common(fn):
 
 
 @cli.command("track")
-@click.argument("base", type=click.Path())
-@click.argument("steps", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("steps", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-track.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
+@strict_base_option
+@offline_option
 def track_command(base, steps, output, **kw):
     """Follow intruders along sequential fine-tunes (continual learning).
 
@@ -71,11 +74,13 @@ def track_command(base, steps, output, **kw):
 
 
 @cli.command("compare")
-@click.argument("base", type=click.Path())
-@click.argument("finetunes", nargs=-1, required=True, type=click.Path())
+@click.argument("base", type=click.Path(readable=False))
+@click.argument("finetunes", nargs=-1, required=True, type=click.Path(readable=False))
 @click.option("-o", "--output", default="intruder-compare.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where to write the JSON document.")
 @_common
+@strict_base_option
+@offline_option
 def compare_command(base, finetunes, output, **kw):
     """Compare many fine-tunes of one base side by side, with a provenance verdict each.
 
@@ -97,8 +102,8 @@ def compare_command(base, finetunes, output, **kw):
 @handle_errors
 def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, device, cache_dir,
          no_cache, as_json, html, fail_on_intruders, fail_on_margin, fail_on_strength,
-         allow_nonfinite, quiet):
-    from ..io.atomic import check_output, write_text
+         allow_nonfinite, quiet, strict_base=False):
+    from ..io.atomic import write_text
     from ..track import dumps, run_compare, run_track
     from ..types import ScanConfig
     from ..report.track_table import track_table
@@ -111,23 +116,28 @@ def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, d
                         exclude=exclude, device=device, allow_nonfinite=allow_nonfinite,
                         cache_dir=None if no_cache else cache_dir)
     inputs = [base, *paths]
-    check_output(output, inputs)
-    if html:
-        check_output(html, inputs)
+    check_targets([Target(output, "-o"), Target(html, "--html") if html else None], inputs)
     runner = run_track if mode == "track" else run_compare
     tr = runner(base, list(paths), config, progress=not quiet and not as_json,
-                command=" ".join(["intruder"] + sys.argv[1:]))
+                command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
+    from ..spectral.multi import is_primary
+
+    if not is_primary():  # torchrun: rank 0 writes and prints the document
+        return
+    for e in tr.entries:
+        report_base_check(e.vs_base.tuned, quiet)
     text = dumps(tr)
     write_text(output, text + "\n")
-    if as_json:
-        click.echo(text)
-    else:
-        click.echo(track_table(tr))
-        echo_err(f"{mode} written to {output}", quiet)
     if html:
         from ..report.track_view import write_track_html
 
         write_track_html(tr, html)
+    if as_json:
+        emit(text)
+    else:
+        emit(terminal_safe(track_table(tr)))
+        echo_err(f"{mode} written to {output}", quiet)
+    if html:
         echo_err(f"HTML page written to {html}", quiet)
     code = fail_code([e.vs_base for e in tr.entries], fail_on_intruders, fail_on_margin,
                      fail_on_strength)

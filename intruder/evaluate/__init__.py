@@ -1,8 +1,11 @@
 """Evaluators: WikiText-2 perplexity (lm-eval protocol) and task accuracy / held-out loss.
 
-Specs name an evaluator and optionally its data: `wikitext`, `wikitext:PATH`, `task:PATH`.
-Each evaluator has `.name` and `.evaluate(lm, limit=None, progress=True) -> list[EvalResult]`,
-where `lm` is a LoadedModel from `load_model`. Library entry point for other commands:
+Specs name an evaluator and optionally its data: `wikitext`, `wikitext:PATH`,
+`wikitext-sliding[:PATH]` (adds the 8x dearer sliding-window token perplexity), `task:PATH`,
+`lm-eval:TASK[,TASK...]` (lm-evaluation-harness tasks on the loaded model). Each evaluator has
+`.name`, `.evaluate(lm, limit=None, progress=True) -> list[EvalResult]`, where `lm` is a
+LoadedModel from `load_model`, and `.check(limit)`, which finds and reads its data (sweeps call
+it before any model work). Library entry point for other commands:
 
     results = evaluate_model("out/model.safetensors", ["wikitext"], model_config="base-dir/")
 
@@ -12,13 +15,14 @@ Heavy imports (torch, transformers) happen only when a model is loaded or scored
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from ..errors import EvalError
 from ..types import EvalResult
 
-__all__ = ["EVALUATORS", "EvalResult", "available", "evaluate_model", "get_evaluator",
-           "load_model", "register", "run_evaluators"]
+__all__ = ["EVALUATORS", "EvalResult", "available", "check_evaluators", "evaluate_model",
+           "get_evaluator", "load_model", "register", "run_evaluators"]
 
 
 def _wikitext(arg: Optional[str]):
@@ -27,10 +31,16 @@ def _wikitext(arg: Optional[str]):
     return WikitextEvaluator(path=arg or None)
 
 
-def _wikitext_lmeval(arg: Optional[str]):
-    from .wikitext import WikitextEvaluator
+def _wikitext_sliding(arg: Optional[str]):
+    from .wikitext import DEFAULT_STRIDE, WikitextEvaluator
 
-    return WikitextEvaluator(path=arg or None, stride=None)
+    return WikitextEvaluator(path=arg or None, stride=DEFAULT_STRIDE)
+
+
+def _lm_eval(arg: Optional[str], lm_eval_include: Sequence[str] = (), **_):
+    from .lmeval import LmEvalEvaluator
+
+    return LmEvalEvaluator(arg or "", include=lm_eval_include)
 
 
 def _task(arg: Optional[str]):
@@ -45,9 +55,10 @@ def _task(arg: Optional[str]):
 # name -> (factory(arg or None) -> evaluator, usage shown in messages)
 EVALUATORS: Dict[str, tuple] = {
     "wikitext": (_wikitext, "wikitext[:PATH]"),
-    # the lm-eval metrics alone, without the sliding-window token perplexity (about 2x faster)
-    "wikitext-lmeval": (_wikitext_lmeval, "wikitext-lmeval[:PATH]"),
+    # plus token_perplexity from the stride-512 sliding pass (about max_length/512 x the cost)
+    "wikitext-sliding": (_wikitext_sliding, "wikitext-sliding[:PATH]"),
     "task": (_task, "task:PATH"),
+    "lm-eval": (_lm_eval, "lm-eval:TASK[,TASK...]"),
 }
 
 
@@ -61,11 +72,14 @@ def available() -> List[str]:
     return [usage for _, usage in EVALUATORS.values()]
 
 
-def get_evaluator(spec: str):
-    """Build the evaluator a spec names: 'wikitext', 'wikitext:PATH' or 'task:PATH'."""
+def get_evaluator(spec: str, **options):
+    """Build the evaluator a spec names: 'wikitext', 'wikitext:PATH', 'task:PATH',
+    'lm-eval:hellaswag,arc_easy' ... `options` go to factories that take them
+    (lm_eval_include: folders of lm-eval task YAML files)."""
     spec = (spec or "").strip()
     name, sep, arg = spec.partition(":")
     key = name.strip().lower()
+    key = key if key in EVALUATORS else _ALIASES.get(key, key)
     if key not in EVALUATORS:
         close = difflib.get_close_matches(key, list(EVALUATORS), n=1, cutoff=0.5)
         msg = f"unknown evaluator {name!r}"
@@ -73,16 +87,38 @@ def get_evaluator(spec: str):
             msg += f"; did you mean {close[0]!r}?"
         raise EvalError(f"{msg} (available: {', '.join(available())})")
     factory, _ = EVALUATORS[key]
-    return factory(arg.strip() if sep else None)
+    return factory(arg.strip() if sep else None, **_accepted(factory, options))
+
+
+_ALIASES = {"wikitext-lmeval": "wikitext"}  # earlier name of the lm-eval metrics alone
+
+
+def _accepted(factory, options: dict) -> dict:
+    """The options a factory takes (registered factories may take none)."""
+    if not options:
+        return {}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
+def check_evaluators(evaluators: Sequence[object], limit: Optional[int] = None) -> List[str]:
+    """Find and read every evaluator's data now; one line per evaluator saying what it will
+    score. A missing or unreadable file fails here, before any model is rescaled or loaded."""
+    return [ev.check(limit) if hasattr(ev, "check") else ev.name for ev in evaluators]
 
 
 def load_model(path, model_config=None, device: str = "auto", dtype=None, max_length=None,
-               progress: bool = True):
+               progress: bool = True, device_map: Optional[str] = None):
     """Load a model for evaluation; see intruder.evaluate.model.load_model."""
     from .model import load_model as _load
 
     return _load(path, model_config=model_config, device=device, dtype=dtype,
-                 max_length=max_length, progress=progress)
+                 max_length=max_length, progress=progress, device_map=device_map)
 
 
 def run_evaluators(lm, evaluators: Sequence[Union[str, object]], limit: Optional[int] = None,

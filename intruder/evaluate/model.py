@@ -109,7 +109,8 @@ def context_length(config: Any, tokenizer: Any = None) -> int:
 
 def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] = None,
                device: str = "auto", dtype: Optional[str] = None,
-               max_length: Optional[int] = None, progress: bool = True) -> LoadedModel:
+               max_length: Optional[int] = None, progress: bool = True,
+               device_map: Optional[str] = None) -> LoadedModel:
     """Load MODEL (HF dir, weights dir, or .safetensors file) for scoring; never touches the network.
 
     Args:
@@ -118,6 +119,8 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
         dtype: None/'auto', 'float32', 'bfloat16' or 'float16'.
         max_length: tokens per forward pass; defaults to the config's context length.
         progress: False silences transformers' weight-loading progress bar.
+        device_map: "auto" shards the model over every visible GPU (accelerate), for a model
+            larger than one GPU; `device` is then ignored.
     """
 
     p = Path(path).expanduser()
@@ -155,11 +158,14 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
         hf_logging.disable_progress_bar()
     try:
         if weight_files is None:
+            extra = {"device_map": device_map} if device_map else {}
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(model_dir), config=config, dtype=torch_dtype, local_files_only=True)
+                str(model_dir), config=config, dtype=torch_dtype, local_files_only=True, **extra)
         else:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
             _load_weights(model, weight_files, p)
+            if device_map:
+                model = _dispatch(model)
     except EvalError:
         raise
     except Exception as exc:
@@ -167,7 +173,10 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
     finally:
         if bars_were_on and not progress:
             hf_logging.enable_progress_bar()
-    model.to(dev)
+    if device_map:
+        dev = str(model.device)  # where the input embeddings live
+    else:
+        model.to(dev)
     model.eval()
 
     if max_length is None:
@@ -176,6 +185,18 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
         raise EvalError(f"max length must be at least 2 tokens, got {max_length}")
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, max_length=int(max_length),
                        path=str(p), dtype=str(torch_dtype).replace("torch.", ""))
+
+
+def _dispatch(model: Any) -> Any:
+    """Spread a model loaded on the CPU over the visible GPUs (accelerate's balanced map)."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+    except ImportError as exc:
+        raise EvalError("sharding a model over GPUs needs accelerate: pip install 'intruder[shard]'") from exc
+    no_split = getattr(model, "_no_split_modules", None) or []
+    device_map = infer_auto_device_map(model, no_split_module_classes=list(no_split),
+                                       dtype=next(model.parameters()).dtype)
+    return dispatch_model(model, device_map=device_map)
 
 
 def _import_transformers():

@@ -31,7 +31,6 @@ next-token accuracy.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from ..errors import EvalError
+from ..io.jsonfile import read_json, read_jsonl
 from ..types import EvalResult
 from .scoring import rolling_windows, score_requests
 
@@ -169,12 +169,8 @@ def _label_index(answer, k: int, word: Optional[str], where: str) -> int:
 
 def load_choice_items(path: Path, limit: Optional[int] = None) -> List[ChoiceItem]:
     """Read and parse a JSON (list) or JSONL multiple-choice file."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-        data = ([json.loads(ln) for ln in raw.splitlines() if ln.strip()]
-                if path.suffix == ".jsonl" else json.loads(raw))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvalError(f"cannot read task file {path}: {exc}") from exc
+    reader = read_jsonl if path.suffix == ".jsonl" else read_json
+    data = reader(str(path), EvalError, "task file", max_bytes=None)  # capped, strict, one line
     if not isinstance(data, list) or not data:
         raise EvalError(f"task file {path} must hold a non-empty JSON list of items")
     data = data[:limit] if limit else data
@@ -197,6 +193,19 @@ class TaskEvaluator:
             raise EvalError(f"task file {self.path} must be .json/.jsonl (multiple choice) or .txt (text)")
         self.name = f"task:{task_name(self.path)}"
         self.batch_size = batch_size
+
+    def check(self, limit: Optional[int] = None) -> str:
+        """Read and parse the file now (before any model work); returns what will be scored."""
+        if self.path.suffix == ".txt":
+            try:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EvalError(f"cannot read {self.path}: {exc}") from exc
+            if not any(ln.strip() for ln in lines[:limit]):
+                raise EvalError(f"{self.path} has no text to score")
+            return f"{self.name}: {len(lines[:limit])} lines of held-out text"
+        items = load_choice_items(self.path, limit)
+        return f"{self.name}: {len(items)} multiple-choice items"
 
     def evaluate(self, lm, limit: Optional[int] = None, progress: bool = True) -> List[EvalResult]:
         """Score the first `limit` items (or lines of a .txt file)."""

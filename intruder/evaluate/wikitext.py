@@ -6,9 +6,11 @@ Two protocols, reported under different metric names and never mixed:
   tokenized without special tokens, and scored as rolling log-likelihood in disjoint windows of
   the model's max length, the first window conditioned on BOS (else EOS). The summed
   log-likelihoods are normalised by words and UTF-8 bytes of the ORIGINAL article text.
-* transformers perplexity guide (`token_perplexity`): the line-level test rows joined with
-  "\\n\\n", tokenized as the guide does (tokenizer defaults), scored with windows of max length and
-  stride 512; perplexity per scored token.
+* transformers perplexity guide (`token_perplexity`, only with `--eval wikitext-sliding`): the
+  line-level test rows joined with "\\n\\n", tokenized as the guide does (tokenizer defaults),
+  scored with windows of max length and stride 512; perplexity per scored token. Each window
+  re-reads max_length - 512 tokens of context, so this pass costs about max_length / 512 times
+  the rolling pass (8x at 4096): opt-in for that reason.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ class WikitextEvaluator:
 
     name = "wikitext"
 
-    def __init__(self, path: Optional[str] = None, stride: Optional[int] = DEFAULT_STRIDE,
+    def __init__(self, path: Optional[str] = None, stride: Optional[int] = None,
                  batch_size: Optional[int] = None, limit: Optional[int] = None):
         """Args:
             path: wiki.test.raw (or a folder holding it); None looks in the environment.
-            stride: sliding-window stride for token_perplexity; None skips that metric.
+            stride: sliding-window stride for token_perplexity (DEFAULT_STRIDE is the guide's);
+                None (the default) skips that metric.
             limit: articles scored when evaluate() is given no limit of its own (None: all).
         """
         self.path = path
@@ -45,6 +48,12 @@ class WikitextEvaluator:
         if self._corpus is None:
             self._corpus = load_wikitext(self.path)
         return self._corpus
+
+    def check(self, limit: Optional[int] = None) -> str:
+        """Find and read the data now (before any model work); returns what will be scored."""
+        corpus = self.corpus()
+        n = min(limit or len(corpus.documents), len(corpus.documents))
+        return f"{self.name}: {n} of {len(corpus.documents)} articles from {corpus.source}"
 
     def evaluate(self, lm, limit: Optional[int] = None, progress: bool = True) -> List[EvalResult]:
         """Score the first `limit` articles (all when None) and return the four metrics."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from typing import Iterable, Iterator
 
 from ..errors import OutputError
+from .targets import ANY, Target, check_targets, file_kind
 
 
 def _umask() -> int:
@@ -22,27 +24,24 @@ def _ordinary_mode(path: str, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
-def _real(p: str) -> str:
-    return os.path.realpath(os.path.abspath(p))
+def check_output(path: str, inputs: Iterable[str] = (), what: str = "output",
+                 kind: str = ANY) -> str:
+    """One output (a file or a directory written whole): refused when it is an input (by path or
+    inode), lies inside an input directory, or exists and is a link, FIFO, device or socket
+    (intruder.io.targets); return its real path."""
+    return check_targets([Target(path, what, kind)], inputs)[0]
 
 
-def check_output(path: str, inputs: Iterable[str] = ()) -> str:
-    """Refuse an output path that is an input, lies inside an input directory, or contains one."""
-    out = _real(path)
-    for inp in inputs:
-        if not inp:
-            continue
-        src = _real(inp)
-        if out == src:
-            raise OutputError(f"{path}: output would overwrite the input {inp}")
-        if os.path.isdir(src) and os.path.commonpath([src, out]) == src:
-            raise OutputError(f"{path}: output would be written inside the input directory {inp}")
-    parent = os.path.dirname(out) or "."
-    if not os.path.isdir(parent):
-        raise OutputError(f"{path}: directory {os.path.dirname(path) or '.'} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{path}: directory {os.path.dirname(path) or '.'} is not writable")
-    return out
+def _refuse_special(path: str, want_dir: bool) -> None:
+    """Last check before the rename: never replace a link, FIFO, device or socket (nor a file with
+    a directory, or a directory with a file), whatever appeared since the up-front check."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)
+    if not ok:
+        raise OutputError(f"{path}: is {file_kind(st.st_mode)}; refusing to replace it")
 
 
 @contextlib.contextmanager
@@ -56,12 +55,15 @@ def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror})")
     try:
-        with os.fdopen(fd, mode) as fh:
+        # text: UTF-8 whatever the locale (LANG=C), a name that is not valid Unicode escaped
+        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "backslashreplace"}
+        with os.fdopen(fd, mode, **text) as fh:
             yield fh
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
         _ordinary_mode(tmp, is_dir=False)
+        _refuse_special(path, want_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -88,6 +90,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     try:
         yield tmp
         _ordinary_mode(tmp, is_dir=True)
+        _refuse_special(path, want_dir=True)
         if os.path.isdir(path):
             old = tmp + ".old"
             os.replace(path, old)

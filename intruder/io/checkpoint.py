@@ -1,5 +1,5 @@
-"""Checkpoint index: a single .safetensors file, a (sharded) Hugging Face directory, a PyTorch
-state dict (weights_only), or a PEFT adapter directory. Tensors are read lazily, one at a time.
+"""Checkpoint index: a single .safetensors file, a (sharded) Hugging Face directory, a GGUF file, a
+PyTorch state dict (weights_only), or a PEFT adapter directory. Tensors are read lazily, one at a time.
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ import re
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import AdapterError, CheckpointError
 from ..types import CheckpointInfo, TensorRef
+from . import hub
+from . import identity as ident
+from .dequant import attach_storage
 from .jsonfile import read_json
-from .safetensors_file import DTYPES, SafetensorsFile, check_regular_file
+from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -30,11 +33,14 @@ class Checkpoint:
     """Names, shapes and dtypes of every tensor, and where each one lives; no data held."""
 
     path: str
-    kind: str  # safetensors | sharded | directory | pickle | adapter
+    kind: str  # safetensors | sharded | directory | pickle | adapter | gguf
     refs: Dict[str, TensorRef]
     files: List[str]
     adapter: Optional[object] = None  # intruder.io.adapter.Adapter for kind == adapter
     metadata: Dict[str, str] = field(default_factory=dict)
+    # GGUF: our name of a tensor -> the other Hugging Face spellings of it (io/gguf.py); pairing
+    # renames to the one the other checkpoint uses
+    aliases: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     _open: Dict[str, object] = field(default_factory=dict, repr=False)
 
     def read(self, name: str):
@@ -44,20 +50,64 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return read_ref(ref, self._open)
 
-    def info(self) -> CheckpointInfo:
-        h = hashlib.sha256()
-        total = 0
-        for name in sorted(self.refs):
-            r = self.refs[name]
-            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
-        for f in self.files:
-            size = os.path.getsize(f)
-            total += size
-            h.update(f"{os.path.basename(f)}|{size}\n".encode())
+    source: Optional[object] = None  # intruder.io.hub.ResolvedSource for a hub ID
+
+    def identity_files(self) -> List[str]:
+        """Files whose bytes make the checkpoint: the weights, and an adapter's config."""
+        extra = []
+        if self.kind == "adapter":
+            extra = [os.path.join(self.path, "adapter_config.json")]
+        return list(self.files) + extra
+
+    def info(self, identity: bool = True) -> CheckpointInfo:
+        """Identity for reports; identity=False skips the sha256 of the files."""
+        total = sum(os.path.getsize(f) for f in self.files)
         adapter = self.adapter.summary() if self.adapter is not None else None
+        files, content = (), None
+        if identity:
+            files = tuple(ident.file_identities(self.identity_files(), self.path))
+            content = ident.content_hash([f["sha256"] for f in files])
+        src = self.source
+        if src is not None:
+            repo_id, revision, commit = src.repo_id, src.revision, src.commit
+        else:  # a path inside the hub cache still names its repository and commit
+            repo_id, commit = hub.identify_snapshot(self.path) or (None, None)
+            revision = None
         return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
                               bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
-                              fingerprint=h.hexdigest()[:16], adapter=adapter)
+                              fingerprint=(content or self.header_fingerprint())[:16],
+                              adapter=adapter, sha256=content, files=files, repo_id=repo_id,
+                              revision=revision, commit=commit)
+
+    def header_fingerprint(self) -> str:
+        """Reports before schema 1.2: sha256 of tensor names, dtypes, shapes and file sizes."""
+        h = hashlib.sha256()
+        for name in sorted(self.refs):
+            r = self.refs[name]
+            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode("utf-8", "surrogatepass"))
+        for f in self.files:
+            # file names are bytes to the system; fsencode keeps non-UTF-8 names hashable
+            h.update(os.fsencode(os.path.basename(f)) + f"|{os.path.getsize(f)}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _handle(path: str, cache: Dict[str, object]):
+    handle = cache.get(path)
+    if handle is None:
+        mem = MEMORY.get(path)
+        if mem is not None:
+            handle = mem.store
+        elif path.endswith(".safetensors"):
+            handle = SafetensorsFile(path)
+        elif path.endswith(".gguf"):
+            from .gguf import GGUFFile
+
+            handle = GGUFFile(path)
+        else:
+            handle = _PickleFile(path)
+        cache.clear()  # keep one file open at a time
+        cache[path] = handle
+    return handle
 
 
 # in-memory checkpoints (intruder.io.memory), by their `<memory N: label>` path; held weakly
@@ -65,26 +115,39 @@ MEMORY: "weakref.WeakValueDictionary[str, Checkpoint]" = weakref.WeakValueDictio
 
 
 def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
-    """Read the tensor a TensorRef points at. `cache` keeps parsed headers (not data) per file."""
+    """Read the tensor a TensorRef points at, decoded to float when it is stored quantized
+    (io/dequant.py, io/gguf.py). `cache` keeps parsed headers (not data) per file."""
     cache = {} if cache is None else cache
-    handle = cache.get(ref.path)
-    if handle is None:
-        mem = MEMORY.get(ref.path)
-        if mem is not None:
-            handle = mem.store
-        elif ref.path.endswith(".safetensors"):
-            handle = SafetensorsFile(ref.path)
-        else:
-            handle = _PickleFile(ref.path)
-        cache.clear()  # keep one file open at a time
-        cache[ref.path] = handle
+    if ref.storage is not None and not ref.path.endswith(".gguf"):
+        from .dequant import decode
+
+        return decode(ref, lambda r: read_stored_bytes(r, cache), lambda r: read_ref(r, cache))
+    handle = _handle(ref.path, cache)
     if ref.name not in handle.entries:
         raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
+    if ref.path.endswith(".gguf"):
+        return handle.read(ref.name, ref.storage)
     return handle.read(ref.name)
 
 
-def open_checkpoint(path: str, allow_adapter: bool = True) -> Checkpoint:
-    """Index a checkpoint at `path` without reading tensor data."""
+def read_stored_bytes(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
+    """A tensor's stored bytes as a flat uint8 torch tensor (for decoders)."""
+    import torch
+
+    cache = {} if cache is None else cache
+    handle = _handle(ref.path, cache)
+    if ref.name not in handle.entries:
+        raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
+    if isinstance(handle, SafetensorsFile):
+        data = bytearray(handle.raw_bytes(ref.name))
+        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return handle.read(ref.name).contiguous().reshape(-1).view(torch.uint8)
+
+
+def open_checkpoint(path: str, allow_adapter: bool = True,
+                    offline: Optional[bool] = None) -> Checkpoint:
+    """Index a checkpoint at `path` (or a hub ID `org/name[@revision]`, intruder.io.hub) without
+    reading tensor data. offline: None follows HF_HUB_OFFLINE / --offline."""
     p = os.fspath(path)
     mem = MEMORY.get(p)
     if mem is not None:
@@ -92,6 +155,11 @@ def open_checkpoint(path: str, allow_adapter: bool = True) -> Checkpoint:
             raise CheckpointError(f"{p}: is a PEFT model; it can only be the TUNED side "
                                   f"(give the base model as BASE)")
         return mem
+    if not os.path.lexists(p) and hub.parse(p) is not None:  # a local path always wins
+        src = hub.resolve(p, offline=offline)
+        ck = open_checkpoint(src.path, allow_adapter)
+        ck.source = src
+        return ck
     if not os.path.lexists(p):
         raise CheckpointError(f"{p}: no such file or directory")
     if os.path.isdir(p):
@@ -99,12 +167,16 @@ def open_checkpoint(path: str, allow_adapter: bool = True) -> Checkpoint:
     check_regular_file(p)
     if p.endswith(".safetensors"):
         return _from_safetensors(p, [p], "safetensors")
+    if p.endswith(".gguf"):
+        from .gguf import open_gguf
+
+        return open_gguf(p)
     if p.endswith(PICKLE_SUFFIXES):
         return _from_pickle(p, [p])
     if p.endswith(".json"):
         raise CheckpointError(f"{p}: give the directory holding this JSON file, not the file")
-    raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors, .bin, .pt, "
-                          f"or a model / adapter directory)")
+    raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors, .gguf, .bin, "
+                          f".pt, or a model / adapter directory)")
 
 
 def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
@@ -139,30 +211,51 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
         if os.path.lexists(os.path.join(d, name)):
             return _from_pickle(d, [_inside(d, name, d)])
+    ggufs = [f for f in listing if f.endswith(".gguf")]
+    if ggufs:
+        from .gguf import open_gguf_dir
+
+        return open_gguf_dir(d, [_inside(d, f, d) for f in ggufs])
     raise CheckpointError(f"{d}: directory holds no weights (no model.safetensors, "
                           f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
 
 
-def _allowed_roots(root: str) -> List[str]:
+def _allowed_roots(root: str) -> Tuple[List[str], str]:
     """The model directory, plus the blob store when it is a Hugging Face cache snapshot
-    (<repo>/snapshots/<revision>/ whose files are symlinks into <repo>/blobs/)."""
+    (<repo>/snapshots/<revision>/ whose files are symlinks into <repo>/blobs/); and why a blob
+    store was not trusted ("" if there is none). `root` is already resolved. The blob store is
+    trusted only as a real folder inside the repository folder: `blobs -> /` would otherwise let
+    a snapshot link reach any file on the machine."""
     roots = [root]
-    if os.path.basename(os.path.dirname(root)) == "snapshots":
-        blobs = os.path.join(os.path.dirname(os.path.dirname(root)), "blobs")
-        if os.path.isdir(blobs):
-            roots.append(os.path.realpath(blobs))
-    return roots
+    if os.path.basename(os.path.dirname(root)) != "snapshots":
+        return roots, ""
+    repo = os.path.dirname(os.path.dirname(root))
+    blobs = os.path.join(repo, "blobs")
+    if os.path.islink(blobs):
+        return roots, f"{blobs} is a symlink, so the snapshot's blob store is not trusted"
+    if not os.path.isdir(blobs):
+        return roots, ""
+    real = os.path.realpath(blobs)
+    if os.path.commonpath([repo, real]) != repo:  # cannot happen below a resolved root; kept
+        return roots, f"{blobs} resolves outside {repo}, so it is not trusted"
+    roots.append(real)
+    return roots, ""
 
 
 def _inside(d: str, rel: str, what: str) -> str:
     """Resolve rel inside directory d; refuse paths or symlinks that leave it."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\x00" in rel:
         raise CheckpointError(f"{what}: shard path {rel!r} must be a relative file name")
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file can have that name
+        raise CheckpointError(f"{what}: shard path {rel!r} is not a valid file name")
     root = os.path.realpath(d)
     full = os.path.realpath(os.path.join(d, rel))
-    if not any(os.path.commonpath([r, full]) == r for r in _allowed_roots(root)):
+    roots, distrust = _allowed_roots(root)
+    if not any(os.path.commonpath([r, full]) == r for r in roots):
         raise CheckpointError(f"{what}: {rel!r} resolves to {full}, outside the model "
-                              f"directory {root}; refused")
+                              f"directory {root}; refused" + (f" ({distrust})" if distrust else ""))
     if not os.path.exists(full):
         raise CheckpointError(f"{what}: names {rel!r}, which does not exist")
     # the name, not the resolved target: a Hugging Face cache blob has no .safetensors suffix
@@ -210,7 +303,20 @@ def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
                 raise CheckpointError(f"{f}: tensor {name!r} also appears in "
                                       f"{os.path.basename(refs[name].path)}")
             refs[name] = TensorRef(f, name, e.shape, e.dtype)
+    refs = attach_storage(refs, _model_config(path))
     return Checkpoint(path, kind, refs, files, metadata=metadata)
+
+
+def _model_config(path: str) -> Optional[dict]:
+    """config.json of a model directory (for quantization_config), or None; never an error."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(cfg):
+        return None
+    try:
+        doc = _load_json(cfg)
+    except CheckpointError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _unpickle_reason(exc: Exception) -> str:
@@ -266,6 +372,8 @@ class _PickleFile:
         self.entries = {}
         for k, v in sd.items():
             if isinstance(k, str) and isinstance(v, torch.Tensor):
+                if not _valid_unicode(k):
+                    raise CheckpointError(f"{path}: tensor name {k!r} is not valid Unicode")
                 dt = _TORCH_TO_ST.get(str(v.dtype).replace("torch.", ""))
                 if dt is None:
                     raise CheckpointError(f"{path}: tensor {k!r}: unsupported dtype {v.dtype}")
@@ -289,4 +397,5 @@ def _from_pickle_kind(path: str, files: Iterable[str], kind: str) -> Checkpoint:
                                       f"{os.path.basename(refs[name].path)}")
             dt = _TORCH_TO_ST[str(t.dtype).replace("torch.", "")]
             refs[name] = TensorRef(f, name, tuple(t.shape), dt)
+    refs = attach_storage(refs, _model_config(path))
     return Checkpoint(path, "pickle" if kind == "pickle" else kind, refs, list(files))

@@ -50,6 +50,9 @@ class MemoryCheckpoint(Checkpoint):
 
     store: Optional[_Store] = None
 
+    def identity_files(self):
+        return []  # no files: the identity is the tensors' names, dtypes and shapes
+
     def info(self, identity: bool = True) -> CheckpointInfo:
         """Identity for reports: names, dtypes and shapes (no file to hash)."""
         h = hashlib.sha256()

@@ -11,11 +11,26 @@ from ..types import LayerPair, TensorRef
 from .checkpoint import Checkpoint
 
 PEFT_PREFIX = "base_model.model."
-# 2-D weights that are not linear projections: skipped unless --include selects them
-_NOT_LINEAR = re.compile(
-    r"(^|\.)(embed_tokens|embed_positions|embeddings?|word_embeddings|position_embeddings|"
-    r"token_type_embeddings|wte|wpe|shared|lm_head|embed_out|output_embeddings)(\.|$)"
-    r"|(^|\.)(\w*norm\w*|ln_\w+|ln_f)\.")
+# 2-D weights that are not linear projections: skipped unless --include selects them. A name
+# component equal to one of these, or a component before the last made of word characters that
+# contains "norm" or starts with "ln_" (checked per component: a header may hold a million names)
+_NOT_LINEAR_PARTS = frozenset((
+    "embed_tokens", "embed_positions", "embedding", "embeddings", "word_embeddings",
+    "position_embeddings", "token_type_embeddings", "wte", "wpe", "shared", "lm_head", "embed_out",
+    "output_embeddings"))
+_WORD = re.compile(r"\w+")
+
+
+def _not_linear(name: str) -> bool:
+    parts = name.split(".")
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        if part in _NOT_LINEAR_PARTS:
+            return True
+        if i < last and ("norm" in part or (part.startswith("ln_") and len(part) > 3)) \
+                and _WORD.fullmatch(part):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -33,11 +48,13 @@ def normalise(name: str) -> str:
 
 def is_default_target(name: str, shape) -> bool:
     """Linear-layer weights: 2-D tensors named *.weight that are not embeddings, heads or norms."""
-    return len(shape) == 2 and name.endswith(".weight") and not _NOT_LINEAR.search(name)
+    return len(shape) == 2 and name.endswith(".weight") and not _not_linear(name)
 
 
 def select(name: str, shape, include: Optional[str], exclude: Optional[str]) -> Optional[str]:
     """None if the tensor is scanned, else the reason it is not."""
+    if len(shape) == 2 and 0 in tuple(shape):
+        return "empty matrix (a dimension is 0)"
     if exclude and re.search(exclude, name):
         return "excluded by --exclude"
     if include and re.search(include, name):
@@ -53,11 +70,14 @@ def select(name: str, shape, include: Optional[str], exclude: Optional[str]) -> 
 
 def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
     """base name -> tuned name. Exact match first; then names that differ only by one leading
-    component (e.g. 'transformer.h.0...' vs 'h.0...'), if that match is unique."""
+    component (e.g. 'transformer.h.0...' vs 'h.0...'), if that match is unique.
+
+    Linear in the number of names (sets and dicts only): a header may hold a million tensors."""
     tuned_set = set(tuned_names)
     out = {n: n for n in base_names if n in tuned_set}
+    used_t = set(out)  # tuned names already taken (equal to their base names so far)
     rest_b = [n for n in base_names if n not in out]
-    rest_t = [n for n in tuned_names if n not in set(out.values())]
+    rest_t = [n for n in tuned_names if n not in used_t]
     if not rest_b or not rest_t:
         return out
     for strip_base in (True, False):
@@ -65,29 +85,33 @@ def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
         dst_set = set(dst)
         cand: Dict[str, List[str]] = {}
         for n in src:
-            if "." in n and n.split(".", 1)[1] in dst_set:
-                cand.setdefault(n.split(".", 1)[1], []).append(n)
+            if "." in n:
+                short = n.split(".", 1)[1]
+                if short in dst_set:
+                    cand.setdefault(short, []).append(n)
         for short, longs in cand.items():
             if len(longs) != 1:
                 continue
             b, t = (longs[0], short) if strip_base else (short, longs[0])
-            if b not in out and t not in out.values():
+            if b not in out and t not in used_t:
                 out[b] = t
+                used_t.add(t)
     return out
 
 
 def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str] = None,
                      exclude: Optional[str] = None) -> Pairing:
     """Pair every selected base matrix with its tuned counterpart (full tensor or LoRA factors)."""
+    base_refs, tuned_refs = _gguf_names(base, tuned)
     if tuned.kind == "adapter":
-        return _pair_adapter(base, tuned, include, exclude)
-    tuned_refs = {normalise(n): r for n, r in tuned.refs.items()}
-    mapping = _align(list(base.refs), list(tuned_refs))
+        return _pair_adapter(base, tuned, include, exclude, base_refs)
+    tuned_refs = {normalise(n): r for n, r in tuned_refs.items()}
+    mapping = _align(list(base_refs), list(tuned_refs))
     if not mapping:
         raise PairingError(f"{base.path} and {tuned.path} have no tensor names in common "
                            f"(base e.g. {_example(base.refs)}, tuned e.g. {_example(tuned_refs)})")
     pairs, skipped, unpaired_base = [], [], []
-    for name, ref in base.refs.items():
+    for name, ref in base_refs.items():
         reason = select(name, ref.shape, include, exclude)
         t_name = mapping.get(name)
         if t_name is None:
@@ -95,6 +119,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str]
                 unpaired_base.append(name)
             continue
         t_ref = tuned_refs[t_name]
+        if reason is None:
+            reason = _unusable(ref, t_ref)
         if reason is not None:
             skipped.append((name, reason))
             continue
@@ -106,27 +132,56 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str]
     return Pairing(tuple(pairs), tuple(unpaired_base), tuple(unpaired_tuned), tuple(skipped))
 
 
-def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude) -> Pairing:
+def _gguf_names(base: Checkpoint, tuned: Checkpoint):
+    """Both sides' refs, a GGUF side's tensors named as the other side names them."""
+    from .gguf import rename_to_match
+
+    base_refs, tuned_refs = base.refs, tuned.refs
+    if base.kind == "gguf" and tuned.kind != "gguf":
+        other = list(tuned.refs) + [normalise(n) for n in tuned.refs]
+        if tuned.kind == "adapter":
+            other += [m + ".weight" for m in tuned.adapter.modules]
+        base_refs = rename_to_match(base, other)
+    elif tuned.kind == "gguf" and base.kind != "gguf":
+        tuned_refs = rename_to_match(tuned, base.refs)
+    return base_refs, tuned_refs
+
+
+def _unusable(*refs: TensorRef) -> Optional[str]:
+    from .dequant import unusable
+
+    for side, ref in zip(("base", "tuned"), refs):
+        why = unusable(ref)
+        if why is not None:
+            return f"{side}: {why}"
+    return None
+
+
+def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude,
+                  base_refs: Optional[Dict[str, TensorRef]] = None) -> Pairing:
     from .adapter import lora_info_for
 
+    base_refs = base.refs if base_refs is None else base_refs
     ad = tuned.adapter
     modules = dict(ad.modules)
     repl = dict(ad.replacements)
     # map adapter module paths / replacement names onto base names
-    mod_map = _align([n[: -len(".weight")] for n in base.refs if n.endswith(".weight")],
+    mod_map = _align([n[: -len(".weight")] for n in base_refs if n.endswith(".weight")],
                      list(modules))
-    rep_map = _align(list(base.refs), list(repl))
+    rep_map = _align(list(base_refs), list(repl))
     if not mod_map and not rep_map:
         raise PairingError(f"{tuned.path}: none of the adapter's {len(modules)} modules matches a "
                            f"tensor of {base.path} (adapter e.g. {_example(modules)}, base e.g. "
-                           f"{_example(base.refs)}); an adapter of another model?")
+                           f"{_example(base_refs)}); an adapter of another model?")
     pairs, skipped = [], []
-    for name, ref in base.refs.items():
+    for name, ref in base_refs.items():
         reason = select(name, ref.shape, include, exclude)
         mod = name[: -len(".weight")] if name.endswith(".weight") else None
         a_mod = mod_map.get(mod) if mod is not None else None
         r_name = rep_map.get(name)
         touched = a_mod is not None or r_name is not None
+        if reason is None:
+            reason = _unusable(ref, repl[r_name]) if r_name is not None else _unusable(ref)
         if reason is not None:
             if touched:
                 skipped.append((name, reason))

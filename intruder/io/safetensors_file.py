@@ -13,25 +13,62 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from ..errors import CheckpointError
 
-# safetensors dtype -> (bytes per element, torch dtype name)
+# safetensors dtype -> (bytes per element, torch dtype name): every whole-byte dtype the format
+# defines (safetensors 0.8). A torch without one of these types (float8 before 2.1, uint16/32/64
+# before 2.3, float8_e8m0fnu before 2.7) still parses the file; io/dequant.py decodes the 8-bit
+# floats from their bytes, and the others are skipped by the scan with a note.
 DTYPES: Mapping[str, Tuple[int, str]] = {
     "F64": (8, "float64"),
     "F32": (4, "float32"),
     "F16": (2, "float16"),
     "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "C64": (8, "complex64"),
     "I64": (8, "int64"),
     "I32": (4, "int32"),
     "I16": (2, "int16"),
     "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
     "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
 }
+# sub-byte dtypes, packed (bits per element): parsed and listed, their bytes readable, never
+# scanned (the format fixes neither the packing order nor where the block scales live)
+PACKED_BITS: Mapping[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype of a safetensors dtype string, or None where this torch lacks it."""
+    import torch
+
+    info = DTYPES.get(dtype)
+    return getattr(torch, info[1], None) if info is not None else None
+
+
+def storage_nbytes(dtype: str, shape) -> Optional[int]:
+    """Bytes a tensor of this dtype and shape occupies; None for a packed size that is not whole."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if dtype in DTYPES:
+        return numel * DTYPES[dtype][0]
+    bits = numel * PACKED_BITS[dtype]
+    return bits // 8 if bits % 8 == 0 else None
+
+
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+MAX_DIM = 2 ** 63 - 1  # a dimension torch (int64 sizes) can hold, even in an empty tensor
 
 
 class DuplicateKeyError(ValueError):
@@ -41,11 +78,13 @@ class DuplicateKeyError(ValueError):
 
 
 def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise DuplicateKeyError(k)
-        out[k] = v
+    out = dict(pairs)  # C speed; a header can hold a million objects
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKeyError(k)
+            seen.add(k)
     return out
 
 
@@ -120,11 +159,15 @@ def parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int
                                       f"{path}: file too short for a safetensors header "
                                       f"({size} bytes)")
             (n,) = struct.unpack("<Q", fh.read(8))
+            # the length is never printed: for a file that is not a checkpoint at all it is
+            # eight bytes of someone's text (a password file's first line, say)
             if n > MAX_HEADER:
-                raise CheckpointError(f"{path}: header length {n} exceeds the 100 MB limit")
+                raise CheckpointError(f"{path}: header length (first 8 bytes) exceeds the 100 MB "
+                                      f"limit; not a safetensors file?")
             if 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: header length {n} is larger than the file ({size} bytes); truncated?")
+                    f"{path}: header length (first 8 bytes) is larger than the file ({size} "
+                    f"bytes); truncated, or not a safetensors file?")
             raw = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
@@ -143,11 +186,23 @@ def parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    if not all(_valid_unicode(k) and _valid_unicode(v) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: __metadata__ holds a string that is not valid Unicode")
     entries: Dict[str, TensorEntry] = {}
     for name, info in header.items():
+        if not _valid_unicode(name):  # a lone surrogate escape; serde_json (safetensors) refuses it
+            raise CheckpointError(f"{path}: tensor name {name!r} is not valid Unicode")
         entries[name] = _entry(path, name, info, data_start, data_len)
     _check_layout(path, entries, data_len, data_start)
     return entries, metadata, data_start
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _entry(path: str, name: str, info, data_start: int, data_len: int) -> TensorEntry:
@@ -156,35 +211,64 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
     dtype = info.get("dtype")
     shape = info.get("shape")
     offs = info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
-    if (not isinstance(shape, list) or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if type(dtype) is not str or (dtype not in DTYPES and dtype not in PACKED_BITS):
+        raise CheckpointError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r} (not a "
+                              f"safetensors dtype)")
+    # JSON gives exactly int for integers (bool is a subclass, hence `type(..) is int`)
+    numel = 1
+    if type(shape) is not list or len(shape) > 8:
+        numel = -1
+    else:
+        for d in shape:
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                numel = -1
+                break
+            numel *= d
+    if numel < 0:
         raise CheckpointError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
-    if (not isinstance(offs, list) or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+    if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int \
+            or type(offs[1]) is not int:
         raise CheckpointError(f"{path}: tensor {name!r}: invalid data_offsets {offs!r}")
     begin, end = offs
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(
             f"{path}: tensor {name!r}: data_offsets {offs} outside the data section "
             f"({data_len} bytes); truncated file?")
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel * DTYPES[dtype][0] != end - begin:
+    size = DTYPES.get(dtype)
+    need = numel * size[0] if size is not None else storage_nbytes(dtype, shape)
+    if need is None:
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} of packed {dtype} is not a "
+                              f"whole number of bytes")
+    if need != end - begin:
         raise CheckpointError(
-            f"{path}: tensor {name!r}: shape {shape} x {dtype} needs {numel * DTYPES[dtype][0]} "
+            f"{path}: tensor {name!r}: shape {shape} x {dtype} needs {need} "
             f"bytes but data_offsets span {end - begin}")
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def _check_layout(path: str, entries: Dict[str, TensorEntry], data_len: int, data_start: int):
-    """Tensors must not overlap (a duplicated region would alias two weights)."""
-    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
-    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+    """The data section is the tensors, back to back, and nothing else (as the safetensors library
+    requires): no two tensors overlap (a duplicated region would alias two weights), no gap
+    between them and no bytes after the last one (room for content no reader looks at)."""
+    spans = sorted((e.start, e.end, e.name) for e in entries.values())  # O(n log n)
+    nonempty = [s for s in spans if s[1] > s[0]]
+    for (s0, e0, n0), (s1, e1, n1) in zip(nonempty, nonempty[1:]):
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    pos, prev = data_start, None
+    for start, end, name in spans:
+        if start < pos:  # an empty tensor placed inside another one
+            raise CheckpointError(f"{path}: tensor {name!r} starts inside tensor {prev!r}")
+        if start > pos:
+            where = f"after tensor {prev!r}" if prev is not None else "before the first tensor"
+            raise CheckpointError(f"{path}: {start - pos} unused bytes {where} (tensor {name!r} "
+                                  f"starts at data offset {start - data_start}); the data "
+                                  f"section must hold the tensors back to back")
+        pos, prev = end, name
+    if pos != data_start + data_len:
+        raise CheckpointError(f"{path}: {data_start + data_len - pos} bytes after the last tensor "
+                              f"(the data section must end where the last tensor ends); "
+                              f"corrupt, or something appended to the file")
 
 
 class SafetensorsFile:
@@ -200,7 +284,11 @@ class SafetensorsFile:
 
         e = self.entries[name]
         nbytes = e.end - e.start
-        out = torch.empty(e.shape, dtype=getattr(torch, DTYPES[e.dtype][1]))
+        dt = torch_dtype(e.dtype)
+        if dt is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: dtype {e.dtype} has no torch "
+                                  f"type in torch {torch.__version__}")
+        out = torch.empty(e.shape, dtype=dt)
         if nbytes == 0:
             return out
         flat = out.reshape(-1).view(torch.uint8).numpy()  # (nbytes,) aliasing `out`

@@ -401,3 +401,20 @@ def write_tensors(path: str, plan: OutputPlan, produce, metadata: Optional[Mappi
 def specs_by_name(plan: OutputPlan) -> Dict[str, TensorSpec]:
     return {s.name: s for s in plan.tensors()}
 
+
+
+def identity_metadata(report) -> Dict[str, str]:
+    """Safetensors metadata naming the exact inputs an output was made from: per side the
+    content sha256, each file's sha256 (JSON) and, for hub inputs, repository and commit."""
+    out: Dict[str, str] = {}
+    for role, info in (("base", report.base), ("tuned", report.tuned)):
+        if getattr(info, "sha256", None):
+            out[f"intruder.{role}_sha256"] = info.sha256
+            out[f"intruder.{role}_files"] = json.dumps(
+                {f["name"]: f["sha256"] for f in info.files}, separators=(",", ":"),
+                sort_keys=True)
+        for key in ("repo_id", "revision", "commit"):
+            value = getattr(info, key, None)
+            if value:
+                out[f"intruder.{role}_{key}"] = str(value)
+    return out

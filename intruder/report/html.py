@@ -37,8 +37,13 @@ JS_MARKER = 'data-audit-js="ready"'  # set on <html> by the inline script once i
 
 
 def escape(s: object) -> str:
-    """HTML-escape any value for text or a quoted attribute."""
-    return _html.escape(str(s), quote=True)
+    """HTML-escape any value for text or a quoted attribute; a file name that is not valid
+    Unicode (non-UTF-8 bytes, or any non-ASCII name under LANG=C) is shown with its bytes
+    escaped (\xe9) instead of breaking the page's UTF-8."""
+    text = str(s)
+    if not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _html.escape(text, quote=True)
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,10 @@ def _header(report: ScanReport, v: Verdict) -> str:
                         f'<div class="k">{escape(b)}</div></div>' for a, b in cards)
     details = "".join(f"<li>{escape(d)}</li>" for d in v.evidence)
     return (f"<header><h1>{escape(title)}</h1>"
-            f'<p class="sub">tuned <code>{escape(report.tuned.path)}</code> against base '
-            f"<code>{escape(report.base.path)}</code></p>"
+            f'<p class="sub">tuned <code>{escape(report.tuned.path)}</code>'
+            f"{_source_note(report.tuned)} against base "
+            f"<code>{escape(report.base.path)}</code>{_source_note(report.base)}</p>"
+            f"{_base_check_note(report.tuned)}"
             f'<div class="verdict {escape(v.tone)}" id="verdict" data-label="{escape(v.label)}">'
             f'<p class="headline">{escape(v.wording)}</p><ul>{details}</ul></div>'
             f'<div class="cards">{card_html}</div></header>')
@@ -156,11 +163,48 @@ def _identity(report: ScanReport) -> str:
               ("size on disk", _bytes(ck.bytes)), ("dtypes", ", ".join(ck.dtypes) or "n/a"),
               ("fingerprint", f"{ck.fingerprint} (sha256 of tensor names, dtypes, shapes and "
                               f"file sizes; first 16 hex digits)")]
+        kv = kv[:-1] + _content_rows(ck) if getattr(ck, "sha256", None) else kv
         if ck.adapter:
             kv.append(("adapter", ", ".join(f"{k}={v}" for k, v in sorted(ck.adapter.items()))))
         rows.append('<table class="kv">' + "".join(
             f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in kv) + "</table>")
     return "".join(rows)
+
+
+def _source_note(ck) -> str:
+    """' (org/name@rev, commit abc..., sha256 0123...)' for the header line (escaped)."""
+    parts = []
+    if getattr(ck, "repo_id", None):
+        rev = f"@{ck.revision}" if ck.revision and ck.revision != ck.commit else ""
+        parts.append(f"{ck.repo_id}{rev}, commit {(ck.commit or '?')[:12]}")
+    if getattr(ck, "sha256", None):
+        parts.append(f"content sha256 {ck.sha256[:16]}")
+    return f" ({escape('; '.join(parts))})" if parts else ""
+
+
+def _base_check_note(ck) -> str:
+    d = getattr(ck, "declared_base", None) or {}
+    if d.get("status") not in ("mismatch", "unverified", "undeclared"):
+        return ""
+    kind = "warning" if d["status"] == "mismatch" else "note"
+    return (f'<p class="warning" id="declared-base">{kind}: the adapter\'s declared base: '
+            f"{escape(d.get('detail', ''))}</p>")
+
+
+def _content_rows(ck) -> list:
+    """Content identity, hub source and declared-base check (schema 1.2) as key/value rows."""
+    kv = [("content sha256", f"{ck.sha256} (sha256 of the sorted per-file sha256s)")]
+    kv += [(f"sha256 {f['name']}", f"{f['sha256']} ({_bytes(f.get('bytes', 0))})")
+           for f in ck.files]
+    if ck.repo_id:
+        kv.append(("hub", f"{ck.repo_id}, revision {ck.revision or '(a snapshot path)'}, "
+                          f"commit {ck.commit or '?'}"))
+    if ck.declared_base:
+        d = ck.declared_base
+        kv.append(("declared base", f"{d.get('declared') or '(none)'}: {d.get('status')}"
+                                    f"{' by ' + d['by'] if d.get('by') else ''}; "
+                                    f"{d.get('detail', '')}"))
+    return kv
 
 
 def _config(report: ScanReport) -> str:
@@ -240,14 +284,21 @@ def _layer_table(report: ScanReport) -> str:
 
 
 def _intruder_table(report: ScanReport) -> str:
-    rows = [(l.name, i.index, i.sigma, i.max_cos, i.base_index, i.near_overlap, i.top_overlap,
-             "yes" if i.in_cluster else "")
+    rows = [(l.name, i.index, i.sigma, f"\u2264 {i.max_cos:.3f}" if i.max_cos_bound else i.max_cos,
+             i.base_index, i.near_overlap, i.top_overlap, "yes" if i.in_cluster else "")
             for l in report.layers for i in l.intruders]
     if not rows:
         return f"<p>No intruders at epsilon {report.config.epsilon:g}.</p>"
     note = ""
+    n_bound = sum(1 for l in report.layers for i in l.intruders if i.max_cos_bound)
+    if n_bound:
+        note = (f'<p class="note">{n_bound} max|cos| value(s) marked \u2264 are certified upper '
+                f"bounds, not exact values: spectral slices of the base proved that no base "
+                f"vector reaches them without the complete decomposition (the decisions are "
+                f"exact; the best base index is then the best among the base's top vectors)."
+                f"</p>")
     if len(rows) > MAX_INTRUDER_ROWS:
-        note = (f'<p class="note">First {MAX_INTRUDER_ROWS} of {len(rows)} intruders; all are in '
+        note += (f'<p class="note">First {MAX_INTRUDER_ROWS} of {len(rows)} intruders; all are in '
                 f"the JSON report and in intruder.load_report(...).</p>")
         rows = rows[:MAX_INTRUDER_ROWS]
     return note + '<div class="scroll">' + table_html(

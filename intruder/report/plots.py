@@ -84,6 +84,12 @@ def to_png(fig, dpi: int = 100) -> bytes:
     """The figure as PNG bytes (no timestamp or software tag, so output is reproducible)."""
     import warnings
 
+    from matplotlib.text import Text
+
+    for t in fig.findobj(Text):  # a file name that is not valid Unicode (a non-UTF-8 name, or
+        text = t.get_text()  # any non-ASCII name under LANG=C) has no glyphs: shown escaped
+        if any("\ud800" <= ch <= "\udfff" for ch in text):
+            t.set_text(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # a checkpoint-supplied name with control characters has no glyph; matplotlib would

@@ -1,6 +1,11 @@
-"""Read a scale sweep's results (`intruder scale ... --eval`, scale-results.json) for the report.
+"""The scale-results file (`intruder scale ... --eval`): its declaration, and its reader.
 
-The reader is tolerant on purpose: it accepts the rows either as a list or under `rows`,
+Declared once here and used by both sides: the file names, the FORMAT tag, the fields of one
+evaluator result (`result_entry`, what intruder.scale_sweep writes for every model row), and the
+ONE metric preference (`choose_axes`) that picks the trade-off plot's axes, so the PNG the sweep
+writes and the HTML audit's plot show the same two metrics.
+
+A file carrying FORMAT is read by that declaration. Older or hand-made files are read tolerantly: it accepts the rows either as a list or under `rows`,
 `results`, `alphas`, `runs` or `points`; each row's metrics either as a list of evaluator results
 ({evaluator, metric, value, protocol, ...}) under `evals`/`eval`/`metrics`/`results`, as a
 {metric: value} mapping, or as flat numeric fields; base and tuned references either as rows
@@ -18,15 +23,48 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ReportError
 
+FORMAT = "intruder.scale-results/1"
+RESULTS_JSON = "scale-results.json"
+RESULTS_CSV = "scale-results.csv"
+PLOT_PNG = "scale-tradeoff.png"
+RESULT_FIELDS = ("evaluator", "metric", "value", "n_units", "unit", "protocol", "extra")
+ROW_FIELDS = ("label", "role", "alpha", "path", "n_intruders", "n_matrices", "max_rel_change",
+              "note", "results")
+
 _ROW_KEYS = ("rows", "results", "alphas", "runs", "points", "models")
 _METRIC_KEYS = ("evals", "eval", "evaluations", "metrics", "results", "scores")
 _SKIP = {"alpha", "index", "n_units", "seconds", "n_layers", "n_intruders", "layers_rescaled",
          "intruders_rescaled", "step"}
 _PRETRAIN = re.compile(r"wikitext|perplex|ppl|bits_per_byte|bpb|pretrain|forget", re.I)
 _TASK = re.compile(r"acc|task|winogrande|siqa|social|score|f1|exact", re.I)
-# preferred axes, in order (the choice intruder.scale_sweep makes for its own plot)
+# the metric preference, in order, for the plot's x (pre-training side) and y (task side)
 PRETRAIN_PREFERRED = ("word_perplexity", "bits_per_byte", "byte_perplexity", "token_perplexity")
-TASK_PREFERRED = ("accuracy", "acc_norm", "next_token_accuracy", "token_loss")
+TASK_PREFERRED = ("accuracy", "acc", "acc_norm", "exact_match", "next_token_accuracy",
+                  "token_loss")
+
+
+def is_task_evaluator(evaluator: str) -> bool:
+    """task:NAME files and lm-eval:TASK tasks are the task side."""
+    e = evaluator.lower()
+    return e.startswith("task") or e.startswith("lm-eval:")
+
+
+def choose_axes(keys) -> Tuple[Optional[Tuple[str, str]], Optional[Tuple[str, str]]]:
+    """(x, y) among (evaluator, metric) keys: the first pre-training metric by preference (not
+    from a task), the first task metric by preference (not a perplexity). Either may be None."""
+    keys = list(keys)
+    x = next((k for m in PRETRAIN_PREFERRED for k in keys
+              if k[1] == m and not (is_task_evaluator(k[0]) and not k[0].endswith(":wikitext"))),
+             None)
+    y = next((k for m in TASK_PREFERRED for k in keys
+              if k[1] == m and is_task_evaluator(k[0]) and k != x), None)
+    return x, y
+
+
+def result_entry(r) -> Dict[str, Any]:
+    """One EvalResult as the file stores it (RESULT_FIELDS; a non-finite value as null)."""
+    return dict(evaluator=r.evaluator, metric=r.metric, value=_num(r.value), n_units=r.n_units,
+                unit=r.unit, protocol=r.protocol, extra={k: v for k, v in r.extra})
 
 
 @dataclass(frozen=True)
@@ -147,20 +185,21 @@ def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
             if n not in metrics:
                 metrics.append(n)
 
-    def leaf(m):
-        return m.rsplit("/", 1)[-1]
+    def key(m):
+        ev, _, leaf = m.rpartition("/")
+        return (ev, leaf)
 
-    def is_task(m):
-        return m.lower().startswith("task")
-
-    x = next((m for pref in PRETRAIN_PREFERRED for m in metrics
-              if leaf(m) == pref and not is_task(m)), None)
-    x = x or next((m for m in metrics if _PRETRAIN.search(m) and not is_task(m)), None)
-    y = next((m for pref in TASK_PREFERRED for m in metrics if leaf(m) == pref and is_task(m)), None)
-    y = y or next((m for m in metrics if m != x and _TASK.search(m)), None)
-    rest = [m for m in metrics if m not in (x, y)]
-    x = x or (rest.pop(0) if rest else None)
-    y = y or (rest.pop(0) if rest else None)
+    kx, ky = choose_axes([key(m) for m in metrics])
+    x = f"{kx[0]}/{kx[1]}" if kx and kx[0] else (kx[1] if kx else None)
+    y = f"{ky[0]}/{ky[1]}" if ky and ky[0] else (ky[1] if ky else None)
+    declared = isinstance(doc, dict) and doc.get("format") == FORMAT
+    if not declared:  # hand-made files: guess the roles from the names
+        x = x or next((m for m in metrics if _PRETRAIN.search(m)
+                       and not is_task_evaluator(m)), None)
+        y = y or next((m for m in metrics if m != x and _TASK.search(m)), None)
+        rest = [m for m in metrics if m not in (x, y)]
+        x = x or (rest.pop(0) if rest else None)
+        y = y or (rest.pop(0) if rest else None)
     eps = _num(doc.get("epsilon")) if isinstance(doc, dict) else None
     formula = doc.get("intervention") if isinstance(doc, dict) else None
     return ScaleTable(source, tuple(points), tuple(metrics), x, y, tuple(protocols.items()), eps,

@@ -15,12 +15,14 @@ from typing import Any, Dict, Optional
 
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
+from .validate import validate_report
 from .verdict import from_dict as verdict_from_dict
 from .verdict import to_dict as verdict_to_dict
 from .verdict import verdict_of
 
 SCHEMA_VERSION = "1.2"  # 1.1: margin + dW-spectrum layer fields, summary margin/provenance;
-#                        1.2: the verdict; nullable fields declared as such
+#                        1.2: the verdict; nullable fields declared as such; per-file sha256,
+#                        content hash, hub repo_id / revision / commit, declared base
 SCHEMA_ID = "https://github.com/intruder-tool/intruder/schema/scan-report-1.json"
 
 _NUM = {"type": "number"}
@@ -39,12 +41,25 @@ _UPDATE = ["lora-like", "full-ft-like", "mixed", "unresolved", "unchanged", "pre
 _CKPT = {"type": "object", "required": ["path", "kind", "n_tensors", "fingerprint"],
          "properties": {"path": _STR, "kind": _STR, "n_tensors": _INT, "bytes": _INT,
                         "fingerprint": _STR, "dtypes": _STRS,
-                        "adapter": {"type": ["object", "null"]}}}
+                        "adapter": {"type": ["object", "null"]},
+                        # 1.2: content identity and hub source (io/identity.py, io/hub.py,
+                        # io/basecheck.py); fingerprint: first 16 hex digits of sha256
+                        "sha256": _NSTR,  # sha256 of the sorted per-file sha256 digests
+                        "files": {"type": "array", "items": {
+                            "type": "object", "required": ["name", "sha256"],
+                            "properties": {"name": _STR, "bytes": _INT, "sha256": _STR}}},
+                        "repo_id": _NSTR, "revision": _NSTR, "commit": _NSTR,
+                        "declared_base": {"type": ["object", "null"], "properties": {
+                            "declared": _NSTR, "resolved": _NSTR, "given": _STR,
+                            "status": {"enum": ["match", "mismatch", "unverified",
+                                                "undeclared"]},
+                            "by": _STR, "detail": _STR}}}}
 _INTRUDER = {"type": "object", "required": ["index", "sigma", "max_cos", "base_index"],
              "properties": {"index": {"type": "integer", "minimum": 0}, "sigma": _NUM,
                             "max_cos": _NUM, "base_index": _INT,
                             "side": {"enum": ["left", "right"]},
-                            "near_overlap": _NUM, "top_overlap": _NUM, "in_cluster": _BOOL}}
+                            "near_overlap": _NUM, "top_overlap": _NUM, "in_cluster": _BOOL,
+                            "max_cos_bound": _BOOL}}
 _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"],
           "properties": {"name": _STR, "shape": _INTS, "dtype": _STR,
                          "status": {"enum": ["scanned", "unchanged", "nonfinite"]},
@@ -73,7 +88,14 @@ _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"
                          "delta_floor": _NNUM,  # rounding-noise edge of the tuned storage dtype
                          "delta_grid": _NSTR,  # storage grid of Wt: bfloat16|float16|float32|float64
                          "delta_sv_method": {"enum": ["gram", "randomized", None]},
-                         "delta_sv": _NUMS}}  # top 64 of dW
+                         "delta_sv": _NUMS,  # top 64 of dW
+                         # engine: per max_cos entry, true where the value is a certified upper
+                         # bound (spectral slices; decisions exact); absent when all are exact
+                         "max_cos_bound": {"type": "array", "items": _BOOL},
+                         # quantized / scaled storage decoded before the analysis (io/dequant.py,
+                         # io/gguf.py), e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"; only on
+                         # layers where a side was stored that way
+                         "storage_base": _STR, "storage_tuned": _STR}}
 _QUANT = {"type": "object", "additionalProperties": _NUM}
 _MARGIN = {"type": "object", "required": ["layers"], "properties": {
     "layers": _INT, "epsilon": _NUM, "first_intruder_epsilon": _NUM, "cos_margin": _NUM,
@@ -228,6 +250,8 @@ def to_dict(report: ScanReport) -> Dict[str, Any]:
              "near_overlap": list(l.near_overlap), "top_overlap": list(l.top_overlap),
              "delta_norm_rel": _finite(l.delta_norm_rel), "delta_fro_rel": _finite(l.delta_fro_rel),
              "method": l.method, "seconds": l.seconds}
+        if any(l.max_cos_bound):
+            d["max_cos_bound"] = list(l.max_cos_bound)
         if l.max_cos_right:
             d["max_cos_right"] = list(l.max_cos_right)
             d["base_index_right"] = list(l.base_index_right)
@@ -347,29 +371,17 @@ def _first_nonfinite(doc: Any, where: str):
     return None
 
 
-def _semantic_checks(doc: Dict[str, Any], source: str) -> None:
-    """What JSON Schema cannot say (indices inside the top-k, counts that add up ...):
-    intruder/report/validate.py, when present, raises ReportError."""
-    try:
-        from . import validate as semantic
-    except ImportError:
-        return
-    check = getattr(semantic, "check_scan_report", None)
-    if check is not None:
-        check(doc, source)
-
-
 def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
     """Rebuild a ScanReport from validated JSON data."""
     try:
         validate(doc, SCAN_SCHEMA_DOC)
     except ReportError as exc:
         raise ReportError(f"{source}: violates the scan-report schema: {exc}")
-    _semantic_checks(doc, source)
     major = str(doc["schema_version"]).split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
         raise ReportError(f"{source}: schema_version {doc['schema_version']} is not readable by "
                           f"this version (reads {SCHEMA_VERSION.split('.')[0]}.x)")
+    validate_report(doc, source)  # relations between fields (intruder/report/validate.py)
     c = doc["config"]
     config = ScanConfig(top_k=c["top_k"], epsilons=tuple(float(e) for e in c["epsilon"]),
                         vectors=c.get("vectors", "left"), include=c.get("include"),
@@ -385,7 +397,7 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
         counts = tuple(sorted((float(k), int(v)) for k, v in (l.get("counts_by_epsilon") or {}).items()))
         kw = {k: v for k, v in l.items() if k in known and k not in ("intruders", "counts_by_epsilon")}
         for k in ("shape", "max_cos", "base_index", "sigma_tuned", "sigma_base", "near_overlap",
-                  "top_overlap", "max_cos_right", "base_index_right"):
+                  "top_overlap", "max_cos_right", "base_index_right", "max_cos_bound"):
             if k in kw:
                 kw[k] = tuple(kw[k])
         for k in ("delta_norm_rel", "delta_fro_rel"):
@@ -398,8 +410,8 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
         layers.append(LayerResult(intruders=intr, counts_by_epsilon=counts, extra=extra, **kw))
     ck = {f.name for f in fields(CheckpointInfo)}
     return ScanReport(
-        base=CheckpointInfo(**{k: (tuple(v) if k == "dtypes" else v) for k, v in doc["base"].items() if k in ck}),
-        tuned=CheckpointInfo(**{k: (tuple(v) if k == "dtypes" else v) for k, v in doc["tuned"].items() if k in ck}),
+        base=CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in doc["base"].items() if k in ck}),
+        tuned=CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in doc["tuned"].items() if k in ck}),
         config=config, layers=tuple(layers),
         unpaired_base=tuple(doc.get("unpaired_base", ())),
         unpaired_tuned=tuple(doc.get("unpaired_tuned", ())),

@@ -46,6 +46,7 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: Optio
     import torch
 
     from ..io import open_checkpoint, pair_checkpoints, read_ref
+    from ..io.identity import recorded_mismatch
     from ..spectral.decompose import top_spectrum
     from ..spectral.engine import load_pair
 
@@ -61,10 +62,10 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: Optio
             ck = open_checkpoint(path, allow_adapter=(role == "tuned"))
         except IntruderError as exc:  # say which side and what the heatmaps needed it for
             raise ReportError(f"cannot recompute similarity heatmaps: {role} checkpoint: {exc}")
-        if check_fingerprint and ck.info().fingerprint != info.fingerprint:
-            raise ReportError(f"{path}: {role} checkpoint changed since the scan (fingerprint "
-                              f"{ck.info().fingerprint} != {info.fingerprint}); rescan it or "
-                              f"leave out the similarity heatmaps")
+        why = recorded_mismatch(ck, info) if check_fingerprint else None
+        if why:
+            raise ReportError(f"{path}: {role} checkpoint changed since the scan ({why}); "
+                              f"rescan it or leave out the similarity heatmaps")
         cks.append(ck)
     pairing = pair_checkpoints(cks[0], cks[1], cfg.include, cfg.exclude)
     by_name = {p.name: p for p in pairing.pairs}

@@ -22,6 +22,15 @@ def format_table(headers: Sequence[str], rows: List[Sequence[object]], align: st
     return "\n".join(out)
 
 
+def min_cos_text(layer) -> str:
+    """The layer's lowest max|cos|, written '<=x' when that value is a certified upper bound."""
+    if not layer.max_cos:
+        return "n/a"
+    j = min(range(len(layer.max_cos)), key=lambda i: layer.max_cos[i])
+    bound = bool(layer.max_cos_bound) and layer.max_cos_bound[j]
+    return ("<=" if bound else "") + f"{layer.max_cos[j]:.3f}"
+
+
 def _fmt(c) -> str:
     if isinstance(c, float):
         return f"{c:.3f}"
@@ -37,6 +46,21 @@ def printable(text: str) -> str:
                    for ch in text)
 
 
+def source_text(info) -> str:
+    """Content hash, hub source and declared-base check of a checkpoint, for a header line."""
+    parts = []
+    if getattr(info, "sha256", None):
+        parts.append(f"sha256 {info.sha256[:16]} (content, {len(info.files)} file(s))")
+    if getattr(info, "repo_id", None):
+        rev = f"@{info.revision}" if info.revision and info.revision != info.commit else ""
+        parts.append(f"hub {info.repo_id}{rev} commit {(info.commit or '?')[:12]}")
+    check = getattr(info, "declared_base", None)
+    if check:
+        parts.append(f"declared base: {check.get('status')}"
+                     + (f" by {check['by']}" if check.get("by") else ""))
+    return ("\n         " + "; ".join(parts)) if parts else ""
+
+
 def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     """Layers with intruders, then totals, counts per epsilon and the time taken."""
     from ..scan import summary
@@ -50,14 +74,15 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
 
     lines = [f"intruder scan  (Algorithm 1: top-{c.top_k} {c.vectors} singular vectors, "
              f"intruder iff max |cos| to every base vector < epsilon = {eps:g})",
-             f"  base : {report.base.path}  [{report.base.kind}]",
-             f"  tuned: {report.tuned.path}  [{report.tuned.kind}]", ""]
+             f"  base : {report.base.path}  [{report.base.kind}]{source_text(report.base)}",
+             f"  tuned: {report.tuned.path}  [{report.tuned.kind}]{source_text(report.tuned)}",
+             ""]
     if flagged:
         rows = []
         for l in flagged[:max_rows]:
             rows.append([l.name, "x".join(map(str, l.shape)), len(l.intruders),
                          ",".join(str(i.index) for i in l.intruders),
-                         min(l.max_cos), f"{100 * l.intruder_energy:.1f}%",
+                         min_cos_text(l), f"{100 * l.intruder_energy:.1f}%",
                          sum(1 for i in l.intruders if i.in_cluster)])
         lines.append(format_table(
             ["layer", "shape", "intruders", "ranks", "min max|cos|", "energy (top-k sigma^2)",
@@ -72,6 +97,11 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
                  f"with intruders: {s['layers_with_intruders']}  total intruders: "
                  f"{s['total_intruders']}  lowest max|cos|: "
                  f"{'n/a' if mm is None else format(mm, '.3f')}")
+    n_bound = sum(sum(1 for b in l.max_cos_bound if b) for l in report.layers)
+    if n_bound:
+        lines.append(f"note: {n_bound} max|cos| value(s), marked <=, are certified upper bounds, "
+                     f"not exact values (spectral slices proved every decision without the "
+                     f"complete base; decisions are exact)")
     counts = "  ".join(f"eps {k}: {v}" for k, v in s["counts_by_epsilon"].items())
     lines.append(f"intruder counts by epsilon (all matrices): {counts}")
     if s.get("margin", {}).get("layers"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .table import format_table, printable
+from .table import format_table, printable, source_text
 
 
 def _f(x, fmt=".3f"):
@@ -25,7 +25,7 @@ def track_table(tr) -> str:
     head = (f"intruder {tr.mode}  (Algorithm 1: top-{c.top_k} {c.vectors} singular vectors, "
             f"intruder iff max |cos| to every base vector < epsilon; counts at epsilon {eps_list}, "
             f"all matrices)")
-    lines = [head, f"  base: {tr.base.path}  [{tr.base.kind}]", ""]
+    lines = [head, f"  base: {tr.base.path}  [{tr.base.kind}]{source_text(tr.base)}", ""]
     if tr.mode == "track":
         headers = ["step", "checkpoint", f"vs base @{eps_list}", "energy", "lowest max|cos|",
                    "novel strength", f"vs previous @{eps_list}", "persist", "new", "gone",
@@ -70,6 +70,10 @@ def track_table(tr) -> str:
                      "(a cliff in the singular values of Wt - W0 above the storage rounding "
                      "floor), full-ft-like when >= 80% have a dense one; est. rank: the most "
                      "common rank (range). See docs/provenance.md.")
+    for e in tr.entries:
+        ident = source_text(e.vs_base.tuned).strip()
+        if ident:
+            lines.append(f"{e.label}: {ident}")
     for e, r in zip(tr.entries, rows):
         lines.append(printable(f"verdict ({e.label}): {r['verdict']['wording']}"))
     for e, r in zip(tr.entries, rows):

@@ -163,6 +163,14 @@ def track_section(tr, dpi: int = 100):
     return Section(title, track_section_html(tr, dpi), tr.mode)
 
 
+def _source(info) -> str:
+    """'; content sha256 ...; hub org/name@rev commit ...' (plain text, escaped by the caller)."""
+    from .table import source_text
+
+    text = source_text(info).strip()
+    return f"; {text}" if text else ""
+
+
 def render_track_html(tr, dpi: int = 100) -> str:
     """A standalone, self-contained page (same style and Content Security Policy as the audit)."""
     from .html import _asset, _csp_hash, escape
@@ -174,7 +182,8 @@ def render_track_html(tr, dpi: int = 100) -> str:
         ", ".join(e.label for e in tr.entries)
     prov = [("tool", f"intruder {tr.tool_version}"), ("command", tr.command),
             ("date (UTC)", tr.created), ("base", f"{tr.base.path} [{tr.base.kind}, "
-                                                 f"fingerprint {tr.base.fingerprint}]"),
+                                                 f"fingerprint {tr.base.fingerprint}]"
+                                                 f"{_source(tr.base)}"),
             ("time", f"{tr.seconds:.2f} s wall on {tr.device}")]
     kv = '<table class="kv">' + "".join(f"<tr><th>{escape(a)}</th><td>{escape(b)}</td></tr>"
                                         for a, b in prov) + "</table>"

@@ -105,7 +105,7 @@ class BaseCache:
 
     # -- content keys ------------------------------------------------------------------------
     def _index_path(self, real: str) -> str:
-        return os.path.join(self.root, INDEX, hashlib.sha256(real.encode()).hexdigest()[:40] + ".json")
+        return os.path.join(self.root, INDEX, hashlib.sha256(os.fsencode(real)).hexdigest()[:40] + ".json")
 
     def _file_index(self, path: str) -> dict:
         real = os.path.realpath(path)

@@ -9,7 +9,9 @@ orthonormal, so  sum_i <t_j, b_i>^2 <= ||t_j||^2 = 1  and every base vector left
 The report's other base-side measures need: the near-degenerate window (every base vector with
 sigma within near_window of sigma_j kept: rest < (1 - near_window) sigma_j), the top-r overlap
 and sigma_base (R >= top_r and R >= k + 5). Anything unproven sends the engine to a larger R or
-to the exact full decomposition.
+to the exact full decomposition. When a tuned vector lies mostly outside the kept span (an
+intruder), spectral slices of the base (slices.py) bound every left-out base vector's |cos|;
+`slice_decisions` accepts them when they decide every epsilon.
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ def match_error(t_err: Optional[torch.Tensor], b_err: Optional[torch.Tensor], k:
     return 1.5 * (te + be) + 1e-12
 
 
+TAIL = "a tuned vector may match a base vector outside the kept ones"
+
+
+def kept_bounds(t_vecs: torch.Tensor, t_err, b_vecs: torch.Tensor, b_err, k: int):
+    """For each tuned vector: (best |cos| among the kept base vectors (k,), its error bound e
+    (k,), the most any left-out base vector can hold by orthonormality (k,)), all CPU."""
+    sim = (t_vecs[:, :k].mT @ b_vecs).abs().cpu()  # (k, R) = |T^T B|
+    e = match_error(t_err, None, k) + match_error(None, b_err, k) - 1e-12  # (k,)
+    lower = (sim - e[:, None]).clamp_min(0.0)  # (k, R)
+    tail = (1.0 + 1e-12 - lower.square().sum(dim=1)).clamp_min(0.0).sqrt()  # (k,)
+    return sim.max(dim=1).values, e, tail, lower.square().sum(dim=1)
+
+
 def certify_side(t_vecs: torch.Tensor, t_sigma: torch.Tensor, t_err, b_vecs: torch.Tensor,
                  b_err, b_rest: float, b_complete: bool, b_dim: int, near_window: float,
                  top_r: int, k: int) -> str:
@@ -40,16 +55,25 @@ def certify_side(t_vecs: torch.Tensor, t_sigma: torch.Tensor, t_err, b_vecs: tor
     sig_t = t_sigma[:k].double().cpu()  # (k,)
     if not b_rest < (1.0 - near_window) * float(sig_t.min()) * (1.0 - 1e-9):
         return "near-degenerate window reaches past the kept base vectors"
-    sim = (t_vecs[:, :k].mT @ b_vecs).abs().cpu()  # (k, R) = |T^T B|
-    e = match_error(t_err, None, k) + match_error(None, b_err, k) - 1e-12  # (k,)
-    lower = (sim - e[:, None]).clamp_min(0.0)  # (k, R)
-    tail = (1.0 + 1e-12 - lower.square().sum(dim=1)).clamp_min(0.0).sqrt()  # (k,)
-    best = sim.max(dim=1).values  # (k,)
+    best, e, tail, energy = kept_bounds(t_vecs, t_err, b_vecs, b_err, k)
     bad = ~(best - e > tail + e)
     if bool(bad.any()):
-        kept = lower.square().sum(dim=1)[bad]  # energy of the failing vectors on the kept ones
         # most of a vector outside the kept span (an intruder spreads over the whole base):
-        # widening will not help, only the complete base will
-        return ("full: " if float(kept.min()) < 0.5 else "") + \
-            "a tuned vector may match a base vector outside the kept ones"
+        # widening will not help; spectral slices (slices.py) or the complete base will
+        return ("full: " if float(energy[bad].min()) < 0.5 else "") + TAIL
     return ""
+
+
+def slice_decisions(best: torch.Tensor, e: torch.Tensor, out: torch.Tensor, epsilons):
+    """With `out` (k,) bounding every left-out base vector's |cos| (slices.py): (value (k,),
+    bound (k,) bool) when every decision at every epsilon is proved, else None. value is the
+    exact maximum where the best kept vector beats every left-out one (bound False), else an
+    upper bound on it (bound True)."""
+    exact = best - e > out + e  # the kept maximum is the maximum
+    upper = torch.maximum(best + e, out).clamp_max(1.0)  # (k,)
+    lower = (best - e).clamp_min(0.0)  # (k,)
+    for eps in epsilons:
+        decided = exact | (upper < eps) | (lower >= eps)
+        if not bool(decided.all()):
+            return None
+    return torch.where(exact, best, upper), ~exact

@@ -10,14 +10,14 @@ readers, CUDA streams, several GPUs; multi.py: torchrun).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 
 from ..errors import IntruderError, NonFiniteError
 from ..types import Intruder, LayerPair, LayerResult, ScanConfig
-from .certify import certify_side
+from .certify import TAIL, certify_side, kept_bounds, slice_decisions
 from .decompose import Spectrum, spectrum_of
 from .match import counts_by_epsilon, match_vectors
 from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
@@ -26,6 +26,9 @@ from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, g
 EXACT_DIM_CUDA = 256
 EXACT_DIM_CPU = 256
 BASE_R0 = 32  # base eigenpairs kept at first; doubled while the certificate asks for more
+# Gram sizes from this up may prove intruders by spectral slices (slices.py) instead of the
+# complete base; below it the complete float64 eigh is as cheap
+SLICE_MIN_DIM = 768
 
 
 @dataclass
@@ -163,10 +166,13 @@ def tuned_eig(wt: torch.Tensor, k: int, start: Optional[torch.Tensor] = None,
 
 
 def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = "",
-            base_spec=None) -> Tuple[dict, Eig]:
+            base_spec=None, scratch: Optional[dict] = None,
+            noise: Optional[float] = None) -> Tuple[dict, Eig]:
     """Algorithm 1 plus caveat measures on one pair already on its device. Returns (fields,
     base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
-    Eig, what the base cache stores) can be passed back as base_spec for the same base."""
+    Eig, what the base cache stores) can be passed back as base_spec for the same base.
+    scratch: a dict kept across calls with the same base (a fleet), for base-only work.
+    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise)."""
     stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
@@ -183,6 +189,7 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         be = base_eig(w0, want, seed=seed, fast=fast)
     te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast)
     t = spectrum_of(wt, te, left, right, upto=k)
+    bound = None  # (k,) bool: max_cos is a certified upper bound (spectral slices), not exact
     while True:
         b = spectrum_of(w0, be, left, right)
         ml = match_vectors(t.u, t.sigma, b.u, b.sigma, config.near_window, top_r) if left else None
@@ -197,6 +204,15 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
             break
         want = 2 * be.r  # widen the kept base spectrum, then complete it
         widen = not why.startswith("full") and 2 * (want + want // 2) < dim
+        if why.endswith(TAIL) and not widen and config.vectors != "both" and fast and \
+                dim >= slice_min_dim():
+            got = _slices(w0, be, t, b, left, k, config.epsilons, scratch)
+            if got is not None:
+                value, bound = got
+                prime = ml or mr
+                prime = replace(prime, max_cos=value.to(prime.max_cos.device, torch.float64))
+                ml, mr = (prime, None) if left else (None, prime)
+                break
         be = base_eig(w0, want, start=be.vecs, seed=seed, fast=fast and widen)
         # the tuned side restarts from the final base, as a warm scan (base from the cache)
         # will: cold and warm scans then agree bit for bit
@@ -219,7 +235,7 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
             index=j, sigma=float(sig_t[j]), max_cos=float(decide[j]),
             base_index=int(prime.base_index[j]), side=config.vectors,
             near_overlap=float(prime.near_overlap[j]), top_overlap=float(prime.top_overlap[j]),
-            in_cluster=in_cluster))
+            in_cluster=in_cluster, max_cos_bound=bool(bound[j]) if bound is not None else False))
     energy = float(sig_t[flags].square().sum()) / energy_total if energy_total > 0 else 0.0
     sig_k = float(b.sigma[k - 1]) if b.sigma.numel() >= k else float("nan")
     from .margin import margin_fields, update_spectrum  # margin + update-shape measures (issue 9)
@@ -241,16 +257,54 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
         intruder_energy=energy,
         delta_norm_rel=dnorm / sig_k if sig_k > 0 else float("inf"),
         delta_fro_rel=float(d.norm() / w0.norm()) if float(w0.norm()) > 0 else float("inf"),
-        method=_method(be, te),
+        method=_method(be, te, bound is not None),
+        max_cos_bound=tuple(bool(x) for x in bound) if bound is not None and bool(bound.any())
+        else (),
     )
     fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
-        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored)
+        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored,
+        noise=noise)
     return fields, be
 
 
-def _method(be: Eig, te: Eig) -> str:
+def _method(be: Eig, te: Eig, slices: bool = False) -> str:
     base = be.method if be.complete else f"{be.method}[top {be.r}]"
-    return f"{base}/{te.method}"
+    return f"{base}{'+slices' if slices else ''}/{te.method}"
+
+
+def slice_min_dim() -> int:
+    """Smallest Gram size where spectral slices replace the complete base (INTRUDER_SLICE_MIN_DIM;
+    0 disables them)."""
+    import os
+
+    env = os.environ.get("INTRUDER_SLICE_MIN_DIM")
+    if env:
+        v = int(env)
+        return v if v > 0 else 1 << 62
+    return SLICE_MIN_DIM
+
+
+def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[dict] = None):
+    """Spectral-slice certificate for the matched side: (value (k,) CPU, bound (k,) bool) when
+    every decision at every epsilon is proved without the complete base, else None."""
+    from .slices import inverse_gram, leftout_bound
+
+    side = "left" if left else "right"
+    tv, terr = (t.u, t.err_u) if left else (t.v, t.err_v)
+    bv, berr = (b.u, b.err_u) if left else (b.v, b.err_v)
+    inv = None
+    if scratch is not None:  # the base's inverse Gram, once per base in a fleet
+        key = ("inverse_gram", be.side)
+        if key not in scratch:
+            scratch[key] = inverse_gram(w0, be.side)
+        inv = scratch[key]
+        if inv is None:
+            return None
+    out = leftout_bound(w0, be, tv[:, :k], terr, side, inv=inv)
+    if out is None:
+        return None
+    best, e, _, _ = kept_bounds(tv, terr, bv, berr, k)
+    return slice_decisions(best, e, out, epsilons)
 
 
 def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
@@ -258,7 +312,9 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
     torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
-    bytes (INTRUDER_HOST_BUDGET_MB)."""
+    bytes (INTRUDER_HOST_BUDGET_MB). An item may be a tuple of pairs that share one base (a
+    fleet of fine-tunes): the base is read and decomposed once, and a tuple of LayerResults
+    comes back for it."""
     from . import multi
     from .stream import Pipeline
 
@@ -281,7 +337,8 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     rank, world, local = ctx
     multi.init_group()
     devices = multi.rank_devices(config.device, local)
-    mine = multi.shard([tuple(p.base.shape) for p in pairs], world)[rank]
+    mine = multi.shard([tuple((p[0] if isinstance(p, tuple) else p).base.shape) for p in pairs],
+                       world)[rank]
     bar = _bar(len(mine), progress and rank == 0)
     local_out = []
     try:

@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import exitcodes
+
 # How many singular values of dW are kept in the report (and computed on large matrices).
 DELTA_SV_KEEP = 64
 # Exact spectrum of dW up to this smaller dimension; randomized (range finder) above.
@@ -165,13 +167,16 @@ def update_spectrum(d: torch.Tensor) -> Tuple[torch.Tensor, str, float]:
 
 def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
                   decide: torch.Tensor, epsilon: float, dnorm: float,
-                  left: bool = True, update=None, stored=None) -> Tuple[Tuple[str, object], ...]:
+                  left: bool = True, update=None, stored=None,
+                  noise: Optional[float] = None) -> Tuple[Tuple[str, object], ...]:
     """Margin and update-shape measures of one layer, as LayerResult.extra (key, value) pairs.
 
     b: base Spectrum (all vectors), t: tuned top-k Spectrum, w0/wt/d (m, n) float64 on one device,
     decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2, update: update_spectrum(d)
     when the caller already has it (else computed here), stored: (w0, wt) as read, before the
-    float64 upcast (their dtype spares the storage-grid pass), default (w0, wt)."""
+    float64 upcast (their dtype spares the storage-grid pass), default (w0, wt); noise: rms
+    rounding error that quantized storage (FP8 with scales, GGUF, int8) put into dW, which no
+    float grid shows (io/dequant.noise_rms), else None."""
     out = []
     min_cos = float(decide.min()) if decide.numel() else float("nan")
     out.append(("min_max_cos", min_cos))
@@ -200,6 +205,8 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     m, n = d.shape
     # Marchenko-Pastur edge of an iid noise matrix with the storage rounding's per-entry rms
     rms = rounding_rms(st, bits)
+    if noise is not None and noise > rms:
+        rms, grid = noise, "quantized"
     floor = FLOOR_SLACK * rms * (math.sqrt(m) + math.sqrt(n))
     floor = max(floor, float(sv[0]) * GRAM_RESOLVE if sv.numel() else 0.0)
     rank, gap, seen = estimate_rank(sv, floor, d.shape)
@@ -317,8 +324,8 @@ def margin_line(m: dict) -> str:
     return s
 
 
-EXIT_INTRUDERS = 3  # --fail-on-intruders
-EXIT_MARGIN = 4  # --fail-on-margin / --fail-on-strength
+EXIT_INTRUDERS = exitcodes.INTRUDERS  # --fail-on-intruders
+EXIT_MARGIN = exitcodes.MARGIN  # --fail-on-margin / --fail-on-strength
 
 
 def margin_breaches(layers, epsilon: float, cos_within: Optional[float] = None,

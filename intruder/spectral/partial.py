@@ -50,6 +50,15 @@ class Eig:
     method: str
     other: Optional[torch.Tensor] = None  # (d_other, r) other side's vectors (exact SVD path)
 
+    def __post_init__(self):
+        # One layout whatever produced the pairs (a slice of a wider block, LAPACK's output, a
+        # cache entry read back): the products taken with them then run the same BLAS kernels,
+        # so a warm scan (base from the cache) and a cold one compute the same thing.
+        for name in ("vals", "vecs", "other"):
+            t = getattr(self, name)
+            if t is not None and not t.is_contiguous():
+                object.__setattr__(self, name, t.contiguous())
+
     @property
     def r(self) -> int:
         return int(self.vals.numel())
@@ -73,12 +82,32 @@ def gram(w: torch.Tensor, side: str) -> torch.Tensor:
     d = w.shape[0] if side == "left" else w.shape[1]
     if w.device.type == "cuda" and d >= 2048:
         return _gram_blocked(w if side == "left" else w.mT, 4)
-    return w @ w.mT if side == "left" else w.mT @ w  # (d, d)
+    g = w @ w.mT if side == "left" else w.mT @ w  # (d, d)
+    return symmetrise_(g, max(1, d // 1024))
+
+
+def symmetrise_(g: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """Make g (d, d) exactly symmetric in place, by blocks of rows (temporaries of one block):
+    a GEMM's A A^T is symmetric only up to its summation order, which depends on the BLAS
+    code path (MKL's AVX2 and AVX-512 kernels differ); the eigensolvers and the Cholesky
+    certificate are stated for a symmetric matrix, so it is made one. Diagonal blocks become
+    (B + B^T) / 2 (exactly symmetric: addition commutes), the lower triangle of blocks a copy
+    of the upper one."""
+    d = g.shape[0]
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for i in range(blocks):
+        a, b = edges[i], edges[i + 1]
+        blk = g[a:b, a:b]  # (di, di)
+        blk.copy_((blk + blk.mT).mul_(0.5))
+        for j in range(i + 1, blocks):
+            g[edges[j]:edges[j + 1], a:b] = g[a:b, edges[j]:edges[j + 1]].mT
+    return g
 
 
 def _gram_blocked(a: torch.Tensor, blocks: int) -> torch.Tensor:
     """A A^T (d, d) for a (d, k) from the upper block triangle: blocks (blocks + 1) / 2 products
-    of (d/blocks, k) x (k, d/blocks) instead of blocks^2 (10/16 of the flops for 4), mirrored.
+    of (d/blocks, k) x (k, d/blocks) instead of blocks^2 (10/16 of the flops for 4), mirrored;
+    exactly symmetric (diagonal blocks symmetrised).
     No syrk is exposed on a GPU through torch; these GEMMs are large enough to run at full rate."""
     d = a.shape[0]
     edges = [round(i * d / blocks) for i in range(blocks + 1)]
@@ -88,6 +117,8 @@ def _gram_blocked(a: torch.Tensor, blocks: int) -> torch.Tensor:
         for j in range(i, blocks):
             aj = a[edges[j]:edges[j + 1]]  # (dj, k)
             blk = ai @ aj.mT  # (di, dj)
+            if j == i:  # a GEMM's ai ai^T is symmetric only up to its summation order
+                blk = (blk + blk.mT).mul_(0.5)
             g[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = blk
             if j != i:
                 g[edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = blk.mT
@@ -304,8 +335,10 @@ def eig_top_lapack(g: torch.Tensor, want: int, eps_g: float = 0.0,
     gn = g.detach().cpu().numpy()
     vals, vecs = sl.eigh(gn, subset_by_index=[d - want - 1, d - 1], driver="evr",
                          check_finite=False)  # ascending (want+1,), (d, want+1)
-    th = torch.from_numpy(vals[::-1].copy())  # (want+1,) descending
-    x = torch.from_numpy(vecs[:, ::-1].copy()).to(g.device)  # (d, want+1)
+    # copied into torch's own (aligned) memory: the kept vectors are then laid out as a cached
+    # entry's are when read back, so cold and warm scans feed BLAS the same arrays
+    th = torch.from_numpy(vals[::-1].copy()).clone()  # (want+1,) descending
+    x = torch.from_numpy(vecs[:, ::-1].copy()).clone().to(g.device)  # (d, want+1)
     r = g @ x[:, :want] - x[:, :want] * th[:want].to(g.device)  # (d, want) residuals
     res = torch.linalg.vector_norm(r, dim=0).cpu()
     trace_g = float(torch.diagonal(g).sum())

@@ -11,6 +11,10 @@
   calling thread computes.
 - Results come back in pair order; an error is raised when its pair's turn comes, so a scan
   fails on the same pair, with the same message, as a sequential one would.
+- Fleets (`intruder compare BASE FT1 ... FTn`): an item may be a group of pairs that share one
+  base tensor. The base is read once, copied to the device once and decomposed once (or taken
+  from the cache); each fine-tune's tensor is measured against it in turn, and the readers read
+  the next groups (every fine-tune's next matrices) while the devices compute.
 
 Peak host memory is the budget plus what one pair needs, whatever the model's size.
 """
@@ -54,6 +58,9 @@ class Raw:
     cached: object = None  # cached base Eig (CPU) or None
     nbytes: int = 0
     read_s: float = 0.0
+    more: List["Raw"] = field(default_factory=list)  # the group's other pairs (same base)
+    group: bool = False  # an item given as a group: its result is a tuple
+    noise: Optional[float] = None  # rounding rms quantized storage put into dW (storage_noise)
 
 
 class _Budget:
@@ -89,6 +96,10 @@ class _Budget:
 def _nbytes(ref: TensorRef) -> int:
     from ..io.safetensors_file import DTYPES
 
+    if ref.storage is not None:  # decoded to float32 (GGUF F16/BF16 stay 2 bytes: over-counted)
+        from ..io.dequant import decoded_nbytes
+
+        return decoded_nbytes(ref)
     n = DTYPES.get(ref.dtype, (8,))[0]
     for s in ref.shape:
         n *= s
@@ -130,14 +141,27 @@ class Reader:
             with self.lock:  # the caller's read() shares one handle cache
                 t = self.fallback(ref)
             return t.pin_memory() if self.pinned and t.numel() else t
-        from ..io.safetensors_file import DTYPES, open_regular
+        if ref.storage is not None:  # quantized / scaled: decoded to float here (io/dequant.py)
+            from ..io.dequant import decode
+
+            t = decode(ref, lambda r: self._stored(r, raw=True), self._stored)
+            return t.pin_memory() if self.pinned and t.numel() else t
+        return self._stored(ref, pinned=self.pinned)
+
+    def _stored(self, ref: TensorRef, raw: bool = False, pinned: bool = False) -> torch.Tensor:
+        """A tensor as stored (its dtype and shape), or its bytes as flat uint8 with raw."""
+        from ..io.safetensors_file import open_regular, torch_dtype
 
         sf = self._header(ref.path)
         e = sf.entries.get(ref.name)
         if e is None:
             raise CheckpointError(f"{ref.path}: tensor {ref.name!r} is not in the file")
-        out = torch.empty(e.shape, dtype=getattr(torch, DTYPES[e.dtype][1]),
-                          pin_memory=self.pinned and e.end > e.start)
+        dt = torch.uint8 if raw else torch_dtype(e.dtype)
+        if dt is None:
+            raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: dtype {e.dtype} has no torch "
+                                  f"type in torch {torch.__version__}")
+        out = torch.empty((e.end - e.start,) if raw else e.shape, dtype=dt,
+                          pin_memory=pinned and e.end > e.start)
         nbytes = e.end - e.start
         if nbytes == 0:
             return out
@@ -167,16 +191,33 @@ def content_key(t: torch.Tensor, ref: TensorRef) -> str:
     return h.hexdigest()
 
 
-def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
-    """Fill raw with the pair's tensors, the base's cache key and any cached base spectrum."""
-    t0 = time.perf_counter()
+def group_bytes(group) -> int:
+    """Host bytes of one item: the shared base once, every pair's tuned tensors."""
+    return sum(_nbytes(r) for r in pair_refs(group[0])) + \
+        sum(_nbytes(r) for p in group[1:] for r in pair_refs(p)[1:])
+
+
+def _read_tuned(raw: Raw, reader: Reader) -> None:
     p = raw.pair
-    raw.w0 = reader.read(p.base)
     if p.lora is not None:
         for ref in pair_refs(p)[1:]:
             raw.parts[ref] = reader.read(ref)
     elif p.tuned is not None and p.tuned != p.base:
         raw.wt = reader.read(p.tuned)
+
+
+def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
+    """Fill raw with the pair's tensors (and those of the group's other pairs), the base's cache
+    key and any cached base spectrum."""
+    t0 = time.perf_counter()
+    p = raw.pair
+    raw.w0 = reader.read(p.base)
+    _read_tuned(raw, reader)
+    for sub in raw.more:
+        _read_tuned(sub, reader)
+    for r in (raw, *raw.more):
+        if r.wt is not None:
+            r.noise = storage_noise(r.pair, raw.w0, r.wt, reader.read)
     if base_cache is not None:
         key = base_cache.known_key(p.base)
         if key is None:
@@ -188,19 +229,48 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
     return raw
 
 
+def storage_noise(p: LayerPair, w0: torch.Tensor, wt: torch.Tensor, read: Callable):
+    """The rms rounding error that quantized storage of either side (io/dequant.noise_rms) put
+    into wt - w0 (independent roundings add in variance), or None when neither side is
+    quantized. A LoRA merged onto a quantized base carries none: both sides share its rounding."""
+    if p.base.storage is None and (p.tuned is None or p.tuned.storage is None):
+        return None
+    from ..io.dequant import noise_rms
+
+    parts = [noise_rms(p.base, w0, read), noise_rms(p.tuned, wt, read)]
+    parts = [x for x in parts if x is not None]
+    return sum(x * x for x in parts) ** 0.5 if parts else None
+
+
 def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
     """On the device: the checks load_pair makes, and the LoRA merge. Returns (status, w0, wt)."""
+    w0 = base_on(raw, device, allow_nonfinite)
+    if w0 is None:
+        return "nonfinite", None, None
+    return tuned_on(raw, w0, device, allow_nonfinite)
+
+
+def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> Optional[torch.Tensor]:
+    """The base on the device, None when it is not finite (and that is allowed)."""
+    from .engine import all_finite
+
+    p = raw.pair
+    w0 = raw.w0.to(device, non_blocking=device.type == "cuda")
+    if not all_finite(w0):
+        if not allow_nonfinite:
+            raise NonFiniteError(f"base tensor {p.name!r} in {p.base.path} contains NaN or "
+                                 f"Inf (use --allow-nonfinite to skip such layers)")
+        return None
+    return w0
+
+
+def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: bool):
+    """The tuned tensor on the device (LoRA merged onto w0) with its checks: (status, w0, wt)."""
     from ..io.adapter import merge_lora
     from .engine import all_finite
 
     p = raw.pair
     nb = device.type == "cuda"
-    w0 = raw.w0.to(device, non_blocking=nb)
-    if not all_finite(w0):
-        if not allow_nonfinite:
-            raise NonFiniteError(f"base tensor {p.name!r} in {p.base.path} contains NaN or "
-                                 f"Inf (use --allow-nonfinite to skip such layers)")
-        return "nonfinite", None, None
     if p.lora is not None:
         parts = {ref: t.to(device, non_blocking=nb) for ref, t in raw.parts.items()}
         wt = merge_lora(w0, p.lora, parts.__getitem__)
@@ -220,27 +290,41 @@ def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
 
 
 def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
-            on_copied: Optional[Callable] = None) -> LayerResult:
-    """Checks, analysis and cache update of one pair on `device` (current stream)."""
+            on_copied: Optional[Callable] = None):
+    """Checks, analysis and cache update of one pair on `device` (current stream): a
+    LayerResult, or a tuple of them (one per pair) for a group."""
     from . import engine
 
     p = raw.pair
     shape = tuple(p.base.shape)
     t0 = time.perf_counter()
-    status, w0, wt = prepare(raw, device, config.allow_nonfinite)
+    members = [raw, *raw.more]
+    w0 = base_on(raw, device, config.allow_nonfinite)
+    prepared = [tuned_on(m, w0, device, config.allow_nonfinite) if w0 is not None
+                else ("nonfinite", None, None) for m in members]
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # host buffers are free after the copy
     if on_copied is not None:
         on_copied()
-    if status != "scanned":
-        return LayerResult(name=p.name, shape=shape, dtype=p.base.dtype, status=status)
-    fields, used = engine.analyse(w0, wt, config, p.name, base_spec=raw.cached)
-    if device.type == "cuda":  # results complete: the cache writer may read `used` from any stream
+    spec = raw.cached
+    scratch: Optional[dict] = {} if raw.more else None  # base-only work shared by a fleet
+    out = []
+    for m, (status, _, wt) in zip(members, prepared):
+        if status != "scanned":
+            out.append(LayerResult(name=m.pair.name, shape=shape, dtype=p.base.dtype,
+                                   status=status))
+            continue
+        t1 = time.perf_counter()
+        fields, spec = engine.analyse(w0, wt, config, m.pair.name, base_spec=spec,
+                                      scratch=scratch, noise=m.noise)
+        out.append(LayerResult(name=m.pair.name, shape=shape, dtype=p.base.dtype,
+                               status="scanned", seconds=time.perf_counter() -
+                               (t0 if not out else t1), **fields))
+    if device.type == "cuda":  # results complete: the cache writer may read `spec` from any stream
         torch.cuda.current_stream(device).synchronize()
-    if base_cache is not None and raw.key is not None and _grew(raw.cached, used):
-        base_cache.store(raw.key, used, p.base)
-    return LayerResult(name=p.name, shape=shape, dtype=p.base.dtype, status="scanned",
-                       seconds=time.perf_counter() - t0, **fields)
+    if base_cache is not None and raw.key is not None and _grew(raw.cached, spec):
+        base_cache.store(raw.key, spec, p.base)
+    return tuple(out) if raw.group else out[0]
 
 
 def _grew(cached, used) -> bool:
@@ -262,15 +346,17 @@ def _warm_linalg(device) -> None:
     torch.linalg.eigh(a)
     torch.linalg.eigvalsh(a)
     torch.linalg.cholesky_ex(a)
+    torch.cholesky_inverse(torch.linalg.cholesky(a))
     torch.linalg.svdvals(a)
     torch.linalg.svd(a, full_matrices=False)
     torch.cuda.synchronize(device)
 
 
 class Pipeline:
-    """Run every pair through readers and device workers; iterate results in pair order."""
+    """Run every pair through readers and device workers; iterate results in pair order. An
+    item may be a tuple of pairs sharing one base (a fleet): its result is a tuple."""
 
-    def __init__(self, pairs: List[LayerPair], read: Callable, config: ScanConfig,
+    def __init__(self, pairs: List, read: Callable, config: ScanConfig,
                  devices: List[torch.device], base_cache=None, readers: Optional[int] = None,
                  per_device: Optional[int] = None, budget: Optional[int] = None,
                  threaded: Optional[bool] = None):
@@ -299,6 +385,10 @@ class Pipeline:
         self.stash: Dict[int, Raw] = {}
         self.pool_threads = 1  # BLAS / OpenMP threads per worker (set in __iter__)
 
+    def _name(self, i: int) -> str:
+        item = self.pairs[i]
+        return (item[0] if isinstance(item, tuple) else item).name
+
     # -- readers -----------------------------------------------------------------------------
     def _take(self) -> Optional[int]:
         with self.index_lock:
@@ -313,11 +403,13 @@ class Pipeline:
             i = self._take()
             if i is None:
                 return
-            pair = self.pairs[i]
-            nbytes = sum(_nbytes(r) for r in pair_refs(pair))
+            item = self.pairs[i]
+            group = item if isinstance(item, tuple) else (item,)
+            nbytes = group_bytes(group)
             if not self.budget.acquire(i, nbytes, self.stop):
                 return
-            raw = Raw(i, pair, nbytes=nbytes)
+            raw = Raw(i, group[0], nbytes=nbytes, group=isinstance(item, tuple),
+                      more=[Raw(i, q) for q in group[1:]])
             try:
                 self.ready.put(read_pair(raw, self.reader, self.base_cache))
             except BaseException as exc:  # reported when this pair's turn comes
@@ -352,6 +444,8 @@ class Pipeline:
                 released.append(1)
                 raw.w0 = raw.wt = None
                 raw.parts = {}
+                for sub in raw.more:
+                    sub.wt, sub.parts = None, {}
                 self.budget.release(raw.nbytes)
 
         try:
@@ -413,7 +507,7 @@ class Pipeline:
                         self.cv.wait(0.1)
                         if i not in self.results and not any(t.is_alive() for t in self.threads):
                             raise IntruderError(f"scan stopped: every worker thread ended before "
-                                                f"matrix {self.pairs[i].name!r} was done (out of "
+                                                f"matrix {self._name(i)!r} was done (out of "
                                                 f"memory?)")
                     res = self.results.pop(i)
                 if isinstance(res, BaseException):
@@ -447,6 +541,6 @@ class Pipeline:
                         if i in self.results:
                             return
                     raise IntruderError(f"scan stopped: every reader thread ended before matrix "
-                                        f"{self.pairs[i].name!r} was read (out of memory?)")
+                                        f"{self._name(i)!r} was read (out of memory?)")
                 continue
             self.stash[raw.index] = raw  # readers may finish out of order

@@ -1,0 +1,615 @@
+"""Hostile and careless outputs and option values: every output target is checked before any
+work, nothing but a regular file is ever replaced, an input is never written, a failing run
+leaves the previous outputs as they were, edited reports are refused with one line naming the
+field, and a closed or full stdout ends with one line instead of a traceback.
+
+Grouped by kind: output targets; scale and its outputs; reports and JSON files; stdout, option
+values and locale; exit codes. Runs in process (CliRunner) except where the real stdout, the
+locale or a signal matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import hostile_corpus as hc
+import hostile_reports as hr
+from intruder import errors, exitcodes
+from intruder.cli import cli
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+CACHE = tempfile.mkdtemp(prefix="intruder-outputs-cache-")
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", INTRUDER_CACHE_DIR=CACHE)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch):
+    monkeypatch.setenv("INTRUDER_CACHE_DIR", CACHE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_cache():
+    yield
+    import shutil
+
+    shutil.rmtree(CACHE, ignore_errors=True)
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """base/tuned .safetensors (fine-tune noise large enough for intruders at epsilon 0.9), a
+    model directory holding the base, and a scan report of the pair."""
+    from intruder.report.schema import save_report
+    from intruder.scan import run_scan
+    from intruder.types import ScanConfig
+
+    d = tmp_path_factory.mktemp("pair")
+    rng = np.random.default_rng(1)
+    base_t = hc.model_tensors(0)
+    tuned_t = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32)
+               for k, v in base_t.items()}
+    other_t = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32)
+               for k, v in base_t.items()}
+    p = {"dir": str(d), "base": hc.write_st(str(d / "base.safetensors"), base_t),
+         "tuned": hc.write_st(str(d / "tuned.safetensors"), tuned_t),
+         "other": hc.write_st(str(d / "other-finetune.safetensors"), other_t)}
+    mdir = d / "base-dir"
+    hc.write_st(str(mdir / "model.safetensors"), base_t)
+    hc.write_json(str(mdir / "config.json"), {"model_type": "llama"})
+    p["base_dir"] = str(mdir)
+    rep = run_scan(p["base"], p["tuned"], ScanConfig(epsilons=(0.9,), device="cpu"))
+    assert sum(len(l.intruders) for l in rep.layers) > 0
+    p["report"] = str(d / "scan.json")
+    save_report(rep, p["report"])
+    p["snapshot"] = {k: _sha(v) for k, v in p.items() if k in ("base", "tuned", "report")}
+    return p
+
+
+def _run(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _error_line(res) -> str:
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+def _inputs_unchanged(pair):
+    assert {k: _sha(pair[k]) for k in pair["snapshot"]} == pair["snapshot"]
+
+
+# ------------------------------------------------------------------------------ output targets
+
+
+def _specials(d):
+    """A FIFO and a symlink (to a regular file) as output targets; root may not touch /dev."""
+    fifo = os.path.join(d, "target.fifo")
+    os.mkfifo(fifo)
+    victim = os.path.join(d, "victim.txt")
+    with open(victim, "w") as fh:
+        fh.write("keep me\n")
+    link = os.path.join(d, "target.link")
+    os.symlink(victim, link)
+    return fifo, link, victim
+
+
+def _commands(pair, out, target):
+    """Each command with `target` as one of its outputs; {OUT} outputs go to a fresh folder."""
+    b, t = pair["base"], pair["tuned"]
+    j = os.path.join
+    return {
+        "scan -o": ["scan", b, t, "-q", "-o", target],
+        "scan --html": ["scan", b, t, "-q", "-o", j(out, "r.json"), "--html", target],
+        "report -o": ["report", pair["report"], "-q", "-o", target],
+        "compare -o": ["compare", b, t, "-q", "-o", target],
+        "track --html": ["track", b, t, "-q", "-o", j(out, "t.json"), "--html", target],
+        "scale --html": ["scale", "--scan", pair["report"], "--alpha", "0.5", "-q", "-o",
+                         j(out, "s"), "--html", target],
+    }
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_fifo_and_symlink_targets_are_refused_and_kept(pair, tmp_path, kind):
+    """As root, `-o /dev/full` and `--html /dev/null` used to replace the device nodes with
+    regular files; a FIFO and a symlink stand in for them here. Every command refuses them with
+    one line, before any work, and leaves them exactly as they were."""
+    fifo, link, victim = _specials(str(tmp_path))
+    target = fifo if kind == "fifo" else link
+    for name, args in _commands(pair, str(tmp_path / "out"), target).items():
+        os.makedirs(tmp_path / "out", exist_ok=True)
+        res = _run(args)
+        line = _error_line(res)
+        assert res.exit_code == 1, (name, line)
+        assert target in line and ("FIFO" if kind == "fifo" else "symbolic link") in line, line
+        assert "refusing to replace it" in line
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode), name
+        assert os.path.islink(link) and os.readlink(link) == victim, name
+        assert open(victim).read() == "keep me\n"
+        assert os.listdir(tmp_path / "out") == [], (name, os.listdir(tmp_path / "out"))
+    _inputs_unchanged(pair)
+
+
+def test_atomic_writer_never_renames_onto_a_special_file(tmp_path):
+    """Past the up-front check (a FIFO appearing in between): the writer itself refuses."""
+    from intruder.io.atomic import write_text
+
+    fifo = str(tmp_path / "late.fifo")
+    os.mkfifo(fifo)
+    with pytest.raises(errors.OutputError, match="is a FIFO; refusing to replace it"):
+        write_text(fifo, "{}")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert os.listdir(tmp_path) == ["late.fifo"]  # no temporary left
+
+
+def test_an_input_is_never_an_output(pair, tmp_path):
+    """By resolved path, by inode (a hard link to an input file, or to a shard inside an input
+    model directory), and with folders that do not exist yet inside an input directory."""
+    hard = str(tmp_path / "hard-link-to-tuned.json")
+    os.link(pair["tuned"], hard)
+    shard = os.path.join(pair["base_dir"], "model.safetensors")
+    hard_shard = str(tmp_path / "hard-link-to-shard.html")
+    os.link(shard, hard_shard)
+    before_shard = _sha(shard)
+    b, t = pair["base"], pair["tuned"]
+    res = _run(["scan", pair["base_dir"], t, "-q", "-o", tmp_path / "rdir.json"])
+    assert res.exit_code == 0, res.output
+    cases = [
+        (["report", pair["report"], "-q", "-o", pair["base"]], "overwrite the input"),
+        (["report", pair["report"], "-q", "-o", pair["report"]], "overwrite the input"),
+        (["scan", b, t, "-q", "-o", hard], "same file as the input"),
+        (["scan", pair["base_dir"], t, "-q", "-o", str(tmp_path / "r.json"), "--html",
+          hard_shard], "same file as the input"),
+        (["report", str(tmp_path / "rdir.json"), "-q", "-o",
+          os.path.join(pair["base_dir"], "sub", "deeper", "a.html")], "inside the input"),
+        (["scan", pair["base_dir"], t, "-q", "-o",
+          os.path.join(pair["base_dir"], "new", "r.json")], "inside the input"),
+        (["scale", pair["base_dir"], t, "--alpha", "0.5", "-q", "-o",
+          os.path.join(pair["base_dir"], "out")], "inside the input"),
+    ]
+    for args, expect in cases:
+        res = _run(args)
+        assert res.exit_code == 1, args
+        line = _error_line(res)
+        assert expect in line, (args, line)
+    assert not os.path.exists(os.path.join(pair["base_dir"], "sub"))
+    assert not os.path.exists(os.path.join(pair["base_dir"], "new"))
+    assert not os.path.exists(os.path.join(pair["base_dir"], "out"))
+    assert sorted(os.listdir(pair["base_dir"])) == ["config.json", "model.safetensors"]
+    assert _sha(shard) == before_shard
+    _inputs_unchanged(pair)
+
+
+def test_two_outputs_of_one_command_never_coincide(pair, tmp_path):
+    b, t = pair["base"], pair["tuned"]
+    x = str(tmp_path / "x.json")
+    out = str(tmp_path / "s")
+    cases = [
+        (["scan", b, t, "-q", "-o", x, "--html", x], "name the same path"),
+        (["compare", b, t, "-q", "-o", x, "--html", x], "name the same path"),
+        (["scale", "--scan", pair["report"], "--alpha", "0.5", "-q", "-o", out, "--html",
+          pair["report"]], "overwrite the input"),
+        (["scale", "--scan", pair["report"], "--alpha", "0.5", "-q", "-o", out, "--html",
+          os.path.join(out, "scale-results.json")], "name the same path"),
+        (["scale", b, t, "--alpha", "0.5", "-q", "-o", out, "--html",
+          os.path.join(out, "intruder-scan.json")], "name the same path"),
+    ]
+    for args, expect in cases:
+        res = _run(args)
+        line = _error_line(res)
+        assert res.exit_code == 1 and expect in line, (args, line)
+        assert os.listdir(tmp_path) == [], (args, os.listdir(tmp_path))
+    # two existing names of one file (a hard link) are one output too
+    with open(x, "w") as fh:
+        fh.write("old\n")
+    y = str(tmp_path / "y.html")
+    os.link(x, y)
+    res = _run(["scan", b, t, "-q", "-o", x, "--html", y])
+    assert res.exit_code == 1 and "is the same file as -o" in _error_line(res)
+    assert open(x).read() == "old\n"
+    _inputs_unchanged(pair)
+
+
+def _immutable(path) -> bool:
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return True
+    try:
+        return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def _mutable(path) -> None:
+    if os.geteuid() != 0:
+        os.chmod(path, 0o755)
+    else:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_report_output_under_a_file_or_an_unwritable_folder(pair, tmp_path):
+    """`report -o` used to end in a traceback from makedirs."""
+    afile = tmp_path / "plain.txt"
+    afile.write_text("x")
+    res = _run(["report", pair["report"], "-q", "-o", str(afile / "sub" / "a.html")])
+    line = _error_line(res)
+    assert res.exit_code == 1 and str(afile) in line and "not a directory" in line
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _immutable(ro):
+        pytest.skip("cannot make a folder unwritable here")
+    try:
+        res = _run(["report", pair["report"], "-q", "-o", str(ro / "new" / "a.html")])
+        line = _error_line(res)
+        assert res.exit_code == 1 and "not writable" in line, line
+        assert os.listdir(ro) == []
+    finally:
+        _mutable(ro)
+
+
+def test_report_creates_missing_folders_and_removes_them_on_failure(pair, tmp_path,
+                                                                     monkeypatch):
+    from intruder.report import html
+
+    target = tmp_path / "a" / "b" / "audit.html"
+    res = _run(["report", pair["report"], "-q", "-o", str(target)])
+    assert res.exit_code == 0, res.output
+    assert target.is_file()
+
+    def fail(*a, **k):
+        raise errors.ReportError("drawing failed")
+
+    monkeypatch.setattr(html, "write_html", fail)
+    res = _run(["report", pair["report"], "-q", "-o", str(tmp_path / "c" / "d" / "x.html")])
+    assert res.exit_code == 1
+    assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------------ scale outputs
+
+
+def test_failing_second_scale_run_keeps_the_previous_outputs(pair, tmp_path):
+    """The second run scans again, then fails (its alpha overflows float32): the report of the
+    first run, and its model, are as they were; no temporary is left."""
+    out = tmp_path / "out"
+    args = ["scale", pair["base"], pair["tuned"], "-q", "-o", str(out), "--epsilon", "0.9"]
+    res = _run(args + ["--alpha", "0.5"])
+    assert res.exit_code == 0, res.output
+    first = {n: _sha(out / n) for n in os.listdir(out)}
+    assert set(first) == {"intruder-scan.json", "alpha-0.5.safetensors", "scale-results.json"}
+    res = _run(args[:-1] + ["0.8", "--alpha", "0.5,1e300", "--force"])
+    line = _error_line(res)
+    assert res.exit_code == 1 and "exceeds the range of F32" in line, line
+    assert {n: _sha(out / n) for n in os.listdir(out)} == first
+    # without --force the existing model is refused before anything is scanned or written
+    res = _run(args[:-1] + ["0.8", "--alpha", "0.5"])
+    assert res.exit_code == 1 and "already exists (use --force" in _error_line(res)
+    assert {n: _sha(out / n) for n in os.listdir(out)} == first
+    _inputs_unchanged(pair)
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf", "1e400", "0.5,nan"])
+def test_non_finite_alpha_is_refused_when_parsed(pair, tmp_path, alpha):
+    res = _run(["scale", "--scan", pair["report"], "--alpha", alpha, "-q", "-o",
+                str(tmp_path / "out")])
+    assert res.exit_code == exitcodes.USAGE, res.output
+    assert "--alpha must hold finite numbers" in res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_alpha_whose_weights_overflow_writes_nothing(pair, tmp_path, monkeypatch):
+    """1e300 is refused from the recorded singular values before any output is opened; with
+    that bound switched off, the check on each rescaled tensor refuses it before the rename."""
+    from intruder import intervene
+
+    out = tmp_path / "out"
+    res = _run(["scale", "--scan", pair["report"], "--alpha", "1e300", "-q", "-o", str(out)])
+    line = _error_line(res)
+    assert res.exit_code == 1 and "--alpha 1e+300" in line and "nothing was written" in line
+    assert not out.exists()
+    monkeypatch.setattr(intervene, "overflow_alpha", lambda *a: False)
+    res = _run(["scale", "--scan", pair["report"], "--alpha", "1e300", "-q", "-o", str(out)])
+    line = _error_line(res)
+    assert res.exit_code == 1 and "beyond the range of F32" in line, line
+    assert not out.exists()
+
+
+def test_overflow_bound_is_a_lower_bound():
+    """The bound used before writing never refuses an alpha whose result fits: checked against
+    the exact rescaled matrix."""
+    import torch
+
+    from intruder.intervene import LayerIntruders, intruder_component, overflow_alpha, rescale
+
+    rng = np.random.default_rng(3)
+    w = torch.tensor(rng.standard_normal((24, 16)), dtype=torch.float64)
+    sig = torch.linalg.svdvals(w)
+    sel = LayerIntruders("w", (0, 2), tuple(sig[:4].tolist()), 4, (24, 16))
+    comp = intruder_component(w, sel)
+    for alpha in (1e30, 1e36, 1e37, 1e38, 1e39, 1e40, 1e300):
+        exact = rescale(w, comp, alpha).to(torch.float32)
+        if overflow_alpha(sel, alpha, torch.float32):
+            assert not torch.isfinite(exact).all(), alpha
+    assert overflow_alpha(sel, 1e300, torch.float32)
+    assert not overflow_alpha(sel, 1e300, torch.float64)
+
+
+def _edited_report(pair, tmp_path, edit):
+    doc = json.loads(open(pair["report"]).read())
+    layer = next(l for l in doc["layers"] if l["intruders"])
+    edit(doc, layer)
+    os.makedirs(tmp_path, exist_ok=True)
+    path = str(tmp_path / "edited.json")
+    hc.write_json(path, doc)
+    return path, layer["name"]
+
+
+def test_scale_refuses_edited_intruder_ranks(pair, tmp_path):
+    """A negative rank used to rescale another triplet (Python's negative indexing) and a
+    repeated rank subtracted its direction twice."""
+    from intruder.intervene import select_intruders
+    from intruder.report.schema import load_report
+
+    def negative(doc, layer):
+        layer["intruders"][0]["index"] = -1
+
+    def twice(doc, layer):
+        layer["intruders"].append(dict(layer["intruders"][0]))
+
+    for edit, expect in ((negative, "-1 is outside the top-"), (twice, "listed twice")):
+        path, _ = _edited_report(pair, tmp_path, edit)
+        res = _run(["scale", "--scan", path, "--alpha", "0", "-q", "-o", str(tmp_path / "o")])
+        line = _error_line(res)
+        assert res.exit_code == 1 and path in line and expect in line, line
+        assert not (tmp_path / "o").exists()
+    # the library refuses the same ranks in a report built in memory
+    rep = load_report(pair["report"])
+    i = next(n for n, l in enumerate(rep.layers) if l.intruders)
+    l = rep.layers[i]
+    for bad in ((dataclasses.replace(l.intruders[0], index=-1),),
+                (l.intruders[0], l.intruders[0])):
+        edited = dataclasses.replace(rep, layers=rep.layers[:i] + (
+            dataclasses.replace(l, intruders=bad),) + rep.layers[i + 1:])
+        with pytest.raises(errors.ReportError, match="outside the top-|listed twice"):
+            select_intruders(edited)
+
+
+def test_scale_binds_the_report_to_the_scanned_weights(pair, tmp_path):
+    """Another fine-tune with the same layout in the scanned file's place. A report recording the
+    content sha256 refuses it at once. An older report (only the header fingerprint, equal for
+    both) is bound by its singular values: with sigma_tuned the recomputed values expose the
+    swap; a report stripped of sigma_tuned used to rescale the other fine-tune silently and is
+    now refused."""
+    import shutil
+
+    from intruder.intervene import scale_checkpoint
+    from intruder.io import open_checkpoint
+    from intruder.report.schema import load_report
+
+    d = tmp_path / "moved"
+    d.mkdir()
+    shutil.copy(pair["base"], d / "base.safetensors")
+    shutil.copy(pair["other"], d / "tuned.safetensors")  # same names, shapes, sizes
+    base, tuned = str(d / "base.safetensors"), str(d / "tuned.safetensors")
+    fp = {"base": open_checkpoint(base).header_fingerprint(),
+          "tuned": open_checkpoint(tuned).header_fingerprint()}
+    assert fp["tuned"] == open_checkpoint(pair["tuned"]).header_fingerprint()
+
+    def older(doc, layer):  # identity as schema 1.1 recorded it
+        for side in ("base", "tuned"):
+            doc[side].pop("sha256", None)
+            doc[side].pop("files", None)
+            doc[side]["fingerprint"] = fp[side]
+
+    def older_without_sigma(doc, layer):
+        older(doc, layer)
+        for l in doc["layers"]:
+            l.pop("sigma_tuned", None)
+
+    cases = [(pair["report"], "does not match the scan report|differ from the scan report's"),
+             (_edited_report(pair, tmp_path, older)[0], "differ from the scan report's"),
+             (_edited_report(pair, tmp_path / "x", older_without_sigma)[0],
+              "records no sigma_tuned")]
+    for report, expect in cases:
+        with pytest.raises(errors.ReportError, match=expect):
+            scale_checkpoint(load_report(report), [0.0], [str(tmp_path / "o.safetensors")],
+                             base=base, tuned=tuned, device="cpu")
+        assert not (tmp_path / "o.safetensors").exists()
+    # the CLI says the same in one line, before anything is written
+    res = _run(["scale", "--scan", cases[2][0], "--alpha", "0", "-q", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "records no sigma_tuned" in _error_line(res)
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------ reports and JSON
+
+
+@pytest.mark.parametrize("edit", sorted(hr.SEMANTIC_EDITS))
+def test_report_contradicting_itself_is_refused_naming_file_and_field(tmp_path, edit):
+    from intruder.report.schema import load_report
+
+    path = hr.hand_edited_report(str(tmp_path / "intruder-scan.json"), edit)
+    with pytest.raises(errors.ReportError) as info:
+        load_report(path)
+    msg = str(info.value)
+    assert msg.startswith(path) and re.search(hr.SEMANTIC_EDITS[edit], msg), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("edit", ["epsilon_above_one", "top_k_huge", "shape_empty", "index_999",
+                                  "arrays_inconsistent"])
+def test_report_command_refuses_contradicting_reports(tmp_path, edit):
+    path = hr.hand_edited_report(str(tmp_path / "intruder-scan.json"), edit)
+    res = _run(["report", path, "-q", "-o", str(tmp_path / "a.html")])
+    line = _error_line(res)
+    assert res.exit_code == 1 and path in line and re.search(hr.SEMANTIC_EDITS[edit], line)
+    assert not (tmp_path / "a.html").exists()
+
+
+def test_report_and_task_json_have_a_size_cap(tmp_path, monkeypatch):
+    """A 409 MB report used to be read whole (2.4 GB of memory); the cap applies before the
+    read. Shown with the cap lowered, so that the test writes kilobytes."""
+    from intruder.evaluate.task import load_choice_items
+    from intruder.io import jsonfile
+    from intruder.report.schema import load_report
+
+    monkeypatch.setattr(jsonfile, "MAX_LARGE_JSON", 4096)
+    path = str(tmp_path / "big.json")
+    hc.write_json(path, {"pad": "x" * 5000})
+    with pytest.raises(errors.ReportError, match=re.escape(path) + r": \d+ bytes is too large "
+                       r"for a scan report \(at most"):
+        load_report(path)
+    with pytest.raises(errors.EvalError, match="too large for a task file"):
+        load_choice_items(__import__("pathlib").Path(path))
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("[" * 100 + "]" * 100, r"nested more than 64 levels"),
+    ("[" * 100000 + "]" * 100000, r"nested too deeply"),
+    ('[{"q": ' + "7" * 5000 + "}]", r"a number of 5000 digits"),
+    ('[{"q": 1e999}]', r"beyond the double-precision range"),
+    ('[{"q": NaN}]', r"NaN is not a JSON value"),
+    ('[{"q": 1, "q": 2}]', r"key 'q' appears twice"),
+    ('[{"q": ', r"Expecting value at line 1"),
+], ids=["nesting-100", "nesting-100000", "digits-5000", "float-1e999", "nan", "duplicate-key",
+        "truncated"])
+def test_task_json_bombs_give_one_line(tmp_path, text, expect):
+    from pathlib import Path
+
+    from intruder.evaluate.task import load_choice_items
+
+    for suffix in (".json", ".jsonl"):
+        path = tmp_path / f"task{suffix}"
+        path.write_text(text)
+        with pytest.raises(errors.EvalError) as info:
+            load_choice_items(Path(path))
+        msg = str(info.value)
+        assert msg.startswith(str(path)) and re.search(expect, msg) and "\n" not in msg, msg
+        if suffix == ".jsonl":
+            assert " line 1: " in msg
+
+
+# ------------------------------------------------------------- stdout, option values, locale
+
+
+def _scan_cmd(pair, out, *extra):
+    return [sys.executable, "-m", "intruder", "scan", pair["base"], pair["tuned"], "-q", "-o",
+            str(out), *extra]
+
+
+def test_stdout_on_dev_full_gives_one_line(pair, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:  # written to, never replaced
+        p = subprocess.run(_scan_cmd(pair, tmp_path / "r.json", "--json"), stdout=full,
+                           stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)
+    assert p.returncode == exitcodes.ERROR, p.stderr
+    assert p.stderr.splitlines() == [
+        "Error: standard output: cannot write (No space left on device); the output files, if "
+        "any, are complete"]
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["layers_scanned"] == 7
+
+
+def test_stdout_closed_by_the_reader_gives_one_line(pair, tmp_path):
+    """`intruder scan ... | head`: the reader is gone before anything is written."""
+    p = subprocess.Popen(_scan_cmd(pair, tmp_path / "r.json"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV)
+    p.stdout.close()
+    stderr = p.stderr.read()
+    p.wait(timeout=120)
+    assert p.returncode == exitcodes.BROKEN_PIPE, stderr
+    assert stderr.splitlines() == [
+        "Error: standard output: cannot write (Broken pipe); the output files, if any, are "
+        "complete"]
+
+
+@pytest.mark.parametrize("args", [
+    ["scan", "{B}", "{T}", "--fail-on-margin", "nan"],
+    ["scan", "{B}", "{T}", "--fail-on-strength", "inf"],
+    ["scan", "{B}", "{T}", "--epsilon", "0.5,nan"],
+    ["compare", "{B}", "{T}", "--fail-on-margin", "nan"],
+    ["track", "{B}", "{T}", "--fail-on-strength", "-inf"],
+    ["scale", "{B}", "{T}", "--alpha", "0.5", "--epsilon", "nan"],
+])
+def test_non_finite_option_values_are_refused(pair, tmp_path, args):
+    args = [a.replace("{B}", pair["base"]).replace("{T}", pair["tuned"]) for a in args]
+    res = CliRunner().invoke(cli, args + ["-q", "-o", str(tmp_path / "out")])
+    assert res.exit_code == exitcodes.USAGE, res.output
+    assert re.search(r"finite number", res.stderr), res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("env", [{"LANG": "C", "LC_ALL": "C"},
+                                 {"LC_ALL": "C", "PYTHONUTF8": "0"}])
+def test_non_ascii_and_non_utf8_names_under_the_c_locale(pair, tmp_path, env):
+    """Names that are not ASCII under LANG=C (with and without Python's UTF-8 mode), and a
+    name whose bytes are not UTF-8 at all: scan, report and scale succeed, escape the name
+    where it is shown, and the report reopens the file."""
+    import shutil
+
+    d = os.fsencode(str(tmp_path))
+    base = os.path.join(d, "bäse-模型.safetensors".encode())
+    tuned = os.path.join(d, b"tun\xe9d.safetensors")  # Latin-1 bytes: not UTF-8
+    shutil.copy(pair["base"], base)
+    shutil.copy(pair["tuned"], tuned)
+    run_env = dict(ENV, **env)
+    run_env.pop("PYTHONIOENCODING", None)
+    report = os.path.join(d, "rapport-\xe9.json".encode())
+    steps = [[b"scan", base, tuned, b"-q", b"-o", report, b"--epsilon", b"0.9",
+              b"--html", os.path.join(d, b"scan-\xe9.html")],
+             [b"report", report, b"-q", b"-o", os.path.join(d, b"audit-\xe9.html")],
+             [b"scale", b"--scan", report, b"--alpha", b"0.5", b"-q", b"-o",
+              os.path.join(d, b"scaled-\xe9")]]
+    for args in steps:
+        p = subprocess.run([os.fsencode(sys.executable), b"-m", b"intruder", *args],
+                           capture_output=True, env=run_env, timeout=300)
+        assert p.returncode == 0, p.stderr.decode("utf-8", "replace")
+        assert b"Traceback" not in p.stderr
+    page = open(os.path.join(d, b"audit-\xe9.html"), "rb").read().decode("utf-8")  # valid
+    assert "tun\\xe9d.safetensors" in page
+    assert os.path.isfile(os.path.join(d, b"scaled-\xe9", b"alpha-0.5.safetensors"))
+
+
+# ---------------------------------------------------------------------------------- exit codes
+
+
+def test_exit_codes_are_defined_once():
+    """EXIT_* numbers live in intruder/exitcodes.py; elsewhere they are imported, not redefined."""
+    pkg = os.path.join(ROOT, "intruder")
+    defined = []
+    for dirpath, _, files in os.walk(pkg):
+        for f in files:
+            if f.endswith(".py") and f != "exitcodes.py":
+                text = open(os.path.join(dirpath, f)).read()
+                defined += [(f, m) for m in re.findall(r"^\s*EXIT_\w+\s*=\s*\d+", text, re.M)]
+                defined += [(f, m) for m in re.findall(r"ctx\.exit\((?:1|130|143)\)", text)]
+    assert defined == []
+
+
+def test_gate_exit_codes(pair, tmp_path):
+    res = _run(["scan", pair["base"], pair["tuned"], "-q", "-o", tmp_path / "r.json",
+                "--epsilon", "0.9", "--fail-on-intruders"])
+    assert res.exit_code == exitcodes.INTRUDERS
+    res = _run(["scan", pair["base"], pair["tuned"], "-q", "-o", tmp_path / "r.json",
+                "--fail-on-margin", "1"])
+    assert res.exit_code == exitcodes.MARGIN
