@@ -53,8 +53,14 @@ def conv(tmp_path_factory):
     return paths
 
 
+_SCANS: dict = {}
+
+
 def _scan(base, tuned):
-    return run_scan(base, tuned, CFG)
+    """run_scan, each pair once per module (scans are deterministic; reports are frozen)."""
+    if (base, tuned) not in _SCANS:
+        _SCANS[base, tuned] = run_scan(base, tuned, CFG)
+    return _SCANS[base, tuned]
 
 
 def _same_decisions(a, b, tol):
@@ -245,6 +251,11 @@ def test_checkpoint_with_unsupported_tensors_still_scans(tmp_path):
     assert {s["name"] for s in doc["skipped"]} >= set(extra) | {victim}
     res = CliRunner().invoke(cli, ["layers", str(tmp_path / "t"), "--all"])
     assert res.exit_code == 0 and "F4" in res.output and "BOOL" in res.output
+    assert "no (skipped: its dtype holds codes, not weights)" in res.output
+    res = CliRunner().invoke(cli, ["scan", str(tmp_path / "b"), str(tmp_path / "t"), "--no-cache",
+                                   "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "note: 4 matrices skipped for their stored dtype" in res.output
 
 
 # ------------------------------------------------------------------------------- GGUF
@@ -256,7 +267,7 @@ def test_gguf_f16_scans_exactly_like_safetensors(conv):
         both = _scan(conv["base", "F16"], conv[m, "F16"])
         mixed = _scan(base, conv[m, "F16"])
         for rep in (both, mixed):
-            assert _same_decisions(orig, rep, 0.0) == 0.0
+            assert _same_decisions(orig, rep, 0.0) <= 1e-12  # same tensors, same code path
             assert [[i.index for i in l.intruders] for l in rep.layers] == \
                    [[i.index for i in l.intruders] for l in orig.layers]
         assert {dict(l.extra)["storage_tuned"] for l in both.layers} == {"gguf F16"}
@@ -265,6 +276,37 @@ def test_gguf_f16_scans_exactly_like_safetensors(conv):
     ck, st = open_checkpoint(conv["lora_r8", "F16"]), open_checkpoint(os.path.join(DEMO, "lora_r8"))
     for name in st.refs:
         assert torch.equal(ck.read(name), st.read(name)), name
+
+
+def test_quantized_storage_is_named_in_the_terminal_and_layers(conv, tmp_path):
+    res = CliRunner().invoke(cli, ["scan", os.path.join(DEMO, "base"), conv["lora_r8", "Q8_0"],
+                                   "--no-cache", "-o", str(tmp_path / "r.json"),
+                                   "--html", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert "decoded to float before the scan: tuned gguf Q8_0 (28 matrices)" in res.output
+    assert (tmp_path / "r.html").read_text().count("F16 (tuned: gguf Q8_0)") == 28
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {(l["storage_base"], l["storage_tuned"]) for l in doc["layers"]} == {("f16", "gguf Q8_0")}
+    res = CliRunner().invoke(cli, ["layers", conv["lora_r8", "fp8"], "--json"])
+    rows = {r["name"]: r for r in json.loads(res.stdout)["tensors"]}
+    assert rows["model.layers.0.self_attn.q_proj.weight"]["storage"] == "fp8_e4m3 per-channel scale"
+
+
+def test_float8_decodes_without_a_torch_float8_type(monkeypatch, tmp_path):
+    """torch < 2.1 (no float8) / < 2.7 (no float8_e8m0fnu): the 256-entry tables decode."""
+    from safetensors.torch import save_file
+
+    from intruder.io import safetensors_file
+
+    codes, scale = qd.fp8_quantize(torch.randn(64, 32, generator=torch.Generator().manual_seed(3)),
+                                   "per-channel")
+    save_file({"m.weight": codes, "m.weight_scale": scale}, str(tmp_path / "f.safetensors"))
+    ref = open_checkpoint(str(tmp_path / "f.safetensors")).refs["m.weight"]
+    want = read_ref(ref)
+    monkeypatch.setattr(safetensors_file, "torch_dtype", lambda dt: None if dt.startswith("F8") else
+                        getattr(torch, DTYPES[dt][1]))
+    assert torch.equal(read_ref(ref), want)
+    assert torch.equal(want, codes.to(torch.float32) * scale)
 
 
 def test_gguf_q8_0_scans_like_safetensors_within_tolerance(conv):
@@ -296,7 +338,7 @@ def test_qk_row_permutation_is_undone(conv, monkeypatch):
     pairing = pair_checkpoints(open_checkpoint(base, allow_adapter=False), open_checkpoint(conv["base", "F16"]))
     assert all(torch.equal(read_ref(p.base), read_ref(p.tuned)) for p in pairing.pairs)
     monkeypatch.setattr(ggufio, "PERMUTED_ARCHS", ())
-    rep = run_scan(base, conv["base", "F16"], CFG)
+    rep = run_scan(base, conv["base", "F16"], CFG)  # not cached: the permutation is left in place
     changed = {l.name for l in rep.layers if l.status == "scanned"}
     assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(4) for p in "qk"}
     assert all(min(l.max_cos) < 0.9 for l in rep.layers if l.status == "scanned")
@@ -418,3 +460,27 @@ def test_provenance_sees_quantization_as_rounding_not_fine_tuning(conv):
         assert lora["verdict"] == "lora-like" and lora["estimated_rank"] == 8, q
     both = summary(_scan(conv["base", "Q8_0"], conv["lora_r8", "Q8_0"]))["provenance"]
     assert both["verdict"] == "lora-like" and both["estimated_rank"] == 8
+
+
+def test_track_counts_quantization_rounding_step_to_step(conv, tmp_path):
+    res = CliRunner().invoke(cli, ["track", os.path.join(DEMO, "base"), conv["base", "Q8_0"],
+                                   conv["lora_r8", "Q8_0"], "--no-cache", "-o",
+                                   str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    rows = [l for l in res.output.splitlines() if l.strip().startswith(("1 ", "2 "))]
+    assert "precision-only" in rows[0]
+    assert rows[1].count("lora-like r~8") == 2  # against the base and against the Q8_0 base
+
+
+def test_scale_refuses_quantized_tuned_weights(conv, tmp_path):
+    """Rescaled weights would have to be re-quantized: refused in one line, nothing written."""
+    base = os.path.join(DEMO, "base")
+    for q in ("Q8_0", "fp8"):
+        out = tmp_path / f"out-{q}"
+        res = CliRunner().invoke(cli, ["scale", base, conv["lora_r8", q], "--alpha", "0.5",
+                                       "-o", str(out)],
+                                 env={"INTRUDER_CACHE_DIR": str(tmp_path / "cache")})
+        assert res.exit_code == 1, res.output
+        err = [l for l in res.output.splitlines() if l.startswith("Error:")]
+        assert len(err) == 1 and ("cannot write GGUF" in err[0] or "does not re-quantize" in err[0])
+        assert not os.path.exists(out / "alpha-0.5")

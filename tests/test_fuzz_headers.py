@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import hostile_corpus as hc
 from intruder.errors import IntruderError
 from intruder.io import open_checkpoint, pair_checkpoints, read_ref
-from intruder.io.safetensors_file import DTYPES, SafetensorsFile
+from intruder.io.safetensors_file import DTYPES, SafetensorsFile, torch_dtype
 
 SCALE = float(os.environ.get("INTRUDER_FUZZ_SCALE", "1"))
 
@@ -142,11 +142,12 @@ def _check_accepted(path: str) -> None:
         assert f.data_start <= e.start <= e.end <= size
         numel = int(np.prod(e.shape, dtype=object))
         assert e.end - e.start == numel * DTYPES[e.dtype][0]
-        t = f.read(name)
-        assert tuple(t.shape) == e.shape
         stored = blob[e.start:e.end]
         assert f.raw_bytes(name) == stored
-        assert t.reshape(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() == stored
+        if torch_dtype(e.dtype) is not None:  # a dtype this torch lacks: parsed, not read as such
+            t = f.read(name)
+            assert tuple(t.shape) == e.shape
+            assert t.reshape(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() == stored
         if e.end > e.start:
             spans.append((e.start, e.end))
     spans.sort()

@@ -468,6 +468,12 @@ def test_report_inputs_fall_back_to_the_hub_commit(env):
 def test_eval_and_compare_take_ids_offline(cached):
     r = CliRunner().invoke(cli, ["eval", "org/absent", "--offline", "-q", "--limit", "1"])
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: not in the local" in r.stderr
+    from intruder.cli.hubopts import resolve_model  # what eval loads (its JSON's "source")
+
+    with hub.settings(offline=True, progress=False):
+        path, source = resolve_model("org/base")
+    assert os.path.basename(path) == C_BASE and os.path.exists(os.path.join(path, "tokenizer.json"))
+    assert source == {"repo_id": "org/base", "revision": "main", "commit": C_BASE}
     r = CliRunner().invoke(cli, ["compare", "org/base", "org/lora", f"org/tuned@{C_TUNED}",
                                  "--offline", "-q", "--no-cache", "-o", "c.json"])
     assert r.exit_code == 0, r.output
@@ -505,3 +511,14 @@ def test_scale_from_ids_writes_a_model_naming_its_sources(cached):
         meta = fh.metadata()
     assert (meta["intruder.base_repo_id"], meta["intruder.base_commit"]) == ("org/base", C_BASE)
     assert meta["intruder.tuned_commit"] == C_TUNED and meta["intruder.tuned_revision"] == C_TUNED
+
+
+def test_altered_cache_blob_is_refused(cached):
+    snap = os.path.join(str(cached / "hf"), "models--org--tuned", "snapshots", C_TUNED)
+    blob = os.path.realpath(os.path.join(snap, "model.safetensors"))
+    data = bytearray(open(blob, "rb").read())
+    data[-1] ^= 1  # one bit of one weight
+    with open(blob, "wb") as fh:
+        fh.write(data)
+    r = scan(["org/base", f"org/tuned@{C_TUNED}", "--offline"], expect=1)
+    assert "holds other bytes" in r.stderr and r.stderr.count("\n") == 1

@@ -92,14 +92,21 @@ def _by_label(sweep):
 @pytest.fixture(scope="module")
 def demo_sweep(demo_pair, tmp_path_factory):
     """One in-memory sweep on the demo LoRA r=8 model, every alpha also saved."""
+    import json
+
+    from intruder.evaluate.data import load_wikitext
     from intruder.scale_sweep import run_sweep
 
     base, tuned, report = demo_pair
     out = tmp_path_factory.mktemp("sweep")
-    sweep = run_sweep(report, [0.0, 0.5, 1.0], str(out), base=base, tuned=tuned,
-                      evals=[f"wikitext:{WIKI}", f"task:{WINO}"], limit=2, device="cpu",
-                      save_alphas=[0.0, 0.5, 1.0])
-    return sweep
+    data = tmp_path_factory.mktemp("data")
+    corpus = load_wikitext(WIKI)  # the first article; 40 WinoGrande items
+    (data / "wiki.test.raw").write_text("\n".join(corpus.lines[:corpus.documents[0].stop]))
+    (data / "winogrande.json").write_text(json.dumps(json.load(open(WINO))[:40]))
+    evals = [f"wikitext:{data / 'wiki.test.raw'}", f"task:{data / 'winogrande.json'}"]
+    sweep = run_sweep(report, [0.0, 0.5, 1.0], str(out), base=base, tuned=tuned, evals=evals,
+                      device="cpu", save_alphas=[0.0, 0.5])
+    return sweep, evals
 
 
 @needs_data
@@ -109,17 +116,17 @@ def test_in_memory_sweep_equals_written_checkpoints(demo_sweep, demo_pair):
     from intruder.evaluate import evaluate_model
 
     base, _, _ = demo_pair
+    demo_sweep, evals = demo_sweep
     rows = _by_label(demo_sweep)
     assert list(rows) == ["base", "tuned", "alpha=0", "alpha=0.5", "alpha=1"]
     assert rows["alpha=1"] == rows["tuned"]
     assert len({rows[k][("wikitext", "word_perplexity")] for k in rows}) == 4
     for row in demo_sweep.rows:
-        if row.role != "scaled":
+        if row.role != "scaled" or row.alpha == 1.0:  # alpha 1: the tuned row, same numbers
             continue
         assert os.path.exists(row.path)
         disk = {(r.evaluator, r.metric): r.value for r in evaluate_model(
-            row.path, [f"wikitext:{WIKI}", f"task:{WINO}"], model_config=base, device="cpu",
-            limit=2, progress=False)}
+            row.path, evals, model_config=base, device="cpu", progress=False)}
         mem = rows[row.label]
         assert set(disk) == set(mem)
         for key, v in disk.items():
@@ -140,6 +147,7 @@ def test_results_file_declares_format_and_one_axis_choice(demo_sweep):
     from intruder.report.scale_results import FORMAT, load_scale_results
     from intruder.scale_sweep import plot_choice
 
+    demo_sweep, _ = demo_sweep
     doc = json.load(open(demo_sweep.files["json"]))
     assert doc["format"] == FORMAT and doc["timing"]["jobs"]
     table = load_scale_results(demo_sweep.files["json"])

@@ -70,7 +70,7 @@ def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, 
     opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
     evaluators = [get_evaluator(s, **opts) for s in specs]  # unknown names fail before loading
     check_evaluators(evaluators, limit)  # ... and so does missing or unreadable data
-    model = resolve_model(model)
+    model, source = resolve_model(model)
     echo_err(f"loading {model} ...", quiet)
     lm = load_model(model, model_config=model_config, device=device,
                     dtype=None if dtype == "auto" else dtype, max_length=max_length,
@@ -78,7 +78,7 @@ def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, 
     echo_err(f"model on {lm.device} ({lm.dtype}), max length {lm.max_length}", quiet)
     results = run_evaluators(lm, evaluators, limit=limit, progress=not quiet)
     if as_json:
-        emit(json.dumps(_json_doc(model, lm, limit, results), indent=2))
+        emit(json.dumps(dict(_json_doc(model, lm, limit, results), source=source), indent=2))
     else:
         emit(format_table(results))
 

@@ -47,15 +47,16 @@ def report_base_check(info, quiet: bool = False) -> None:
         echo_err(f"note: adapter {info.path}: {check.get('detail')}", quiet)
 
 
-def resolve_model(spec: str) -> str:
-    """A local path for MODEL: itself, or the snapshot a hub ID resolves to."""
+def resolve_model(spec: str):
+    """(local path, hub source or None) for MODEL: itself, or the snapshot a hub ID names."""
     import os
 
     from ..errors import EvalError
     from ..io import hub
 
     if os.path.lexists(spec):
-        return spec
+        return spec, None
     if hub.parse(spec) is not None:
-        return hub.resolve(spec).path
+        src = hub.resolve(spec)
+        return src.path, {"repo_id": src.repo_id, "revision": src.revision, "commit": src.commit}
     raise EvalError(f"{spec}: no such file or directory (nor a hub ID org/name[@revision])")

@@ -35,6 +35,7 @@ def _layers(checkpoint, as_json, show_all):
     import os
 
     from ..io import open_checkpoint
+    from ..io.dequant import unusable
     from ..io.pairing import is_default_target
     from ..report.table import format_table
 
@@ -59,8 +60,11 @@ def _layers(checkpoint, as_json, show_all):
         for name, ref in ck.refs.items():
             target = is_default_target(name, ref.shape)
             if target or show_all:
+                # storage: how a quantized tensor is decoded; unusable: why the scan skips it
                 rows.append({"name": name, "shape": list(ref.shape), "dtype": ref.dtype,
-                             "file": os.path.basename(ref.path), "scan_target": target})
+                             "file": os.path.basename(ref.path), "scan_target": target,
+                             "storage": ref.storage.kind if ref.storage is not None else None,
+                             "unusable": unusable(ref)})
     if as_json:
         info = ck.info(identity=False)
         emit(json.dumps({"checkpoint": checkpoint, "kind": ck.kind,
@@ -77,10 +81,21 @@ def _layers(checkpoint, as_json, show_all):
                                r["scaling"] if r["scaling"] is not None else "-", r["extra"]]
                               for r in rows], "llllrrrl")
     else:
-        table = format_table(["tensor", "shape", "dtype", "file"] + (["scanned"] if show_all else []),
+        stored = any(r["storage"] for r in rows)
+        table = format_table(["tensor", "shape", "dtype", "file"] + (["stored as"] if stored else [])
+                             + (["scanned"] if show_all else []),
                              [[r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["file"]]
-                              + (["yes" if r["scan_target"] else "no"] if show_all else [])
+                              + ([r["storage"] or ""] if stored else [])
+                              + ([_scanned(r)] if show_all else [])
                               for r in rows])
     emit(table)
+    src = ck.info(identity=False)
+    hub_note = f"; hub {src.repo_id} commit {src.commit}" if src.repo_id else ""
     click.echo(f"{len(rows)} {'modules' if ck.kind == 'adapter' else 'tensors'} listed; "
-               f"{ck.kind} checkpoint with {len(ck.refs)} tensors", err=True)
+               f"{ck.kind} checkpoint with {len(ck.refs)} tensors{hub_note}", err=True)
+
+
+def _scanned(row) -> str:
+    if not row["scan_target"]:
+        return "no"
+    return "no (skipped: its dtype holds codes, not weights)" if row["unusable"] else "yes"

@@ -20,6 +20,7 @@ from ..errors import EvalError
 from ..types import EvalResult
 
 DEFAULT_BATCH = 8
+_MANAGERS: Dict[Tuple[str, ...], object] = {}  # include folders -> TaskManager (indexing is slow)
 
 
 def _import():
@@ -56,7 +57,10 @@ class LmEvalEvaluator:
                 if not os.path.exists(p):
                     raise EvalError(f"--lm-eval-include {p}: no such file or folder")
             _, TaskManager = _import()
-            self._manager = TaskManager(include_path=list(self.include) or None)
+            key = tuple(os.path.abspath(p) for p in self.include)
+            if key not in _MANAGERS:
+                _MANAGERS[key] = TaskManager(include_path=list(self.include) or None)
+            self._manager = _MANAGERS[key]
         return self._manager
 
     def check(self, limit: Optional[int] = None) -> str:
@@ -72,17 +76,17 @@ class LmEvalEvaluator:
                 where = f" (searched lm-eval's tasks and {', '.join(self.include)})" \
                     if self.include else " (a task YAML of your own: --lm-eval-include DIR)"
                 raise EvalError(f"lm-eval has no task {t!r}{hint}{where}")
-        from lm_eval.tasks import get_task_dict
-
         counts = []
         for t in self.tasks:
             try:
-                built = get_task_dict([t], tm)
+                built = _build(tm, t)
             except Exception as exc:  # datasets: missing file, offline hub, bad YAML ...
                 msg = str(exc).strip().splitlines()
                 raise EvalError(f"lm-eval task {t!r}: cannot load its data "
                                 f"({type(exc).__name__}: {msg[0] if msg else ''})") from exc
-            n = sum(_n_docs(task) for task in _leaves(built))
+            leaves = list(built["tasks"].values()) if isinstance(built, dict) and \
+                isinstance(built.get("tasks"), dict) else _leaves(built)
+            n = sum(_n_docs(task) for task in leaves)
             counts.append(f"{t} ({min(n, limit) if limit else n} documents)")
         return f"{self.name}: " + ", ".join(counts)
 
@@ -105,6 +109,15 @@ class LmEvalEvaluator:
             raise EvalError(f"lm-eval failed on {self.name}: {type(exc).__name__}: "
                             f"{msg[0] if msg else ''}") from exc
         return results_from_lm_eval(out, self.tasks, getattr(lm_eval, "__version__", "?"))
+
+
+def _build(tm, task: str):
+    """Build one task (or group) with its documents loaded."""
+    if hasattr(tm, "load"):  # lm-eval >= 0.4.10
+        return tm.load([task])
+    from lm_eval.tasks import get_task_dict
+
+    return get_task_dict([task], tm)
 
 
 def _leaves(d) -> list:

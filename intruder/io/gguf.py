@@ -134,8 +134,9 @@ class GGUFFile:
                 arr = np.array(t.data, copy=True).view(np.int16)
                 out = torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
             else:
-                out = torch.from_numpy(np.ascontiguousarray(
-                    gguf.quants.dequantize(t.data, qt), dtype=np.float32)).reshape(shape)
+                with np.errstate(all="ignore"):  # a NaN / Inf decoded is the scan's to report
+                    arr = gguf.quants.dequantize(t.data, qt)
+                out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
         except (ValueError, NotImplementedError) as exc:
             raise CheckpointError(f"{self.path}: tensor {name!r} ({qt.name} {list(shape)}): "
                                   f"cannot be decoded ({str(exc)[:120]})")

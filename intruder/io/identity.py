@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .. import settings
 from ..errors import CheckpointError
 
 BLOCK = 8 << 20  # bytes read per hashlib update
@@ -33,11 +34,7 @@ _Key = Tuple[str, int, int, int, int, int]
 def cache_dir() -> str:
     """Where digests are remembered: $INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder, else
     ~/.cache/intruder (the base spectral cache's root), subfolder sha256/."""
-    root = os.environ.get("INTRUDER_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "intruder")
-    return os.path.join(root, "sha256")
+    return os.path.join(settings.cache_dir(), "sha256")
 
 
 def _key(path: str) -> _Key:
@@ -86,7 +83,7 @@ def _store(key: _Key, digest: str) -> None:
 
 def _hash_file(path: str, key: _Key) -> str:
     """Stream the file through sha256; re-hash once if it changed meanwhile."""
-    for attempt in range(2):
+    for _ in range(2):
         h = hashlib.sha256()
         buf = bytearray(BLOCK)
         view = memoryview(buf)
@@ -135,9 +132,9 @@ _workers: List[threading.Thread] = []
 def n_workers() -> int:
     """Files hashed at once: $INTRUDER_HASH_WORKERS, else half the cores, 1 to 4 (one core
     streams sha256 at roughly 0.6-2 GB/s; shards of one model hash in parallel)."""
-    env = os.environ.get("INTRUDER_HASH_WORKERS", "")
-    if env.strip().isdigit() and int(env) > 0:
-        return int(env)
+    env = settings.hash_workers()
+    if env is not None:
+        return env
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
@@ -198,8 +195,22 @@ def file_identities(files: Sequence[str], root: str) -> List[dict]:
     out = []
     for f in files:
         rel = os.path.relpath(f, base) if base else os.path.basename(f)
-        out.append({"name": rel, "bytes": os.path.getsize(f), "sha256": sha256_file(f)})
+        digest = sha256_file(f)
+        _check_blob(f, digest)
+        out.append({"name": rel, "bytes": os.path.getsize(f), "sha256": digest})
     return out
+
+
+def _check_blob(path: str, digest: str) -> None:
+    """A hub cache names large (LFS) blobs by their sha256: a blob whose bytes disagree was
+    corrupted or altered after download, and must not be reported as that commit's file."""
+    real = os.path.realpath(path)
+    name = os.path.basename(real)
+    if os.path.basename(os.path.dirname(real)) == "blobs" and len(name) == 64 and \
+            all(c in "0123456789abcdef" for c in name) and name != digest:
+        raise CheckpointError(f"{path}: the hub cache blob {name[:16]}... holds other bytes "
+                              f"(sha256 {digest[:16]}...): corrupted or altered after download; "
+                              f"delete it and download again")
 
 
 def recorded_mismatch(ck, info) -> Optional[str]:

@@ -229,6 +229,15 @@ def _sweep_table(report: ScanReport) -> str:
     return table_html(["epsilon", "intruders", "matrices with >= 1"], rows, num=(1, 2))
 
 
+def _storage_note(l) -> str:
+    """' (tuned: gguf Q8_0)' for a matrix decoded from quantized storage (io/dequant.py)."""
+    ex = dict(l.extra)
+    parts = [f"{side}: {ex[key]}" for key, side in (("storage_base", "base"),
+                                                    ("storage_tuned", "tuned"))
+             if isinstance(ex.get(key), str) and ex[key].upper() not in ("F64", "F32", "F16", "BF16")]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _layer_table(report: ScanReport) -> str:
     eps = sorted(set(report.config.epsilons))
     extra_eps = eps if len(eps) > 1 else []
@@ -254,7 +263,7 @@ def _layer_table(report: ScanReport) -> str:
         cells = [num(i, str(i)), f'<td class="name">{escape(l.name)}</td>',
                  num(p.layer, "" if p.layer is None else str(p.layer)),
                  f"<td>{escape(p.module)}</td>", f'<td class="mono">{escape("x".join(map(str, l.shape)))}</td>',
-                 f"<td>{escape(l.dtype)}</td>", f"<td>{escape(l.status)}</td>",
+                 f"<td>{escape(l.dtype + _storage_note(l))}</td>", f"<td>{escape(l.status)}</td>",
                  num(len(l.intruders), str(len(l.intruders))),
                  f"<td>{escape(','.join(str(x.index) for x in l.intruders))}</td>",
                  num(mc), num(100 * l.intruder_energy if scanned else None),

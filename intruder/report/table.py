@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from ..types import ScanReport
 
@@ -20,6 +20,17 @@ def format_table(headers: Sequence[str], rows: List[Sequence[object]], align: st
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+def bound_count(reports) -> int:
+    """max|cos| values reported as certified upper bounds (spectral slices) in these reports."""
+    return sum(1 for r in reports if r is not None for l in r.layers for b in l.max_cos_bound
+               if b)
+
+
+BOUND_NOTE = ("max|cos| value(s) are certified upper bounds, not exact values (spectral "
+              "slices proved every decision without the complete base; decisions are exact; "
+              "per vector: max_cos_bound in the JSON)")
 
 
 def min_cos_text(layer) -> str:
@@ -61,6 +72,26 @@ def source_text(info) -> str:
     return ("\n         " + "; ".join(parts)) if parts else ""
 
 
+def storage_lines(report: ScanReport) -> List[str]:
+    """Which matrices were decoded from quantized storage, and which were skipped for their
+    dtype (io/dequant.py, io/gguf.py)."""
+    counts: Dict[Tuple[str, str], int] = {}
+    for l in report.layers:
+        for key, side in (("storage_base", "base"), ("storage_tuned", "tuned")):
+            kind = dict(l.extra).get(key)
+            if kind and kind.upper() not in ("F64", "F32", "F16", "BF16"):  # not stored plainly
+                counts[side, kind] = counts.get((side, kind), 0) + 1
+    out = []
+    if counts:
+        out.append("decoded to float before the scan: " + "; ".join(
+            f"{side} {kind} ({n} matrices)" for (side, kind), n in sorted(counts.items())))
+    codes = [n for n, why in report.skipped if why.endswith("not scanned")]
+    if codes:
+        out.append(f"note: {len(codes)} matrices skipped for their stored dtype (e.g. {codes[0]}; "
+                   f"reasons in the JSON's skipped list)")
+    return out
+
+
 def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     """Layers with intruders, then totals, counts per epsilon and the time taken."""
     from ..scan import summary
@@ -97,11 +128,9 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
                  f"with intruders: {s['layers_with_intruders']}  total intruders: "
                  f"{s['total_intruders']}  lowest max|cos|: "
                  f"{'n/a' if mm is None else format(mm, '.3f')}")
-    n_bound = sum(sum(1 for b in l.max_cos_bound if b) for l in report.layers)
+    n_bound = bound_count([report])
     if n_bound:
-        lines.append(f"note: {n_bound} max|cos| value(s), marked <=, are certified upper bounds, "
-                     f"not exact values (spectral slices proved every decision without the "
-                     f"complete base; decisions are exact)")
+        lines.append(f"note: {n_bound} {BOUND_NOTE.replace('value(s)', 'value(s), marked <=,')}")
     counts = "  ".join(f"eps {k}: {v}" for k, v in s["counts_by_epsilon"].items())
     lines.append(f"intruder counts by epsilon (all matrices): {counts}")
     if s.get("margin", {}).get("layers"):
@@ -115,6 +144,7 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     if s["in_cluster_intruders"]:
         lines.append(f"note: {s['in_cluster_intruders']} flagged vector(s) lie inside a "
                      f"near-degenerate base cluster (rotation, not a new direction)")
+    lines += storage_lines(report)
     if report.unpaired_base or report.unpaired_tuned:
         lines.append(f"unpaired: {len(report.unpaired_base)} base-only, "
                      f"{len(report.unpaired_tuned)} tuned-only tensors (listed in the JSON)")

@@ -104,6 +104,7 @@ def track_section_html(tr, dpi: int = 100) -> str:
     from ..provenance import verdict_line_dict
     from ..track import PERSIST_COS, summaries
     from .html import _Figures, escape, table_html
+    from .table import BOUND_NOTE, bound_count
 
     fig = _Figures(dpi)
     rows = summaries(tr)
@@ -126,6 +127,10 @@ def track_section_html(tr, dpi: int = 100) -> str:
     num = tuple(range(2, 4 + n_eps)) + ((6 + n_eps, 7 + n_eps, 8 + n_eps, 9 + n_eps)
                                         if tr.mode == "track" else ())
     parts = [table_html(headers, body, num=num)]
+    n_bound = bound_count([x for e in tr.entries for x in (e.vs_base, e.vs_previous)])
+    if n_bound:
+        parts.append(f'<p class="note">{n_bound} {escape(BOUND_NOTE)} (the lowest max|cos| '
+                     f"may be one).</p>")
     parts.append(fig(track_counts(tr), "intruder counts per checkpoint",
                      "Intruder counts summed over all matrices (Algorithm 1, top-"
                      f"{tr.config.top_k} left vectors, max|cos| &lt; epsilon)."
