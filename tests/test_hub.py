@@ -522,3 +522,17 @@ def test_altered_cache_blob_is_refused(cached):
         fh.write(data)
     r = scan(["org/base", f"org/tuned@{C_TUNED}", "--offline"], expect=1)
     assert "holds other bytes" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_sharded_download_fetches_the_index_shards_only(server, synth):
+    files = _files(synth["base_sharded"])
+    assert sum(n.endswith(".safetensors") for n in files) == 2
+    files["consolidated.safetensors"] = b"a second copy of the weights, never fetched"
+    files["original/params.json"] = b"{}"
+    server.repos["org/sharded"] = (C_BASE, files, {"main": C_BASE})
+    r = CliRunner().invoke(cli, ["layers", "org/sharded", "--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    got = {p.rsplit("/", 1)[-1] for m, p in server.log if m == "GET" and "/resolve/" in p}
+    shards = {n for n in files if n.startswith("model-")}
+    companions = {n for n in files if n in hub.COMPANIONS}
+    assert got == shards | companions | {"model.safetensors.index.json"}
