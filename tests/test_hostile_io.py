@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import hostile_corpus as hc
-from intruder.errors import AdapterError, CheckpointError, IntruderError
+from intruder.errors import AdapterError, CheckpointError
 from intruder.io import open_checkpoint, pair_checkpoints
 from intruder.io.checkpoint import Checkpoint
 from intruder.io.safetensors_file import SafetensorsFile
@@ -50,10 +50,6 @@ class Case:
     absent: Tuple[str, ...] = ()  # strings the error line must not contain
 
 
-def _layout_bytes(tensors) -> Tuple[dict, bytes]:
-    return hc.layout(tensors)
-
-
 def build(root: str) -> Dict[str, object]:
     """Write every input under root; return {'cases': [Case], 'base': ..., ...}."""
     J = lambda *p: os.path.join(root, *p)  # noqa: E731
@@ -68,7 +64,7 @@ def build(root: str) -> Dict[str, object]:
     base_t = hc.model_tensors(0)
     base = hc.write_st(J("base", "model.safetensors"), base_t)
     base_dir = os.path.dirname(base)
-    tb, td = _layout_bytes(base_t)
+    tb, td = hc.layout(base_t)
 
     # -- safetensors layout and sizes
     k = "model.layers.0.self_attn.k_proj.weight"
@@ -124,7 +120,7 @@ def build(root: str) -> Dict[str, object]:
     t0 = dict(base_t)
     t1 = {n: v + np.float32(0.01) for n, v in base_t.items()}
     for d, t, dt in (("empty0", t0, "F32"), ("empty1", t1, "F16")):
-        h, data = _layout_bytes(t)
+        h, data = hc.layout(t)
         h["model.layers.0.mlp.empty_proj.weight"] = {"dtype": dt, "shape": [0, 32],
                                                      "data_offsets": [len(data), len(data)]}
         hc.write_raw(J(d, "model.safetensors"), h, data)
@@ -172,7 +168,58 @@ def build(root: str) -> Dict[str, object]:
     hc.write_json(os.path.join(sh, "model.safetensors.index.json"),
                   {"weight_map": {n: "x\udcfe.safetensors" for n in base_t}})
     add("index_names_non_utf8_shard", ["scan", base, sh], "", "paths")
+
+    # -- adapters whose merge would differ from PEFT's
+    pre = "base_model.model.model.layers.0.self_attn"
+    lt = hc.lora_tensors(1)
+    mags = {f"{pre}.q_proj.lora_magnitude_vector": np.ones(32, np.float32),
+            f"{pre}.v_proj.lora_magnitude_vector": np.ones(16, np.float32)}
+    d = hc.write_adapter(J("adapters", "dora_missing"), lt, hc.lora_config(use_dora=True))
+    add("dora_without_magnitudes", ["scan", base_dir, d], r"use_dora: true but module "
+        r"'model.layers.0.self_attn.(q|v)_proj' has no lora_magnitude_vector", "adapter")
+    bad = dict(lt, **mags)
+    bad[f"{pre}.v_proj.lora_magnitude_vector"] = np.ones(17, np.float32)
+    d = hc.write_adapter(J("adapters", "dora_length"), bad, hc.lora_config(use_dora=True))
+    add("dora_magnitude_wrong_length", ["scan", base_dir, d], r"v_proj.lora_magnitude_vector': "
+        r"DoRA magnitude has shape \[17\], but module .* has 16 output features", "adapter")
+    d = hc.write_adapter(J("adapters", "dora_off"), dict(lt, **mags), hc.lora_config())
+    add("magnitudes_with_use_dora_false", ["scan", base_dir, d], "", "adapter")
+    two = dict(lt)
+    two[f"{pre}.q_proj.lora_A.other.weight"] = lt[f"{pre}.q_proj.lora_A.weight"] * 3
+    two[f"{pre}.q_proj.lora_B.other.weight"] = lt[f"{pre}.q_proj.lora_B.weight"] * 3
+    d = hc.write_adapter(J("adapters", "two_copies"), two)
+    add("second_copy_under_another_adapter_name", ["scan", base_dir, d], r"q_proj.lora_A.weight' "
+        r"and '.*q_proj.lora_A.other.weight' are two copies", "adapter")
+    mixed = {k.replace("v_proj.lora_A.weight", "v_proj.lora_A.other.weight")
+              .replace("v_proj.lora_B.weight", "v_proj.lora_B.other.weight"): v
+             for k, v in lt.items()}
+    d = hc.write_adapter(J("adapters", "mixed_names"), mixed)
+    add("factors_of_two_adapters", ["scan", base_dir, d], r"v_proj.lora_A.other.weight' belongs "
+        r"to adapter 'other'.* one file must hold one adapter", "adapter")
+    tok = dict(lt, **{"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta":
+                      np.ones((3, 32), np.float32)})
+    d = hc.write_adapter(J("adapters", "tokens"), tok,
+                         hc.lora_config(trainable_token_indices=[3, 5, 7]))
+    add("trainable_token_indices", ["scan", base_dir, d], r"adapter_config.json: "
+        r"trainable_token_indices", "adapter")
+    d = hc.write_adapter(J("adapters", "tokens_tensor_only"), tok)
+    add("trainable_tokens_tensor", ["scan", base_dir, d], r"'base_model.model.model.embed_tokens."
+        r"token_adapter.trainable_tokens_delta' holds trainable-token rows", "adapter")
+
+    # -- hangs: a key that backtracks exponentially is matched in linear time, as PEFT means it
+    for i, key in enumerate(CATASTROPHIC):
+        d = hc.write_adapter(J("adapters", f"redos{i}"), lt,
+                             hc.lora_config(rank_pattern={key: 2}, alpha_pattern={key: 3.0}))
+        add(f"rank_pattern_catastrophic_{i}", ["scan", base_dir, d], "", "hang")
+    d = hc.write_adapter(J("adapters", "lookahead"), lt,
+                         hc.lora_config(alpha_pattern={"(?=q)q_proj": 4.0}))
+    add("alpha_pattern_lookahead", ["scan", base_dir, d], r"alpha_pattern key '\(\?=q\)q_proj' is "
+        r"refused: look-ahead", "hang")
     return {"cases": cases, "base": base, "root": root}
+
+
+# keys on which Python's backtracking engine runs for minutes or forever on ordinary names
+CATASTROPHIC = ("(.*.*)*X", "(a|a)*b", "(\\w+\\.?)*!", ".*" * 14 + "X", "((.*)*)*Z")
 
 
 def _ids():
@@ -273,8 +320,7 @@ def test_empty_matrices_are_skipped_with_a_reason(corpus):
 
 def test_non_utf8_names_have_a_fingerprint(corpus):
     nb = os.path.join(corpus["root"], "nonutf8-\udcff", "x\udcfe.safetensors")
-    info = open_checkpoint(nb).info()
-    assert len(info.fingerprint) == 16
+    assert len(open_checkpoint(nb).info().fingerprint) == 16
 
 
 def _unreadable_runner():
@@ -383,3 +429,181 @@ def test_default_target_rule_per_component_equals_the_regular_expression():
         name = ".".join(rng.choice(parts, size=rng.integers(1, 6)))
         name += rng.choice(["", "x", ".weight", "norm", "."])
         assert bool(old.search(name)) == _not_linear(name), name
+
+
+# ---------------------------------------------------------------------- adapters against PEFT
+
+
+def test_magnitudes_with_use_dora_false_are_ignored_and_listed(corpus):
+    d = os.path.join(corpus["root"], "adapters", "dora_off")
+    ad = open_checkpoint(d).adapter
+    assert all("lora_magnitude_vector" not in parts for parts in ad.modules.values())
+    assert sorted(k.rsplit(".", 2)[-2] for k in ad.ignored) == ["q_proj", "v_proj"]
+    assert all("use_dora: false" in why for why in ad.ignored.values())
+
+
+@pytest.fixture(scope="module")
+def peft_dora(tmp_path_factory):
+    """A one-layer Llama, a DoRA adapter of it written by PEFT (factors and magnitudes made large
+    and uneven), and the same adapter with use_dora switched off in its config."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       vocab_size=64, max_position_embeddings=32,
+                                       tie_word_embeddings=False)
+        return transformers.LlamaForCausalLM(cfg)
+
+    d = tmp_path_factory.mktemp("peft-dora")
+    make().save_pretrained(d / "base")
+    model = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                        target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + torch.rand(p.shape, generator=g))
+    model.save_pretrained(d / "dora")
+    shutil.copytree(d / "dora", d / "off")
+    cfg = json.loads((d / "off" / "adapter_config.json").read_text())
+    cfg["use_dora"] = False
+    (d / "off" / "adapter_config.json").write_text(json.dumps(cfg))
+    return d, make
+
+
+def _peft_merged(make, adapter_dir):
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about the magnitudes it does not load
+        model = peft.PeftModel.from_pretrained(make(), str(adapter_dir))
+    return {k: v.double() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["dora", "off"])
+def test_merge_follows_use_dora_as_peft_does(variant, peft_dora):
+    """With use_dora true the magnitudes rescale the rows; switched off in the config, PEFT
+    ignores them and so do we. Both merges equal PEFT's own, and differ from each other."""
+    from intruder.io import read_ref
+    from intruder.io.adapter import merge_lora
+
+    d, make = peft_dora
+    want = _peft_merged(make, d / variant)
+    base = open_checkpoint(str(d / "base"))
+    pairing = pair_checkpoints(base, open_checkpoint(str(d / variant)))
+    lora = [p for p in pairing.pairs if p.lora is not None]
+    assert len(lora) == 2
+    for p in lora:
+        got = merge_lora(base.read(p.name), p.lora, read_ref)
+        assert (got - want[p.name]).abs().max() < 1e-5, p.name
+        assert (p.lora.magnitude is not None) == (variant == "dora")
+    other = _peft_merged(make, d / ("off" if variant == "dora" else "dora"))
+    assert max((want[p.name] - other[p.name]).abs().max() for p in lora) > 1e-2
+
+
+def test_dora_adapter_without_its_magnitudes_is_refused(peft_dora, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d, _ = peft_dora
+    shutil.copytree(d / "dora", tmp_path / "a")
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    t = {k: v for k, v in load_file(str(f)).items() if "magnitude" not in k}
+    save_file(t, str(f))
+    with pytest.raises(AdapterError, match="use_dora: true but module .* has no "
+                                           "lora_magnitude_vector"):
+        open_checkpoint(str(tmp_path / "a"))
+
+
+# ---------------------------------------------------------------------- hangs: patterns
+
+
+def test_catastrophic_keys_match_in_linear_time():
+    from intruder.io.pattern import peft_key_pattern
+
+    name = "model.layers.12.self_attn.q_proj" * 4
+    with deadline(20):
+        for key in CATASTROPHIC:
+            assert peft_key_pattern(key).match(name) is False
+    with deadline(20):  # and the answer stays PEFT's where it matches
+        assert peft_key_pattern(r"(\w+\.?)*").match(name)
+        assert peft_key_pattern("(.*.*)*q_proj").match(name)
+
+
+def _random_key(rng, depth=0):
+    atoms = ["a", "b", "\\.", ".", "[ab]", "[^a]", "\\d", "\\w", "\\s", "_", "0", "[a-c0-9_]",
+             "\\b", "\\B", "^", "$", "\\A", "\\Z", "(?:)", "é", "\n"]
+    quants = ["", "", "", "*", "+", "?", "*?", "+?", "??", "{0,2}", "{1,3}", "{2}", "{2,}",
+              "{1,2}?"]
+    bounded = ["", "?", "??", "{0,2}", "{2}", "{1,2}?"]
+    parts = []
+    for _ in range(rng.integers(1, 4)):
+        if depth < 2 and rng.random() < 0.3:
+            inner = _random_key(rng, depth + 1)
+            if rng.random() < 0.4:
+                inner += "|" + _random_key(rng, depth + 1)
+            atom = "(" + ("?:" if rng.random() < 0.3 else "") + inner + ")"
+            # an unbounded repeat of a repeat is what makes Python's engine slow: leave those to
+            # the timing test, compare answers on everything else
+            q = str(rng.choice(bounded if re.search(r"[*+]|\{\d+,\}", inner) else quants))
+        else:
+            atom = str(rng.choice(atoms))
+            q = "" if atom in ("^", "$", "\\A", "\\Z", "\\b", "\\B") else str(rng.choice(quants))
+        parts.append(atom + q)
+    return "".join(parts)
+
+
+def test_linear_matcher_gives_python_answers():
+    """On 1,500 random keys (classes, anchors, word boundaries, groups, alternation, greedy and
+    lazy, bounded and unbounded repeats) and short names, the automaton and re.match agree,
+    for the key alone and wrapped the way PEFT wraps it."""
+    from intruder.io.pattern import LinearPattern
+
+    rng = np.random.default_rng(1)
+    alphabet = list("ab._0é \n")
+    checked = 0
+    for i in range(1500):
+        key = _random_key(rng)
+        pat = rf"(.*\.)?({key})$" if i % 2 else key
+        try:
+            rx = re.compile(pat)
+        except re.error:
+            continue
+        lp = LinearPattern(pat)
+        for _ in range(8):
+            s = "".join(rng.choice(alphabet, size=rng.integers(0, 9)))
+            assert lp.match(s) == bool(rx.match(s)), (pat, s)
+            checked += 1
+    assert checked > 8000
+
+
+def test_ordinary_keys_select_as_peft_does():
+    from intruder.io.pattern import peft_key_pattern
+
+    names = [f"model.layers.{i}.{m}" for i in (0, 1, 10, 11)
+             for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj", "mlp.up_proj")]
+    names += ["lm_head", "model.embed_tokens", "transformer.h.0.attn.c_attn"]
+    keys = ["q_proj", "k_proj", "layers.1.self_attn.q_proj", r"layers\.1\d?\..*", "^model.*up_proj",
+            "mlp.(down|up)_proj", "c_attn", "attn", "proj", ".*", r"layers\.0\.self_attn\.q_proj",
+            "model.layers.1.mlp.up_proj", r"\d+\.mlp", "embed_tokens|lm_head"]
+    for key in keys:
+        p = peft_key_pattern(key)
+        for n in names:
+            assert p.match(n) == bool(re.match(rf"(.*\.)?({key})$", n)), (key, n)
+
+
+@pytest.mark.parametrize("key,why", [(r"(q)\1", "back-references"), ("(?!k)q_proj", "look-ahead"),
+                                     ("(?>q)_proj", "atomic"), ("q_proj++", "possessive"),
+                                     ("(?i:Q_PROJ)", "inline flags"), ("x" * 3000, "longer"),
+                                     ("((a{50}){50}){50}", "automaton states")])
+def test_keys_without_a_linear_match_are_refused(key, why, tmp_path):
+    d = hc.write_adapter(str(tmp_path / "a"), config=hc.lora_config(rank_pattern={key: 4}))
+    with pytest.raises(AdapterError, match=f"rank_pattern key .* refused: .*{why}"):
+        open_checkpoint(d)

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 from ..errors import AdapterError
 from ..types import LoraInfo, TensorRef
 from .checkpoint import Checkpoint, _from_pickle_kind, _from_safetensors, _inside, _load_json
+from .pattern import LinearPattern, PatternError, first_match, peft_key_pattern
 
 PREFIX = "base_model.model."
 # init_lora_weights values that change the base model at initialisation
@@ -35,6 +36,12 @@ class Adapter:
     modules: Dict[str, Dict[str, TensorRef]] = field(default_factory=dict)  # module -> part -> ref
     replacements: Dict[str, TensorRef] = field(default_factory=dict)  # modules_to_save tensors
     ignored: Dict[str, str] = field(default_factory=dict)  # tensor -> reason
+    # rank_pattern / alpha_pattern keys compiled for linear-time matching (pattern.py)
+    patterns: Dict[str, Dict[str, LinearPattern]] = field(default_factory=dict, repr=False)
+    _rank_alpha: Dict[str, tuple] = field(default_factory=dict, repr=False)
+    # which tensor each (module, part) came from, and the adapter name in its key
+    _sources: Dict[tuple, str] = field(default_factory=dict, repr=False)
+    _names: Dict[object, str] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict:
         c = self.config
@@ -47,11 +54,18 @@ class Adapter:
                 "n_lora_modules": len(self.modules)}
 
     def rank_alpha(self, module: str):
-        """(r, alpha) for a module, honouring rank_pattern / alpha_pattern as PEFT matches them."""
-        r = _pattern(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
-        alpha = _pattern(self.config.get("alpha_pattern") or {}, module,
-                         self.config.get("lora_alpha", 8))
-        return int(r), float(alpha)
+        """(r, alpha) for a module, honouring rank_pattern / alpha_pattern as PEFT matches them
+        (the first key, in config order, for which re.match(rf"(.*\\.)?({key})$", module))."""
+        got = self._rank_alpha.get(module)
+        if got is None:
+            if not self.patterns:
+                self.patterns = compile_patterns(self.path, self.config)
+            r = _pattern(self.config.get("rank_pattern") or {}, self.patterns["rank_pattern"],
+                         module, self.config.get("r", 8))
+            alpha = _pattern(self.config.get("alpha_pattern") or {}, self.patterns["alpha_pattern"],
+                             module, self.config.get("lora_alpha", 8))
+            got = self._rank_alpha[module] = (int(r), float(alpha))
+        return got
 
     def scaling(self, module: str, r: int, alpha: float) -> float:
         if r <= 0:
@@ -59,11 +73,30 @@ class Adapter:
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
 
-def _pattern(patterns: dict, module: str, default):
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def _pattern(values: dict, compiled: Dict[str, LinearPattern], module: str, default):
+    key = first_match(compiled, module)
+    return default if key is None else values[key]
+
+
+def compile_patterns(where: str, cfg: dict) -> Dict[str, Dict[str, LinearPattern]]:
+    """{'rank_pattern': {key: matcher}, 'alpha_pattern': {...}}; a key that is not a regular
+    expression, or needs a construct without a linear-time match, is refused."""
+    out: Dict[str, Dict[str, LinearPattern]] = {}
+    for name in ("rank_pattern", "alpha_pattern"):
+        out[name] = {}
+        for k in cfg.get(name) or {}:
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise AdapterError(f"{where}: {name} key {k!r} is not a valid regular "
+                                   f"expression ({exc})")
+            try:
+                out[name][k] = peft_key_pattern(k)
+            except PatternError as exc:
+                raise AdapterError(f"{where}: {name} key {k!r} is refused: {exc} (keys are "
+                                   f"matched in time linear in the module name, without "
+                                   f"back-references, look-around, atomic groups or flags)")
+    return out
 
 
 def open_adapter(d: str) -> Checkpoint:
@@ -91,6 +124,15 @@ def open_adapter(d: str) -> Checkpoint:
         raise AdapterError(f"{cfg_path}: a LoftQ adapter is only valid against its quantised "
                            f"residual base; merge it with PEFT first")
     _check_numbers(cfg_path, cfg)
+    patterns = compile_patterns(cfg_path, cfg)
+    if cfg.get("trainable_token_indices"):
+        raise AdapterError(
+            f"{cfg_path}: trainable_token_indices: this adapter replaces rows of a token "
+            f"embedding, which is not merged per tensor here; merge it with PEFT "
+            f"(merge_and_unload) and scan the merged model")
+    if cfg.get("use_dora") not in (None, True, False):
+        raise AdapterError(f"{cfg_path}: use_dora must be true or false, got "
+                           f"{cfg.get('use_dora')!r}")
     files = [f for f in ("adapter_model.safetensors", "adapter_model.bin")
              if os.path.lexists(os.path.join(d, f))]
     if not files:
@@ -101,7 +143,7 @@ def open_adapter(d: str) -> Checkpoint:
     else:
         ck = _from_pickle_kind(d, [f], "adapter")
     ck.kind = "adapter"
-    ad = Adapter(d, cfg)
+    ad = Adapter(d, cfg, patterns=patterns)
     for name, ref in ck.refs.items():
         _index_tensor(ad, name, ref)
     _validate(ad)
@@ -132,22 +174,40 @@ def _check_numbers(cfg_path: str, cfg: dict) -> None:
             if not _positive(v, integer):
                 raise AdapterError(f"{cfg_path}: {key}[{k!r}] must be a positive "
                                    f"{'whole ' if integer else ''}number, got {v!r}")
-            try:
-                re.compile(rf"(.*\.)?({k})$")
-            except (re.error, RecursionError, OverflowError) as exc:
-                raise AdapterError(f"{cfg_path}: {key} key {k!r} is not a valid regular "
-                                   f"expression ({exc})")
 
 
 def _index_tensor(ad: Adapter, name: str, ref: TensorRef) -> None:
     key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if ".token_adapter." in key or key.endswith("trainable_tokens_delta"):
+        raise AdapterError(f"{ad.path}: tensor {name!r} holds trainable-token rows of an "
+                           f"embedding, which are not merged per tensor here; merge the adapter "
+                           f"with PEFT (merge_and_unload) and scan the merged model")
     m = _LORA_KEY.match(key)
     if m:
         part = m.group("part")
         leaf = m.group("leaf")
         if part == "lora_B" and leaf == "bias":
             part = "lora_B_bias"
-        ad.modules.setdefault(m.group("mod"), {})[part] = ref
+        mod = m.group("mod")
+        if part == "lora_magnitude_vector" and not ad.config.get("use_dora", False):
+            # PEFT builds no magnitude when use_dora is false and drops these on loading
+            ad.ignored[name] = "DoRA magnitude, but the config says use_dora: false (as PEFT)"
+            return
+        slot = (mod, part)
+        if slot in ad._sources:
+            raise AdapterError(f"{ad.path}: tensors {ad._sources[slot]!r} and {name!r} are two "
+                               f"copies of the same LoRA factor (another adapter's factors saved "
+                               f"in the same file?); which one PEFT would load is unclear, so "
+                               f"the adapter is refused")
+        adapter_name = m.group("adapter")
+        if ad._names and adapter_name not in ad._names:
+            other, example = next(iter(ad._names.items()))
+            raise AdapterError(f"{ad.path}: tensor {name!r} belongs to adapter "
+                               f"{adapter_name or 'default'!r} but {example!r} to "
+                               f"{other or 'default'!r}; one file must hold one adapter")
+        ad._names.setdefault(adapter_name, name)
+        ad._sources[slot] = name
+        ad.modules.setdefault(mod, {})[part] = ref
         return
     if ".base_layer." in key:
         ad.ignored[name] = "copy of the base layer saved with the adapter"
@@ -159,6 +219,7 @@ def _index_tensor(ad: Adapter, name: str, ref: TensorRef) -> None:
 
 
 def _validate(ad: Adapter) -> None:
+    dora = bool(ad.config.get("use_dora", False))
     for mod, parts in ad.modules.items():
         emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a = parts.get("lora_embedding_A" if emb else "lora_A")
@@ -175,6 +236,21 @@ def _validate(ad: Adapter) -> None:
         if a.shape[0] != r:
             raise AdapterError(f"{ad.path}: module {mod!r}: tensors have rank {a.shape[0]} but the "
                                f"config (r / rank_pattern) says {r}")
+        mag = parts.get("lora_magnitude_vector")
+        if dora and mag is None:
+            raise AdapterError(f"{ad.path}: the config says use_dora: true but module {mod!r} "
+                               f"has no lora_magnitude_vector tensor; merged as plain LoRA it "
+                               f"would differ from PEFT's DoRA merge")
+        if mag is not None and tuple(mag.shape) != (b.shape[0],):
+            raise AdapterError(f"{ad.path}: tensor {ad._sources[(mod, 'lora_magnitude_vector')]!r}"
+                               f": DoRA magnitude has shape {list(mag.shape)}, but module "
+                               f"{mod!r} has {b.shape[0]} output features (lora_B "
+                               f"{list(b.shape)})")
+        bias = parts.get("lora_B_bias")
+        if bias is not None and tuple(bias.shape) != (b.shape[0],):
+            raise AdapterError(f"{ad.path}: tensor {ad._sources[(mod, 'lora_B_bias')]!r}: "
+                               f"lora_B bias has shape {list(bias.shape)}, but module {mod!r} "
+                               f"has {b.shape[0]} output features")
 
 
 def lora_info_for(ad: Adapter, module: str, base_shape) -> Optional[LoraInfo]:
