@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import Dict, List
 
+from . import settings
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_EPS = (0.5, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9)  # first decides the listed intruders
 SINGLE = ("lora_r1", "lora_r8", "rslora_r64", "full_ft")
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", default=os.path.join(REPO, "fixtures", "demo"))
     ap.add_argument("--out", default=os.path.join(REPO, "reports"))
-    ap.add_argument("--data-dir", default=os.environ.get("INTRUDER_DATA_DIR")
+    ap.add_argument("--data-dir", default=settings.data_dir()
                     or os.path.join(os.path.dirname(REPO), "shared", "data"))
     ap.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--sweep-model", default="lora_r1,lora_r8",

@@ -3,8 +3,10 @@
     run_track(base, [step1, step2, step3])     # sequential fine-tunes (each from the previous)
     run_compare(base, [ft_a, ft_b, adapter_c])  # independent fine-tunes of one base
 
-The loop is layer-major: for each matrix the base is read and decomposed once (or taken from the
-base spectral cache) and every checkpoint is measured against it. A track also measures each step
+Both run on the scan's streaming pipeline (spectral/stream.py), layer-major: per matrix one group
+of the base and every checkpoint's tensor, read while the devices work on earlier groups; the
+base is copied and decomposed once (or taken from the base spectral cache) and every checkpoint
+is measured against it; torchrun splits the groups across processes. A track also measures each step
 against the previous one (that step's own full decomposition) and follows intruders along the
 sequence: an intruder of step i *persists* when it matches (|cos| >= PERSIST_COS) an intruder of
 step i-1, is *new* otherwise, and an intruder of step i-1 matched by none of step i is *gone*.
@@ -23,7 +25,7 @@ import datetime as _dt
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +34,7 @@ from . import __version__
 from .errors import IntruderError, NonFiniteError
 from .io import identity
 from .io.basecheck import chain_checks, warning_text
+from .report.verdict import decide
 from .types import CheckpointInfo, LayerResult, ScanConfig, ScanReport
 
 PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
@@ -77,27 +80,6 @@ def _labels(paths: Sequence[str]) -> List[str]:
     for p, n in zip(paths, names):
         out.append(n if names.count(n) == 1 else os.path.normpath(p))
     return out
-
-
-def _load_tuned(pair, reference: torch.Tensor, read) -> torch.Tensor:
-    """The tuned matrix of `pair`, with LoRA factors merged onto `reference` (the base in a
-    comparison, the previous step in a track)."""
-    from .io.adapter import merge_lora
-
-    if pair.lora is not None:
-        return merge_lora(reference, pair.lora, read)
-    if pair.tuned == pair.base:  # an adapter that leaves this module alone
-        return reference
-    return read(pair.tuned)
-
-
-def _check_finite(w: torch.Tensor, what: str, name: str, path: str, allow: bool) -> bool:
-    if torch.isfinite(w).all():
-        return True
-    if not allow:
-        raise NonFiniteError(f"{what} tensor {name!r} in {path} contains NaN or Inf "
-                             f"(use --allow-nonfinite to skip such layers)")
-    return False
 
 
 def _persistence(prev_u: Optional[torch.Tensor], prev_idx: Sequence[int], cur_u: torch.Tensor,
@@ -184,8 +166,8 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
     if mode == "compare":
         _compare_streamed(names, pair_maps, config, progress, base_cache, vs_base)
     else:
-        _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base, vs_prev,
-                    persist)
+        _track_streamed(names, pair_maps, config, progress, base_cache, vs_base, vs_prev,
+                        persist)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     cmd = command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     base_info = base_ck.info()
@@ -206,25 +188,15 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
     for i in range(n):
         warn = warning_text(checks[i], cks[i].path) if checks[i] is not None else None
         rb = report(base_info, infos[i], pairings[i], vs_base[i], [warn] if warn else [])
+        # step i + 1 of a track carries i + 1 roundings of the stored weights against the base
+        rb = replace(rb, verdict=decide(rb, i + 1 if mode == "track" else 1))
         rp = report(infos[i - 1], infos[i], None, vs_prev[i]) if mode == "track" and i else None
+        rp = replace(rp, verdict=decide(rp)) if rp is not None else None
         entries.append(TrackEntry(label=labels[i], path=checkpoints[i], vs_base=rb, vs_previous=rp,
                                   persistence=persist[i] if mode == "track" else {}))
     return TrackReport(mode=mode, base=base_info, config=config, entries=tuple(entries),
                        seconds=elapsed, device=str(device), created=created, command=cmd,
                        tool_version=__version__)
-
-
-def _bar(total, enabled, mode):
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="matrix", desc=mode, leave=False, dynamic_ncols=True)
-
-
-def _tick(bar, n):
-    if bar is not None:
-        bar.update(n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +208,7 @@ def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
     """One row of the track / compare table (also in the JSON). `step` (1-based, track): the
     cumulative update of step i carries up to i roundings of stored weights."""
     from .provenance import provenance
+    from .report.verdict import to_dict as verdict_dict
     from .scan import summary
 
     s = summary(e.vs_base)
@@ -247,7 +220,10 @@ def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
            "mean_intruder_energy": s["mean_intruder_energy"],
            "novel_strength_max": (s["margin"].get("novel_strength_quantiles") or {}).get("max"),
            "layers_scanned": s["layers_scanned"], "layers_unchanged": s["layers_unchanged"],
-           "provenance": s["provenance"], "warnings": list(e.vs_base.warnings)}
+           "provenance": s["provenance"],
+           "verdict": verdict_dict(e.vs_base.verdict or decide(e.vs_base,
+                                                               step if mode == "track" else 1)),
+           "warnings": list(e.vs_base.warnings)}
     if mode == "track":
         if e.vs_previous is not None:
             sp = summary(e.vs_previous)
@@ -276,6 +252,7 @@ def to_dict(tr: TrackReport) -> dict:
         row = entry_summary(e, tr.mode, i)
         vb = scan_dict(e.vs_base)
         vb["summary"]["provenance"] = row["provenance"]  # with the track's rounding count
+        vb["verdict"] = row["verdict"]
         d = {"label": e.label, "path": e.path, "summary": row, "vs_base": vb,
              "vs_previous": scan_dict(e.vs_previous) if e.vs_previous is not None else None}
         if tr.mode == "track":
@@ -317,98 +294,131 @@ def _compare_streamed(names, pair_maps, config, progress, base_cache, vs_base) -
             vs_base[i].append(res)
 
 
-def _track_loop(names, pair_maps, config, progress, base_cache, device, vs_base, vs_prev,
-                persist) -> None:
-    """Sequential fine-tunes, matrix by matrix: each step against the base (its spectrum
-    decomposed once per matrix) and against the step before."""
+def _track_streamed(names, pair_maps, config, progress, base_cache, vs_base, vs_prev,
+                    persist) -> None:
+    """Sequential fine-tunes on the scan's streaming pipeline: per matrix one group (the base and
+    every step's tensor), run by _track_group on a device while the next groups are read."""
+    from .io import read_ref
+    from .spectral.engine import scan_pairs
+
+    handles: dict = {}
+    groups = [tuple(pm[name] for pm in pair_maps) for name in names]
+    for name, got in zip(names, scan_pairs(groups, lambda ref: read_ref(ref, handles), config,
+                                           progress=progress, base_cache=base_cache,
+                                           group_fn=_track_group)):
+        for i, (vb, vp, per) in enumerate(got):
+            vs_base[i].append(vb)
+            if i:
+                vs_prev[i].append(vp)
+            if per is not None:
+                persist[i][name] = per
+
+
+def _track_group(raw, device, config, base_cache, on_copied=None):
+    """One matrix of a track on `device` (the pipeline's group function): every step against
+    the base (decomposed once, or from the cache) and against the step before, and intruders
+    followed along. Returns per step (vs base, vs previous or None, Persistence or None)."""
+    from .io.adapter import merge_lora
+    from .spectral import stream
+    from .spectral.decompose import top_spectrum
+    from .spectral.engine import all_finite, analyse
+
+    p0 = raw.pair
+    name, shape, dtype = p0.name, tuple(p0.base.shape), p0.base.dtype
+    steps = [raw, *raw.more]
+    nb = device.type == "cuda"
+
+    def nonfinite(i):
+        r = _result(name, shape, dtype, status="nonfinite")
+        return r, (r if i else None), None
+
+    # rounding that quantized storage put into the differences (io/dequant.noise_rms), from the
+    # host tensors: the base's, and each full step's own
+    n_base = _noise(p0.base, raw.w0)
+    n_step = [_noise(m.pair.tuned, m.wt) if m.pair.lora is None and m.wt is not None else None
+              for m in steps]
+    w0 = stream.base_on(raw, device, config.allow_nonfinite)
+    if w0 is None:
+        if on_copied is not None:
+            on_copied()
+        return tuple(nonfinite(i) for i in range(len(steps)))
+    held = []  # per step on the device: ("lora", parts) | ("same", None) | ("full", tensor)
+    for m in steps:
+        p = m.pair
+        if p.lora is not None:
+            held.append(("lora", {r: t.to(device, non_blocking=nb) for r, t in m.parts.items()}))
+        elif p.tuned is None or p.tuned == p.base:
+            held.append(("same", None))
+        else:
+            held.append(("full", m.wt.to(device, non_blocking=nb)))
+    if nb:
+        torch.cuda.current_stream(device).synchronize()  # host buffers are free after the copy
+    if on_copied is not None:
+        on_copied()
+    k_side = "left" if config.vectors in ("left", "both") else "right"
+    spec = raw.cached
+    prev_w = w0  # (m, n) the previous step's weights
+    prev_top = None  # (d, k) previous step's top-k vectors
+    prev_intr: Tuple[int, ...] = ()
+    prev_noise = None  # quantization rounding rms of the previous step's weights
+    out = []
+    for i, (m, (kind, val)) in enumerate(zip(steps, held)):
+        t0 = time.perf_counter()
+        p = m.pair
+        if kind == "lora":  # applied to the previous step's weights
+            wt = merge_lora(prev_w, p.lora, val.__getitem__)
+        else:
+            wt = prev_w if kind == "same" else val
+        if not all_finite(wt):
+            if not config.allow_nonfinite:
+                where = p.lora.a.path if p.lora is not None else (p.tuned.path if p.tuned else "")
+                raise NonFiniteError(f"tuned tensor {name!r} in {where} contains NaN or Inf "
+                                     f"(use --allow-nonfinite to skip such layers)")
+            out.append(nonfinite(i))
+            prev_top, prev_intr = None, ()
+            continue
+        cur_intr: Tuple[int, ...] = ()
+        if wt.dtype == w0.dtype and torch.equal(wt, w0):
+            vb = _result(name, shape, dtype, status="unchanged")
+        else:
+            fields, spec = analyse(w0, wt, config, name, base_spec=spec,
+                                   noise=_rss(n_base, n_step[i]))
+            vb = _result(name, shape, dtype, fields, seconds=time.perf_counter() - t0)
+            cur_intr = tuple(x.index for x in fields["intruders"])
+        vp = None
+        if i > 0:
+            if wt.dtype == prev_w.dtype and torch.equal(wt, prev_w):
+                vp = _result(name, shape, dtype, status="unchanged")
+            else:  # the previous step decomposed afresh: its top-k are prev_top
+                pf, _ = analyse(prev_w, wt, config, name, noise=_rss(prev_noise, n_step[i]))
+                vp = _result(name, shape, dtype, pf)
+        cur_top = None
+        if cur_intr or prev_intr:
+            k = min(config.top_k, min(shape))
+            sp = top_spectrum(wt, k, left=k_side == "left", right=k_side == "right")
+            cur_top = (sp.u if k_side == "left" else sp.v)[:, :k]  # (d, k)
+        per = _persistence(prev_top, prev_intr, cur_top, cur_intr) if cur_top is not None \
+            else _persistence(None, prev_intr, None, ())
+        out.append((vb, vp, per))
+        prev_top, prev_intr = cur_top, cur_intr
+        prev_w = wt
+        prev_noise = n_step[i] if p.lora is None and kind != "same" else prev_noise
+    if nb:  # results complete: the cache writer may read `spec` from any stream
+        torch.cuda.current_stream(device).synchronize()
+    if base_cache is not None and raw.key is not None and stream._grew(raw.cached, spec):
+        base_cache.store(raw.key, spec, p0.base)
+    return tuple(out)
+
+
+def _noise(ref, t) -> Optional[float]:
+    """Rounding rms of a quantized stored tensor (None for plain float storage)."""
+    if ref is None or ref.storage is None or t is None:
+        return None
     from .io import read_ref
     from .io.dequant import noise_rms
-    from .spectral.decompose import top_spectrum
-    from .spectral.engine import analyse
 
-    mode = "track"
-    n = len(pair_maps)
-    base_handles: dict = {}
-    handles = [dict() for _ in range(n)]
-    k_side = "left" if config.vectors in ("left", "both") else "right"
-    bar = _bar(len(names) * n, progress, mode)
-    for name in names:
-        pair0 = pair_maps[0][name]
-        ref = pair0.base
-        shape, dtype = tuple(ref.shape), ref.dtype
-        w0 = read_ref(ref, base_handles)
-        if not _check_finite(w0, "base", name, ref.path, config.allow_nonfinite):
-            for i in range(n):
-                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
-                if mode == "track" and i:
-                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
-            _tick(bar, n)
-            continue
-        w0_dev = w0.to(device)
-        b0 = base_cache.get(pair0, w0, config) if base_cache is not None else None
-        cached = b0 is not None
-        prev_w = w0  # (m, n) the previous step's weights (track) / the base (compare)
-        prev_top = None  # (d, k) previous step's top-k vectors (track)
-        prev_noise = None  # quantization rounding rms of the previous step's weights
-        prev_intr: Tuple[int, ...] = ()
-        for i in range(n):
-            t0 = time.perf_counter()
-            pair = pair_maps[i][name]
-            ref_w = prev_w if mode == "track" else w0
-            reader = (lambda r, h=handles[i]: read_ref(r, h))
-            wt = _load_tuned(pair, ref_w, reader)
-            # rounding that quantized storage put into the differences (io/dequant.noise_rms)
-            n_base = noise_rms(pair.base, w0, read_ref) if pair.base.storage else None
-            n_tuned = noise_rms(pair.tuned, wt, read_ref) \
-                if pair.lora is None and pair.tuned is not None and pair.tuned.storage else None
-            where = pair.lora.a.path if pair.lora is not None else (pair.tuned.path if pair.tuned else "")
-            if not _check_finite(wt, "tuned", name, where, config.allow_nonfinite):
-                vs_base[i].append(_result(name, shape, dtype, status="nonfinite"))
-                if mode == "track" and i:
-                    vs_prev[i].append(_result(name, shape, dtype, status="nonfinite"))
-                prev_top, prev_intr = None, ()
-                _tick(bar, 1)
-                continue
-            wt_dev = wt.to(device)
-            same_base = wt.dtype == w0.dtype and torch.equal(wt, w0)
-            if same_base:
-                vs_base[i].append(_result(name, shape, dtype, status="unchanged"))
-                cur_intr: Tuple[int, ...] = ()
-            else:
-                fields, b0_used = analyse(w0_dev, wt_dev, config, name, base_spec=b0,
-                                          noise=_rss(n_base, n_tuned))
-                if b0 is None:
-                    b0 = b0_used
-                    if base_cache is not None and not cached:
-                        base_cache.put(pair0, w0, config, b0)
-                        cached = True
-                vs_base[i].append(_result(name, shape, dtype, fields,
-                                          seconds=time.perf_counter() - t0))
-                cur_intr = tuple(x.index for x in fields["intruders"])
-            if mode == "track":
-                cur_top = None
-                if i > 0:
-                    same_prev = wt.dtype == prev_w.dtype and torch.equal(wt, prev_w)
-                    if same_prev:
-                        vs_prev[i].append(_result(name, shape, dtype, status="unchanged"))
-                    else:
-                        # full decomposition of the previous step: its top-k are prev_top
-                        pf, _ = analyse(prev_w.to(device), wt_dev, config, name,
-                                        noise=_rss(prev_noise, n_tuned))
-                        vs_prev[i].append(_result(name, shape, dtype, pf))
-                if cur_intr or prev_intr:
-                    k = min(config.top_k, min(shape))
-                    spec = top_spectrum(wt_dev, k, left=k_side == "left", right=k_side == "right")
-                    vecs = spec.u if k_side == "left" else spec.v
-                    cur_top = vecs[:, :k]  # (d, k)
-                persist[i][name] = _persistence(prev_top, prev_intr, cur_top, cur_intr) \
-                    if cur_top is not None else _persistence(None, prev_intr, None, ())
-                prev_top, prev_intr = cur_top, cur_intr
-                prev_w = wt
-                prev_noise = n_tuned if pair.lora is None else prev_noise
-            _tick(bar, 1)
-    if bar is not None:
-        bar.close()
+    handles: dict = {}
+    return noise_rms(ref, t, lambda r: read_ref(r, handles))
 
 
 def _rss(*parts):

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from intruder.cli import cli
 from intruder.errors import IntruderError, NonFiniteError
 from intruder.spectral import multi
+import intruder.spectral.cache as C
 from intruder.spectral.cache import BaseCache
 from intruder.spectral.certify import certify_side
 from intruder.spectral.decompose import spectral_norm
@@ -273,7 +274,7 @@ def test_cache_damaged_entry_is_a_miss_and_is_rewritten(synth, tmp_path):
                       "--cache-dir", cache)
     c = BaseCache(cache)
     entry = c.entries()[0]
-    path = os.path.join(cache, "spectra-v1", entry["key"] + ".safetensors")
+    path = os.path.join(cache, C.SPECTRA, entry["key"] + ".safetensors")
     with open(path, "r+b") as fh:
         fh.truncate(100)
     assert c.load(entry["key"]) is None

@@ -27,6 +27,17 @@ def cli(debug):
       intruder scale --alpha 0.5 --eval wikitext
     """
     ctx = click.get_current_context()
+    from ..settings import SettingsError, check_all
+
+    try:  # every INTRUDER_* variable, before any work (intruder/settings.py)
+        check_all()
+    except SettingsError as exc:
+        if debug:
+            raise
+        from ..report.table import printable
+
+        click.echo(f"Error: {printable(str(exc))}", err=True)
+        ctx.exit(exc.exit_code)
     if ctx.invoked_subcommand in ("scan", "compare", "track"):  # before torch is imported
         from ..spectral.threads import set_thread_env
 

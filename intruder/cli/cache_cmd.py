@@ -7,6 +7,7 @@ import time
 
 import click
 
+from ..errors import OutputError
 from . import cli
 from .common import emit, handle_errors
 
@@ -83,5 +84,11 @@ def cache_list(cache_dir, as_json):
 def cache_clear(cache_dir):
     """Remove every cached base spectrum (they are recomputed when needed)."""
     c = _cache(cache_dir)
-    n, size = c.clear()
-    emit(f"removed {n} files ({_size(size)}) from {c.root}")
+    n, size, failed = c.clear()
+    if n:
+        emit(f"removed {n} files ({_size(size)}) from {c.root}")
+    elif not failed:
+        emit(f"nothing to remove: {c.root} holds no cache files")
+    if failed:
+        raise OutputError(f"could not remove {len(failed)} cache file(s) "
+                          f"({failed[0]}{', ...' if len(failed) > 1 else ''})")

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from .. import settings
 from ..errors import OutputError
 from ..io.targets import CONTAINER, DIR, FILE, Target, check_targets, create_dir, remove_dirs
 from . import cli
@@ -235,7 +236,7 @@ def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, devic
                         epsilons=float_list(epsilon, "--epsilon") if epsilon else (0.5,),
                         vectors=vectors or "left", include=include, exclude=exclude,
                         device=device,
-                        cache_dir=os.environ.get("INTRUDER_CACHE_DIR") or None)
+                        cache_dir=settings.cache_dir_explicit())
     report_path = os.path.join(out_dir, SCAN_JSON)
     log(f"scanning {tuned} against {base} ...")
     report = run_scan(base, tuned, config, progress=not quiet,

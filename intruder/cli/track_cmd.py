@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
+from .. import settings
 from ..exitcodes import INTRUDERS as EXIT_INTRUDERS
 from ..exitcodes import MARGIN as EXIT_MARGIN
 from ..io.targets import Target, check_targets
@@ -111,7 +111,7 @@ def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, d
 
     eps = float_list(epsilon, "--epsilon")
     if not no_cache and cache_dir is None:
-        cache_dir = os.environ.get("INTRUDER_CACHE_DIR") or None
+        cache_dir = settings.cache_dir_explicit()
     config = ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include,
                         exclude=exclude, device=device, allow_nonfinite=allow_nonfinite,
                         cache_dir=None if no_cache else cache_dir)

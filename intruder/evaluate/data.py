@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from .. import settings
 from ..errors import EvalError
 
 WIKITEXT_ENV = "INTRUDER_WIKITEXT"  # path to wiki.test.raw (or any wiki.*.raw)
@@ -149,13 +150,13 @@ def find_wikitext_file(path: Optional[str] = None) -> Optional[Path]:
         if not p.is_file():
             raise EvalError(f"WikiText file not found: {p}")
         return p
-    env = os.environ.get(WIKITEXT_ENV)
+    env = settings.wikitext()
     if env:
         p = Path(env).expanduser()
         if not p.is_file():
             raise EvalError(f"${WIKITEXT_ENV} points to {p}, which is not a file")
         return p
-    env = os.environ.get(DATA_DIR_ENV)
+    env = settings.data_dir()
     if env:
         p = Path(env).expanduser() / WIKITEXT_RELPATH
         if not p.is_file():

@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .. import settings
 from ..errors import CheckpointError
 
 BLOCK = 8 << 20  # bytes read per hashlib update
@@ -33,11 +34,7 @@ _Key = Tuple[str, int, int, int, int, int]
 def cache_dir() -> str:
     """Where digests are remembered: $INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder, else
     ~/.cache/intruder (the base spectral cache's root), subfolder sha256/."""
-    root = os.environ.get("INTRUDER_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "intruder")
-    return os.path.join(root, "sha256")
+    return os.path.join(settings.cache_dir(), "sha256")
 
 
 def _key(path: str) -> _Key:
@@ -135,9 +132,9 @@ _workers: List[threading.Thread] = []
 def n_workers() -> int:
     """Files hashed at once: $INTRUDER_HASH_WORKERS, else half the cores, 1 to 4 (one core
     streams sha256 at roughly 0.6-2 GB/s; shards of one model hash in parallel)."""
-    env = os.environ.get("INTRUDER_HASH_WORKERS", "")
-    if env.strip().isdigit() and int(env) > 0:
-        return int(env)
+    env = settings.hash_workers()
+    if env is not None:
+        return env
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 

@@ -298,12 +298,36 @@ def _check_layout(path: str, entries: Dict[str, TensorEntry], data_len: int, dat
                               f"corrupt, or something appended to the file")
 
 
+def file_identity(st) -> Tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime ns, ctime ns): changes when a file is replaced or rewritten,
+    even by tools that restore the mtime (`cp -p`, `rsync -a`)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class SafetensorsFile:
-    """Lazy access to the tensors of one validated .safetensors file."""
+    """Lazy access to the tensors of one validated .safetensors file. Every read checks that the
+    file is still the one whose header was parsed (offsets of another file's layout would read
+    other bytes)."""
 
     def __init__(self, path: str):
         self.path = path
+        try:
+            before = file_identity(os.stat(path))
+        except OSError:
+            before = None  # parse_header reports it
         self.entries, self.metadata, self.data_start = parse_header(path)
+        self.identity = before
+        try:
+            now = os.stat(path)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
+        self.check_unchanged(now)
+
+    def check_unchanged(self, st) -> None:
+        """Raise CheckpointError when st (a stat of the file now) is not the parsed file's."""
+        if self.identity is None or file_identity(st) != self.identity:
+            raise CheckpointError(f"{self.path}: changed on disk while it was being read "
+                                  f"(replaced or rewritten); run again once it is complete")
 
     def read(self, name: str):
         """Read one tensor into a fresh torch tensor (CPU, its stored dtype), one copy in memory."""
@@ -319,7 +343,12 @@ class SafetensorsFile:
         if nbytes == 0:
             return out
         flat = out.reshape(-1).view(torch.uint8).numpy()  # (nbytes,) aliasing `out`
-        fh, _ = open_regular(self.path)
+        fh, st = open_regular(self.path)
+        try:
+            self.check_unchanged(st)
+        except CheckpointError:
+            fh.close()
+            raise
         try:
             with fh:
                 fh.seek(e.start)
@@ -333,7 +362,12 @@ class SafetensorsFile:
     def raw_bytes(self, name: str) -> bytes:
         """The exact stored bytes of a tensor (for bit-identical copies)."""
         e = self.entries[name]
-        fh, _ = open_regular(self.path)
+        fh, st = open_regular(self.path)
+        try:
+            self.check_unchanged(st)
+        except CheckpointError:
+            fh.close()
+            raise
         try:
             with fh:
                 fh.seek(e.start)

@@ -6,45 +6,78 @@ Hashing 13 GB costs seconds, so a small index remembers, per file, the content k
 together with the file's identity (device, inode, size, mtime and ctime in ns). A file that is
 rewritten, replaced or touched gets a new identity and is hashed again; ctime cannot be set back
 by tools that preserve mtime. As in git's index, a file modified within 2 s of being hashed is
-not remembered (timestamps can be that coarse).
+not remembered (timestamps can be that coarse). The identity is taken before the tensor is read
+and again after (`identity`, `key_for`): a file replaced or changed while it was read (`cp -p`
+and `mv`, `rsync -a`) gets the content key of the bytes actually read and nothing is
+remembered, so the index never maps a file to bytes it did not hold. Only safetensors files,
+which are opened by path for every tensor read, use the index; others are hashed.
 
 Entries are safetensors files (no pickle): the certified top eigenpairs of the base's smaller Gram
-matrix (or all of them) as the engine computed them, so a warm scan reproduces a cold one bit
-for bit. A later scan that needs more of the base spectrum widens the entry. Writes are atomic
-(temporary file + rename); an unreadable or inconsistent entry is ignored and rewritten. The
-cache keeps itself under INTRUDER_CACHE_MAX_GB (default 20) by evicting the least recently used.
+matrix (or all of them) as the engine computed them, with a sha256 over their metadata and every
+tensor's bytes stored as their last tensor; index files carry a sha256 of their content too.
+Both are verified on every load: a damaged entry (a flipped bit in a vector that keeps its
+norm, in a singular value, in the metadata) is a miss and the scan rewrites it. A later scan
+that needs more of the base spectrum widens the entry. Writes are atomic (temporary file +
+rename). The cache keeps itself under INTRUDER_CACHE_MAX_GB (default 20) by evicting the least
+recently used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
+import re
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import settings
 from ..errors import OutputError
 from ..types import TensorRef
 
 FORMAT = "intruder-base-spectrum"
-VERSION = "1"
+VERSION = "2"  # 2: checksums in entries and index files, the spectrum's scale
 SPECTRA = f"spectra-v{VERSION}"
 INDEX = f"files-v{VERSION}"
+_OLD = re.compile(r"^(spectra|files)-v[0-9]+$")  # this cache's folders, any version
 RACY_NS = 2_000_000_000
 DEFAULT_MAX_GB = 20.0
+CHECKSUM = "sha256"  # name of the entry's last tensor: U8 (32,)
+TENSORS = ("vals", "vecs", "err", "other")  # an entry's tensors, in file order, before CHECKSUM
 
 
 def default_cache_dir() -> str:
     """$INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder, else ~/.cache/intruder."""
-    env = os.environ.get("INTRUDER_CACHE_DIR")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "intruder")
+    return settings.cache_dir()
+
+
+def content_key(t: torch.Tensor, ref: TensorRef) -> str:
+    """sha256 of a tensor's stored bytes, dtype and shape: the base spectral cache's key."""
+    h = hashlib.sha256(f"{ref.dtype}|{tuple(ref.shape)}|".encode())
+    if t.numel():
+        h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _entry_hash(meta: Dict[str, str]):
+    """The running checksum of an entry: its metadata first (sorted JSON), then each tensor."""
+    h = hashlib.sha256(b"intruder-base-spectrum\0")
+    h.update(json.dumps(meta, sort_keys=True, ensure_ascii=True).encode())
+    return h
+
+
+def _tensor_head(h, name: str, shape) -> None:
+    h.update(f"\0{name}|F64|{list(shape)}\0".encode())
+
+
+def _doc_digest(doc: dict) -> str:
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 def _write_atomic(path: str, fill) -> None:
@@ -62,17 +95,49 @@ WRITE_BLOCK = 16 * 2 ** 20  # bytes copied to the host at a time when writing an
 
 def _stream_entry(fh, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
     """One safetensors file, written to fh, from float64 tensors on any device, copied to the
-    host in row blocks of at most WRITE_BLOCK bytes."""
+    host in row blocks of at most WRITE_BLOCK bytes; the checksum of the metadata and of every
+    block written goes last (tensor CHECKSUM)."""
     from ..io.writer import SafetensorsStreamWriter, TensorSpec, tensor_bytes
 
-    specs = [TensorSpec(name, "F64", tuple(t.shape)) for name, t in tensors.items()]
+    names = [n for n in TENSORS if n in tensors]
+    specs = [TensorSpec(name, "F64", tuple(tensors[name].shape)) for name in names]
+    specs.append(TensorSpec(CHECKSUM, "U8", (32,)))
     w = SafetensorsStreamWriter(fh, specs, metadata=meta, where=getattr(fh, "name", ""))
-    for name, t in tensors.items():
-        t = t.to(torch.float64)  # (rows, cols) or (r,)
+    h = _entry_hash(meta)
+
+    def hashed(blocks):
+        for blk in blocks:
+            h.update(blk)
+            yield blk
+
+    for name in names:
+        t = tensors[name].to(torch.float64)  # (rows, cols) or (r,)
+        _tensor_head(h, name, t.shape)
         rows = max(1, WRITE_BLOCK // max(1, 8 * (t.shape[1] if t.dim() == 2 else 1)))
-        w.write_blocks(name, (tensor_bytes(t[i:i + rows]) for i in range(0, t.shape[0], rows))
+        w.write_blocks(name, hashed(tensor_bytes(t[i:i + rows]) for i in range(0, t.shape[0], rows))
                        if t.numel() else [])
+    w.write_blocks(CHECKSUM, [h.digest()])
     w.close()
+
+
+def _verify_entry(meta: Dict[str, str], t: Dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless the entry's checksum matches its metadata and tensors."""
+    from ..io.writer import tensor_bytes
+
+    extra = set(t) - set(TENSORS) - {CHECKSUM}
+    if extra or CHECKSUM not in t:
+        raise ValueError("unexpected tensors or no checksum")
+    h = _entry_hash(meta)
+    for name in TENSORS:
+        if name in t:
+            if t[name].dtype != torch.float64:
+                raise ValueError(f"{name}: not float64")
+            _tensor_head(h, name, t[name].shape)
+            h.update(tensor_bytes(t[name]))
+    stored = t[CHECKSUM]
+    if stored.dtype != torch.uint8 or stored.numel() != 32 or \
+            bytes(stored.numpy().tobytes()) != h.digest():
+        raise ValueError("checksum mismatch")
 
 
 def _is_temporary(name: str) -> bool:
@@ -86,13 +151,17 @@ def _identity(path: str):
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _power_of_two(x: float) -> bool:
+    return math.isfinite(x) and x > 0 and math.frexp(x)[0] == 0.5
+
+
 class BaseCache:
     """Content-keyed store of base spectra (intruder.spectral.partial.Eig) under `root`."""
 
     def __init__(self, root: str, max_bytes: Optional[int] = None):
         self.root = os.path.abspath(os.path.expanduser(root))
-        env = os.environ.get("INTRUDER_CACHE_MAX_GB")
-        self.max_bytes = max_bytes or int(float(env or DEFAULT_MAX_GB) * 2 ** 30)
+        gb = settings.cache_max_gb()
+        self.max_bytes = max_bytes or int((gb if gb is not None else DEFAULT_MAX_GB) * 2 ** 30)
         self.lock = threading.Lock()
         self.index: Dict[str, dict] = {}  # real path -> {"identity": [...], "tensors": {...}}
         self.hits = self.misses = self.stores = 0
@@ -107,18 +176,20 @@ class BaseCache:
     def _index_path(self, real: str) -> str:
         return os.path.join(self.root, INDEX, hashlib.sha256(os.fsencode(real)).hexdigest()[:40] + ".json")
 
-    def _file_index(self, path: str) -> dict:
+    def _file_index(self, path: str, ident: Optional[list] = None) -> dict:
+        """The index of file `path` as of identity `ident` (default: its identity now)."""
         real = os.path.realpath(path)
         with self.lock:
             doc = self.index.get(real)
-        ident = _identity(real)
+        ident = _identity(real) if ident is None else ident
         if doc is None or doc.get("identity") != ident:
             doc = {"path": real, "identity": ident, "tensors": {}}
             try:
                 with open(self._index_path(real), "r", encoding="utf-8") as fh:
                     disk = json.load(fh)
                 if isinstance(disk, dict) and disk.get("identity") == ident and \
-                        isinstance(disk.get("tensors"), dict):
+                        disk.get("path") == real and isinstance(disk.get("tensors"), dict) and \
+                        disk.get("sha256") == _doc_digest(disk):
                     doc = disk
             except (OSError, ValueError):
                 pass
@@ -126,10 +197,35 @@ class BaseCache:
                 self.index[real] = doc
         return doc
 
-    def known_key(self, ref: TensorRef) -> Optional[str]:
-        """The content key recorded for ref's tensor if its file is unchanged since, else None."""
+    @staticmethod
+    def identity(ref: TensorRef) -> Optional[list]:
+        """Identity of ref's file now (take it before reading the tensor; pass it to key_for),
+        or None when the index is not used for it (not safetensors, or unreadable)."""
+        if not ref.path.endswith(".safetensors"):
+            return None
         try:
-            doc = self._file_index(ref.path)
+            return _identity(os.path.realpath(ref.path))
+        except OSError:
+            return None
+
+    def key_for(self, ref: TensorRef, tensor: torch.Tensor, before: Optional[list]) -> str:
+        """The content key of `tensor`, ref's tensor as just read, whose file had identity
+        `before` (self.identity, taken before the read). The index is used and updated only
+        when the file still has that identity: then the bytes read are the bytes indexed."""
+        after = self.identity(ref)
+        if before is None or after != before:
+            return content_key(tensor, ref)  # changed while read, or not indexed: hash, keep none
+        key = self.known_key(ref, before)
+        if key is None:
+            key = content_key(tensor, ref)
+            self.remember_key(ref, key, before)
+        return key
+
+    def known_key(self, ref: TensorRef, ident: Optional[list] = None) -> Optional[str]:
+        """The content key recorded for ref's tensor if its file has identity `ident` (default:
+        its identity now) and had it when the key was recorded, else None."""
+        try:
+            doc = self._file_index(ref.path, ident)
         except OSError:
             return None
         rec = doc["tensors"].get(ref.name)
@@ -138,15 +234,17 @@ class BaseCache:
             return rec[2]
         return None
 
-    def remember_key(self, ref: TensorRef, key: str) -> None:
+    def remember_key(self, ref: TensorRef, key: str, ident: Optional[list] = None) -> None:
+        """Record `key` for ref's tensor under its file's identity `ident` (default: now)."""
         try:
-            doc = self._file_index(ref.path)
+            doc = self._file_index(ref.path, ident)
         except OSError:
             return
         if time.time_ns() - doc["identity"][3] < RACY_NS:
             return  # modified just now: the same mtime could hide a second change
         with self.lock:
             doc["tensors"][ref.name] = [ref.dtype, list(ref.shape), key]
+            doc["sha256"] = _doc_digest(doc)
             data = json.dumps(doc).encode()
         try:
             _write_atomic(self._index_path(doc["path"]), lambda fh: fh.write(data))
@@ -176,6 +274,10 @@ class BaseCache:
                         meta.get("key") != key:
                     raise ValueError("not an entry of this cache version")
                 t = {name: f.get_tensor(name) for name in f.keys()}
+            _verify_entry(meta, t)
+            scale = float(meta["scale"])
+            if not _power_of_two(scale):
+                raise ValueError("scale is not a power of two")
             vals, vecs, err = t["vals"], t["vecs"], t["err"]
             r = vals.numel()
             if vecs.dim() != 2 or vecs.shape[1] != r or err.numel() != r or \
@@ -189,7 +291,7 @@ class BaseCache:
                     raise ValueError(f"{name}: columns are not unit vectors")
             e = Eig(vals.double(), vecs.double(), err.double(), float(meta["rest"]),
                     meta["complete"] == "1", meta["side"], meta["method"],
-                    None if other is None else other.double())
+                    None if other is None else other.double(), scale)
             os.utime(path)  # least recently used eviction
         except Exception:  # a damaged entry is a miss; the scan rewrites it
             self.misses += 1
@@ -204,7 +306,8 @@ class BaseCache:
         in blocks: host memory never holds a whole complete base (512 MiB at 8192)."""
         meta = {"format": FORMAT, "version": VERSION, "key": key, "side": eig.side,
                 "method": eig.method, "complete": "1" if eig.complete else "0",
-                "rest": repr(float(eig.rest)), "created": str(int(time.time())),
+                "rest": repr(float(eig.rest)), "scale": repr(float(eig.scale)),
+                "created": str(int(time.time())),
                 "tensor": ref.name if ref else "", "source": os.path.realpath(ref.path) if ref else "",
                 "shape": json.dumps(list(ref.shape)) if ref else "", "dtype": ref.dtype if ref else ""}
         tensors = {"vals": eig.vals.contiguous(), "vecs": eig.vecs.contiguous(),
@@ -266,24 +369,24 @@ class BaseCache:
         return list(self._errors)
 
     # -- protocol of intruder.track: get / put by pair --------------------------------------
-    def _key_of(self, ref: TensorRef, w0_cpu: torch.Tensor) -> str:
-        from .stream import content_key
-
-        key = self.known_key(ref)
-        if key is None:
-            key = content_key(w0_cpu.contiguous(), ref)
-            self.remember_key(ref, key)
+    def _key_of(self, ref: TensorRef, w0_cpu: torch.Tensor, before: Optional[list]) -> str:
+        memo = getattr(self, "_memo", None)
+        if memo is not None and memo[0] == ref and memo[1] == before and memo[2] is w0_cpu:
+            return memo[3]
+        key = self.key_for(ref, w0_cpu, before)
+        self._memo = (ref, before, w0_cpu, key)
         return key
 
-    def get(self, pair, w0_cpu: torch.Tensor, config=None):
-        """Cached base spectrum of pair's base tensor (read as w0_cpu), or None."""
-        return self.load(self._key_of(pair.base, w0_cpu))
+    def get(self, pair, w0_cpu: torch.Tensor, config=None, before: Optional[list] = None):
+        """Cached base spectrum of pair's base tensor (read as w0_cpu, its file's identity
+        `before` the read taken with self.identity; without it the tensor is hashed), or None."""
+        return self.load(self._key_of(pair.base, w0_cpu, before))
 
-    def put(self, pair, w0_cpu: torch.Tensor, config, spec) -> None:
+    def put(self, pair, w0_cpu: torch.Tensor, config, spec, before: Optional[list] = None) -> None:
         from .partial import Eig
 
         if isinstance(spec, Eig):
-            self.store(self._key_of(pair.base, w0_cpu), spec, pair.base, wait=True)
+            self.store(self._key_of(pair.base, w0_cpu, before), spec, pair.base, wait=True)
 
     # -- management --------------------------------------------------------------------------
     def entries(self) -> List[dict]:
@@ -346,25 +449,33 @@ class BaseCache:
                 pass
         return removed
 
-    def clear(self) -> Tuple[int, int]:
-        """Remove every entry and index file of this cache; returns (files, bytes) removed."""
+    def clear(self) -> Tuple[int, int, List[str]]:
+        """Remove every entry and index file of this cache (this version's and older ones');
+        returns (files removed, their bytes, one line per file that could not be removed)."""
         n = size = 0
-        for sub in (SPECTRA, INDEX):
+        failed: List[str] = []
+        try:
+            subs = sorted(s for s in os.listdir(self.root) if _OLD.match(s))
+        except OSError:
+            subs = []
+        for sub in subs:
             d = os.path.join(self.root, sub)
-            if not os.path.isdir(d):
+            if os.path.islink(d) or not os.path.isdir(d):
                 continue
-            for name in os.listdir(d):
+            for name in sorted(os.listdir(d)):
                 path = os.path.join(d, name)
-                if os.path.isfile(path) and (name.endswith((".safetensors", ".json"))
-                                             or _is_temporary(name)):
+                if os.path.isfile(path) and not os.path.islink(path) and (
+                        name.endswith((".safetensors", ".json")) or _is_temporary(name)):
                     try:
-                        size += os.path.getsize(path)
+                        nbytes = os.path.getsize(path)
                         os.unlink(path)
-                        n += 1
-                    except OSError:
-                        pass
+                    except OSError as exc:
+                        failed.append(f"{path}: {exc.strerror}")
+                        continue
+                    size += nbytes
+                    n += 1
             try:
                 os.rmdir(d)
             except OSError:
                 pass
-        return n, size
+        return n, size, failed

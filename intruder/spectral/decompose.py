@@ -13,12 +13,13 @@ the result equals the exact one (see intruder/spectral/certify.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from .partial import Eig, derive_other, eig_full
+from .scaling import pow2_scale
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def spectrum_of(w: torch.Tensor, e: Eig, left: bool, right: bool,
                 upto: Optional[int] = None) -> Spectrum:
     """Spectrum (u and/or v as asked) of W from the eigenpairs of one of its Gram matrices."""
     r = e.r if upto is None else min(upto, e.r)
-    sigma = e.vals[:r].clamp_min(0).sqrt()  # (r,)
+    sigma = e.vals[:r].clamp_min(0).sqrt() / e.scale  # (r,)
     u = v = eu = ev = None
     need_other = (left and e.side == "right") or (right and e.side == "left")
     other, e_other = derive_other(w, e, r) if need_other else (None, None)
@@ -49,25 +50,30 @@ def spectrum_of(w: torch.Tensor, e: Eig, left: bool, right: bool,
     if right:
         v, ev = (own, e_own) if e.side == "right" else (other, e_other)
     if r < e.r:  # the next kept eigenvalue bounds every one left out
-        rest = float(e.vals[r].clamp_min(0).sqrt())
+        rest = float(e.vals[r].clamp_min(0).sqrt()) / e.scale
     else:
-        rest = 0.0 if e.complete else max(e.rest, 0.0) ** 0.5
+        rest = 0.0 if e.complete else max(e.rest, 0.0) ** 0.5 / e.scale
     return Spectrum(sigma, u, v, e.method, e.complete and r == e.r, rest, eu, ev)
 
 
 def full_spectrum(w: torch.Tensor, left: bool = True, right: bool = False,
                   method: str = "auto") -> Spectrum:
-    """All min(m, n) singular triplets of w (already on its device), in float64."""
+    """All min(m, n) singular triplets of w (already on its device), in float64 (weights out
+    of the squarable range scaled by an exact power of two, scaling.py)."""
     w = w.to(torch.float64)  # (m, n)
+    c = pow2_scale(w)
     if method == "svd64":
         return _svd64(w, left, right)
-    return spectrum_of(w, eig_full(w), left, right)
+    ws = w * c if c != 1.0 else w
+    return spectrum_of(w, replace(eig_full(ws), scale=c), left, right)
 
 
 def top_spectrum(w: torch.Tensor, k: int, left: bool = True, right: bool = False) -> Spectrum:
     """The top-k singular triplets of w, in float64 (exact path)."""
     w = w.to(torch.float64)  # (m, n)
-    s = spectrum_of(w, eig_full(w, check_upto=k), left, right, upto=k)
+    c = pow2_scale(w)
+    ws = w * c if c != 1.0 else w
+    s = spectrum_of(w, replace(eig_full(ws, check_upto=k), scale=c), left, right, upto=k)
     return Spectrum(s.sigma, s.u, s.v, s.method)
 
 
@@ -85,5 +91,8 @@ def spectral_norm(d: torch.Tensor, iters: int = 30, seed: int = 0, block: int = 
     d = d.to(torch.float64)  # (m, n)
     if d.numel() == 0:
         return 0.0
+    c = pow2_scale(d)
+    if c != 1.0:
+        d = d * c  # exact: the Lanczos blocks' Gram matrices stay in range
     return norm_lanczos(lambda x: d @ x, lambda y: d.mT @ y, d.shape[1], d.dtype, d.device,
-                        block=block, iters=iters, rtol=rtol, seed=seed)
+                        block=block, iters=iters, rtol=rtol, seed=seed) / c

@@ -15,12 +15,14 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 
+from .. import settings
 from ..errors import IntruderError, NonFiniteError
 from ..types import Intruder, LayerPair, LayerResult, ScanConfig
 from .certify import TAIL, certify_side, kept_bounds, slice_decisions
 from .decompose import Spectrum, spectrum_of
 from .match import counts_by_epsilon, match_vectors
 from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
+from .scaling import analyse_scaled
 
 # Gram sizes up to these take the exact path outright (measured: bench/NOTES.md)
 EXACT_DIM_CUDA = 256
@@ -100,11 +102,9 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def exact_dim(device) -> int:
     """Largest Gram size that takes the exact path outright (full eigh is cheap there)."""
-    import os
-
-    env = os.environ.get("INTRUDER_EXACT_DIM")
-    if env:
-        return int(env)
+    env = settings.exact_dim()
+    if env is not None:
+        return env
     return EXACT_DIM_CUDA if torch.device(device).type == "cuda" else EXACT_DIM_CPU
 
 
@@ -172,7 +172,14 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
     base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
     Eig, what the base cache stores) can be passed back as base_spec for the same base.
     scratch: a dict kept across calls with the same base (a fleet), for base-only work.
-    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise)."""
+    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise).
+    Float64 weights whose squares leave float64's range are scanned scaled by an exact power
+    of two (scaling.py)."""
+    return analyse_scaled(_analyse, w0, wt, config, name, base_spec, scratch, noise)
+
+
+def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
+             base_spec, scratch: Optional[dict], noise: Optional[float]) -> Tuple[dict, Eig]:
     stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
@@ -275,12 +282,9 @@ def _method(be: Eig, te: Eig, slices: bool = False) -> str:
 def slice_min_dim() -> int:
     """Smallest Gram size where spectral slices replace the complete base (INTRUDER_SLICE_MIN_DIM;
     0 disables them)."""
-    import os
-
-    env = os.environ.get("INTRUDER_SLICE_MIN_DIM")
-    if env:
-        v = int(env)
-        return v if v > 0 else 1 << 62
+    env = settings.slice_min_dim()
+    if env is not None:
+        return env if env > 0 else 1 << 62
     return SLICE_MIN_DIM
 
 
@@ -308,13 +312,15 @@ def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[d
 
 
 def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
-               progress: bool = False, base_cache=None) -> Iterator[LayerResult]:
+               progress: bool = False, base_cache=None,
+               group_fn: Optional[Callable] = None) -> Iterator[LayerResult]:
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
     torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
     bytes (INTRUDER_HOST_BUDGET_MB). An item may be a tuple of pairs that share one base (a
     fleet of fine-tunes): the base is read and decomposed once, and a tuple of LayerResults
-    comes back for it."""
+    comes back for it. group_fn: what runs per item on its device instead of stream.compute
+    (same arguments; track.py's sequential steps)."""
     from . import multi
     from .stream import Pipeline
 
@@ -324,7 +330,7 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
         devices = multi.resolve_devices(config.device)
         bar = _bar(len(pairs), progress)
         try:
-            for res in Pipeline(pairs, read, config, devices, base_cache):
+            for res in Pipeline(pairs, read, config, devices, base_cache, group_fn=group_fn):
                 if bar is not None:
                     bar.update(1)
                 yield res
@@ -343,7 +349,7 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     local_out = []
     try:
         for i, res in zip(mine, Pipeline([pairs[i] for i in mine], read, config, devices,
-                                         base_cache)):
+                                         base_cache, group_fn=group_fn)):
             local_out.append((i, res))
             if bar is not None:
                 bar.update(1)

@@ -49,6 +49,9 @@ class Eig:
     side: str  # left | right: which singular vectors vecs are
     method: str
     other: Optional[torch.Tensor] = None  # (d_other, r) other side's vectors (exact SVD path)
+    # vals are the eigenvalues of the Gram matrix of (scale W), scale a power of two (1 but for
+    # float64 weights whose squares would leave float64's range: intruder/spectral/scaling.py)
+    scale: float = 1.0
 
     def __post_init__(self):
         # One layout whatever produced the pairs (a slice of a wider block, LAPACK's output, a
@@ -65,7 +68,8 @@ class Eig:
 
     def to(self, device) -> "Eig":
         return Eig(self.vals.to(device), self.vecs.to(device), self.err, self.rest, self.complete,
-                   self.side, self.method, None if self.other is None else self.other.to(device))
+                   self.side, self.method, None if self.other is None else self.other.to(device),
+                   self.scale)
 
 
 def gram_side(shape) -> str:
@@ -354,7 +358,7 @@ def derive_other(w: torch.Tensor, e: Eig, upto: Optional[int] = None):
     r = e.r if upto is None else min(upto, e.r)
     if e.other is not None:
         return e.other[:, :r], e.err[:r].clone()
-    sig = e.vals[:r].clamp_min(0).sqrt()  # (r,)
+    sig = e.vals[:r].clamp_min(0).sqrt() / e.scale  # (r,) singular values of W
     tiny = torch.finfo(torch.float64).tiny
     vec = e.vecs[:, :r]  # (d, r)
     prod = (w.mT @ vec) if e.side == "left" else (w @ vec)  # (d_other, r)

@@ -21,7 +21,6 @@ Peak host memory is the budget plus what one pair needs, whatever the model's si
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -31,8 +30,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .. import settings
 from ..errors import IntruderError, CheckpointError, NonFiniteError
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
+from .cache import content_key  # noqa: F401  (the cache's key, also used from here)
 from .threads import OneThreadEach, cpu_workers, usable_cpus
 
 # bytes of tensors read ahead of the devices (measured on the 7B pair, one H200: 256 MiB and
@@ -41,8 +42,8 @@ DEFAULT_HOST_BUDGET = 512 * 2 ** 20
 
 
 def host_budget() -> int:
-    env = os.environ.get("INTRUDER_HOST_BUDGET_MB")
-    return int(float(env) * 2 ** 20) if env else DEFAULT_HOST_BUDGET
+    env = settings.host_budget_mb()
+    return max(1, int(env * 2 ** 20)) if env is not None else DEFAULT_HOST_BUDGET
 
 
 @dataclass
@@ -166,7 +167,12 @@ class Reader:
         if nbytes == 0:
             return out
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) aliasing out
-        fh, _ = open_regular(ref.path)
+        fh, st = open_regular(ref.path)
+        try:
+            sf.check_unchanged(st)  # the offsets are those of the file whose header was parsed
+        except CheckpointError:
+            fh.close()
+            raise
         try:
             with fh:
                 fd = fh.fileno()
@@ -181,14 +187,6 @@ class Reader:
         if done != nbytes:
             raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: file ended early (truncated?)")
         return out
-
-
-def content_key(t: torch.Tensor, ref: TensorRef) -> str:
-    """sha256 of a tensor's stored bytes, dtype and shape: the base spectral cache's key."""
-    h = hashlib.sha256(f"{ref.dtype}|{tuple(ref.shape)}|".encode())
-    if t.numel():
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
 
 
 def group_bytes(group) -> int:
@@ -211,6 +209,7 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
     key and any cached base spectrum."""
     t0 = time.perf_counter()
     p = raw.pair
+    before = base_cache.identity(p.base) if base_cache is not None else None  # see key_for
     raw.w0 = reader.read(p.base)
     _read_tuned(raw, reader)
     for sub in raw.more:
@@ -219,12 +218,8 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
         if r.wt is not None:
             r.noise = storage_noise(r.pair, raw.w0, r.wt, reader.read)
     if base_cache is not None:
-        key = base_cache.known_key(p.base)
-        if key is None:
-            key = content_key(raw.w0, p.base)
-            base_cache.remember_key(p.base, key)
-        raw.key = key
-        raw.cached = base_cache.load(key)
+        raw.key = base_cache.key_for(p.base, raw.w0, before)
+        raw.cached = base_cache.load(raw.key)
     raw.read_s = time.perf_counter() - t0
     return raw
 
@@ -359,20 +354,22 @@ class Pipeline:
     def __init__(self, pairs: List, read: Callable, config: ScanConfig,
                  devices: List[torch.device], base_cache=None, readers: Optional[int] = None,
                  per_device: Optional[int] = None, budget: Optional[int] = None,
-                 threaded: Optional[bool] = None):
+                 threaded: Optional[bool] = None, group_fn: Optional[Callable] = None):
         self.pairs = pairs
         self.config = config
         self.devices = devices
         self.base_cache = base_cache
+        # what a worker runs per item: compute (scan, compare) or the caller's (track)
+        self.group_fn = group_fn or compute
         cuda = devices[0].type == "cuda"
         cpus = usable_cpus()
         self.cpu_workers = 1 if cuda else cpu_workers(cpus)
         # workers in threads: CUDA streams, or one matrix per core on a multi-core CPU
         self.threaded = (cuda or self.cpu_workers > 1) if threaded is None else threaded
-        self.n_readers = readers or int(os.environ.get("INTRUDER_READERS", "0")) or (
-            min(8, max(2, cpus // 2)) if cuda else 1)
-        self.per_device = per_device or (int(os.environ.get("INTRUDER_STREAMS", "3")) if cuda
-                                         else self.cpu_workers)
+        self.n_readers = max(1, readers or settings.readers() or (
+            min(8, max(2, cpus // 2)) if cuda else 1))
+        self.per_device = max(1, per_device or ((settings.streams() or 3) if cuda
+                                                else self.cpu_workers))
         self.budget = _Budget(budget or host_budget())
         self.reader = Reader(pinned=cuda, fallback=read)
         self.stop = threading.Event()
@@ -451,9 +448,9 @@ class Pipeline:
         try:
             if stream is not None:
                 with torch.cuda.device(device), torch.cuda.stream(stream):
-                    res = compute(raw, device, self.config, self.base_cache, on_copied)
+                    res = self.group_fn(raw, device, self.config, self.base_cache, on_copied)
             else:
-                res = compute(raw, device, self.config, self.base_cache, on_copied)
+                res = self.group_fn(raw, device, self.config, self.base_cache, on_copied)
         except BaseException as exc:
             res = exc
         finally:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from .. import settings
+
 _ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -24,9 +26,9 @@ def usable_cpus() -> int:
 
 def cpu_workers(cpus: int) -> int:
     """Matrices computed at once on a CPU (INTRUDER_CPU_WORKERS, default one per core up to 4)."""
-    env = os.environ.get("INTRUDER_CPU_WORKERS")
-    if env:
-        return max(1, int(env))
+    env = settings.cpu_workers()
+    if env is not None:
+        return env
     return max(1, min(4, cpus))
 
 
