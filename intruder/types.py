@@ -41,6 +41,7 @@ class Storage:
     block: Tuple[int, int] = (0, 0)  # rows x columns sharing one scale (0: from the shapes)
     divisor: float = 1.0  # w = codes * scale / divisor (bitsandbytes SCB: 127)
     heads: int = 0  # GGUF q/k projection: undo llama.cpp's rotary row order in this many heads
+    parts: Tuple[Tuple[str, object], ...] = ()  # more tensors / numbers of the layout, by name
 
 
 @dataclass(frozen=True)

@@ -295,15 +295,17 @@ def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
     refs: Dict[str, TensorRef] = {}
     metadata: Dict[str, str] = {}
     files = list(files)
+    handles: Dict[str, SafetensorsFile] = {}
     for f in files:
-        sf = SafetensorsFile(f)
+        sf = handles[f] = SafetensorsFile(f)
         metadata.update(sf.metadata)
         for name, e in sf.entries.items():
             if name in refs:
                 raise CheckpointError(f"{f}: tensor {name!r} also appears in "
                                       f"{os.path.basename(refs[name].path)}")
             refs[name] = TensorRef(f, name, e.shape, e.dtype)
-    refs = attach_storage(refs, _model_config(path))
+    refs = attach_storage(refs, _model_config(path),
+                          lambda r: read_stored_bytes(r, {r.path: handles[r.path]}))
     return Checkpoint(path, kind, refs, files, metadata=metadata)
 
 
