@@ -206,8 +206,11 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optiona
         dz = torch.zeros(k, dtype=torch.float64)
     xz = x.mT @ z  # (R, k)
     zp = z - x @ xz  # (d, k): the part outside the kept span
-    xz_n = torch.linalg.vector_norm(xz, dim=0).cpu()  # (k,)
+    xz_n = torch.linalg.vector_norm(xz, dim=0).cpu() * (1 + 1e-10)  # (k,)
     zp_n = torch.linalg.vector_norm(zp, dim=0).cpu()  # (k,)
+    z_n = torch.linalg.vector_norm(z, dim=0).cpu()  # (k,)
+    # rounding of z' = z - X X^T z: what the computed z' misses of the exact difference
+    dz = dz + (e.r + 4) * U64 * (z_n + 2.0 * xz_n)
     # Chebyshev vectors T_i(Ht) z', Ht = a H - c I with spectrum in [-1, 1]
     a = 2.0 / (hi - lo)
     c = (hi + lo) / (hi - lo)
