@@ -123,14 +123,17 @@ class InverseGram:
     g_f: float  # ||G||_F (rounding of W0^T t)
 
 
-def inverse_gram(w0: torch.Tensor, side: str) -> Optional[InverseGram]:
+def inverse_gram(w0: torch.Tensor, side: str, g: Optional[torch.Tensor] = None
+                 ) -> Optional[InverseGram]:
     """H = G^-1 by Cholesky, ||H G - I|| measured and H's spectrum fenced (Lanczos estimate of
-    ||H||, proved by a Cholesky of hi I - H). None for a (nearly) singular base."""
+    ||H||, proved by a Cholesky of hi I - H). None for a (nearly) singular base. g: gram(w0,
+    side) when the caller has it (not modified)."""
     from .sketch import norm_lanczos
 
     d = min(w0.shape)
     dev = w0.device
-    g = gram(w0, side)  # (d, d) float64
+    if g is None:
+        g = gram(w0, side)  # (d, d) float64
     eps_g = gram_error(w0, g)
     chol, info = torch.linalg.cholesky_ex(g)  # (d, d) lower
     if int(info) != 0:  # (nearly) singular base: the complete decomposition handles it
