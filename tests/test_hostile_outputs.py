@@ -301,6 +301,25 @@ def test_failing_second_scale_run_keeps_the_previous_outputs(pair, tmp_path):
     line = _error_line(res)
     assert res.exit_code == 1 and "exceeds the range of F32" in line, line
     assert {n: _sha(out / n) for n in os.listdir(out)} == first
+    # a failure after the new models are written (an evaluation, Ctrl-C): they were staged
+    # beside the old ones and are discarded; the old ones stay
+    from intruder import scale_sweep
+
+    real = scale_sweep.scale_checkpoint
+    written = []
+
+    def write_then_fail(*a, **k):
+        written.extend(r.path for r in real(*a, **k))
+        assert all(os.path.exists(p) for p in written)
+        raise KeyboardInterrupt
+
+    scale_sweep.scale_checkpoint = write_then_fail
+    try:
+        res = _run(args[:-1] + ["0.8", "--alpha", "0.5,0.25", "--force"])
+    finally:
+        scale_sweep.scale_checkpoint = real
+    assert res.exit_code == exitcodes.INTERRUPTED and len(written) == 2, res.output
+    assert {n: _sha(out / n) for n in os.listdir(out)} == first  # nothing staged is left
     # without --force the existing model is refused before anything is scanned or written
     res = _run(args[:-1] + ["0.8", "--alpha", "0.5"])
     assert res.exit_code == 1 and "already exists (use --force" in _error_line(res)
