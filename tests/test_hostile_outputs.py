@@ -622,6 +622,7 @@ def test_exit_codes_are_defined_once():
                 text = open(os.path.join(dirpath, f)).read()
                 defined += [(f, m) for m in re.findall(r"^\s*EXIT_\w+\s*=\s*\d+", text, re.M)]
                 defined += [(f, m) for m in re.findall(r"ctx\.exit\((?:1|130|143)\)", text)]
+                defined += [(f, m) for m in re.findall(r"exit_code\s*=\s*\d+", text)]
     assert defined == []
 
 
