@@ -230,23 +230,6 @@ def test_two_outputs_of_one_command_never_coincide(pair, tmp_path):
     _inputs_unchanged(pair)
 
 
-def _immutable(path) -> bool:
-    if os.geteuid() != 0:
-        os.chmod(path, 0o555)
-        return True
-    try:
-        return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
-    except FileNotFoundError:
-        return False
-
-
-def _mutable(path) -> None:
-    if os.geteuid() != 0:
-        os.chmod(path, 0o755)
-    else:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
-
-
 def test_report_output_under_a_file_or_an_unwritable_folder(pair, tmp_path):
     """`report -o` used to end in a traceback from makedirs."""
     afile = tmp_path / "plain.txt"
@@ -256,7 +239,7 @@ def test_report_output_under_a_file_or_an_unwritable_folder(pair, tmp_path):
     assert res.exit_code == 1 and str(afile) in line and "not a directory" in line
     ro = tmp_path / "ro"
     ro.mkdir()
-    if not _immutable(ro):
+    if not hc.immutable(ro):
         pytest.skip("cannot make a folder unwritable here")
     try:
         res = _run(["report", pair["report"], "-q", "-o", str(ro / "new" / "a.html")])
@@ -264,7 +247,7 @@ def test_report_output_under_a_file_or_an_unwritable_folder(pair, tmp_path):
         assert res.exit_code == 1 and "not writable" in line, line
         assert os.listdir(ro) == []
     finally:
-        _mutable(ro)
+        hc.mutable(ro)
 
 
 def test_report_creates_missing_folders_and_removes_them_on_failure(pair, tmp_path,
