@@ -101,6 +101,8 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     eps = c.epsilon
     flagged = sorted((l for l in report.layers if l.intruders),
                      key=lambda l: (-len(l.intruders), l.name))
+    from .verdict import verdict_of, verdict_text
+
     lines = [f"intruder scan  (Algorithm 1: top-{c.top_k} {c.vectors} singular vectors, "
              f"intruder iff max |cos| to every base vector < epsilon = {eps:g})",
              f"  base : {report.base.path}  [{report.base.kind}]{source_text(report.base)}",
@@ -149,4 +151,5 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     for w in report.warnings:
         lines.append(f"WARNING: {w}")
     lines.append(f"time: {report.seconds:.2f} s wall on {report.device}")
+    lines.append(printable(verdict_text(verdict_of(report))))
     return "\n".join(lines)

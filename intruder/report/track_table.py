@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .table import BOUND_NOTE, bound_count, format_table, source_text
+from .table import BOUND_NOTE, bound_count, format_table, printable, source_text
 
 
 def _f(x, fmt=".3f"):
@@ -77,6 +77,8 @@ def track_table(tr) -> str:
         ident = source_text(e.vs_base.tuned).strip()
         if ident:
             lines.append(f"{e.label}: {ident}")
+    for e, r in zip(tr.entries, rows):
+        lines.append(printable(f"verdict ({e.label}): {r['verdict']['wording']}"))
     for e, r in zip(tr.entries, rows):
         for w in r["warnings"]:
             lines.append(f"WARNING ({e.label}): {w}")

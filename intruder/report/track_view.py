@@ -117,7 +117,7 @@ def track_section_html(tr, dpi: int = 100) -> str:
     body = []
     for e, r in zip(tr.entries, rows):
         row = [e.label, r["kind"]] + [r["counts_by_epsilon"].get(k, 0) for k in eps_keys] + [
-            r["min_max_cos"], r["novel_strength_max"], r["provenance"]["verdict"]]
+            r["min_max_cos"], r["novel_strength_max"], r["verdict"]["label"]]
         if tr.mode == "track":
             vp = r["vs_previous"]
             row += [vp["counts_by_epsilon"].get(eps_keys[0], 0) if vp else "(= vs base)",
@@ -151,11 +151,12 @@ def track_section_html(tr, dpi: int = 100) -> str:
                      "max|cos|, one colour per checkpoint."))
     items = []
     for e, r in zip(tr.entries, rows):
-        ev = "".join(f"<li>{escape(x)}</li>" for x in r["provenance"].get("evidence") or ())
+        ev = "".join(f"<li>{escape(x)}</li>" for x in r["verdict"]["evidence"])
         warn = "".join(f'<div class="warning">{escape(w)}</div>' for w in r["warnings"])
         items.append(f"<li><b>{escape(e.label)}</b> (<code>{escape(e.path)}</code>): "
-                     f"{escape(verdict_line_dict(r['provenance']))}<ul>{ev}</ul>{warn}</li>")
-    parts.append("<h3>Provenance verdicts</h3><ul>" + "".join(items) + "</ul>")
+                     f"<b>{escape(r['verdict']['wording'])}</b> "
+                     f"({escape(verdict_line_dict(r['provenance']))})<ul>{ev}</ul>{warn}</li>")
+    parts.append("<h3>Verdicts</h3><ul>" + "".join(items) + "</ul>")
     return "".join(parts)
 
 
