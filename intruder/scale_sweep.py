@@ -197,7 +197,8 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
                              evals=evals, epsilon=epsilon, eval_options=tuple(options.items()),
                              model_config=_model_config(model_config, base_path), dtype=dtype,
                              max_length=max_length, limit=limit,
-                             storage_dtypes=_storage_dtypes(report, model_path, epsilon))
+                             storage_dtypes=_storage_dtypes(report, model_path, epsilon),
+                             adapter_path=tuned_path if adapter else None)
             jobs = make_jobs(sorted(set(alphas) | {1.0}))
             if world > 1:
                 spec = SweepSpec(**{**spec.__dict__, "shard": False})
