@@ -5,15 +5,15 @@ layer resolves them), a `{name: tensor}` state dict, a `torch.nn.Module` (transf
 or a PEFT model (merged per tensor exactly as its saved adapter directory would be). Keyword
 names and defaults are the command line's options (`--top-k` -> `top_k=`).
 
-    >>> import intruder
-    >>> r = intruder.scan(base_model, peft_model)        # doctest: +SKIP
-    >>> r.verdict.wording                                  # doctest: +SKIP
-    'LoRA-like update (rank 8): 83 intruders at epsilon 0.5 in 24 of 28 changed matrices, ...'
-    >>> r.to_dataframe()                                   # doctest: +SKIP
-    >>> r.save("scan.json"); intruder.load_report("scan.json") == r   # doctest: +SKIP
-    >>> model = intruder.rescale(peft_model, r, 0.5)     # doctest: +SKIP
+    import intruder
+    r = intruder.scan(base_model, peft_model)        # or paths, hub IDs, state dicts
+    r.verdict.wording       # 'LoRA-like update (rank 8): 83 intruders at epsilon 0.5 in ...'
+    r.to_dataframe()        # one row per matrix, every per-matrix field of the JSON
+    r.save("scan.json"); intruder.load_report("scan.json") == r
+    model = intruder.rescale(peft_model, r, 0.5)     # a rescaled copy, in memory
 
-Runnable examples: tests/test_api.py and notebooks/.
+The examples in the docstrings below run in the tests (tests/test_api.py, from the checkout's
+root, on the bundled demo models); notebooks/ holds longer ones.
 """
 
 from __future__ import annotations
@@ -78,6 +78,17 @@ class ScanResult(ScanReport):
         from .report.html import write_html
 
         return write_html(self, os.fspath(path), **options)
+
+    def similarity(self, names: Optional[Sequence[str]] = None, n: int = 1) -> Dict[str, Any]:
+        """|cos| of the top-k tuned against the top-2k base singular vectors (the paper's
+        Figure 1) for `names` (default: the n most affected matrices), recomputed from the
+        checkpoints after checking they are the scanned ones; draw with
+        intruder.plots.similarity_heatmaps(list(blocks.values()))."""
+        from .report.similarity import recompute_similarity
+        from .report.views import most_affected
+
+        names = list(names) if names is not None else [l.name for l in most_affected(self, n)]
+        return recompute_similarity(self, names)
 
     def __repr__(self) -> str:
         return (f"<ScanResult {self.tuned.path!r} vs {self.base.path!r}: "
@@ -160,6 +171,18 @@ class TrackResult(TrackReport):
         from .track import to_dict
 
         return to_dict(self)
+
+    def figure(self, kind: str = "counts"):
+        """A matplotlib Figure of the track / compare page: 'counts' (intruders per checkpoint),
+        'margin' (lowest max|cos| and novel strength) or 'persistence' (a track's persistent /
+        new / gone intruders)."""
+        from .report import track_view
+
+        figs = {"counts": track_view.track_counts, "margin": track_view.track_margin,
+                "persistence": track_view.persistence_bars}
+        if kind not in figs:
+            raise InputError(f"kind={kind!r}: use {', '.join(map(repr, figs))}")
+        return figs[kind](self)
 
     def save(self, path) -> str:
         """Write the JSON document atomically; returns the path."""
@@ -267,6 +290,13 @@ def scan(base: Source, tuned: Source, *, top_k: int = DEFAULT_TOP_K, epsilon=0.5
         progress: a progress bar on stderr.
 
     Returns a ScanResult; nothing is written.
+
+    >>> r = intruder.scan("fixtures/demo/models/base", "fixtures/demo/adapters/lora_r8",
+    ...                   no_cache=True)
+    >>> r.verdict.label, r.verdict.estimated_rank, r.summary["total_intruders"]
+    ('lora-like', 8, 83)
+    >>> int(r.to_dataframe()["count@0.5"].sum())
+    83
     """
     config = _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cache,
                      allow_nonfinite)
@@ -306,7 +336,14 @@ def compare(base: Source, tuneds, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE
             device: str = "auto", cache_dir: Optional[str] = None, no_cache: bool = False,
             allow_nonfinite: bool = False, progress: bool = False) -> TrackResult:
     """Independent fine-tunes of one base side by side (`intruder compare BASE FT...`); the
-    base is decomposed once. `tuneds`: a list, or a {label: checkpoint} dict. Options as scan."""
+    base is decomposed once. `tuneds`: a list, or a {label: checkpoint} dict. Options as scan.
+
+    >>> c = intruder.compare("fixtures/demo/models/base", {
+    ...     "lora": "fixtures/demo/adapters/lora_r8", "full": "fixtures/demo/models/full_ft"},
+    ...     no_cache=True)
+    >>> {label: v.label for label, v in c.verdicts.items()}
+    {'lora': 'lora-like', 'full': 'full-ft-like'}
+    """
     return _many(run_compare, "compare", base, tuneds, top_k, epsilon, vectors, include, exclude,
                  device, cache_dir, no_cache, allow_nonfinite, progress)
 
@@ -327,7 +364,11 @@ def track(base: Source, steps, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE_EP
 def load_report(path) -> Union[ScanResult, TrackResult, Any]:
     """Read a JSON report the tool wrote, validated against the published schema: a scan
     report gives a ScanResult (equal to the one saved), a compare / track a TrackResult, a
-    scale-results file its ScaleTable (intruder.report.scale_results)."""
+    scale-results file its ScaleTable (intruder.report.scale_results).
+
+    >>> intruder.load_report("reports/demo/full_ft-scan.json").verdict.label
+    'full-ft-like'
+    """
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise ReportError(f"{p}: no report there (run `intruder scan BASE TUNED` first)")
@@ -428,7 +469,15 @@ def rescale(model_or_state_dict, report, alpha: float, *, epsilon: Optional[floa
     merged on the way, or a {name: tensor} dict). report: its ScanResult (or a path to its JSON).
     epsilon: rescale every top-k vector with max|cos| < epsilon instead of the report's own.
     Returns a new model (for a transformers model, one that lm-eval's HFLM takes as
-    `pretrained=`) or a new dict; the input is left as it was."""
+    `pretrained=`) or a new dict; the input is left as it was.
+
+    >>> from safetensors.torch import load_file
+    >>> sd = load_file("fixtures/demo/models/lora_r1/model.safetensors")
+    >>> r = intruder.scan("fixtures/demo/models/base", sd, no_cache=True)
+    >>> removed = intruder.rescale(sd, r, 0.0)
+    >>> sum(not (removed[k] == sd[k]).all() for k in sd) == r.summary["layers_with_intruders"]
+    True
+    """
     from .scale_memory import rescale_model
 
     if isinstance(report, (str, os.PathLike)):
@@ -436,8 +485,7 @@ def rescale(model_or_state_dict, report, alpha: float, *, epsilon: Optional[floa
     if not isinstance(report, ScanReport):
         raise InputError(f"report: expected a scan result or the path of its JSON, got "
                          f"{type(report).__name__}")
-    model, _ = rescale_model(model_or_state_dict, report, alpha, epsilon, device)
-    return model
+    return rescale_model(model_or_state_dict, report, alpha, epsilon, device)
 
 
 def verdict_line(result: ScanReport) -> str:

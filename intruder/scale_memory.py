@@ -5,7 +5,8 @@ triplets recomputed from Wt in float64 and checked against the report's singular
 W' = Wt + (alpha - 1) * sum_j sigma_j u_j v_j^T, cast to the tensor's dtype. A PEFT model is
 first merged per tensor in float64 exactly as `intruder scale` merges its adapter directory
 (LoRA deltas, lora_bias, modules_to_save), so for a model held in its stored dtype the result
-equals the written checkpoint tensor for tensor. Inputs are never modified.
+equals the written checkpoint tensor for tensor. A plain module goes through intruder.inplace (the
+in-place rescaler of the sweep) on a copy. Inputs are never modified.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .intervene import LayerIntruders, Source, intruder_component, rescale, sele
 from .io.adapter import lora_bias_for, lora_info_for, merge_lora
 from .io.checkpoint import Checkpoint, read_ref
 from .io.memory import as_checkpoint, from_module, from_peft, is_peft_model
+from .inplace import InPlaceRescaler
 from .io.pairing import _align
 from .types import ScanReport
 
@@ -137,8 +139,9 @@ def rescale_model(obj, report: ScanReport, alpha: float, epsilon: Optional[float
                   device: Optional[str] = None):
     """A rescaled copy of a state dict, a module or a PEFT model (merged: a plain model).
 
-    Returns (the copy, {name: new tensor}) : a dict for a state dict, else a torch module that
-    `lm_eval.models.huggingface.HFLM(pretrained=...)` accepts for a transformers model."""
+    Returns a dict for a state dict, else a torch module (for a transformers model, one that
+    `lm_eval.models.huggingface.HFLM(pretrained=...)` accepts). A plain module is rescaled by
+    intruder.inplace.InPlaceRescaler on a copy."""
     import math
 
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -149,21 +152,22 @@ def rescale_model(obj, report: ScanReport, alpha: float, epsilon: Optional[float
     if isinstance(obj, torch.nn.Module) and is_peft_model(obj):
         base_ck = from_module(obj, "base")
         ad_ck = from_peft(obj)
+        # the merge is rescaled in float64 before rounding, as `intruder scale` does (the in-place
+        # rescaler starts from stored weights, so it would round the merge first)
         new = _peft(base_ck, ad_ck, sel, alpha, dev)
         model = copy.deepcopy(obj).unload()  # the base model with the LoRA layers removed
         _load_into(model, new)
-        return model, new
+        return model
     ck = as_checkpoint(obj, "tuned")
     if ck is None or ck.kind == "adapter":
         raise InputError(f"rescale: expected a state dict, a torch.nn.Module or a PEFT model, "
                          f"got {type(obj).__name__} (for a checkpoint on disk use "
                          f"`intruder scale`)")
-    new = _full(ck, sel, alpha, dev)
     if isinstance(obj, torch.nn.Module):
         model = copy.deepcopy(obj)
-        _load_into(model, new)
-        return model, new
+        # intruder.inplace's rescaler, left at alpha: its kept originals go with it
+        InPlaceRescaler(model, report, epsilon=epsilon).set_alpha(alpha, measure=False)
+        return model
     out = dict(obj)
-    out.update(new)
-    return out, new
-
+    out.update(_full(ck, sel, alpha, dev))
+    return out

@@ -343,10 +343,80 @@ def test_public_names_and_shadowing():
     assert sorted(intruder.__all__) == sorted(set(intruder.__all__))
 
 
-def test_public_api_doctests():
+def test_public_api_doctests(monkeypatch):
     import doctest
 
-    import intruder.api
+    import importlib
 
-    res = doctest.testmod(intruder.api, optionflags=doctest.ELLIPSIS)
-    assert res.failed == 0
+    api = importlib.import_module("intruder.api")
+    monkeypatch.chdir(ROOT)  # the examples name the bundled demo by relative path
+    res = doctest.testmod(api, optionflags=doctest.ELLIPSIS, extraglobs={"intruder": intruder})
+    assert res.failed == 0 and res.attempted >= 8
+
+
+# ---------------------------------------------------------------------- evaluation contract
+
+
+def _lm_eval_wikitext(tmp_path, pages, **hflm_kwargs):
+    """lm-eval's own wikitext task on `pages` (a local JSON copy of the articles; offline)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"page": p}) + "\n" for p in pages))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(exist_ok=True)
+    packaged = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "wikitext", "wikitext.yaml")
+    (tasks / "wikitext_local.yaml").write_text(
+        f"include: {packaged}\ntask: wikitext_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {docs}\n"
+        "training_split: null\nvalidation_split: null\ntest_split: test\n")
+    hflm = HFLM(device="cpu", batch_size=8, **hflm_kwargs)
+    out = simple_evaluate(model=hflm, tasks=["wikitext_local"], num_fewshot=0, bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                          log_samples=False, verbosity="ERROR")
+    return out["results"]["wikitext_local"]
+
+
+def test_wikitext_contract_under_both_bos_settings(tmp_path, shared_data, monkeypatch):
+    """Our `wikitext` equals lm-eval 0.4.13 run with add_bos_token=False; with lm-eval's default
+    the demo tokenizer (which adds BOS) has every document scored after [BOS, BOS], which gives
+    another number. Both are measured here on the demo base, first 2 test articles."""
+    from importlib.metadata import version
+
+    from intruder.evaluate.data import load_wikitext
+
+    assert version("lm_eval") == "0.4.13"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    wiki = os.path.join(shared_data, "wikitext-2-raw", "wiki.test.raw")
+    pages = [d.text for d in load_wikitext(wiki).documents[:2]]
+    ours = {x.metric: x for x in intruder.evaluate(BASE, f"wikitext-lmeval:{wiki}", limit=2,
+                                                   device="cpu", dtype="float32")}
+    no_bos = _lm_eval_wikitext(tmp_path, pages, pretrained=BASE, dtype="float32",
+                               add_bos_token=False)
+    default = _lm_eval_wikitext(tmp_path, pages, pretrained=BASE, dtype="float32")
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours[metric].value == pytest.approx(no_bos[f"{metric},none"], rel=1e-6), metric
+    w = ours["word_perplexity"]
+    assert "lm-eval 0.4.13" in w.protocol and "add_bos_token=False" in w.protocol
+    # lm-eval's default (add_bos_token unset: the tokenizer's own BOS is kept) differs
+    d = default["word_perplexity,none"]
+    assert abs(d / w.value - 1) > 1e-3
+    print(f"demo base, 2 articles: word perplexity {w.value:.2f} (ours = lm-eval 0.4.13 "
+          f"add_bos_token=False), {d:.2f} (lm-eval 0.4.13 default)")
+
+
+def test_notebooks_use_only_public_names():
+    """The notebooks import `intruder` alone and use only names in intruder.__all__."""
+    import nbformat
+
+    for nb_name in ("01_walkthrough.ipynb", "02_continual_learning.ipynb"):
+        nb = nbformat.read(os.path.join(ROOT, "notebooks", nb_name), as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert "import intruder\n" in code
+        assert not re.search(r"from intruder\b|import intruder\.", code), nb_name
+        used = set(re.findall(r"\bintruder\.([A-Za-z_]\w*)", code))
+        assert used and used <= set(intruder.__all__), used - set(intruder.__all__)
