@@ -101,6 +101,9 @@ def build(root: str) -> Dict[str, object]:
                                            "data_offsets": [len(td), len(td)]}
     p = hc.write_raw(J("layout", "dim_2_70.safetensors"), huge, td)
     add("dimension_2_70", ["scan", base, p], r"empty.weight.*invalid shape", "layout")
+    huge["model.layers.0.empty.weight"]["shape"] = [0, 2 ** 62, 4]  # strides overflow int64
+    p = hc.write_raw(J("layout", "stride_overflow.safetensors"), huge, td)
+    add("empty_tensor_stride_overflow", ["layers", p], r"empty.weight.*invalid shape", "layout")
     text = json.dumps(tb)[:-1] + ', "bad\\udc80name": {"dtype": "F32", "shape": [0], ' \
         f'"data_offsets": [{len(td)}, {len(td)}]}}}}'
     p = hc.write_raw(J("layout", "surrogate_name.safetensors"), text, td)

@@ -18,7 +18,8 @@ from . import hub
 from . import identity as ident
 from .dequant import attach_storage
 from .jsonfile import read_json
-from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file
+from .safetensors_file import (DTYPES, SafetensorsFile, _valid_unicode, check_regular_file,
+                               gc_paused)
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -299,11 +300,12 @@ def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
     for f in files:
         sf = handles[f] = SafetensorsFile(f)
         metadata.update(sf.metadata)
-        for name, e in sf.entries.items():
-            if name in refs:
-                raise CheckpointError(f"{f}: tensor {name!r} also appears in "
-                                      f"{os.path.basename(refs[name].path)}")
-            refs[name] = TensorRef(f, name, e.shape, e.dtype)
+        with gc_paused():  # a million small acyclic objects (safetensors_file.gc_paused)
+            for name, e in sf.entries.items():
+                if name in refs:
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in "
+                                          f"{os.path.basename(refs[name].path)}")
+                refs[name] = TensorRef(f, name, e.shape, e.dtype)
     refs = attach_storage(refs, _model_config(path),
                           lambda r: read_stored_bytes(r, {r.path: handles[r.path]}))
     return Checkpoint(path, kind, refs, files, metadata=metadata)
