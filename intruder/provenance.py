@@ -1,4 +1,5 @@
-"""Provenance verdict: was this fine-tune LoRA-like or full-fine-tuning-like? With its evidence.
+"""Provenance: was this fine-tune LoRA-like or full-fine-tuning-like? With its evidence. The
+update-shape input of the one verdict (intruder/report/verdict.py).
 
 Reads only a scan report (live or loaded from JSON): each scanned layer carries the singular values
 of dW = Wt - W0, the rank above the storage rounding floor (`delta_rank`) and the sharpness of the

@@ -118,7 +118,7 @@ def test_parse_ids():
     assert hub.parse("org/name@v2/q/m.safetensors") == ("org/name", "v2", "q/m.safetensors")
     for bad in ("name", "org/name/sub", "./org/name", "org/name/", "/abs/path", "org/na--me",
                 "org/..", "org/name@", "a/b@x y", "org/name.safetensors/x", "org/name/../x.gguf",
-                "org/name/a.bin"):
+                "org/name/a.bin", "out/model.safetensors", "dir/model.gguf", "dir/x.json"):
         assert hub.parse(bad) is None, bad
 
 
@@ -176,7 +176,8 @@ def test_adapter_alone_local_relative_base():
 def test_offline_not_cached_is_one_line(env):
     r = scan(["org/absent", TUNED, "--offline"], expect=1)
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("Error: org/absent: not in the local Hugging Face")
+    assert len(err) == 1 and err[0].startswith("Error: org/absent: no such local path, and not in "
+                                               "the local Hugging Face")
     assert "offline" in err[0] and "Traceback" not in r.output
 
 
@@ -433,7 +434,7 @@ def test_download_then_scan(server):
 
 @pytest.mark.parametrize("spec,needle", [
     ("org/gated", "gated repository"),
-    ("org/missing", "no model repository org/missing"),
+    ("org/missing", "no such local path, and no model repository org/missing"),
     ("org/base@nope", "has no revision 'nope'"),
 ])
 def test_hub_errors_are_one_line(server, spec, needle):
@@ -476,7 +477,7 @@ def test_report_inputs_fall_back_to_the_hub_commit(env):
 
 def test_eval_and_compare_take_ids_offline(cached):
     r = CliRunner().invoke(cli, ["eval", "org/absent", "--offline", "-q", "--limit", "1"])
-    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: not in the local" in r.stderr
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: no such local" in r.stderr
     from intruder.cli.hubopts import resolve_model  # what eval loads (its JSON's "source")
 
     with hub.settings(offline=True, progress=False):

@@ -164,7 +164,7 @@ def test_fleet_shares_the_inverse_gram(monkeypatch):
     monkeypatch.setenv("INTRUDER_EXACT_DIM", "128")
     calls = []
     real = slices.inverse_gram
-    monkeypatch.setattr(slices, "inverse_gram", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(slices, "inverse_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
     w0, wt1 = _planted(384, 384, seed=5)
     _, wt2 = _planted(384, 384, seed=5, rank=2)
     cfg = ScanConfig(epsilons=EPS)

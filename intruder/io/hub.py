@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 DEFAULT_REVISION = "main"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_NOT_REPO = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".json")
 _FILE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9._-]*/)*[A-Za-z0-9_][A-Za-z0-9._-]*"
                    r"\.(?:gguf|safetensors)$")
 COMPANIONS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -85,7 +86,8 @@ def parse(spec: str) -> Optional[Tuple[str, str, Optional[str]]]:
             filename = rest
         else:
             rev = rev + slash + rest
-    if not _REPO_ID.match(repo) or "--" in repo or ".." in repo or repo.endswith((".", "-")):
+    if not _REPO_ID.match(repo) or "--" in repo or ".." in repo or repo.endswith((".", "-")) \
+            or repo.lower().endswith(_NOT_REPO):  # a mistyped file path, not an ID
         return None
     if filename is not None and not _FILE.match(filename):
         return None
@@ -191,7 +193,8 @@ def _from_cache(spec: str, repo_id: str, revision: str, why: str,
         snap = hh.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir(),
                                     local_files_only=True)
     except Exception as exc:  # LocalEntryNotFoundError, IncompleteSnapshotError, ...
-        raise CheckpointError(f"{spec}: not in the local Hugging Face cache ({cache_dir()}) and "
+        raise CheckpointError(f"{spec}: no such local path, and not in the local Hugging Face "
+                              f"cache ({cache_dir()}) and "
                               f"{why}; run once online, or give a local path "
                               f"({exc.__class__.__name__})")
     missing = missing_weights(snap, filename)
@@ -211,8 +214,8 @@ def _error_line(spec: str, repo_id: str, revision: str, exc: BaseException) -> s
     if isinstance(exc, err.RevisionNotFoundError):
         return f"{spec}: repository {repo_id} has no revision {revision!r}"
     if isinstance(exc, err.RepositoryNotFoundError):
-        return (f"{spec}: no model repository {repo_id} on {endpoint()} (or it is private: log in "
-                f"with `hf auth login` or HF_TOKEN)")
+        return (f"{spec}: no such local path, and no model repository {repo_id} on {endpoint()} "
+                f"(or it is private: log in with `hf auth login` or HF_TOKEN)")
     if isinstance(exc, err.EntryNotFoundError):
         return f"{spec}: a file listed by the hub could not be fetched ({exc.__class__.__name__})"
     if isinstance(exc, err.HfHubHTTPError):
