@@ -27,6 +27,10 @@ class NonFiniteError(IntruderError):
     """A weight contains NaN or Inf."""
 
 
+class InputError(IntruderError, TypeError):
+    """An input of a kind the library does not take (also a TypeError, for Python callers)."""
+
+
 class ReportError(IntruderError):
     """A scan report is missing or violates the schema."""
 

@@ -19,7 +19,7 @@ originals back bit for bit. Works on CPU, on one GPU, and on models sharded over
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -64,12 +64,18 @@ class InPlaceRescaler:
             parameter's dtype). Give it when the model was loaded in a wider dtype than stored.
         keep: where the original weights are kept: "auto" (on the parameter's device when it has
             room, else in host memory), "device" or "cpu".
+        exact: report layer name -> the tuned matrix before rounding to the stored dtype (a
+            PEFT adapter merged in float64: intruder.intervene.adapter_exact), or None. The
+            intruders are then recomputed from it and each alpha starts from it, as
+            `intruder scale` does when it writes the checkpoint; its difference from the loaded
+            weights is kept in float32 beside the originals.
     """
 
     def __init__(self, model: torch.nn.Module, report: ScanReport, *,
                  epsilon: Optional[float] = None,
                  storage_dtypes: Optional[Mapping[str, torch.dtype]] = None,
-                 keep: str = "auto"):
+                 keep: str = "auto",
+                 exact: Optional[Callable[[str], Optional[torch.Tensor]]] = None):
         if keep not in ("auto", "device", "cpu"):
             raise IntruderError(f"keep must be auto, device or cpu, got {keep!r}")
         self.model = model
@@ -88,6 +94,7 @@ class InPlaceRescaler:
         self._params: List[torch.nn.Parameter] = []
         self._factors: List[Factors] = []
         self._originals: List[torch.Tensor] = []
+        self._residuals: List[Optional[torch.Tensor]] = []  # exact - loaded, float32
         self._norms: List[float] = []
         warnings: List[str] = []
         with torch.no_grad():
@@ -98,20 +105,34 @@ class InPlaceRescaler:
                     raise ReportError(f"parameter {pname!r} has shape {tuple(p.shape)} but the "
                                       f"scan report's {layer!r} is {shapes[layer]}")
                 sdt = storage_dtypes.get(layer, p.dtype)
-                f = intruder_factors(p.detach(), s, p.device, where=f"model parameter {pname!r}")
+                given = exact(layer) if exact is not None else None
+                if given is not None and tuple(given.shape) != tuple(p.shape):
+                    raise ReportError(f"exact tuned matrix of {layer!r} has shape "
+                                      f"{tuple(given.shape)}, parameter {pname!r} "
+                                      f"{tuple(p.shape)}")
+                w = p.detach() if given is None else given.to(device=p.device,
+                                                              dtype=torch.float64)
+                f = intruder_factors(w, s, p.device, where=f"model parameter {pname!r}")
                 warnings.extend(f.warnings)
+                res = None
+                if given is not None:  # (m, n) exact - loaded
+                    res = (w - p.detach().to(torch.float64)).to(torch.float32)
+                    res = res if bool(res.any()) else None
                 self.targets.append(Target(layer, pname, s.indices, sdt))
                 self._params.append(p)
                 self._factors.append(f)
-                self._norms.append(float(p.detach().to(torch.float64).norm()))
+                self._residuals.append(res)
+                self._norms.append(float(w.to(torch.float64).norm()))
+                del w, given
             self._keep_originals(keep)
         self.warnings: Tuple[str, ...] = tuple(warnings)
         self.alpha = 1.0
 
     def _keep_originals(self, keep: str) -> None:
         need: Dict[torch.device, int] = {}
-        for p in self._params:
-            need[p.device] = need.get(p.device, 0) + p.numel() * p.element_size()
+        for p, r in zip(self._params, self._residuals):
+            extra = 0 if r is None else r.numel() * 4
+            need[p.device] = need.get(p.device, 0) + p.numel() * p.element_size() + extra
         on_device = {}
         for dev, n in need.items():
             if keep == "cpu" or dev.type == "cpu":
@@ -121,13 +142,10 @@ class InPlaceRescaler:
             else:  # room for the copies plus one float64 row block, with a margin
                 free, _ = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (0, 0)
                 on_device[dev] = free > 1.1 * n + 4 * CHUNK_ELEMENTS * 8
-        for p in self._params:
-            if on_device[p.device]:
-                self._originals.append(p.detach().clone())
-            else:
-                self._originals.append(p.detach().to("cpu", copy=True).pin_memory()
-                                       if torch.cuda.is_available() else
-                                       p.detach().to("cpu", copy=True))
+        for i, p in enumerate(self._params):
+            self._originals.append(_keep(p.detach(), on_device[p.device]))
+            if self._residuals[i] is not None:
+                self._residuals[i] = _keep(self._residuals[i], on_device[p.device])
 
     @property
     def n_intruders(self) -> int:
@@ -136,7 +154,8 @@ class InPlaceRescaler:
     @property
     def kept_bytes(self) -> int:
         """Bytes held by the copies of the original weights."""
-        return sum(o.numel() * o.element_size() for o in self._originals)
+        return sum(o.numel() * o.element_size() for o in self._originals) + \
+            sum(r.numel() * r.element_size() for r in self._residuals if r is not None)
 
     def set_alpha(self, alpha: float, measure: bool = True) -> Tuple[LayerChange, ...]:
         """Put the model at `alpha` (from the kept originals, whatever the current alpha).
@@ -146,13 +165,13 @@ class InPlaceRescaler:
             raise IntruderError(f"alpha must be a finite number, got {alpha}")
         out = []
         with torch.no_grad():
-            for t, p, f, orig, norm in zip(self.targets, self._params, self._factors,
-                                           self._originals, self._norms):
+            for t, p, f, orig, res, norm in zip(self.targets, self._params, self._factors,
+                                                self._originals, self._residuals, self._norms):
                 if alpha == 1.0:
                     p.data.copy_(orig)
                     out.append(LayerChange(t.param, t.indices, f.sigma, 0.0))
                     continue
-                sq = _rescale_rows(p, orig, f, alpha, t.storage_dtype, measure)
+                sq = _rescale_rows(p, orig, res, f, alpha, t.storage_dtype, measure)
                 rel = (sq ** 0.5) / norm if measure and norm > 0 else 0.0
                 out.append(LayerChange(t.param, t.indices, f.sigma, rel))
         self.alpha = alpha
@@ -169,10 +188,18 @@ class InPlaceRescaler:
         self.restore()
 
 
-def _rescale_rows(p: torch.Tensor, orig: torch.Tensor, f: Factors, alpha: float,
-                  storage: torch.dtype, measure: bool) -> float:
-    """p = round_storage(orig + (alpha - 1) * us @ v^T) in row blocks; returns the squared
-    Frobenius norm of the stored change (0 when not measured)."""
+def _keep(t: torch.Tensor, on_device: bool) -> torch.Tensor:
+    """A copy of t on its device, or in (pinned, when CUDA is there) host memory."""
+    if on_device:
+        return t.clone()
+    host = t.to("cpu", copy=True)
+    return host.pin_memory() if torch.cuda.is_available() else host
+
+
+def _rescale_rows(p: torch.Tensor, orig: torch.Tensor, res: Optional[torch.Tensor], f: Factors,
+                  alpha: float, storage: torch.dtype, measure: bool) -> float:
+    """p = round_storage(orig [+ res] + (alpha - 1) * us @ v^T) in row blocks; returns the
+    squared Frobenius norm of the stored change from orig [+ res] (0 when not measured)."""
     m, n = p.shape
     rows = max(1, CHUNK_ELEMENTS // max(n, 1))
     dev = p.device
@@ -180,6 +207,8 @@ def _rescale_rows(p: torch.Tensor, orig: torch.Tensor, f: Factors, alpha: float,
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         w = orig[r0:r1].to(device=dev, dtype=torch.float64, non_blocking=True)  # (b, n)
+        if res is not None:  # the exact (unrounded) tuned rows
+            w += res[r0:r1].to(device=dev, dtype=torch.float64, non_blocking=True)
         c = f.us[r0:r1] @ f.v.mT  # (b, n) = (b, |I|) @ (|I|, n)
         new = torch.add(w, c, alpha=alpha - 1.0).to(storage)  # (b, n), the value to store
         p.data[r0:r1].copy_(new)

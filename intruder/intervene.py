@@ -548,6 +548,27 @@ def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, change
         del data, stored
 
 
+def adapter_exact(report: ScanReport, base: str, tuned: str, epsilon: Optional[float] = None):
+    """For a PEFT adapter TUNED: a function giving, per report layer, the float64 merged matrix
+    W0 + scaling * B A that `scale_checkpoint` rescales (before any rounding to the stored
+    dtype), or None for layers that are stored as they are. None when TUNED is no adapter.
+    The in-memory sweep uses it so that its alphas match the written ones."""
+    base_ck = open_checkpoint(base, allow_adapter=False)
+    tuned_ck = open_checkpoint(tuned)
+    if tuned_ck.kind != "adapter":
+        return None
+    sources, _ = _adapter_sources(base_ck, tuned_ck, select_intruders(report, epsilon))
+    reader = _Reader()
+
+    def get(layer: str) -> Optional[torch.Tensor]:
+        src = sources.get(layer)
+        if src is None or src.kind != "lora":
+            return None
+        return _check_finite(_merge(reader.read(src.ref), src.lora, reader), layer)
+
+    return get
+
+
 def _merge(w0, lora: LoraInfo, reader: _Reader):
     from .io.adapter import merge_lora
 
@@ -573,7 +594,7 @@ def _bar(total: int, enabled: bool, n_out: int):
                 desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
 
 
-__all__ = ["FORMULA", "Component", "Factors", "LayerChange", "LayerIntruders", "ScaleResult",
+__all__ = ["FORMULA", "Component", "Factors", "adapter_exact", "LayerChange", "LayerIntruders", "ScaleResult",
            "intruder_component", "intruder_factors", "overflow_alpha", "provenance", "rescale",
            "rescale_matrix", "refuse_overflowing_alphas", "resolve_inputs", "scale_checkpoint",
            "select_intruders"]

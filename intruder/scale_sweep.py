@@ -14,6 +14,7 @@ alphas named in `save_alphas`. Every evaluator's data is found and read before a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -28,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from . import __version__
 from .errors import IntruderError, OutputError
 from .intervene import FORMULA, ScaleResult, resolve_inputs, scale_checkpoint
-from .io.atomic import check_output, write_text
+from .io.atomic import check_output, commit_staged, discard_staged, staging_path, write_text
 from .report.scale_results import (
     FORMAT,
     PLOT_PNG,
@@ -161,7 +162,10 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
             raise OutputError(f"{p}: already exists (use --force to replace it)")
     adapter = os.path.isfile(os.path.join(tuned_path, "adapter_config.json"))
     tmp_ref = None
-    write_alphas, write_outputs = list(saves), list(outputs)
+    # every model is written under a staged name and renamed into place only when the whole
+    # sweep has succeeded: a failing run leaves the previous outputs as they were
+    staged = [staging_path(p) for p in outputs] if rank == 0 else list(outputs)
+    write_alphas, write_outputs = list(saves), list(staged)
     if evaluators and adapter:
         # the model to load is the adapter merged into the base: written once, alpha = 1
         tmp_ref = tempfile.mkdtemp(prefix=".tuned-merged-", dir=out_dir)
@@ -193,7 +197,8 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
                              evals=evals, epsilon=epsilon, eval_options=tuple(options.items()),
                              model_config=_model_config(model_config, base_path), dtype=dtype,
                              max_length=max_length, limit=limit,
-                             storage_dtypes=_storage_dtypes(report, model_path, epsilon))
+                             storage_dtypes=_storage_dtypes(report, model_path, epsilon),
+                             adapter_path=tuned_path if adapter else None)
             jobs = make_jobs(sorted(set(alphas) | {1.0}))
             if world > 1:
                 spec = SweepSpec(**{**spec.__dict__, "shard": False})
@@ -210,9 +215,17 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
             rows, more = _rows(run.results, alphas, base_path, tuned_path, adapter, scaled)
             warnings += more
             timing.update(_timing(run, devices))
+        if rank == 0 and staged:
+            commit_staged(zip(staged, outputs))
+            final = dict(zip(staged, outputs))
+            scaled = [dataclasses.replace(r, path=final.get(r.path, r.path)) for r in scaled]
+            rows = [dataclasses.replace(r, path=final.get(r.path, r.path)) for r in rows]
+            staged = []
     finally:
         if tmp_ref is not None and rank == 0:
             shutil.rmtree(tmp_ref, ignore_errors=True)
+        if rank == 0:
+            discard_staged(staged)
     if not rows:
         rows = [_row_for(r) for r in scaled[: len(saves)]]
     timing["wall_seconds"] = time.perf_counter() - t_start

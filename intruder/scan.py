@@ -13,6 +13,7 @@ from . import __version__
 from .errors import IntruderError
 from .io import identity, open_checkpoint, pair_checkpoints, read_ref
 from .io.basecheck import check_base, declared_base_spec, enforce, warning_text
+from .report.verdict import decide
 from .types import ScanConfig, ScanReport
 
 
@@ -78,13 +79,14 @@ def run_scan(base: Optional[str], tuned: str, config: Optional[ScanConfig] = Non
         tuned_info = dataclasses.replace(tuned_info, declared_base=base_check.to_dict())
         text = warning_text(base_check, tuned_ck.path)
         warnings += [text] if text else []
-    return ScanReport(
+    report = ScanReport(
         base=base_ck.info(), tuned=tuned_info, config=config, layers=tuple(layers),
         unpaired_base=pairing.unpaired_base, unpaired_tuned=pairing.unpaired_tuned,
         skipped=tuple(skipped), warnings=tuple(warnings), seconds=time.perf_counter() - t0,
         device=device, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         command=command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         tool_version=__version__, schema_version=SCHEMA_VERSION)
+    return dataclasses.replace(report, verdict=decide(report))
 
 
 def with_storage(pairs, layers):
@@ -111,7 +113,7 @@ def _storage_text(ref) -> str:
 
 def _base_check(tuned_ck, base_ck, strict: bool):
     """The adapter's declared base against BASE (None when TUNED is not an adapter)."""
-    if tuned_ck.kind != "adapter":
+    if tuned_ck.kind != "adapter" or not tuned_ck.files:  # in memory: a PeftModel's own base
         return None
     check = check_base(tuned_ck, base_ck)
     enforce(check, tuned_ck.path, strict)

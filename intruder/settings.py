@@ -45,13 +45,14 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+from . import exitcodes
 from .errors import IntruderError
 
 
 class SettingsError(IntruderError):
     """An INTRUDER_* environment variable holds a value that cannot be used."""
 
-    exit_code = 2
+    exit_code = exitcodes.USAGE
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class SweepSpec:
     limit: Optional[int] = None
     storage_dtypes: Tuple[Tuple[str, str], ...] = ()  # report layer -> torch dtype name
     shard: bool = False  # device_map="auto" over every visible GPU
+    adapter_path: Optional[str] = None  # a PEFT adapter TUNED (model_path is its merged copy)
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,16 @@ class Worker:
             t0 = time.perf_counter()
             self.log(f"loading the tuned model once: {self.spec.model_path}")
             self.lm = self._load(self.spec.model_path)
+            from .intervene import adapter_exact
+
             dts = {k: getattr(torch, v) for k, v in self.spec.storage_dtypes}
+            exact = None
+            if self.spec.adapter_path:  # start from the float64 merge, as the writer does
+                exact = adapter_exact(self.spec.report, self.spec.base_path,
+                                      self.spec.adapter_path, self.spec.epsilon)
             self.rescaler = InPlaceRescaler(self.lm.model, self.spec.report,
-                                            epsilon=self.spec.epsilon, storage_dtypes=dts)
+                                            epsilon=self.spec.epsilon, storage_dtypes=dts,
+                                            exact=exact)
             load = time.perf_counter() - t0
         _sync(self.lm.device)
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import datetime as _dt
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +34,7 @@ from . import __version__
 from .errors import IntruderError, NonFiniteError
 from .io import identity
 from .io.basecheck import chain_checks, warning_text
+from .report.verdict import decide
 from .types import CheckpointInfo, LayerResult, ScanConfig, ScanReport
 
 PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
@@ -187,7 +188,10 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
     for i in range(n):
         warn = warning_text(checks[i], cks[i].path) if checks[i] is not None else None
         rb = report(base_info, infos[i], pairings[i], vs_base[i], [warn] if warn else [])
+        # step i + 1 of a track carries i + 1 roundings of the stored weights against the base
+        rb = replace(rb, verdict=decide(rb, i + 1 if mode == "track" else 1))
         rp = report(infos[i - 1], infos[i], None, vs_prev[i]) if mode == "track" and i else None
+        rp = replace(rp, verdict=decide(rp)) if rp is not None else None
         entries.append(TrackEntry(label=labels[i], path=checkpoints[i], vs_base=rb, vs_previous=rp,
                                   persistence=persist[i] if mode == "track" else {}))
     return TrackReport(mode=mode, base=base_info, config=config, entries=tuple(entries),
@@ -204,6 +208,7 @@ def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
     """One row of the track / compare table (also in the JSON). `step` (1-based, track): the
     cumulative update of step i carries up to i roundings of stored weights."""
     from .provenance import provenance
+    from .report.verdict import to_dict as verdict_dict
     from .scan import summary
 
     s = summary(e.vs_base)
@@ -215,7 +220,10 @@ def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
            "mean_intruder_energy": s["mean_intruder_energy"],
            "novel_strength_max": (s["margin"].get("novel_strength_quantiles") or {}).get("max"),
            "layers_scanned": s["layers_scanned"], "layers_unchanged": s["layers_unchanged"],
-           "provenance": s["provenance"], "warnings": list(e.vs_base.warnings)}
+           "provenance": s["provenance"],
+           "verdict": verdict_dict(e.vs_base.verdict or decide(e.vs_base,
+                                                               step if mode == "track" else 1)),
+           "warnings": list(e.vs_base.warnings)}
     if mode == "track":
         if e.vs_previous is not None:
             sp = summary(e.vs_previous)
@@ -244,6 +252,7 @@ def to_dict(tr: TrackReport) -> dict:
         row = entry_summary(e, tr.mode, i)
         vb = scan_dict(e.vs_base)
         vb["summary"]["provenance"] = row["provenance"]  # with the track's rounding count
+        vb["verdict"] = row["verdict"]
         d = {"label": e.label, "path": e.path, "summary": row, "vs_base": vb,
              "vs_previous": scan_dict(e.vs_previous) if e.vs_previous is not None else None}
         if tr.mode == "track":

@@ -41,6 +41,8 @@ class Storage:
     block: Tuple[int, int] = (0, 0)  # rows x columns sharing one scale (0: from the shapes)
     divisor: float = 1.0  # w = codes * scale / divisor (bitsandbytes SCB: 127)
     heads: int = 0  # GGUF q/k projection: undo llama.cpp's rotary row order in this many heads
+    parts: Tuple[Tuple[str, object], ...] = ()  # more tensors / numbers of the layout, by name
+    problem: str = ""  # set when the layout is recognised but cannot be decoded (then skipped)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,38 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The one verdict of a scan: what the update looks like, from the intruder counts, the
+    margin to the first intruder and the update's shape (provenance) together. Computed once
+    (intruder.report.verdict.decide), stored in the JSON, shown as is by every view."""
+
+    label: str  # lora-like | full-ft-like | mixed | unresolved | precision-only | unchanged |
+    #             unrelated | empty | unknown
+    wording: str  # the one sentence shown in the terminal, the HTML banner and the API
+    confidence: Optional[float]  # 0..1 from the update-shape vote; None when not estimated
+    evidence: Tuple[str, ...]  # the numbers behind it, one sentence each
+    epsilon: float  # the decision threshold of the intruder counts
+    intruders: int  # intruders at epsilon (all scanned matrices)
+    matrices_with_intruders: int
+    matrices_changed: int  # scanned (not bit-identical) matrices
+    lowest_max_cos: Optional[float]  # the epsilon at which the first intruder would appear
+    margin: Optional[float]  # lowest_max_cos - epsilon (< 0: there are intruders)
+    novel_strength: Optional[float]  # largest ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
+    update: str  # update shape from provenance: lora-like | full-ft-like | mixed | ... | unknown
+    estimated_rank: Optional[int]  # most common rank of the low-rank updates
+    agree: bool  # the intruder counts and the update shape tell the same story
+
+    @property
+    def tone(self) -> str:
+        """How a view colours it: intruders | lowrank | none | warn."""
+        if self.label in ("unrelated", "unchanged", "empty", "precision-only", "unknown"):
+            return "warn"
+        if self.intruders:
+            return "intruders"
+        return "lowrank" if self.update in ("lora-like", "mixed") else "none"
+
+
+@dataclass(frozen=True)
 class ScanReport:
     """Everything a scan found; serialisable to the versioned JSON schema."""
 
@@ -161,6 +195,7 @@ class ScanReport:
     command: str = ""
     tool_version: str = ""
     schema_version: str = ""
+    verdict: Optional[Verdict] = None  # set by the scan / loaded from the JSON
 
     def to_dataframe(self):
         """One row per matrix as a pandas DataFrame (see intruder.report.frame)."""

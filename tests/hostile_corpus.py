@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import struct
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -516,6 +517,26 @@ def build_corpus(root: str, seed: int = 0) -> Dict[str, object]:
                 "controls": controls}
     write_json(os.path.join(root, "manifest.json"), manifest)
     return {"root": root, "cases": cases, "controls": controls}
+
+
+def immutable(path) -> bool:
+    """Make a directory unwritable even for root (chattr +i); False where that is impossible."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return True
+    try:
+        r = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    except FileNotFoundError:
+        return False
+    return r.returncode == 0
+
+
+def mutable(path) -> None:
+    """Undo immutable()."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o755)
+    else:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
 
 
 def snapshot(root: str) -> Dict[str, str]:

@@ -17,12 +17,15 @@ REPORT_EDITS = {"max_cos_string": r"max_cos\[0\]: expected number",
 
 # hand edits that keep the JSON Schema but contradict the report's own fields -> the field that
 # the one-line error must name (intruder/report/validate.py)
-SEMANTIC_EDITS = {"epsilon_above_one": r"config\.epsilon\[0\]: 1\.5 is outside \(0, 1\]",
+# (the schema's own bounds, where it has them, may name the same field first)
+SEMANTIC_EDITS = {"epsilon_above_one": r"config\.epsilon\[0\]: 1\.5 is (outside \(0, 1\]|above "
+                                       r"the maximum 1)",
                   "top_k_huge": r"config\.top_k: 1000000000000000000 is outside",
                   "shape_negative": r"layers\[0\]\.shape: \[-4, 32\] holds a dimension",
                   "shape_empty": r"layers\[0\]\.shape: \[\] is not the shape of a matrix",
                   "index_999": r"layers\[0\]\.intruders\[0\]\.index: 999 is outside the top-2",
-                  "index_negative": r"layers\[0\]\.intruders\[0\]\.index: -1 is outside",
+                  "index_negative": r"layers\[0\]\.intruders\[0\]\.index: -1 is (outside|below "
+                                    r"the minimum 0)",
                   "index_twice": r"layers\[0\]\.intruders\[1\]\.index: rank 0 is listed twice",
                   "arrays_inconsistent": r"layers\[0\]\.base_index: 1 values where max_cos has 2",
                   "max_cos_above_one": r"layers\[0\]\.max_cos\[1\]: 1\.5 is not a \|cos\|",

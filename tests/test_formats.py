@@ -280,9 +280,11 @@ def test_gguf_f16_scans_exactly_like_safetensors(conv):
 
 def test_quantized_storage_is_named_in_the_terminal_and_layers(conv, tmp_path):
     res = CliRunner().invoke(cli, ["scan", os.path.join(DEMO, "base"), conv["lora_r8", "Q8_0"],
-                                   "--no-cache", "-o", str(tmp_path / "r.json")])
+                                   "--no-cache", "-o", str(tmp_path / "r.json"),
+                                   "--html", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
     assert "decoded to float before the scan: tuned gguf Q8_0 (28 matrices)" in res.output
+    assert (tmp_path / "r.html").read_text().count("F16 (tuned: gguf Q8_0)") == 28
     doc = json.loads((tmp_path / "r.json").read_text())
     assert {(l["storage_base"], l["storage_tuned"]) for l in doc["layers"]} == {("f16", "gguf Q8_0")}
     res = CliRunner().invoke(cli, ["layers", conv["lora_r8", "fp8"], "--json"])
@@ -482,3 +484,78 @@ def test_scale_refuses_quantized_tuned_weights(conv, tmp_path):
         err = [l for l in res.output.splitlines() if l.startswith("Error:")]
         assert len(err) == 1 and ("cannot write GGUF" in err[0] or "does not re-quantize" in err[0])
         assert not os.path.exists(out / "alpha-0.5")
+
+
+# ------------------------------------------------------------------ bitsandbytes 4-bit
+
+BNB = os.path.join(os.path.dirname(qd.HERE), "fixtures", "formats")
+
+
+def test_bitsandbytes_4bit_decodes_like_bitsandbytes():
+    """fixtures/formats/bnb4.safetensors: NF4 (compressed statistics, 2 nested groups) and FP4,
+    as bitsandbytes 0.50.2 saved them; the decoded weights, cast to bfloat16, hash to what its
+    own dequantize_4bit gave (fixtures/bnb4_golden.py)."""
+    import hashlib
+
+    with open(os.path.join(BNB, "bnb4.json")) as fh:
+        golden = json.load(fh)
+    ck = open_checkpoint(os.path.join(BNB, "bnb4.safetensors"))
+    from intruder.spectral.stream import Reader
+
+    for name, g in golden.items():
+        ref = ck.refs[name]
+        assert ref.shape == tuple(g["shape"]) and dequant.unusable(ref) is None
+        assert ref.storage.kind == f"bitsandbytes {g['quant_type']} (blocks of 64)"
+        t = read_ref(ref)
+        assert t.dtype == torch.float32 and tuple(t.shape) == ref.shape
+        bf = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes()
+        assert hashlib.sha256(bf).hexdigest() == g["sha256_bf16"], name
+        assert torch.equal(Reader(False, read_ref).read(ref), t)
+
+
+def test_bitsandbytes_4bit_tuned_scans_against_a_bf16_base(tmp_path):
+    """The stored codes are (m*n/2, 1) uint8; pairing uses the logical (m, n) shape."""
+    from safetensors.torch import save_file
+
+    with open(os.path.join(BNB, "bnb4.json")) as fh:
+        golden = json.load(fh)
+    g = torch.Generator().manual_seed(5)
+    save_file({n: (torch.randn(*v["shape"], generator=g) * 0.02).to(torch.bfloat16)
+               for n, v in golden.items()}, str(tmp_path / "base.safetensors"))
+    rep = _scan(str(tmp_path / "base.safetensors"), os.path.join(BNB, "bnb4.safetensors"))
+    assert [l.status for l in rep.layers] == ["scanned", "scanned"]
+    assert {dict(l.extra)["storage_tuned"] for l in rep.layers} == {
+        "bitsandbytes nf4 (blocks of 64)", "bitsandbytes fp4 (blocks of 64)"}
+
+
+def test_bitsandbytes_4bit_noise_estimate(tmp_path):
+    """NF4 rounding of a Gaussian matrix (nearest level x block absmax, quantized here with the
+    fixture's own quant_map): noise_rms within 10% of the measured error."""
+    from intruder.types import Storage, TensorRef
+
+    ck = open_checkpoint(os.path.join(BNB, "bnb4.safetensors"))
+    ref = ck.refs["model.layers.0.mlp.up_proj.weight"]
+    qmap = read_ref(dict(ref.storage.parts)["quant_map"]).double()  # (16,)
+    w = torch.randn(64, 320, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    blocks = w.reshape(-1, 64)  # (320, 64)
+    absmax = blocks.abs().amax(dim=1)  # (320,)
+    v = blocks / absmax[:, None]
+    d = (qmap[(v[..., None] - qmap).abs().argmin(-1)] * absmax[:, None]).reshape(64, 320)
+    aref = TensorRef("x", "absmax", (320,), "F32")
+    st = Storage("bitsandbytes nf4 (blocks of 64)", aref, (64, 0),
+                 parts=(("quant_map", dict(ref.storage.parts)["quant_map"]),))
+    est = dequant.noise_rms(TensorRef("x", "w", (64, 320), "U8", st), d,
+                            lambda r: absmax.float() if r is aref else read_ref(r))
+    true = float((d - w).square().mean().sqrt())
+    assert est == pytest.approx(true, rel=0.1)
+
+
+def test_a_scale_that_fits_no_layout_is_skipped_not_ignored(tmp_path):
+    """Decoding FP8 codes without their scale would give other weights: skipped with a note."""
+    from safetensors.torch import save_file
+
+    codes, _ = qd.fp8_quantize(torch.randn(64, 48), "per-channel")
+    save_file({"m.weight": codes, "m.weight_scale": torch.ones(5, 7)},
+              str(tmp_path / "f.safetensors"))
+    ref = open_checkpoint(str(tmp_path / "f.safetensors")).refs["m.weight"]
+    assert "weight_scale F32 [5, 7] that fits no scale layout of a 64x48 weight" in dequant.unusable(ref)

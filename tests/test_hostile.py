@@ -287,23 +287,7 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
-def _immutable(path) -> bool:
-    """Make a directory unwritable even for root (chattr +i); False where that is impossible."""
-    if os.geteuid() != 0:
-        os.chmod(path, 0o555)
-        return True
-    try:
-        r = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
-    except FileNotFoundError:
-        return False
-    return r.returncode == 0
-
-
-def _mutable(path) -> None:
-    if os.geteuid() != 0:
-        os.chmod(path, 0o755)
-    else:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+_immutable, _mutable = hc.immutable, hc.mutable  # a folder even root cannot write to
 
 
 def test_read_only_output_directory(tmp_path, corpus):

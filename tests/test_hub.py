@@ -110,11 +110,15 @@ def same_numbers(a, b):
 
 
 def test_parse_ids():
-    assert hub.parse("org/name") == ("org/name", "main")
-    assert hub.parse("org/name@v1.0") == ("org/name", "v1.0")
-    assert hub.parse("org/name@" + C_BASE) == ("org/name", C_BASE)
+    assert hub.parse("org/name") == ("org/name", "main", None)
+    assert hub.parse("org/name@v1.0") == ("org/name", "v1.0", None)
+    assert hub.parse("org/name@" + C_BASE) == ("org/name", C_BASE, None)
+    assert hub.parse("org/name@refs/pr/1") == ("org/name", "refs/pr/1", None)
+    assert hub.parse("org/name/m-Q8_0.gguf") == ("org/name", "main", "m-Q8_0.gguf")
+    assert hub.parse("org/name@v2/q/m.safetensors") == ("org/name", "v2", "q/m.safetensors")
     for bad in ("name", "org/name/sub", "./org/name", "org/name/", "/abs/path", "org/na--me",
-                "org/..", "org/name@", "a/b@x y", "org/name.safetensors/x"):
+                "org/..", "org/name@", "a/b@x y", "org/name.safetensors/x", "org/name/../x.gguf",
+                "org/name/a.bin", "out/model.safetensors", "dir/model.gguf", "dir/x.json"):
         assert hub.parse(bad) is None, bad
 
 
@@ -172,7 +176,8 @@ def test_adapter_alone_local_relative_base():
 def test_offline_not_cached_is_one_line(env):
     r = scan(["org/absent", TUNED, "--offline"], expect=1)
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("Error: org/absent: not in the local Hugging Face")
+    assert len(err) == 1 and err[0].startswith("Error: org/absent: no such local path, and not in "
+                                               "the local Hugging Face")
     assert "offline" in err[0] and "Traceback" not in r.output
 
 
@@ -420,11 +425,16 @@ def test_download_then_scan(server):
     assert all("/api/models/" in p for _, p in server.log)
     ref = os.path.join(str(server and os.environ["HF_HUB_CACHE"]), "models--org--tuned", "refs", "v1")
     assert open(ref).read() == C_TUNED
+    # and offline, the snapshot huggingface_hub laid out serves the same IDs
+    server.log.clear()
+    scan(["org/base", "org/tuned@v1", "--offline", "-o", "offline.json"])
+    assert server.log == []
+    same_numbers(doc, load("offline.json"))
 
 
 @pytest.mark.parametrize("spec,needle", [
     ("org/gated", "gated repository"),
-    ("org/missing", "no model repository org/missing"),
+    ("org/missing", "no such local path, and no model repository org/missing"),
     ("org/base@nope", "has no revision 'nope'"),
 ])
 def test_hub_errors_are_one_line(server, spec, needle):
@@ -467,7 +477,7 @@ def test_report_inputs_fall_back_to_the_hub_commit(env):
 
 def test_eval_and_compare_take_ids_offline(cached):
     r = CliRunner().invoke(cli, ["eval", "org/absent", "--offline", "-q", "--limit", "1"])
-    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: not in the local" in r.stderr
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "org/absent: no such local" in r.stderr
     from intruder.cli.hubopts import resolve_model  # what eval loads (its JSON's "source")
 
     with hub.settings(offline=True, progress=False):
@@ -522,3 +532,41 @@ def test_altered_cache_blob_is_refused(cached):
         fh.write(data)
     r = scan(["org/base", f"org/tuned@{C_TUNED}", "--offline"], expect=1)
     assert "holds other bytes" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_sharded_download_fetches_the_index_shards_only(server, synth):
+    files = _files(synth["base_sharded"])
+    assert sum(n.endswith(".safetensors") for n in files) == 2
+    files["consolidated.safetensors"] = b"a second copy of the weights, never fetched"
+    files["original/params.json"] = b"{}"
+    server.repos["org/sharded"] = (C_BASE, files, {"main": C_BASE})
+    r = CliRunner().invoke(cli, ["layers", "org/sharded", "--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    got = {p.rsplit("/", 1)[-1] for m, p in server.log if m == "GET" and "/resolve/" in p}
+    shards = {n for n in files if n.startswith("model-")}
+    companions = {n for n in files if n in hub.COMPANIONS}
+    assert got == shards | companions | {"model.safetensors.index.json"}
+
+
+def test_one_file_of_a_repository_gguf(server, tmp_path):
+    """A repository of quantized files: org/name/FILE fetches that file only."""
+    import quantize_demo as qd
+
+    q8, f16 = str(tmp_path / "m-Q8_0.gguf"), str(tmp_path / "m-F16.gguf")
+    qd.write_gguf(BASE, q8, "Q8_0")
+    qd.write_gguf(BASE, f16, "F16")
+    files = {"m-Q8_0.gguf": open(q8, "rb").read(), "m-F16.gguf": open(f16, "rb").read(),
+             "README.md": b"quants"}
+    server.repos["org/quants"] = (C_TUNED_OLD, files, {"main": C_TUNED_OLD})
+    scan(["org/base", "org/quants/m-Q8_0.gguf", "-o", "hub.json"])
+    got = {p.rsplit("/", 1)[-1] for m, p in server.log if m == "GET" and "/org/quants/resolve/" in p}
+    assert got == {"m-Q8_0.gguf"}
+    doc = load("hub.json")
+    assert (doc["tuned"]["repo_id"], doc["tuned"]["commit"]) == ("org/quants", C_TUNED_OLD)
+    assert doc["tuned"]["files"][0]["sha256"] == hashlib.sha256(files["m-Q8_0.gguf"]).hexdigest()
+    scan([BASE, q8, "-o", "paths.json"])
+    same_numbers(doc, load("paths.json"))
+    # offline, from the cache; a file the repository lacks is one line
+    scan(["org/base", f"org/quants@{C_TUNED_OLD}/m-Q8_0.gguf", "--offline", "-o", "off.json"])
+    r = scan(["org/base", "org/quants/m-Q4_0.gguf"], expect=1)
+    assert "has no file 'm-Q4_0.gguf'" in r.stderr and r.stderr.count("\n") == 1

@@ -20,6 +20,7 @@ from intruder.report import frame, plots, views
 from intruder.report.html import escape, render_html, write_html
 from intruder.report.scale_results import load_scale_results, parse_scale_results
 from intruder.report.schema import save_report
+from intruder.report.verdict import decide
 from intruder.report.similarity import recompute_similarity
 from intruder.scan import run_scan
 from intruder.types import (CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport)
@@ -113,20 +114,20 @@ def test_sweep_agrees_with_scan_counts_and_numpy(planted, dense):
 
 
 def test_verdict_planted(planted):
-    v = views.verdict(planted)
-    assert v.kind == "intruders"
-    assert v.headline == ("LoRA-like: 4 intruders at epsilon 0.5 in 3 of 3 changed matrices, "
-                          "spread over layers 0-1, mostly mlp.up_proj (2 of 4).")
-    assert any("11 of 14 matrices are bit-identical" in d for d in v.details)
+    v = decide(planted)
+    assert v.tone == "intruders" and v.intruders == 4
+    assert v.wording.endswith(": 4 intruders at epsilon 0.5 in 3 of 3 changed matrices, "
+                              "spread over layers 0-1, mostly mlp.up_proj (2 of 4)."), v.wording
+    assert any("11 of 14 matrices are bit-identical" in d for d in v.evidence)
 
 
 def test_verdict_dense_names_distance_to_first_intruder(dense):
-    v = views.verdict(dense)
+    v = decide(dense)
     low = min(c for l in dense.layers for c in l.max_cos)
-    assert v.kind == "none"
-    assert v.headline.startswith("Full-fine-tuning-like: no intruders at epsilon 0.5 in any of 14 "
-                                 "changed matrices; the lowest max|cos| is ")
-    assert f"{low:.3f}" in v.headline
+    assert v.tone == "none" and v.label == "full-ft-like" and v.intruders == 0
+    assert v.wording.startswith("Full-fine-tuning-like update (dense in 14 of 14 changed "
+                                "matrices), no intruders at epsilon 0.5: margin "), v.wording
+    assert f"{low - 0.5:.3f} (lowest max|cos| {low:.3f} in " in v.wording
 
 
 def test_verdict_concentration_on_32_blocks():
@@ -137,8 +138,8 @@ def test_verdict_concentration_on_32_blocks():
             layers.append(_layer(f"model.layers.{i}.{mod}.weight",
                                  [0.2, 0.3, 0.9] if flagged else [0.95, 0.97, 0.99]))
     layers.append(_layer("model.layers.2.self_attn.q_proj.weight", [0.1, 0.99]))
-    v = views.verdict(_report(layers))
-    assert v.headline == ("LoRA-like: 25 intruders at epsilon 0.5 in 13 of 65 changed matrices, "
+    v = decide(_report(layers))
+    assert v.wording == ("LoRA-like by intruder count: 25 intruders at epsilon 0.5 in 13 of 65 changed matrices, "
                           "concentrated in layers 20-31, mostly mlp.up_proj (24 of 25).")
     c = views.concentration(_report(layers))
     assert (c.first, c.last, c.inside, c.total, c.span) == (20, 31, 24, 25, 32)
@@ -146,9 +147,9 @@ def test_verdict_concentration_on_32_blocks():
 
 def test_verdict_unrelated_and_unchanged():
     rep = _report([_layer("a.0.w.weight", [0.1])], warnings=["TUNED does not look derived from BASE: x"])
-    assert views.verdict(rep).kind == "unrelated"
+    assert decide(rep).label == "unrelated" and decide(rep).tone == "warn"
     rep = _report([LayerResult(name="a.0.w.weight", shape=(2, 2), dtype="F32", status="unchanged")])
-    assert views.verdict(rep).headline.startswith("Unchanged: all 1 matrices")
+    assert decide(rep).wording.startswith("Unchanged: all 1 matrices")
 
 
 def test_layer_choices(planted, dense):
@@ -328,7 +329,7 @@ def test_html_content_planted(planted, tmp_path):
     for anchor in ("identity", "config", "grid", "margin", "similarity", "maxcos", "spectra",
                    "tradeoff", "intruders", "layers", "provenance", "extra-0"):
         assert f'<section id="{anchor}">' in page
-    assert views.verdict(planted).headline in page
+    assert escape(decide(planted).wording) in page
     assert planted.base.fingerprint in page and planted.tuned.fingerprint in page
     assert "wikitext/word_perplexity" in page and "<p id='m'>margin</p>" in page
     rows = re.findall(r'<tr data-name="([^"]*)" data-status="(\w+)" data-flagged="(\d)"', page)
@@ -358,7 +359,7 @@ def test_html_edge_reports(case):
     rep = _report(layers)
     page, info = render_html(rep, similarity=False, command="c")
     check_self_contained(page)
-    assert escape(views.verdict(rep).headline) in page
+    assert escape(decide(rep).wording) in page
     assert info.figures == page.count("<img ")
     assert info.figures == (0 if case == "unchanged" else 6)  # no similarity: 2 grids, bars,
     # histogram, sweep, spectra
@@ -464,4 +465,5 @@ def test_cli_scan_html(synth, tmp_path):
     assert r.exit_code == 0, r.output
     page = out.read_text()
     check_self_contained(page)
-    assert "LoRA-like: 4 intruders at epsilon 0.5 in 3 of 3 changed matrices" in page
+    assert re.search(r"LoRA-like update \(rank [^)]*\): 4 intruders at epsilon 0.5 in 3 of 3 "
+                     r"changed matrices", page)

@@ -164,7 +164,7 @@ def test_fleet_shares_the_inverse_gram(monkeypatch):
     monkeypatch.setenv("INTRUDER_EXACT_DIM", "128")
     calls = []
     real = slices.inverse_gram
-    monkeypatch.setattr(slices, "inverse_gram", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(slices, "inverse_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
     w0, wt1 = _planted(384, 384, seed=5)
     _, wt2 = _planted(384, 384, seed=5, rank=2)
     cfg = ScanConfig(epsilons=EPS)
@@ -178,3 +178,39 @@ def test_fleet_shares_the_inverse_gram(monkeypatch):
             assert ((mc < e) == (ref.max_cos < e)).all()
         assert "+slices" in f["method"]
     assert len(calls) == 1
+
+
+def test_upper_bounds_said_in_json_table_and_html(tmp_path, monkeypatch):
+    """A scan whose max|cos| includes a certified upper bound: the JSON flags it per vector (and
+    on the intruder), the report loads back with the flag, the table writes <=, the HTML ≤."""
+    import json
+
+    import synthetic
+    from click.testing import CliRunner
+
+    from intruder.cli import cli
+    from intruder.report.schema import load_report
+
+    monkeypatch.setenv("INTRUDER_SLICE_MIN_DIM", "256")
+    monkeypatch.setenv("INTRUDER_EXACT_DIM", "128")
+    w0, wt = _planted(384, 384, seed=6, cluster=True)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    b, t = str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors")
+    synthetic.write_safetensors(b, {name: w0.numpy()})
+    synthetic.write_safetensors(t, {name: wt.numpy()})
+    out, page = str(tmp_path / "r.json"), str(tmp_path / "r.html")
+    res = CliRunner().invoke(cli, ["scan", b, t, "--no-cache", "--device", "cpu", "--epsilon",
+                                   "0.5,0.7,0.9", "-o", out, "--html", page])
+    assert res.exit_code == 0, res.output
+    layer = json.load(open(out))["layers"][0]
+    assert "+slices" in layer["method"] and any(layer["max_cos_bound"])
+    j = layer["max_cos_bound"].index(True)
+    ref = reference_intruders(w0.float().double().numpy(), wt.float().double().numpy(), 10)
+    assert layer["max_cos"][j] >= ref.max_cos[j]
+    flagged = [i for i in layer["intruders"] if i["max_cos_bound"]]
+    assert [i["index"] for i in flagged] == [j] if layer["max_cos"][j] < 0.5 else not flagged
+    assert load_report(out).layers[0].max_cos_bound == tuple(layer["max_cos_bound"])
+    assert "certified upper bounds" in res.output
+    html = open(page, encoding="utf-8").read()
+    if flagged:
+        assert "\u2264 " in html and "certified upper" in html

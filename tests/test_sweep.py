@@ -278,3 +278,30 @@ def test_lm_eval_unknown_task_fails_before_work(demo_pair, tmp_path):
         run_sweep(report, [0.0], str(tmp_path / "o"), base=base, tuned=tuned,
                   evals=["lm-eval:hellaswagg"], device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+def test_adapter_sweep_in_memory_equals_written(tmp_path):
+    """A PEFT adapter as TUNED: the merged model is written once (a temporary, removed after),
+    each alpha is evaluated in memory, and matches its written checkpoint."""
+    from intruder.evaluate import evaluate_model
+    from intruder.scale_sweep import run_sweep
+
+    base = os.path.join(DEMO, "base")
+    adapter = os.path.join(ROOT, "fixtures", "demo", "adapters", "lora_r8")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        pytest.skip("demo adapters not built")
+    report = run_scan(base, adapter, ScanConfig(device="cpu", cache_dir=None))
+    text = tmp_path / "held.txt"
+    text.write_text("The model reads this held-out text and scores each token of it.\n" * 6)
+    out = tmp_path / "out"
+    sweep = run_sweep(report, [0.0], str(out), base=base, tuned=adapter, evals=[f"task:{text}"],
+                      device="cpu", save_alphas=[0.0])
+    assert sorted(os.listdir(out)) == ["alpha-0", "scale-results.csv", "scale-results.json",
+                                       "scale-tradeoff.png"]  # the merged temporary is gone
+    rows = {r.label: {x.metric: x.value for x in r.results} for r in sweep.rows}
+    assert list(rows) == ["base", "tuned", "alpha=0"]
+    disk = {x.metric: x.value for x in evaluate_model(str(out / "alpha-0"), [f"task:{text}"],
+                                                      device="cpu", progress=False)}
+    assert rows["alpha=0"]["token_loss"] == pytest.approx(disk["token_loss"], rel=1e-6)
+    assert rows["alpha=0"]["next_token_accuracy"] == disk["next_token_accuracy"]
+    assert rows["tuned"]["token_loss"] != rows["alpha=0"]["token_loss"]

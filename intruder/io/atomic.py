@@ -101,3 +101,38 @@ def atomic_dir(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def staging_path(path: str) -> str:
+    """A fresh hidden name beside `path` (not created) for an output that must appear only when
+    a whole run succeeds: write there, then commit_staged. Same folder, so the rename is atomic."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    base = os.path.basename(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.staged-", dir=parent)
+    os.close(fd)
+    os.unlink(tmp)  # only the unique name is kept; the writer creates it
+    return tmp + (".safetensors" if base.endswith(".safetensors") else "")
+
+
+def commit_staged(pairs: Iterable[tuple]) -> None:
+    """Rename each (staged, final) into place, in order; a directory replaces the previous one
+    (kept aside until the new one is in place)."""
+    for staged, final in pairs:
+        _refuse_special(final, want_dir=os.path.isdir(staged))
+        if os.path.isdir(staged) and os.path.isdir(final):
+            old = staged + ".old"
+            os.replace(final, old)
+            os.replace(staged, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staged, final)
+
+
+def discard_staged(paths: Iterable[str]) -> None:
+    """Remove staged outputs that were not committed (a failed or interrupted run)."""
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(p)

@@ -62,7 +62,8 @@ def _local(spec: str, adapter_dir: str) -> Optional[str]:
 
 
 def _hub_spec(spec: str, adapter_ck) -> Optional[str]:
-    if hub.parse(spec) is None:
+    parsed = hub.parse(spec)
+    if parsed is None or parsed[2] is not None:  # a base is a repository, not one file
         return None
     rev = adapter_ck.adapter.config.get("revision")
     if "@" not in spec and isinstance(rev, str) and rev.strip():
@@ -117,7 +118,7 @@ def check_base(adapter_ck, base_ck) -> BaseCheck:
     if spec is None:
         return BaseCheck(d, None, given, "unverified", "",
                          f"declared base {d} is not on this machine and is not a hub ID")
-    repo, rev = hub.parse(spec)
+    repo, rev, _ = hub.parse(spec)
     commit = hub.cached_commit(repo, rev)
     if info.repo_id and info.repo_id.lower() == repo.lower():
         if commit is None:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -17,7 +18,8 @@ from . import hub
 from . import identity as ident
 from .dequant import attach_storage
 from .jsonfile import read_json
-from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file
+from .safetensors_file import (DTYPES, SafetensorsFile, _valid_unicode, check_regular_file,
+                               gc_paused)
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -93,7 +95,10 @@ class Checkpoint:
 def _handle(path: str, cache: Dict[str, object]):
     handle = cache.get(path)
     if handle is None:
-        if path.endswith(".safetensors"):
+        mem = MEMORY.get(path)
+        if mem is not None:
+            handle = mem.store
+        elif path.endswith(".safetensors"):
             handle = SafetensorsFile(path)
         elif path.endswith(".gguf"):
             from .gguf import GGUFFile
@@ -104,6 +109,10 @@ def _handle(path: str, cache: Dict[str, object]):
         cache.clear()  # keep one file open at a time
         cache[path] = handle
     return handle
+
+
+# in-memory checkpoints (intruder.io.memory), by their `<memory N: label>` path; held weakly
+MEMORY: "weakref.WeakValueDictionary[str, Checkpoint]" = weakref.WeakValueDictionary()
 
 
 def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
@@ -141,6 +150,12 @@ def open_checkpoint(path: str, allow_adapter: bool = True,
     """Index a checkpoint at `path` (or a hub ID `org/name[@revision]`, intruder.io.hub) without
     reading tensor data. offline: None follows HF_HUB_OFFLINE / --offline."""
     p = os.fspath(path)
+    mem = MEMORY.get(p)
+    if mem is not None:
+        if mem.kind == "adapter" and not allow_adapter:
+            raise CheckpointError(f"{p}: is a PEFT model; it can only be the TUNED side "
+                                  f"(give the base model as BASE)")
+        return mem
     if not os.path.lexists(p) and hub.parse(p) is not None:  # a local path always wins
         src = hub.resolve(p, offline=offline)
         ck = open_checkpoint(src.path, allow_adapter)
@@ -281,15 +296,18 @@ def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
     refs: Dict[str, TensorRef] = {}
     metadata: Dict[str, str] = {}
     files = list(files)
+    handles: Dict[str, SafetensorsFile] = {}
     for f in files:
-        sf = SafetensorsFile(f)
+        sf = handles[f] = SafetensorsFile(f)
         metadata.update(sf.metadata)
-        for name, e in sf.entries.items():
-            if name in refs:
-                raise CheckpointError(f"{f}: tensor {name!r} also appears in "
-                                      f"{os.path.basename(refs[name].path)}")
-            refs[name] = TensorRef(f, name, e.shape, e.dtype)
-    refs = attach_storage(refs, _model_config(path))
+        with gc_paused():  # a million small acyclic objects (safetensors_file.gc_paused)
+            for name, e in sf.entries.items():
+                if name in refs:
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in "
+                                          f"{os.path.basename(refs[name].path)}")
+                refs[name] = TensorRef(f, name, e.shape, e.dtype)
+    refs = attach_storage(refs, _model_config(path),
+                          lambda r: read_stored_bytes(r, {r.path: handles[r.path]}))
     return Checkpoint(path, kind, refs, files, metadata=metadata)
 
 

@@ -6,12 +6,18 @@ Layouts decoded (w: the float weight, m x n; q: the stored codes, m x n):
 - 8-bit floats (F8_E4M3, F8_E5M2, the FNUZ variants, F8_E8M0), with no scale: w = float(q);
 - with a `<module>.weight_scale` tensor beside the weight (compressed-tensors, FBGEMM, ModelOpt):
   shape [] or [1] (per-tensor), [m] or [m, 1] (per-channel), [m, n/g] (per-group of g columns),
-  or any [ceil(m/bm), ceil(n/bn)] grid of blocks: w = q * scale of the element's block;
+  or [ceil(m/bm), ceil(n/bn)] blocks (bm x bn from weight_block_size, else 128 x 128):
+  w = q * scale of the element's block; a scale of any other shape makes the weight unusable
+  (decoding the codes without it would give other weights);
 - with `<module>.weight_scale_inv` (DeepSeek-V3 / Qwen3 FP8): the same, in blocks of
   `quantization_config.weight_block_size` of config.json (128 x 128 when absent) -- despite its
   name the stored value multiplies the codes;
 - int8 codes with a float `weight_scale` (compressed-tensors W8A8): as above;
-- int8 codes with bitsandbytes' `<module>.SCB` (row-wise absmax): w = q * SCB[row] / 127.
+- int8 codes with bitsandbytes' `<module>.SCB` (row-wise absmax): w = q * SCB[row] / 127;
+- bitsandbytes 4-bit (NF4 / FP4, `weight.quant_state.bitsandbytes__nf4` beside uint8 codes, two
+  per byte, high nibble first): w = quant_map[code] * absmax[block], the absmax itself stored
+  8-bit (nested_quant_map[a] * nested_absmax[a's block of 256] + nested_offset) when
+  compress_statistics was on; matched to bitsandbytes' own dequantize_4bit in the tests.
 
 Integer, boolean, complex and packed sub-byte tensors with no known layout are codes, not weights:
 `unusable()` gives the one-line reason the scan reports for skipping them.
@@ -93,7 +99,9 @@ def decode_float8(codes, dtype: str):
 
 def unusable(ref: TensorRef) -> Optional[str]:
     """Why the scan cannot use this tensor as float weights, or None when it can."""
-    if ref.storage is not None or ref.dtype in FLOAT_DTYPES or ref.dtype in FP8_DTYPES:
+    if ref.storage is not None:
+        return ref.storage.problem or None
+    if ref.dtype in FLOAT_DTYPES or ref.dtype in FP8_DTYPES:
         return None
     if ref.dtype == "BOOL":
         return "BOOL tensor (a mask, not weights); not scanned"
@@ -136,21 +144,77 @@ def _layout_kind(dtype: str, grid: Tuple[int, int], block: Tuple[int, int], m: i
 
 def _block_for(grid: Tuple[int, int], m: int, n: int,
                declared: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    """Rows x columns sharing one scale, for the layouts published: per tensor (1, 1), per
+    channel (m, 1), per group of g columns (m, n / g), or blocks of the declared size (else
+    128 x 128) with partial blocks at the edges. None for any other grid."""
     s0, s1 = grid
     if s0 < 1 or s1 < 1:
         return None
-    cands = [declared] if declared else []
-    cands.append((-(-m // s0), -(-n // s1)))
-    for bm, bn in cands:
-        if bm >= 1 and bn >= 1 and -(-m // bm) == s0 and -(-n // bn) == s1:
+    if s0 == 1 and s1 == 1:
+        return m, n
+    if s0 == m and n % s1 == 0:
+        return 1, n // s1
+    for bm, bn in ([declared] if declared else []) + [DEFAULT_BLOCK]:
+        if -(-m // bm) == s0 and -(-n // bn) == s1:
             return bm, bn
     return None
 
 
-def attach_storage(refs: Mapping[str, TensorRef], config: Optional[dict] = None) -> Dict[str, TensorRef]:
+def _bnb4(name: str, ref: TensorRef, refs: Mapping[str, TensorRef],
+          read_bytes: Optional[Callable]) -> Optional[TensorRef]:
+    """The logical (m, n) ref of a bitsandbytes 4-bit weight, or None (not that layout, or an
+    inconsistent one: then the scan skips it as uint8 codes)."""
+    import json
+
+    if read_bytes is None or ref.dtype != "U8":
+        return None
+    for qt in ("nf4", "fp4"):
+        qs = refs.get(f"{name}.quant_state.bitsandbytes__{qt}")
+        if qs is not None:
+            break
+    else:
+        return None
+    absmax, qmap = refs.get(name + ".absmax"), refs.get(name + ".quant_map")
+    if (qs.dtype != "U8" or len(qs.shape) != 1 or not 0 < qs.shape[0] <= 4096 or absmax is None
+            or qmap is None or qmap.dtype not in FLOAT_DTYPES or tuple(qmap.shape) != (16,)):
+        return None
+    try:
+        doc = json.loads(bytes(read_bytes(qs).numpy()).decode("utf-8"))
+        bs, shape = int(doc["blocksize"]), [int(x) for x in doc["shape"]]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        return None
+    numel = 1
+    for d in ref.shape:
+        numel *= d
+    if (doc.get("quant_type") != qt or bs < 1 or len(shape) != 2 or min(shape) < 1
+            or shape[0] * shape[1] != 2 * numel or len(absmax.shape) != 1
+            or absmax.shape[0] != -(-shape[0] * shape[1] // bs)):
+        return None
+    parts = [("quant_map", qmap)]
+    if absmax.dtype == "U8":  # compress_statistics: the absmax values are 8-bit codes themselves
+        nab, nqm = refs.get(name + ".nested_absmax"), refs.get(name + ".nested_quant_map")
+        try:
+            nbs, off = int(doc["nested_blocksize"]), float(doc["nested_offset"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if (nab is None or nqm is None or nbs < 1 or tuple(nqm.shape) != (256,)
+                or len(nab.shape) != 1 or nab.shape[0] != -(-absmax.shape[0] // nbs)
+                or nab.dtype not in FLOAT_DTYPES or nqm.dtype not in FLOAT_DTYPES or off != off):
+            return None
+        parts += [("nested_absmax", nab), ("nested_quant_map", nqm), ("nested_offset", off),
+                  ("nested_blocksize", nbs)]
+    elif absmax.dtype not in FLOAT_DTYPES:
+        return None
+    st = Storage(f"bitsandbytes {qt} (blocks of {bs})", absmax, (bs, 0), parts=tuple(parts))
+    return TensorRef(ref.path, ref.name, (shape[0], shape[1]), ref.dtype, st)
+
+
+def attach_storage(refs: Mapping[str, TensorRef], config: Optional[dict] = None,
+                   read_bytes: Optional[Callable] = None) -> Dict[str, TensorRef]:
     """Refs with `storage` set on every quantized weight whose layout is known.
 
-    `config`: the model's config.json (for quantization_config.weight_block_size)."""
+    `config`: the model's config.json (for quantization_config.weight_block_size);
+    read_bytes(ref): a small tensor's bytes (bitsandbytes 4-bit's quant_state JSON)."""
     declared = None
     qc = (config or {}).get("quantization_config") if isinstance(config, dict) else None
     if isinstance(qc, dict):
@@ -160,21 +224,28 @@ def attach_storage(refs: Mapping[str, TensorRef], config: Optional[dict] = None)
             declared = (wbs[0], wbs[1])
     out = dict(refs)
     for name, ref in refs.items():
+        four = _bnb4(name, ref, refs, read_bytes) if name.endswith(".weight") else None
+        if four is not None:
+            out[name] = four
+            continue
         if ref.storage is not None or len(ref.shape) != 2:
             continue
         if ref.dtype not in FP8_DTYPES and ref.dtype not in INT_DTYPES:
             continue
         m, n = ref.shape
         stem = name[: -len("weight")] if name.endswith("weight") else name + "."
-        storage = None
+        storage = misfit = None
         for suffix, inverse in (("weight_scale", False), ("weight_scale_inv", True)):
             sref = refs.get(stem + suffix)
-            if sref is None or sref.dtype not in SCALE_DTYPES:
+            if sref is None:
                 continue
-            grid = _scale_grid(sref.shape, m, n)
-            block = _block_for(grid, m, n, declared if inverse else None) if grid else None
-            if block is None:
-                continue  # a scale of a shape that fits no layout: left unusable below
+            grid = _scale_grid(sref.shape, m, n) if sref.dtype in SCALE_DTYPES else None
+            block = _block_for(grid, m, n, declared) if grid else None
+            if block is None:  # a scale that fits no layout: decoding without it would be wrong
+                misfit = (f"{storage_name(ref.dtype)} with {suffix} {sref.dtype} "
+                          f"{list(sref.shape)} that fits no scale layout of a {m}x{n} weight; "
+                          f"not scanned")
+                continue
             if ref.dtype != "I8" and ref.dtype not in FP8_DTYPES:
                 continue
             storage = Storage(_layout_kind(ref.dtype, grid, block, m, n, inverse), sref, block)
@@ -183,6 +254,8 @@ def attach_storage(refs: Mapping[str, TensorRef], config: Optional[dict] = None)
         if storage is None and ref.dtype == "I8" and scb is not None and \
                 scb.dtype in FLOAT_DTYPES and tuple(scb.shape) in ((m,), (m, 1)):
             storage = Storage("int8 row-wise absmax (bitsandbytes SCB)", scb, (1, n), 127.0)
+        if storage is None and misfit is not None:
+            storage = Storage(f"{storage_name(ref.dtype)} (scale not understood)", problem=misfit)
         if storage is None and ref.dtype in FP8_DTYPES:
             storage = Storage(f"{storage_name(ref.dtype)} (no scale)")
         if storage is not None:
@@ -199,6 +272,8 @@ def decode(ref: TensorRef, read_bytes: Callable, read: Callable):
 
     st = ref.storage
     plain = TensorRef(ref.path, ref.name, ref.shape, ref.dtype)
+    if st is not None and st.kind.startswith("bitsandbytes "):
+        return _decode_bnb4(ref, read_bytes, read)
     if ref.dtype in FP8_DTYPES:
         w = decode_float8(read_bytes(plain), ref.dtype).reshape(ref.shape)  # (m, n) float32
     elif ref.dtype == "I8":
@@ -226,6 +301,59 @@ def decode(ref: TensorRef, read_bytes: Callable, read: Callable):
     if st.divisor != 1.0:
         w.div_(st.divisor)
     return w
+
+
+def _bnb4_absmax(st: Storage, read: Callable):
+    """(blocks,) float32 scale of each block of a bitsandbytes 4-bit weight."""
+    import torch
+
+    parts = dict(st.parts)
+    a = read(st.scale)
+    if a.dtype != torch.uint8:
+        return a.to(torch.float32).reshape(-1)
+    nab = read(parts["nested_absmax"]).to(torch.float32).reshape(-1)  # (ceil(blocks / nbs),)
+    nqm = read(parts["nested_quant_map"]).to(torch.float32).reshape(-1)  # (256,)
+    group = torch.arange(a.numel()) // parts["nested_blocksize"]
+    return nqm[a.reshape(-1).to(torch.int64)] * nab[group] + parts["nested_offset"]
+
+
+def _bnb4_codes(ref: TensorRef, read_bytes: Callable):
+    """(m*n,) int64 4-bit codes, two per stored byte, high nibble first."""
+    import torch
+
+    packed = read_bytes(TensorRef(ref.path, ref.name, ref.shape, ref.dtype))  # (m*n/2,) uint8
+    return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).to(torch.int64)
+
+
+def _decode_bnb4(ref: TensorRef, read_bytes: Callable, read: Callable):
+    import torch
+
+    st = ref.storage
+    m, n = ref.shape
+    qmap = read(dict(st.parts)["quant_map"]).to(torch.float32).reshape(-1)  # (16,)
+    vals = qmap[_bnb4_codes(ref, read_bytes)]  # (m*n,)
+    absmax = _bnb4_absmax(st, read)  # (blocks,)
+    bs = st.block[0]
+    scale = absmax.repeat_interleave(bs)[: m * n]  # (m*n,)
+    return (vals * scale).reshape(m, n)
+
+
+def _bnb4_noise(st: Storage, w, read: Callable) -> float:
+    """NF4 / FP4 levels are not evenly spaced: a value decoded to level i was rounded within half
+    the gaps to its neighbours, a step of (q[i+1] - q[i-1]) / 2 (one-sided at the ends) x its
+    block's absmax."""
+    import torch
+
+    m, n = w.shape
+    qmap, _ = read(dict(st.parts)["quant_map"]).to(torch.float64).reshape(-1).sort()  # (16,)
+    gaps = torch.empty_like(qmap)  # (16,)
+    gaps[1:-1] = (qmap[2:] - qmap[:-2]) / 2
+    gaps[0], gaps[-1] = qmap[1] - qmap[0], qmap[-1] - qmap[-2]
+    scale = _bnb4_absmax(st, read).to(torch.float64).repeat_interleave(st.block[0])[: m * n]
+    v = torch.where(scale != 0, w.reshape(-1) / scale, torch.zeros_like(scale))  # (m*n,) levels
+    idx = torch.bucketize(v, (qmap[1:] + qmap[:-1]) / 2)  # nearest level
+    step = gaps[idx] * scale.abs()  # (m*n,)
+    return float((step.square().mean() / 12.0).sqrt())
 
 
 def decoded_nbytes(ref: TensorRef) -> int:
@@ -261,6 +389,8 @@ def noise_rms(ref: TensorRef, t, read: Callable) -> Optional[float]:
         return None
     w = t.to(torch.float64)  # (m, n)
     m, n = w.shape
+    if st.kind.startswith("bitsandbytes "):
+        return _bnb4_noise(st, w, read)
     gg = st.kind[len("gguf "):] if st.kind.startswith("gguf ") else None
     if gg is not None:
         spec = _GGUF_STEPS.get(gg)

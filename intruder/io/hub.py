@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -24,11 +25,15 @@ from ..errors import CheckpointError
 DEFAULT_REVISION = "main"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_NOT_REPO = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".json")
+_FILE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9._-]*/)*[A-Za-z0-9_][A-Za-z0-9._-]*"
+                   r"\.(?:gguf|safetensors)$")
 COMPANIONS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt",
               "added_tokens.json", "chat_template.jinja", "adapter_config.json")
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
+DOWNLOAD_WORKERS = 4  # files fetched at once (huggingface_hub's snapshot_download uses 8)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class ResolvedSource:
     revision: str  # as asked for (branch, tag or commit); "main" when none was given
     commit: str  # the commit sha the revision resolved to
     downloaded: Tuple[str, ...] = ()  # files fetched by this call (empty: all from the cache)
+    filename: Optional[str] = None  # one file of the repository (path is then that file)
 
 
 _settings = {"offline": None, "progress": True}
@@ -63,20 +69,35 @@ def is_offline() -> bool:
     return value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def parse(spec: str) -> Optional[Tuple[str, str]]:
-    """(repo_id, revision) when `spec` reads as a hub model ID, else None."""
+def parse(spec: str) -> Optional[Tuple[str, str, Optional[str]]]:
+    """(repo_id, revision, file or None) when `spec` reads as a hub model ID, else None.
+
+    `org/name`, `org/name@rev` (rev may hold '/': refs/pr/1), and one weights file of the
+    repository: `org/name/FILE` or `org/name@rev/FILE` (FILE ending .gguf or .safetensors; with
+    @rev the revision then ends at the first '/')."""
     if not isinstance(spec, str):
         return None
-    repo, _, rev = spec.partition("@")
-    if not _REPO_ID.match(repo) or "--" in repo or ".." in repo or repo.endswith((".", "-")):
+    head, at, rev = spec.partition("@")
+    parts = head.split("/")
+    repo, filename = "/".join(parts[:2]), ("/".join(parts[2:]) if len(parts) > 2 else None)
+    if at and filename is None:
+        rev, slash, rest = rev.partition("/")
+        if slash and _FILE.match(rest):
+            filename = rest
+        else:
+            rev = rev + slash + rest
+    if not _REPO_ID.match(repo) or "--" in repo or ".." in repo or repo.endswith((".", "-")) \
+            or repo.lower().endswith(_NOT_REPO):  # a mistyped file path, not an ID
         return None
-    if "@" in spec and (not rev or any(c.isspace() for c in rev) or ".." in rev):
+    if filename is not None and not _FILE.match(filename):
         return None
-    return repo, rev or DEFAULT_REVISION
+    if at and (not rev or any(c.isspace() for c in rev) or ".." in rev):
+        return None
+    return repo, rev or DEFAULT_REVISION, filename
 
 
 def is_hub_id(spec: str) -> bool:
-    """True for `org/name[@rev]` that is not an existing local path (a path always wins)."""
+    """True for `org/name[@rev][/FILE]` that is not an existing local path (a path wins)."""
     return parse(spec) is not None and not os.path.lexists(spec)
 
 
@@ -134,20 +155,26 @@ def resolve(spec: str, offline: Optional[bool] = None) -> ResolvedSource:
     parsed = parse(spec)
     if parsed is None:
         raise CheckpointError(f"{spec}: not a Hugging Face model ID (org/name or org/name@rev)")
-    repo_id, revision = parsed
+    repo_id, revision, filename = parsed
     offline = is_offline() if offline is None else offline
     src = None
     if _COMMIT.match(revision):  # immutable: a complete cached snapshot needs no network
         snap = os.path.join(repo_folder(repo_id), "snapshots", revision)
-        if os.path.isdir(snap) and not missing_weights(snap):
-            src = ResolvedSource(snap, repo_id, revision, revision)
+        if os.path.isdir(snap) and not missing_weights(snap, filename):
+            src = _source(snap, repo_id, revision, revision, (), filename)
     if src is None and offline:
-        src = _from_cache(spec, repo_id, revision, "offline (HF_HUB_OFFLINE=1 or --offline)")
+        src = _from_cache(spec, repo_id, revision, "offline (HF_HUB_OFFLINE=1 or --offline)",
+                          filename)
     if src is None:
-        src = _download(spec, repo_id, revision)
-    _log(f"hub: {repo_id}@{revision} is commit {src.commit} "
+        src = _download(spec, repo_id, revision, filename)
+    _log(f"hub: {repo_id}@{revision}{'/' + filename if filename else ''} is commit {src.commit} "
          f"({f'{len(src.downloaded)} file(s) downloaded' if src.downloaded else 'local cache'})")
     return src
+
+
+def _source(snap, repo_id, revision, commit, downloaded, filename) -> ResolvedSource:
+    path = os.path.join(snap, *filename.split("/")) if filename else snap
+    return ResolvedSource(path, repo_id, revision, commit, tuple(downloaded), filename)
 
 
 def _hub():
@@ -159,21 +186,23 @@ def _hub():
     return huggingface_hub
 
 
-def _from_cache(spec: str, repo_id: str, revision: str, why: str) -> ResolvedSource:
+def _from_cache(spec: str, repo_id: str, revision: str, why: str,
+                filename: Optional[str] = None) -> ResolvedSource:
     hh = _hub()
     try:
         snap = hh.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir(),
                                     local_files_only=True)
     except Exception as exc:  # LocalEntryNotFoundError, IncompleteSnapshotError, ...
-        raise CheckpointError(f"{spec}: not in the local Hugging Face cache ({cache_dir()}) and "
+        raise CheckpointError(f"{spec}: no such local path, and not in the local Hugging Face "
+                              f"cache ({cache_dir()}) and "
                               f"{why}; run once online, or give a local path "
                               f"({exc.__class__.__name__})")
-    missing = missing_weights(snap)
+    missing = missing_weights(snap, filename)
     if missing:
         raise CheckpointError(f"{spec}: the cached snapshot {os.path.basename(snap)} lacks "
                               f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
                               f" and {why}; run once online to complete it")
-    return ResolvedSource(snap, repo_id, revision, os.path.basename(snap))
+    return _source(snap, repo_id, revision, os.path.basename(snap), (), filename)
 
 
 def _error_line(spec: str, repo_id: str, revision: str, exc: BaseException) -> str:
@@ -185,8 +214,8 @@ def _error_line(spec: str, repo_id: str, revision: str, exc: BaseException) -> s
     if isinstance(exc, err.RevisionNotFoundError):
         return f"{spec}: repository {repo_id} has no revision {revision!r}"
     if isinstance(exc, err.RepositoryNotFoundError):
-        return (f"{spec}: no model repository {repo_id} on {endpoint()} (or it is private: log in "
-                f"with `hf auth login` or HF_TOKEN)")
+        return (f"{spec}: no such local path, and no model repository {repo_id} on {endpoint()} "
+                f"(or it is private: log in with `hf auth login` or HF_TOKEN)")
     if isinstance(exc, err.EntryNotFoundError):
         return f"{spec}: a file listed by the hub could not be fetched ({exc.__class__.__name__})"
     if isinstance(exc, err.HfHubHTTPError):
@@ -204,9 +233,10 @@ def _connection_error(exc: BaseException) -> bool:
                     "ConnectionError", "NetworkError")
 
 
-def _download(spec: str, repo_id: str, revision: str) -> ResolvedSource:
+def _download(spec: str, repo_id: str, revision: str,
+              filename: Optional[str] = None) -> ResolvedSource:
     with _online():
-        return _download_online(spec, repo_id, revision)
+        return _download_online(spec, repo_id, revision, filename)
 
 
 @contextlib.contextmanager
@@ -223,7 +253,8 @@ def _online() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = was
 
 
-def _download_online(spec: str, repo_id: str, revision: str) -> ResolvedSource:
+def _download_online(spec: str, repo_id: str, revision: str,
+                     filename: Optional[str] = None) -> ResolvedSource:
     hh = _hub()
     api = hh.HfApi(endpoint=endpoint())
     try:
@@ -232,7 +263,7 @@ def _download_online(spec: str, repo_id: str, revision: str) -> ResolvedSource:
         if _connection_error(exc):
             _log(f"hub: {endpoint()} unreachable ({type(exc).__name__}); using the cached "
                  f"{repo_id}@{revision}")
-            return _from_cache(spec, repo_id, revision, f"{endpoint()} is unreachable")
+            return _from_cache(spec, repo_id, revision, f"{endpoint()} is unreachable", filename)
         if isinstance(exc, hh.errors.HfHubHTTPError) or isinstance(exc, hh.errors.HFValidationError):
             raise CheckpointError(_error_line(spec, repo_id, revision, exc))
         raise
@@ -243,32 +274,41 @@ def _download_online(spec: str, repo_id: str, revision: str) -> ResolvedSource:
     snap = os.path.join(repo_folder(repo_id), "snapshots", commit)
     fetched: List[str] = []
 
+    def one(f: str) -> str:
+        try:
+            hh.hf_hub_download(repo_id, f, revision=commit, cache_dir=cache_dir(),
+                               endpoint=endpoint())
+        except Exception as exc:
+            if isinstance(exc, hh.errors.HfHubHTTPError) or _connection_error(exc):
+                raise CheckpointError(_error_line(spec, repo_id, revision, exc))
+            raise
+        return f
+
     def fetch(files: Sequence[str]) -> None:
         todo = [f for f in files if not os.path.exists(os.path.join(snap, f))]
         if not todo:
             return
         _log(f"hub: fetching {len(todo)} file(s) of {repo_id}@{commit[:12]} from {endpoint()}")
-        for f in todo:
-            try:
-                with _progress():
-                    hh.hf_hub_download(repo_id, f, revision=commit, cache_dir=cache_dir(),
-                                       endpoint=endpoint())
-            except Exception as exc:
-                if isinstance(exc, hh.errors.HfHubHTTPError) or _connection_error(exc):
-                    raise CheckpointError(_error_line(spec, repo_id, revision, exc))
-                raise
-            fetched.append(f)
+        with _progress(), ThreadPoolExecutor(max_workers=min(DOWNLOAD_WORKERS, len(todo))) as ex:
+            fetched.extend(ex.map(one, todo))  # shards in parallel; the first error is raised
 
-    first, weights_of_index = select_files(names)
+    if filename is not None:
+        if filename not in names:
+            raise CheckpointError(f"{spec}: repository {repo_id} has no file {filename!r} at "
+                                  f"commit {commit[:12]}")
+        first = [n for n in COMPANIONS if n in names and "adapter" not in n] + [filename]
+        weights_of_index = lambda snap: []  # noqa: E731
+    else:
+        first, weights_of_index = select_files(names)
     fetch(first)
     fetch(weights_of_index(snap))
     if revision != commit:
         _write_ref(repo_id, revision, commit)
-    missing = missing_weights(snap)
+    missing = missing_weights(snap, filename)
     if missing:
         raise CheckpointError(f"{spec}: after download, snapshot {commit[:12]} still lacks "
                               f"{missing[0]}")
-    return ResolvedSource(snap, repo_id, revision, commit, tuple(fetched))
+    return _source(snap, repo_id, revision, commit, fetched, filename)
 
 
 @contextlib.contextmanager
@@ -353,11 +393,14 @@ def _shards(snap: str, index: str) -> List[str]:
     return out
 
 
-def missing_weights(snap: str) -> List[str]:
-    """Weight files the snapshot needs but lacks ([] when a scan can open it)."""
+def missing_weights(snap: str, filename: Optional[str] = None) -> List[str]:
+    """Weight files the snapshot needs but lacks ([] when a scan can open it); with `filename`,
+    that one file."""
     def has(n: str) -> bool:
         return os.path.exists(os.path.join(snap, n))
 
+    if filename is not None:
+        return [] if has(filename) else [filename]
     if has("adapter_config.json"):
         return [] if has("adapter_model.safetensors") or has("adapter_model.bin") else \
             ["adapter_model.safetensors"]

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import PairingError
 from ..types import LayerPair, TensorRef
 from .checkpoint import Checkpoint
+from .safetensors_file import gc_paused
 
 PEFT_PREFIX = "base_model.model."
 # 2-D weights that are not linear projections: skipped unless --include selects them. A name
@@ -101,7 +102,14 @@ def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
 
 def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str] = None,
                      exclude: Optional[str] = None) -> Pairing:
-    """Pair every selected base matrix with its tuned counterpart (full tensor or LoRA factors)."""
+    """Pair every selected base matrix with its tuned counterpart (full tensor or LoRA factors).
+    Linear in the number of tensors."""
+    with gc_paused():
+        return _pair_checkpoints(base, tuned, include, exclude)
+
+
+def _pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str],
+                      exclude: Optional[str]) -> Pairing:
     base_refs, tuned_refs = _gguf_names(base, tuned)
     if tuned.kind == "adapter":
         return _pair_adapter(base, tuned, include, exclude, base_refs)

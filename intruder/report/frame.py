@@ -16,23 +16,42 @@ def _nan(x):
     return float("nan") if x is None else x
 
 
-def to_dataframe(report: ScanReport):
-    """One row per matrix, in checkpoint order.
+_SEQ = ("max_cos", "base_index", "sigma_tuned", "sigma_base", "near_overlap", "top_overlap",
+        "max_cos_right", "base_index_right")
 
-    Columns: name, stack, layer (block index; <NA> outside numbered blocks), module, rows, cols,
-    dtype, status, intruders (count at the first epsilon), intruder_ranks, min_max_cos,
+
+def to_dataframe(report: ScanReport):
+    """One row per matrix, in checkpoint order, with every per-matrix field of the JSON report.
+
+    Columns: name, stack, layer (block index; <NA> outside numbered blocks), module, shape, rows,
+    cols, dtype, status, intruders (count at the first epsilon), intruder_ranks, min_max_cos,
     mean_max_cos, intruder_energy (share of top-k sigma^2), delta_norm_rel (||dW||_2 /
-    sigma_k(W0)), delta_fro_rel (||dW||_F / ||W0||_F), in_cluster, seconds, method, and
-    `count@EPS` for every epsilon of the scan configuration."""
+    sigma_k(W0)), delta_fro_rel (||dW||_F / ||W0||_F), in_cluster, seconds, method,
+    `count@EPS` for every epsilon of the scan configuration and counts_by_epsilon (a dict);
+    the top-k vectors as tuples (max_cos, base_index, sigma_tuned, sigma_base, near_overlap,
+    top_overlap, and the right-vector ones with --vectors right|both); the margin and update-shape
+    measures (cos_margin, novel_strength, subspace_cos, weight_cos, delta_stable_rank,
+    delta_rank, delta_rank_gap, delta_tail_ratio, delta_next_edge, delta_floor, delta_grid,
+    delta_sv ...; docs/margin.md); and `update`, the matrix's update shape from provenance
+    (low-rank | dense | unresolved | precision-only | saturated | unchanged | unknown)."""
     import pandas as pd
 
+    from ..provenance import provenance
+
     eps = sorted(set(report.config.epsilons))
+    shape_of = {lv.name: lv.kind for lv in provenance(report).layers}
     rows = []
+    extra_keys: list = []
+    for l in report.layers:
+        for k, _ in l.extra:
+            if k not in extra_keys:
+                extra_keys.append(k)
     for l in report.layers:
         p = split_name(l.name)
         counts = dict(l.counts_by_epsilon)
         row = {
             "name": l.name, "stack": p.stack, "layer": p.layer, "module": p.module,
+            "shape": tuple(l.shape),
             "rows": l.shape[0] if len(l.shape) > 0 else None,
             "cols": l.shape[1] if len(l.shape) > 1 else None,
             "dtype": l.dtype, "status": l.status,
@@ -44,13 +63,24 @@ def to_dataframe(report: ScanReport):
             "delta_norm_rel": _nan(l.delta_norm_rel), "delta_fro_rel": _nan(l.delta_fro_rel),
             "in_cluster": sum(1 for i in l.intruders if i.in_cluster),
             "seconds": l.seconds, "method": l.method,
+            "update": shape_of.get(l.name, "unknown"),
+            "counts_by_epsilon": {format(e, "g"): n for e, n in l.counts_by_epsilon},
         }
         for e in eps:
             row[f"count@{e:g}"] = counts.get(e, 0) if l.status == "scanned" else 0
+        for k in _SEQ:
+            row[k] = tuple(getattr(l, k))
+        ex = dict(l.extra)
+        for k in extra_keys:
+            v = ex.get(k)
+            row[k] = tuple(v) if isinstance(v, list) else (_nan(v) if k != "delta_grid" and not
+                                                           isinstance(v, (str, bool)) else v)
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else ["name"])
     if rows:
         df["layer"] = df["layer"].astype("Int64")
+        if "delta_rank" in df:
+            df["delta_rank"] = df["delta_rank"].astype("Int64")
     return df
 
 

@@ -27,8 +27,9 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import __version__
 from ..errors import IntruderError, OutputError, ReportError
-from ..types import ScanReport
+from ..types import ScanReport, Verdict
 from . import views
+from .verdict import verdict_of
 
 AUTO_MAX_DIM = 2048  # auto similarity: skip matrices whose short side is larger (CPU time)
 MAX_INTRUDER_ROWS = 500
@@ -126,7 +127,7 @@ class _Figures:
 # ------------------------------------------------------------------------------------------------
 
 
-def _header(report: ScanReport, v: views.Verdict) -> str:
+def _header(report: ScanReport, v: Verdict) -> str:
     from ..scan import summary
 
     s = summary(report)
@@ -143,14 +144,14 @@ def _header(report: ScanReport, v: views.Verdict) -> str:
     ]
     card_html = "".join(f'<div class="card"><div class="v">{escape(a)}</div>'
                         f'<div class="k">{escape(b)}</div></div>' for a, b in cards)
-    details = "".join(f"<li>{escape(d)}</li>" for d in v.details)
+    details = "".join(f"<li>{escape(d)}</li>" for d in v.evidence)
     return (f"<header><h1>{escape(title)}</h1>"
             f'<p class="sub">tuned <code>{escape(report.tuned.path)}</code>'
             f"{_source_note(report.tuned)} against base "
             f"<code>{escape(report.base.path)}</code>{_source_note(report.base)}</p>"
             f"{_base_check_note(report.tuned)}"
-            f'<div class="verdict {escape(v.kind)}" id="verdict"><p class="headline">'
-            f"{escape(v.headline)}</p><ul>{details}</ul></div>"
+            f'<div class="verdict {escape(v.tone)}" id="verdict" data-label="{escape(v.label)}">'
+            f'<p class="headline">{escape(v.wording)}</p><ul>{details}</ul></div>'
             f'<div class="cards">{card_html}</div></header>')
 
 
@@ -228,6 +229,15 @@ def _sweep_table(report: ScanReport) -> str:
     return table_html(["epsilon", "intruders", "matrices with >= 1"], rows, num=(1, 2))
 
 
+def _storage_note(l) -> str:
+    """' (tuned: gguf Q8_0)' for a matrix decoded from quantized storage (io/dequant.py)."""
+    ex = dict(l.extra)
+    parts = [f"{side}: {ex[key]}" for key, side in (("storage_base", "base"),
+                                                    ("storage_tuned", "tuned"))
+             if isinstance(ex.get(key), str) and ex[key].upper() not in ("F64", "F32", "F16", "BF16")]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _layer_table(report: ScanReport) -> str:
     eps = sorted(set(report.config.epsilons))
     extra_eps = eps if len(eps) > 1 else []
@@ -253,7 +263,7 @@ def _layer_table(report: ScanReport) -> str:
         cells = [num(i, str(i)), f'<td class="name">{escape(l.name)}</td>',
                  num(p.layer, "" if p.layer is None else str(p.layer)),
                  f"<td>{escape(p.module)}</td>", f'<td class="mono">{escape("x".join(map(str, l.shape)))}</td>',
-                 f"<td>{escape(l.dtype)}</td>", f"<td>{escape(l.status)}</td>",
+                 f"<td>{escape(l.dtype + _storage_note(l))}</td>", f"<td>{escape(l.status)}</td>",
                  num(len(l.intruders), str(len(l.intruders))),
                  f"<td>{escape(','.join(str(x.index) for x in l.intruders))}</td>",
                  num(mc), num(100 * l.intruder_energy if scanned else None),
@@ -451,7 +461,7 @@ def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mappin
                 command: Optional[str] = None, n_affected: int = 3, dpi: int = 100) -> Tuple[str, AuditInfo]:
     """Build the page; returns (html text, AuditInfo with path unset)."""
     fig = _Figures(dpi)
-    v = views.verdict(report)
+    v = verdict_of(report)
     eps = report.config.epsilon
     k = report.config.top_k
     # inputs that can fail are read first, before seconds of drawing

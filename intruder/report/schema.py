@@ -11,111 +11,222 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, fields
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
 from .validate import validate_report
+from .verdict import from_dict as verdict_from_dict
+from .verdict import to_dict as verdict_to_dict
+from .verdict import verdict_of
 
 SCHEMA_VERSION = "1.2"  # 1.1: margin + dW-spectrum layer fields, summary margin/provenance;
-# 1.2: per-file sha256, content hash, hub repo_id / revision / commit, declared base
+#                        1.2: the verdict; nullable fields declared as such; per-file sha256,
+#                        content hash, hub repo_id / revision / commit, declared base
 SCHEMA_ID = "https://github.com/intruder-tool/intruder/schema/scan-report-1.json"
 
 _NUM = {"type": "number"}
 _INT = {"type": "integer"}
 _STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_NNUM = {"type": ["number", "null"]}  # null: not defined for this matrix (or not finite)
+_NINT = {"type": ["integer", "null"]}
+_NSTR = {"type": ["string", "null"]}
+_NUMS = {"type": "array", "items": _NUM}
+_INTS = {"type": "array", "items": _INT}
+_STRS = {"type": "array", "items": _STR}
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+_UPDATE = ["lora-like", "full-ft-like", "mixed", "unresolved", "unchanged", "precision-only",
+           "unknown"]
 _CKPT = {"type": "object", "required": ["path", "kind", "n_tensors", "fingerprint"],
          "properties": {"path": _STR, "kind": _STR, "n_tensors": _INT, "bytes": _INT,
-                        "fingerprint": _STR, "dtypes": {"type": "array", "items": _STR}}}
-# 1.2: content identity and hub source of each checkpoint (intruder/io/identity.py, io/hub.py,
-# io/basecheck.py); fingerprint is now the first 16 hex digits of sha256
-_NULL_STR = {"type": ["string", "null"]}
-_CKPT["properties"].update({
-    "sha256": _NULL_STR,  # sha256 of the sorted per-file sha256 hex digests, one per line
-    "files": {"type": "array", "items": {
-        "type": "object", "required": ["name", "sha256"],
-        "properties": {"name": _STR, "bytes": _INT, "sha256": _STR}}},
-    "repo_id": _NULL_STR, "revision": _NULL_STR, "commit": _NULL_STR,
-    "declared_base": {"type": ["object", "null"], "properties": {
-        "declared": _NULL_STR, "resolved": _NULL_STR, "given": _STR,
-        "status": {"type": "string", "enum": ["match", "mismatch", "unverified", "undeclared"]},
-        "by": _STR, "detail": _STR}},
-})
+                        "fingerprint": _STR, "dtypes": _STRS,
+                        "adapter": {"type": ["object", "null"]},
+                        # 1.2: content identity and hub source (io/identity.py, io/hub.py,
+                        # io/basecheck.py); fingerprint: first 16 hex digits of sha256
+                        "sha256": _NSTR,  # sha256 of the sorted per-file sha256 digests
+                        "files": {"type": "array", "items": {
+                            "type": "object", "required": ["name", "sha256"],
+                            "properties": {"name": _STR, "bytes": _INT, "sha256": _STR}}},
+                        "repo_id": _NSTR, "revision": _NSTR, "commit": _NSTR,
+                        "declared_base": {"type": ["object", "null"], "properties": {
+                            "declared": _NSTR, "resolved": _NSTR, "given": _STR,
+                            "status": {"enum": ["match", "mismatch", "unverified",
+                                                "undeclared"]},
+                            "by": _STR, "detail": _STR}}}}
 _INTRUDER = {"type": "object", "required": ["index", "sigma", "max_cos", "base_index"],
-             "properties": {"index": _INT, "sigma": _NUM, "max_cos": _NUM, "base_index": _INT,
-                            "near_overlap": _NUM, "top_overlap": _NUM,
-                            "in_cluster": {"type": "boolean"},
-                            "max_cos_bound": {"type": "boolean"}}}
+             "properties": {"index": {"type": "integer", "minimum": 0}, "sigma": _NUM,
+                            "max_cos": _NUM, "base_index": _INT,
+                            "side": {"enum": ["left", "right"]},
+                            "near_overlap": _NUM, "top_overlap": _NUM, "in_cluster": _BOOL,
+                            "max_cos_bound": _BOOL}}
 _LAYER = {"type": "object", "required": ["name", "shape", "max_cos", "intruders"],
-          "properties": {"name": _STR, "shape": {"type": "array", "items": _INT},
-                         "status": {"type": "string",
-                                    "enum": ["scanned", "unchanged", "nonfinite"]},
-                         "max_cos": {"type": "array", "items": _NUM},
-                         "base_index": {"type": "array", "items": _INT},
-                         "sigma_tuned": {"type": "array", "items": _NUM},
-                         "sigma_base": {"type": "array", "items": _NUM},
+          "properties": {"name": _STR, "shape": _INTS, "dtype": _STR,
+                         "status": {"enum": ["scanned", "unchanged", "nonfinite"]},
+                         "max_cos": _NUMS, "base_index": _INTS,
+                         "max_cos_right": _NUMS, "base_index_right": _INTS,
+                         "sigma_tuned": _NUMS, "sigma_base": _NUMS,
+                         "near_overlap": _NUMS, "top_overlap": _NUMS,
                          "intruders": {"type": "array", "items": _INTRUDER},
-                         "counts_by_epsilon": {"type": "object"},
+                         "counts_by_epsilon": _COUNTS,
                          "intruder_energy": _NUM,
+                         "delta_norm_rel": _NNUM,  # ||Wt - W0||_2 / sigma_k(W0)
+                         "delta_fro_rel": _NNUM,  # ||Wt - W0||_F / ||W0||_F
+                         "method": _STR, "seconds": _NUM,
                          # 1.1, intruder/spectral/margin.py and docs/margin.md
-                         "min_max_cos": _NUM,  # lowest max|cos| = epsilon of the first intruder
-                         "cos_margin": _NUM,  # min_max_cos - epsilon (< 0: has intruders)
-                         "novel_strength": _NUM,  # ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
-                         "subspace_cos": _NUM,  # cos of the largest principal angle, top-k
-                         "delta_stable_rank": _NUM,  # ||dW||_F^2 / ||dW||_2^2
-                         "weight_cos": _NUM,  # <W0, Wt> / (||W0||_F ||Wt||_F)
-                         "delta_rank": _INT,  # singular values of dW above delta_floor
-                         "delta_rank_seen": {"type": "boolean"},  # a value below the floor seen
-                         "delta_rank_gap": _NUM,  # sv[rank-1] / sv[rank]
-                         "delta_tail_ratio": _NUM,  # energy beyond the rank / rounding energy
-                         "delta_next_edge": _NUM,  # sv[rank] / rounding-noise edge
-                         "delta_floor": _NUM,  # rounding-noise edge of the tuned storage dtype
-                         "delta_grid": _STR,  # storage grid of Wt: bfloat16|float16|float32|float64
-                         "delta_sv_method": {"type": "string", "enum": ["gram", "randomized"]},
-                         "delta_sv": {"type": "array", "items": _NUM},  # top 64 of dW
+                         "min_max_cos": _NNUM,  # lowest max|cos| = epsilon of the first intruder
+                         "cos_margin": _NNUM,  # min_max_cos - epsilon (< 0: has intruders)
+                         "novel_strength": _NNUM,  # ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
+                         "subspace_cos": _NNUM,  # cos of the largest principal angle, top-k
+                         "delta_stable_rank": _NNUM,  # ||dW||_F^2 / ||dW||_2^2
+                         "weight_cos": _NNUM,  # <W0, Wt> / (||W0||_F ||Wt||_F)
+                         "delta_rank": _NINT,  # singular values of dW above delta_floor
+                         "delta_rank_seen": {"type": ["boolean", "null"]},  # a value below seen
+                         "delta_rank_gap": _NNUM,  # sv[rank-1] / sv[rank]
+                         "delta_tail_ratio": _NNUM,  # energy beyond the rank / rounding energy
+                         "delta_next_edge": _NNUM,  # sv[rank] / rounding-noise edge
+                         "delta_floor": _NNUM,  # rounding-noise edge of the tuned storage dtype
+                         "delta_grid": _NSTR,  # storage grid of Wt: bfloat16|float16|float32|float64
+                         "delta_sv_method": {"enum": ["gram", "randomized", None]},
+                         "delta_sv": _NUMS,  # top 64 of dW
                          # engine: per max_cos entry, true where the value is a certified upper
                          # bound (spectral slices; decisions exact); absent when all are exact
-                         "max_cos_bound": {"type": "array", "items": {"type": "boolean"}},
+                         "max_cos_bound": {"type": "array", "items": _BOOL},
                          # quantized / scaled storage decoded before the analysis (io/dequant.py,
                          # io/gguf.py), e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"; only on
                          # layers where a side was stored that way
                          "storage_base": _STR, "storage_tuned": _STR}}
-SCHEMA: Dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": SCHEMA_ID,
-    "title": "intruder scan report",
+_QUANT = {"type": "object", "additionalProperties": _NUM}
+_MARGIN = {"type": "object", "required": ["layers"], "properties": {
+    "layers": _INT, "epsilon": _NUM, "first_intruder_epsilon": _NUM, "cos_margin": _NUM,
+    "closest_layer": _STR, "strongest_layer": _STR, "min_max_cos_quantiles": _QUANT,
+    "novel_strength_quantiles": _QUANT, "layers_below_cos_margin": _COUNTS,
+    "layers_novel_strength_at_least": _COUNTS}}
+_PROVENANCE = {"type": "object", "required": ["verdict", "confidence"], "properties": {
+    "verdict": {"enum": _UPDATE}, "confidence": _NUM, "estimated_rank": _NINT,
+    "rank_range": {"type": ["array", "null"], "items": _INT, "minItems": 2, "maxItems": 2},
+    "rank_by_module": {"type": "object", "additionalProperties": _INT},
+    "kind_by_module": {"type": "object", "additionalProperties": _STR},
+    "adapted_modules": _STRS, "untouched_modules": _STRS, "counts": _COUNTS,
+    "declared": {"type": ["object", "null"]}, "evidence": _STRS}}
+VERDICT_LABELS = ["lora-like", "full-ft-like", "mixed", "unresolved", "precision-only",
+                  "unchanged", "unrelated", "empty", "unknown"]
+_VERDICT = {"type": "object",
+            "required": ["label", "wording", "confidence", "evidence", "epsilon", "intruders"],
+            "properties": {"label": {"enum": VERDICT_LABELS}, "wording": _STR,
+                           "confidence": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                           "evidence": _STRS, "epsilon": _NUM,
+                           "intruders": {"type": "integer", "minimum": 0},
+                           "matrices_with_intruders": _INT, "matrices_changed": _INT,
+                           "lowest_max_cos": _NNUM, "margin": _NNUM, "novel_strength": _NNUM,
+                           "update": {"enum": _UPDATE}, "estimated_rank": _NINT,
+                           "agree": _BOOL}}
+_SUMMARY = {"type": "object",
+            "required": ["layers_scanned", "total_intruders", "counts_by_epsilon"],
+            "properties": {"layers_scanned": _INT, "layers_unchanged": _INT,
+                           "layers_nonfinite": _INT, "layers_with_intruders": _INT,
+                           "total_intruders": _INT, "in_cluster_intruders": _INT,
+                           "counts_by_epsilon": _COUNTS, "min_max_cos": _NNUM,
+                           "mean_intruder_energy": _NUM, "seconds": _NUM,
+                           "margin": _MARGIN, "provenance": _PROVENANCE}}
+SCAN_SCHEMA: Dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "base", "tuned", "config", "layers", "summary"],
     "properties": {
-        "schema_version": _STR,
-        "tool_version": _STR,
+        "$schema": _STR,
+        "schema_version": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$"},
+        "tool_version": _STR, "created": _STR, "command": _STR, "device": _STR, "seconds": _NUM,
+        "protocol": _STR,
         "base": _CKPT,
         "tuned": _CKPT,
         "config": {"type": "object", "required": ["top_k", "epsilon"],
                    "properties": {"top_k": {"type": "integer", "minimum": 1},
-                                  "epsilon": {"type": "array", "items": _NUM, "minItems": 1},
-                                  "vectors": {"type": "string",
-                                              "enum": ["left", "right", "both"]}}},
+                                  "epsilon": {"type": "array", "minItems": 1, "items": {
+                                      "type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+                                  "vectors": {"enum": ["left", "right", "both"]},
+                                  "include": _NSTR, "exclude": _NSTR, "device": _STR,
+                                  "near_window": _NUM, "allow_nonfinite": _BOOL}},
         "layers": {"type": "array", "items": _LAYER},
-        "summary": {"type": "object",
-                    "required": ["layers_scanned", "total_intruders", "counts_by_epsilon"],
-                    "properties": {"layers_scanned": _INT, "total_intruders": _INT,
-                                   "counts_by_epsilon": {"type": "object"},
-                                   # 1.1: distribution of the margin over layers, provenance
-                                   "margin": {"type": "object", "properties": {
-                                       "layers": _INT, "first_intruder_epsilon": _NUM,
-                                       "cos_margin": _NUM, "closest_layer": _STR,
-                                       "strongest_layer": _STR}},
-                                   "provenance": {"type": "object",
-                                                  "required": ["verdict", "confidence"],
-                                                  "properties": {
-                                                      "verdict": {"type": "string", "enum": [
-                                                          "lora-like", "full-ft-like", "mixed",
-                                                          "unresolved", "unchanged",
-                                                          "precision-only", "unknown"]},
-                                                      "confidence": _NUM,
-                                                      "estimated_rank": _INT}}}},
+        "unpaired_base": _STRS, "unpaired_tuned": _STRS,
+        "skipped": {"type": "array", "items": {"type": "object", "required": ["name", "reason"],
+                                               "properties": {"name": _STR, "reason": _STR}}},
+        "warnings": _STRS,
+        "summary": _SUMMARY,
+        "verdict": _VERDICT,  # 1.2
     },
+}
+_ROW = {"type": "object", "required": ["label", "path", "intruders", "provenance"], "properties": {
+    "label": _STR, "path": _STR, "kind": _STR, "intruders": _INT, "layers_with_intruders": _INT,
+    "counts_by_epsilon": _COUNTS, "min_max_cos": _NNUM, "mean_intruder_energy": _NUM,
+    "novel_strength_max": _NNUM, "layers_scanned": _INT, "layers_unchanged": _INT,
+    "provenance": _PROVENANCE, "verdict": _VERDICT, "warnings": _STRS,
+    "vs_previous": {"type": ["object", "null"], "properties": {
+        "intruders": _INT, "counts_by_epsilon": _COUNTS, "min_max_cos": _NNUM,
+        "provenance": _PROVENANCE}},
+    "persistent": _INT, "new": _INT, "gone": _INT}}
+_PERSIST = {"type": "object", "properties": {"persistent": _INTS, "new": _INTS, "gone": _INTS,
+                                             "match_cos": _NUMS}}
+TRACK_SCHEMA: Dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "track_schema_version", "base", "config", "entries"],
+    "properties": {
+        "kind": {"enum": ["intruder-track", "intruder-compare"]},
+        "track_schema_version": _STR, "tool_version": _STR, "created": _STR, "command": _STR,
+        "device": _STR, "seconds": _NUM, "base": _CKPT,
+        "config": {"type": "object", "required": ["top_k", "epsilon"], "properties": {
+            "top_k": {"type": "integer", "minimum": 1},
+            "epsilon": {"type": "array", "items": _NUM, "minItems": 1},
+            "vectors": {"enum": ["left", "right", "both"]}, "include": _NSTR, "exclude": _NSTR}},
+        "persist_cos": _NNUM,
+        "entries": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["label", "path", "summary", "vs_base"],
+            "properties": {"label": _STR, "path": _STR, "summary": _ROW,
+                           "vs_base": {"$ref": "#/$defs/scan"},
+                           "vs_previous": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/scan"}]},
+                           "persistence": {"type": "object", "additionalProperties": _PERSIST}}}},
+    },
+}
+_RESULT = {"type": "object", "required": ["evaluator", "metric", "value"], "properties": {
+    "evaluator": _STR, "metric": _STR, "value": _NNUM, "n_units": _INT, "unit": _STR,
+    "protocol": _STR, "extra": {"type": "object"}}}
+SCALE_SCHEMA: Dict[str, Any] = {
+    "type": "object",
+    "required": ["intervention", "base", "tuned", "alphas", "models"],
+    "properties": {
+        "tool_version": _STR, "created": _STR, "intervention": _STR, "base": _STR, "tuned": _STR,
+        "tuned_kind": _STR, "scan_report": _STR, "epsilon": _NUM,
+        "top_k": {"type": "integer", "minimum": 1}, "alphas": _NUMS, "evals": _STRS,
+        "limit": _NINT,
+        "outputs": {"type": "array", "items": {"type": "object", "properties": {
+            "alpha": _NUM, "path": _STR, "kind": _STR, "tensors": _INT, "bytes": _INT,
+            "intruders": _INT, "warnings": _STRS,
+            "layers": {"type": "array", "items": {"type": "object", "properties": {
+                "name": _STR, "indices": _INTS, "sigma": _NUMS, "rel_change": _NUM}}}}}},
+        "models": {"type": "array", "items": {
+            "type": "object", "required": ["label", "role", "results"], "properties": {
+                "label": _STR, "role": {"enum": ["base", "tuned", "scaled"]}, "alpha": _NNUM,
+                "path": _STR, "n_intruders": _NINT, "n_matrices": _NINT,
+                "max_rel_change": _NNUM, "note": _STR,
+                "results": {"type": "array", "items": _RESULT}}}},
+        "files": {"type": "object", "additionalProperties": _STR},
+    },
+}
+# the scan-report schema alone, as a standalone document (what load_report checks)
+SCAN_SCHEMA_DOC: Dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                                   "$defs": {"scan": SCAN_SCHEMA}, "$ref": "#/$defs/scan"}
+# The published schema: one document for every JSON report the tool writes. A scan report is
+# the default; a track / compare carries `kind`, a scale-results file `intervention`.
+SCHEMA: Dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": SCHEMA_ID,
+    "title": "intruder report (scan, compare, track, scale results)",
+    "$defs": {"scan": SCAN_SCHEMA, "track": TRACK_SCHEMA, "scale": SCALE_SCHEMA,
+              "verdict": _VERDICT},
+    "if": {"type": "object", "required": ["kind"]},
+    "then": {"$ref": "#/$defs/track"},
+    "else": {"if": {"type": "object", "required": ["intervention"]},
+             "then": {"$ref": "#/$defs/scale"},
+             "else": {"$ref": "#/$defs/scan"}},
 }
 
 
@@ -148,7 +259,7 @@ def to_dict(report: ScanReport) -> Dict[str, Any]:
         layers.append(d)
     return {
         "$schema": SCHEMA_ID,
-        "schema_version": report.schema_version or SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "tool_version": report.tool_version,
         "created": report.created,
         "command": report.command,
@@ -168,6 +279,7 @@ def to_dict(report: ScanReport) -> Dict[str, Any]:
         "skipped": [{"name": n, "reason": r} for n, r in report.skipped],
         "warnings": list(report.warnings),
         "summary": summary(report),
+        "verdict": verdict_to_dict(verdict_of(report)),
     }
 
 
@@ -181,43 +293,88 @@ def save_report(report: ScanReport, path: str) -> None:
     write_text(path, dumps(report) + "\n")
 
 
-def validate(doc: Any, schema: Dict[str, Any] = SCHEMA, where: str = "$") -> None:
-    """Check doc against the (subset of JSON Schema used by) SCHEMA; raise ReportError."""
-    t = schema.get("type")
-    ok = {"object": lambda v: isinstance(v, dict),
-          "array": lambda v: isinstance(v, list),
-          "string": lambda v: isinstance(v, str),
-          "boolean": lambda v: isinstance(v, bool),
-          "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-          and math.isfinite(v)}
-    if isinstance(t, list):  # ["string", "null"]: None never reaches here (skipped below)
-        t = next((x for x in t if x != "null" and ok[x](doc)), t[0])
-    if t and not ok[t](doc):
-        raise ReportError(f"{where}: expected {t}, got {type(doc).__name__}")
-    if "enum" in schema and doc not in schema["enum"]:
-        raise ReportError(f"{where}: {doc!r} is not one of {schema['enum']}")
-    if "minimum" in schema and doc < schema["minimum"]:
-        raise ReportError(f"{where}: {doc} is below the minimum {schema['minimum']}")
-    if t == "object":
-        for key in schema.get("required", ()):
-            if key not in doc:
-                raise ReportError(f"{where}: missing required field {key!r}")
-        for key, sub in schema.get("properties", {}).items():
-            if key in doc and doc[key] is not None:
-                validate(doc[key], sub, f"{where}.{key}")
-    if t == "array":
-        if len(doc) < schema.get("minItems", 0):
-            raise ReportError(f"{where}: needs at least {schema['minItems']} item(s)")
-        if "items" in schema:
-            for i, item in enumerate(doc):
-                validate(item, schema["items"], f"{where}[{i}]")
+_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+               float: "number", type(None): "null"}
+
+
+def _where(path) -> str:
+    out = "$"
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def _message(err) -> str:
+    """One line naming where the document breaks the schema and how."""
+    where = _where(err.absolute_path)
+    v, inst = err.validator, err.instance
+    if v == "type":
+        want = err.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        return f"{where}: expected {want}, got {_TYPE_NAMES.get(type(inst), type(inst).__name__)}"
+    if v == "required":
+        missing = [k for k in err.validator_value if isinstance(inst, dict) and k not in inst]
+        return f"{where}: missing required field {(missing or ['?'])[0]!r}"
+    if v in ("minimum", "exclusiveMinimum"):
+        return f"{where}: {inst!r} is below the minimum {err.validator_value}"
+    if v in ("maximum", "exclusiveMaximum"):
+        return f"{where}: {inst!r} is above the maximum {err.validator_value}"
+    if v == "enum":
+        return f"{where}: {inst!r} is not one of {err.validator_value}"
+    return f"{where}: {err.message[:200]}"
+
+
+_VALIDATORS: Dict[int, Any] = {}
+
+
+def validator(schema: Optional[Dict[str, Any]] = None):
+    """The Draft 2020-12 validator of `schema` (default SCHEMA), built once."""
+    schema = SCHEMA if schema is None else schema
+    v = _VALIDATORS.get(id(schema))
+    if v is None:
+        from jsonschema import Draft202012Validator
+
+        Draft202012Validator.check_schema(schema)
+        v = _VALIDATORS[id(schema)] = Draft202012Validator(schema)
+    return v
+
+
+def validate(doc: Any, schema: Optional[Dict[str, Any]] = None) -> None:
+    """Check a report document (scan, compare, track or scale results) against the published
+    JSON Schema (Draft 2020-12; `schema` to check against another); raise ReportError naming the
+    first violation. JSON itself cannot hold NaN or Infinity, which read_json refuses."""
+    from jsonschema.exceptions import best_match
+
+    bad = _first_nonfinite(doc, "$")
+    if bad is not None:
+        raise ReportError(f"{bad[0]}: expected number, got {bad[1]} (not valid JSON)")
+    err = best_match(validator(schema).iter_errors(doc), key=lambda e: -len(e.absolute_path))
+    if err is not None:
+        raise ReportError(_message(err))
+
+
+def _first_nonfinite(doc: Any, where: str):
+    """(path, value) of the first NaN or infinity (Python's JSON reader accepts them)."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return where, repr(doc)
+    if isinstance(doc, dict):
+        items = ((f"{where}.{k}", v) for k, v in doc.items())
+    elif isinstance(doc, list):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(doc))
+    else:
+        return None
+    for w, v in items:
+        if isinstance(v, (dict, list, float)):
+            bad = _first_nonfinite(v, w)
+            if bad is not None:
+                return bad
+    return None
 
 
 def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
     """Rebuild a ScanReport from validated JSON data."""
     try:
-        validate(doc)
+        validate(doc, SCAN_SCHEMA_DOC)
     except ReportError as exc:
         raise ReportError(f"{source}: violates the scan-report schema: {exc}")
     major = str(doc["schema_version"]).split(".")[0]
@@ -262,7 +419,8 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
         warnings=tuple(doc.get("warnings", ())), seconds=float(doc.get("seconds", 0.0)),
         device=doc.get("device", ""), created=doc.get("created", ""),
         command=doc.get("command", ""), tool_version=doc.get("tool_version", ""),
-        schema_version=str(doc["schema_version"]))
+        schema_version=str(doc["schema_version"]),
+        verdict=verdict_from_dict(doc["verdict"]) if doc.get("verdict") else None)
 
 
 def load_report(path: str) -> ScanReport:

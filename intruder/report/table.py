@@ -22,6 +22,17 @@ def format_table(headers: Sequence[str], rows: List[Sequence[object]], align: st
     return "\n".join(out)
 
 
+def bound_count(reports) -> int:
+    """max|cos| values reported as certified upper bounds (spectral slices) in these reports."""
+    return sum(1 for r in reports if r is not None for l in r.layers for b in l.max_cos_bound
+               if b)
+
+
+BOUND_NOTE = ("max|cos| value(s) are certified upper bounds, not exact values (spectral "
+              "slices proved every decision without the complete base; decisions are exact; "
+              "per vector: max_cos_bound in the JSON)")
+
+
 def min_cos_text(layer) -> str:
     """The layer's lowest max|cos|, written '<=x' when that value is a certified upper bound."""
     if not layer.max_cos:
@@ -90,6 +101,8 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     eps = c.epsilon
     flagged = sorted((l for l in report.layers if l.intruders),
                      key=lambda l: (-len(l.intruders), l.name))
+    from .verdict import verdict_of, verdict_text
+
     lines = [f"intruder scan  (Algorithm 1: top-{c.top_k} {c.vectors} singular vectors, "
              f"intruder iff max |cos| to every base vector < epsilon = {eps:g})",
              f"  base : {report.base.path}  [{report.base.kind}]{source_text(report.base)}",
@@ -115,11 +128,9 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
                  f"with intruders: {s['layers_with_intruders']}  total intruders: "
                  f"{s['total_intruders']}  lowest max|cos|: "
                  f"{'n/a' if mm is None else format(mm, '.3f')}")
-    n_bound = sum(sum(1 for b in l.max_cos_bound if b) for l in report.layers)
+    n_bound = bound_count([report])
     if n_bound:
-        lines.append(f"note: {n_bound} max|cos| value(s), marked <=, are certified upper bounds, "
-                     f"not exact values (spectral slices proved every decision without the "
-                     f"complete base; decisions are exact)")
+        lines.append(f"note: {n_bound} {BOUND_NOTE.replace('value(s)', 'value(s), marked <=,')}")
     counts = "  ".join(f"eps {k}: {v}" for k, v in s["counts_by_epsilon"].items())
     lines.append(f"intruder counts by epsilon (all matrices): {counts}")
     if s.get("margin", {}).get("layers"):
@@ -140,4 +151,5 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     for w in report.warnings:
         lines.append(f"WARNING: {w}")
     lines.append(f"time: {report.seconds:.2f} s wall on {report.device}")
+    lines.append(printable(verdict_text(verdict_of(report))))
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .table import format_table, source_text
+from .table import BOUND_NOTE, bound_count, format_table, printable, source_text
 
 
 def _f(x, fmt=".3f"):
@@ -70,10 +70,15 @@ def track_table(tr) -> str:
                      "(a cliff in the singular values of Wt - W0 above the storage rounding "
                      "floor), full-ft-like when >= 80% have a dense one; est. rank: the most "
                      "common rank (range). See docs/provenance.md.")
+    n_bound = bound_count([x for e in tr.entries for x in (e.vs_base, e.vs_previous)])
+    if n_bound:
+        lines.append(f"note: {n_bound} {BOUND_NOTE} (the lowest max|cos| may be one)")
     for e in tr.entries:
         ident = source_text(e.vs_base.tuned).strip()
         if ident:
             lines.append(f"{e.label}: {ident}")
+    for e, r in zip(tr.entries, rows):
+        lines.append(printable(f"verdict ({e.label}): {r['verdict']['wording']}"))
     for e, r in zip(tr.entries, rows):
         for w in r["warnings"]:
             lines.append(f"WARNING ({e.label}): {w}")

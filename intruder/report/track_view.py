@@ -104,6 +104,7 @@ def track_section_html(tr, dpi: int = 100) -> str:
     from ..provenance import verdict_line_dict
     from ..track import PERSIST_COS, summaries
     from .html import _Figures, escape, table_html
+    from .table import BOUND_NOTE, bound_count
 
     fig = _Figures(dpi)
     rows = summaries(tr)
@@ -116,7 +117,7 @@ def track_section_html(tr, dpi: int = 100) -> str:
     body = []
     for e, r in zip(tr.entries, rows):
         row = [e.label, r["kind"]] + [r["counts_by_epsilon"].get(k, 0) for k in eps_keys] + [
-            r["min_max_cos"], r["novel_strength_max"], r["provenance"]["verdict"]]
+            r["min_max_cos"], r["novel_strength_max"], r["verdict"]["label"]]
         if tr.mode == "track":
             vp = r["vs_previous"]
             row += [vp["counts_by_epsilon"].get(eps_keys[0], 0) if vp else "(= vs base)",
@@ -126,6 +127,10 @@ def track_section_html(tr, dpi: int = 100) -> str:
     num = tuple(range(2, 4 + n_eps)) + ((6 + n_eps, 7 + n_eps, 8 + n_eps, 9 + n_eps)
                                         if tr.mode == "track" else ())
     parts = [table_html(headers, body, num=num)]
+    n_bound = bound_count([x for e in tr.entries for x in (e.vs_base, e.vs_previous)])
+    if n_bound:
+        parts.append(f'<p class="note">{n_bound} {escape(BOUND_NOTE)} (the lowest max|cos| '
+                     f"may be one).</p>")
     parts.append(fig(track_counts(tr), "intruder counts per checkpoint",
                      "Intruder counts summed over all matrices (Algorithm 1, top-"
                      f"{tr.config.top_k} left vectors, max|cos| &lt; epsilon)."
@@ -146,11 +151,12 @@ def track_section_html(tr, dpi: int = 100) -> str:
                      "max|cos|, one colour per checkpoint."))
     items = []
     for e, r in zip(tr.entries, rows):
-        ev = "".join(f"<li>{escape(x)}</li>" for x in r["provenance"].get("evidence") or ())
+        ev = "".join(f"<li>{escape(x)}</li>" for x in r["verdict"]["evidence"])
         warn = "".join(f'<div class="warning">{escape(w)}</div>' for w in r["warnings"])
         items.append(f"<li><b>{escape(e.label)}</b> (<code>{escape(e.path)}</code>): "
-                     f"{escape(verdict_line_dict(r['provenance']))}<ul>{ev}</ul>{warn}</li>")
-    parts.append("<h3>Provenance verdicts</h3><ul>" + "".join(items) + "</ul>")
+                     f"<b>{escape(r['verdict']['wording'])}</b> "
+                     f"({escape(verdict_line_dict(r['provenance']))})<ul>{ev}</ul>{warn}</li>")
+    parts.append("<h3>Verdicts</h3><ul>" + "".join(items) + "</ul>")
     return "".join(parts)
 
 

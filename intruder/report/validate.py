@@ -49,7 +49,7 @@ def _config(c: Dict[str, Any]) -> int:
     return top_k
 
 
-def _layer(l: Dict[str, Any], where: str, top_k: int) -> None:
+def _layer(l: Dict[str, Any], where: str, top_k: int) -> None:  # noqa: E741 (l: a layer)
     shape = l["shape"]
     if len(shape) != 2:
         raise _Bad(f"{where}.shape", f"{shape} is not the shape of a matrix (two dimensions)")
@@ -127,8 +127,8 @@ def validate_report(doc: Dict[str, Any], source: str = "report") -> None:
     try:
         top_k = _config(doc["config"])
         layers = doc["layers"]
-        for i, l in enumerate(layers):
-            _layer(l, f"layers[{i}]", top_k)
+        for i, layer in enumerate(layers):
+            _layer(layer, f"layers[{i}]", top_k)
         _summary(doc["summary"], layers, top_k)
     except _Bad as exc:
         raise ReportError(f"{source}: {exc}") from None

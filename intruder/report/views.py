@@ -1,5 +1,5 @@
 """What the audit shows, derived from a ScanReport: layer/module layout, grids, the epsilon sweep,
-the plain-language verdict and which layers to draw. Pure Python (no numpy, pandas or matplotlib),
+where intruders concentrate and which layers to draw. Pure Python (no numpy, pandas or matplotlib),
 so plots only draw what these functions return.
 """
 
@@ -184,15 +184,8 @@ def spectra_layers(report: ScanReport, n: int = 6) -> List[LayerResult]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Verdict
+# Where the intruders are (the verdict itself: intruder/report/verdict.py)
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    kind: str  # intruders | none | unchanged | unrelated | empty
-    headline: str
-    details: Tuple[str, ...]
 
 
 def _layer_span(layers: Sequence[int]) -> str:
@@ -252,69 +245,3 @@ def concentration(report: ScanReport) -> Optional[Concentration]:
     best = max(runs, key=lambda r: (sum(counts[i] for i in r), -r[0]))
     inside = sum(counts[i] for i in best)
     return Concentration(stack, best[0], best[-1], inside, sum(counts.values()), span)
-
-
-def verdict(report: ScanReport) -> Verdict:
-    """A plain-language summary of what the scan found, with the numbers behind it."""
-    eps = report.config.epsilon
-    layers = scanned(report)
-    n_all = len(report.layers)
-    unrelated = [w for w in report.warnings if "not look derived" in w]
-    if not report.layers:
-        return Verdict("empty", "Nothing was scanned.", ())
-    if unrelated:
-        return Verdict("unrelated", "Not comparable: the tuned model does not look derived from "
-                       "the base, so intruder counts mean nothing here.", tuple(unrelated))
-    if not layers:
-        return Verdict("unchanged", f"Unchanged: all {n_all} matrices are bit-identical to the "
-                       f"base (or were skipped); there is nothing to audit.", ())
-    total = sum(len(l.intruders) for l in layers)
-    with_i = [l for l in layers if l.intruders]
-    low = first_intruder_epsilon(report)
-    low_layer = min((l for l in layers if l.max_cos), key=lambda l: min_cos(l), default=None)
-    details: List[str] = []
-    if total:
-        where = concentration(report)
-        mods = [(m, n) for m, n, _, _ in module_totals(report) if n]
-        mods.sort(key=lambda x: -x[1])
-        place = ""
-        if where is not None:
-            word = "concentrated in" if where.concentrated else "spread over"
-            place = f", {word} {where.label}"
-            details.append(f"{where.inside} of {where.total} block-indexed intruders lie in "
-                           f"{where.label}{' of ' + where.stack if where.stack else ''} "
-                           f"(scanned blocks span {where.span} indices).")
-        if mods:
-            m0, n0 = mods[0]
-            if n0 >= 0.5 * total:
-                place += f", mostly {m0} ({n0} of {total})"
-            else:
-                place += ", across " + ", ".join(f"{m} ({n})" for m, n in mods[:3])
-                place += " and others" if len(mods) > 3 else ""
-        headline = (f"LoRA-like: {total} intruder{'s' if total != 1 else ''} at epsilon {eps:g} in "
-                    f"{len(with_i)} of {len(layers)} changed matrices{place}.")
-        details.append("Shuttleworth et al. (NeurIPS 2025) find intruder dimensions after LoRA "
-                       "fine-tuning and few or none after full fine-tuning; their presence is "
-                       "evidence of a low-rank, high-learning-rate update, not proof.")
-        in_cl = sum(1 for l in layers for i in l.intruders if i.in_cluster)
-        if in_cl:
-            details.append(f"{in_cl} flagged vector(s) lie inside a near-degenerate base cluster "
-                           f"(a rotation among base directions, not a new one).")
-        kind = "intruders"
-    else:
-        headline = (f"Full-fine-tuning-like: no intruders at epsilon {eps:g} in any of "
-                    f"{len(layers)} changed matrices")
-        if low is not None:
-            headline += (f"; the lowest max|cos| is {low:.3f} ({low_layer.name}), so the first "
-                         f"intruder would need epsilon above {low:.3f}")
-        headline += "."
-        kind = "none"
-    sw = dict((e, n) for e, n, _ in sweep(report))
-    if sw:
-        details.append("Counts against epsilon (Algorithm 1, top-%d): " % report.config.top_k
-                       + ", ".join(f"{e:g}: {n}" for e, n in sw.items()) + ".")
-    unchanged = sum(1 for l in report.layers if l.status == "unchanged")
-    if unchanged:
-        details.append(f"{unchanged} of {n_all} matrices are bit-identical to the base and were "
-                       f"not decomposed.")
-    return Verdict(kind, headline, tuple(details))

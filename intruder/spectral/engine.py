@@ -132,34 +132,50 @@ def _as_eig(spec, w0: torch.Tensor) -> Optional[Eig]:
     return None
 
 
+class _Grams:
+    """The base's and the tuned matrix's Gram matrices, each computed at most once per pair
+    (the first try, a widened or complete base, a restarted tuned side all use the same one)."""
+
+    def __init__(self, w0: torch.Tensor, wt: torch.Tensor):
+        self.w = {"base": w0, "tuned": wt}
+        self.g: dict = {}
+
+    def __call__(self, which: str) -> torch.Tensor:
+        if which not in self.g:
+            w = self.w[which]
+            self.g[which] = gram(w, gram_side(w.shape))  # (d, d) float64
+        return self.g[which]
+
+
 def base_eig(w0: torch.Tensor, want: int, start: Optional[torch.Tensor] = None,
-             seed: int = 0, fast: bool = True) -> Eig:
-    """Top-`want` certified base eigenpairs (fast path) or the complete exact spectrum."""
+             seed: int = 0, fast: bool = True, g: Optional[torch.Tensor] = None) -> Eig:
+    """Top-`want` certified base eigenpairs (fast path) or the complete exact spectrum.
+    g: gram(w0, side) when the caller has it."""
     side = gram_side(w0.shape)
-    if fast:
+    if g is None:
         g = gram(w0, side)  # (d, d)
+    if fast:
         if g.device.type == "cpu":  # LAPACK on an index range beats iterating on a CPU
             e = eig_top_lapack(g, want, eps_g=gram_error(w0, g), side=side)
         else:
             e = eig_top(g, want, start=start, seed=seed, eps_g=gram_error(w0, g), side=side)
-        del g
         if e is not None:
             return e
-    return eig_full(w0, side)
+    return eig_full(w0, side, g=g)
 
 
 def tuned_eig(wt: torch.Tensor, k: int, start: Optional[torch.Tensor] = None,
-              seed: int = 0, fast: bool = True) -> Eig:
+              seed: int = 0, fast: bool = True, g: Optional[torch.Tensor] = None) -> Eig:
     """Certified top-k tuned eigenpairs, warm-started from the base's top vectors; exact
-    fallback (top-k of the full decomposition)."""
+    fallback (top-k of the full decomposition). g: gram(wt, side) when the caller has it."""
     side = gram_side(wt.shape)
-    if fast:
+    if g is None:
         g = gram(wt, side)  # (d, d)
+    if fast:
         e = eig_top(g, k, start=start, seed=seed + 1, eps_g=gram_error(wt, g), side=side)
-        del g
         if e is not None:
             return e
-    full = eig_full(wt, side, check_upto=k)
+    full = eig_full(wt, side, check_upto=k, g=g)
     return Eig(full.vals[:k], full.vecs[:, :k], full.err[:k], float(full.vals[k]) if
                full.r > k else 0.0, full.r <= k, side, full.method,
                None if full.other is None else full.other[:, :k])
@@ -192,9 +208,10 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
     seed = _seed(name)
     be = _as_eig(base_spec, w0)
     want = max(BASE_R0, top_r, k + 5)
+    grams = _Grams(w0, wt)
     if be is None:
-        be = base_eig(w0, want, seed=seed, fast=fast)
-    te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast)
+        be = base_eig(w0, want, seed=seed, fast=fast, g=grams("base"))
+    te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast, g=grams("tuned"))
     t = spectrum_of(wt, te, left, right, upto=k)
     bound = None  # (k,) bool: max_cos is a certified upper bound (spectral slices), not exact
     while True:
@@ -213,19 +230,21 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         widen = not why.startswith("full") and 2 * (want + want // 2) < dim
         if why.endswith(TAIL) and not widen and config.vectors != "both" and fast and \
                 dim >= slice_min_dim():
-            got = _slices(w0, be, t, b, left, k, config.epsilons, scratch)
+            got = _slices(w0, be, t, b, left, k, config.epsilons, scratch, grams)
             if got is not None:
                 value, bound = got
                 prime = ml or mr
                 prime = replace(prime, max_cos=value.to(prime.max_cos.device, torch.float64))
                 ml, mr = (prime, None) if left else (None, prime)
                 break
-        be = base_eig(w0, want, start=be.vecs, seed=seed, fast=fast and widen)
+        be = base_eig(w0, want, start=be.vecs, seed=seed, fast=fast and widen, g=grams("base"))
         # the tuned side restarts from the final base, as a warm scan (base from the cache)
         # will: cold and warm scans run the same computation on the same arrays (equal to the
         # bit where the BLAS is deterministic; to rounding, same decisions, on any)
-        te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast)
+        te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast,
+                       g=grams("tuned"))
         t = spectrum_of(wt, te, left, right, upto=k)
+    del grams  # (d, d) each: not needed by the measures below
     # decision vector: left, right, or both sides below epsilon (the component u v^T is new)
     if config.vectors == "both":
         decide = torch.maximum(ml.max_cos, mr.max_cos)
@@ -289,7 +308,8 @@ def slice_min_dim() -> int:
     return SLICE_MIN_DIM
 
 
-def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[dict] = None):
+def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[dict] = None,
+            grams: Optional[_Grams] = None):
     """Spectral-slice certificate for the matched side: (value (k,) CPU, bound (k,) bool) when
     every decision at every epsilon is proved without the complete base, else None."""
     from .slices import inverse_gram, leftout_bound
@@ -301,8 +321,12 @@ def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[d
     if scratch is not None:  # the base's inverse Gram, once per base in a fleet
         key = ("inverse_gram", be.side)
         if key not in scratch:
-            scratch[key] = inverse_gram(w0, be.side)
+            scratch[key] = inverse_gram(w0, be.side, g=grams("base") if grams else None)
         inv = scratch[key]
+        if inv is None:
+            return None
+    elif grams is not None:
+        inv = inverse_gram(w0, be.side, g=grams("base"))
         if inv is None:
             return None
     out = leftout_bound(w0, be, tv[:, :k], terr, side, inv=inv)

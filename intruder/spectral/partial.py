@@ -135,13 +135,15 @@ def gram_error(w: torch.Tensor, g: torch.Tensor) -> float:
     return 1.01 * inner * U64 * float(torch.diagonal(g).sum().abs())
 
 
-def eig_full(w: torch.Tensor, side: Optional[str] = None, check_upto: Optional[int] = None) -> Eig:
+def eig_full(w: torch.Tensor, side: Optional[str] = None, check_upto: Optional[int] = None,
+             g: Optional[torch.Tensor] = None) -> Eig:
     """Every eigenpair of the smaller Gram matrix in float64 (torch.linalg.eigh); the exact SVD
     when W is too ill-conditioned for the Gram route (sigma below GRAM_RCOND * sigma_1 among
     the first `check_upto`, default all). Error bounds are reported as 0: this is the engine's
-    reference-equivalent path, tested against LAPACK."""
+    reference-equivalent path, tested against LAPACK. g: gram(w, side) when the caller has it."""
     side = side or gram_side(w.shape)
-    g = gram(w, side)  # (d, d)
+    if g is None:
+        g = gram(w, side)  # (d, d)
     evals, evecs = torch.linalg.eigh(g)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)  # descending
     last = evals.numel() if check_upto is None else min(check_upto, evals.numel())

@@ -123,14 +123,17 @@ class InverseGram:
     g_f: float  # ||G||_F (rounding of W0^T t)
 
 
-def inverse_gram(w0: torch.Tensor, side: str) -> Optional[InverseGram]:
+def inverse_gram(w0: torch.Tensor, side: str, g: Optional[torch.Tensor] = None
+                 ) -> Optional[InverseGram]:
     """H = G^-1 by Cholesky, ||H G - I|| measured and H's spectrum fenced (Lanczos estimate of
-    ||H||, proved by a Cholesky of hi I - H). None for a (nearly) singular base."""
+    ||H||, proved by a Cholesky of hi I - H). None for a (nearly) singular base. g: gram(w0,
+    side) when the caller has it (not modified)."""
     from .sketch import norm_lanczos
 
     d = min(w0.shape)
     dev = w0.device
-    g = gram(w0, side)  # (d, d) float64
+    if g is None:
+        g = gram(w0, side)  # (d, d) float64
     eps_g = gram_error(w0, g)
     chol, info = torch.linalg.cholesky_ex(g)  # (d, d) lower
     if int(info) != 0:  # (nearly) singular base: the complete decomposition handles it
@@ -206,8 +209,11 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optiona
         dz = torch.zeros(k, dtype=torch.float64)
     xz = x.mT @ z  # (R, k)
     zp = z - x @ xz  # (d, k): the part outside the kept span
-    xz_n = torch.linalg.vector_norm(xz, dim=0).cpu()  # (k,)
+    xz_n = torch.linalg.vector_norm(xz, dim=0).cpu() * (1 + 1e-10)  # (k,)
     zp_n = torch.linalg.vector_norm(zp, dim=0).cpu()  # (k,)
+    z_n = torch.linalg.vector_norm(z, dim=0).cpu()  # (k,)
+    # rounding of z' = z - X X^T z: what the computed z' misses of the exact difference
+    dz = dz + (e.r + 4) * U64 * (z_n + 2.0 * xz_n)
     # Chebyshev vectors T_i(Ht) z', Ht = a H - c I with spectrum in [-1, 1]
     a = 2.0 / (hi - lo)
     c = (hi + lo) / (hi - lo)
