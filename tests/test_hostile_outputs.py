@@ -150,6 +150,20 @@ def test_fifo_and_symlink_targets_are_refused_and_kept(pair, tmp_path, kind):
     _inputs_unchanged(pair)
 
 
+def test_python_api_saves_through_the_same_gate(pair, tmp_path):
+    import intruder
+
+    fifo, link, victim = _specials(str(tmp_path))
+    rep = intruder.scan(pair["base"], pair["tuned"], device="cpu")
+    for path, expect in ((pair["tuned"], "overwrite the input"), (fifo, "is a FIFO"),
+                         (link, "is a symbolic link")):
+        for write in (rep.save, rep.to_html):
+            with pytest.raises(errors.OutputError, match=expect):
+                write(path)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.readlink(link) == victim
+    _inputs_unchanged(pair)
+
+
 def test_atomic_writer_never_renames_onto_a_special_file(tmp_path):
     """Past the up-front check (a FIFO appearing in between): the writer itself refuses."""
     from intruder.io.atomic import write_text
