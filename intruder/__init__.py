@@ -20,8 +20,17 @@ import importlib
 import sys
 import types
 
-from .errors import (AdapterError, CheckpointError, EvalError, InputError, IntruderError,
-                     NonFiniteError, OutputError, PairingError, ReportError)
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    EvalError,
+    InputError,
+    IntruderError,
+    NonFiniteError,
+    OutputError,
+    PairingError,
+    ReportError,
+)
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,8 @@ from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
 from .report import schema as _schema
 from .report.verdict import verdict_of, verdict_text
-from .scan import run_scan, summary as _summary
+from .scan import run_scan
+from .scan import summary as _summary
 from .track import TrackEntry, TrackReport, run_compare, run_track
 from .types import DEFAULT_TOP_K, EvalResult, ScanConfig, ScanReport, Verdict
 
@@ -379,6 +380,9 @@ def load_report(path) -> Union[ScanResult, TrackResult, Any]:
     >>> intruder.load_report("reports/demo/full_ft-scan.json").verdict.label
     'full-ft-like'
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"load_report: expected the path of a JSON report, got "
+                         f"{type(path).__name__}")
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise ReportError(f"{p}: no report there (run `intruder scan BASE TUNED` first)")

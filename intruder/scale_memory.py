@@ -16,13 +16,18 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .errors import InputError, ReportError
-from .errors import AdapterError
-from .intervene import LayerIntruders, Source, intruder_component, rescale, select_intruders
+from .errors import AdapterError, InputError, ReportError
+from .inplace import InPlaceRescaler
+from .intervene import (
+    LayerIntruders,
+    Source,
+    intruder_component,
+    rescale,
+    select_intruders,
+)
 from .io.adapter import lora_bias_for, lora_info_for, merge_lora
 from .io.checkpoint import Checkpoint, read_ref
 from .io.memory import as_checkpoint, from_module, from_peft, is_peft_model
-from .inplace import InPlaceRescaler
 from .io.pairing import _align
 from .types import ScanReport
 

@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from html import escape
 
 import pytest
@@ -33,12 +31,15 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def _cli(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "intruder", *args], capture_output=True, text=True,
-                       cwd=cwd, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return p
+def _cli(*args):
+    """The command line, in this process (click's runner): stdout as the terminal shows it."""
+    from click.testing import CliRunner
+
+    from intruder.cli import cli
+
+    r = CliRunner().invoke(cli, list(args))
+    assert r.exit_code == 0, (r.output[-2000:], r.exception)
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +339,8 @@ def test_public_names_and_shadowing():
         importlib.import_module(mod)
     assert callable(intruder.scan) and callable(intruder.track) and callable(intruder.evaluate)
     assert intruder.scan.__module__ == "intruder.api"
+    with pytest.raises(intruder.InputError, match="expected the path of a JSON report"):
+        intruder.load_report(42)
     for name in intruder.__all__:
         assert getattr(intruder, name) is not None, name
     assert sorted(intruder.__all__) == sorted(set(intruder.__all__))
@@ -345,7 +348,6 @@ def test_public_names_and_shadowing():
 
 def test_public_api_doctests(monkeypatch):
     import doctest
-
     import importlib
 
     api = importlib.import_module("intruder.api")
@@ -420,3 +422,18 @@ def test_notebooks_use_only_public_names():
         assert not re.search(r"from intruder\b|import intruder\.", code), nb_name
         used = set(re.findall(r"\bintruder\.([A-Za-z_]\w*)", code))
         assert used and used <= set(intruder.__all__), used - set(intruder.__all__)
+
+
+def test_hub_ids_take_the_checkpoint_layer(tmp_path, monkeypatch, peft_model):
+    """A hub ID resolves where paths are opened (intruder.io.hub), so the API takes it as BASE
+    next to an in-memory PEFT model: the same numbers as the paths."""
+    from test_hub import _files, add_to_cache
+
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    add_to_cache(str(cache), "org/base", "1" * 40, _files(BASE))
+    r = intruder.scan("org/base", peft_model, **FAST)
+    assert (r.base.repo_id, r.base.commit) == ("org/base", "1" * 40)
+    assert _layers_by_name(r) == _layers_by_name(intruder.scan(BASE, ADAPTER, **FAST))

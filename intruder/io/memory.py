@@ -22,7 +22,13 @@ import torch
 
 from ..errors import AdapterError, CheckpointError, InputError
 from ..types import CheckpointInfo, TensorRef
-from .adapter import BASE_CHANGING_INITS, Adapter, _check_numbers, _index_tensor, _validate
+from .adapter import (
+    BASE_CHANGING_INITS,
+    Adapter,
+    _check_numbers,
+    _index_tensor,
+    _validate,
+)
 from .checkpoint import MEMORY as _REGISTRY
 from .checkpoint import Checkpoint
 from .safetensors_file import DTYPES

@@ -169,7 +169,7 @@ def margin_section_html(report: ScanReport, dpi: int = 100) -> str:
                                  "novel strength", "||dW||_2/sigma_k", "stable rank dW",
                                  "rank dW", "update"],
                                 [[r[0]] + r[1:] for r in rows], num=(1, 2, 3, 4, 5, 6)))
-    parts.append(f"<h3>Provenance verdict</h3><p><b>{escape(verdict_line(p))}</b></p>"
+    parts.append(f"<h3>Update shape (provenance; one input of the verdict above)</h3><p><b>{escape(verdict_line(p))}</b></p>"
                  + "<ul>" + "".join(f"<li>{escape(e)}</li>" for e in p.evidence) + "</ul>")
     lr = [l.name for l in p.layers if l.kind in ("low-rank", "dense")]
     if lr:
