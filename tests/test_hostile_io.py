@@ -341,26 +341,28 @@ def _unreadable_runner():
                                           "--bounding-set=-dac_override,-dac_read_search"]
 
 
-@pytest.mark.parametrize("what", ["file", "model_dir", "file_in_dir"])
+@pytest.mark.parametrize("what", ["file", "model_dir", "file_in_dir", "eval_model_dir"])
 def test_unreadable_input_is_one_line(what, tmp_path):
     prefix = _unreadable_runner()
     if prefix is None:
         pytest.skip("running as root without setpriv: permissions cannot be enforced")
     base = hc.write_st(str(tmp_path / "base" / "model.safetensors"), hc.model_tensors(0))
     tuned = hc.write_st(str(tmp_path / "tuned" / "model.safetensors"), hc.model_tensors(1))
-    target = {"file": tuned, "model_dir": os.path.dirname(tuned), "file_in_dir": tuned}[what]
+    target = tuned if what in ("file", "file_in_dir") else os.path.dirname(tuned)
     arg = tuned if what == "file" else os.path.dirname(tuned)
+    argv = ["scan", base, arg, "-q", "-o", str(tmp_path / "r.json")]
+    if what == "eval_model_dir":
+        argv = ["eval", arg, "--limit", "1"]
     os.chmod(target, 0)
     try:
-        r = subprocess.run(prefix + [sys.executable, "-m", "intruder", "scan", base, arg, "-q",
-                                     "-o", str(tmp_path / "r.json")],
+        r = subprocess.run(prefix + [sys.executable, "-m", "intruder"] + argv,
                            env=dict(ENV, INTRUDER_CACHE_DIR=str(tmp_path / "c")),
                            capture_output=True, text=True, timeout=120)
     finally:
         os.chmod(target, 0o755)
-    lines = r.stderr.splitlines()
+    lines = [x for x in r.stderr.splitlines() if not x.startswith("loading ")]  # eval's progress
     assert r.returncode == 1 and len(lines) == 1, r.stderr
-    assert lines[0].startswith("Error: ") and "Permission denied" in lines[0], lines[0]
+    assert lines[0].startswith("Error: ") and "ermission denied" in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "r.json")
 
 
