@@ -350,6 +350,36 @@ def test_alpha_whose_weights_overflow_writes_nothing(pair, tmp_path, monkeypatch
     assert not out.exists()
 
 
+def test_in_memory_alpha_that_overflows_is_refused_and_undone(pair):
+    """The in-memory sweep (--eval without --save-alpha) never evaluates inf weights: the
+    rescaled float16 values overflow, the matrix is put back, one error."""
+    import torch
+
+    from intruder.inplace import InPlaceRescaler
+    from intruder.io import open_checkpoint
+    from intruder.report.schema import load_report
+
+    ck = open_checkpoint(pair["tuned"])
+    model = torch.nn.Module()
+    for name in ck.refs:
+        *path, leaf = name.split(".")
+        mod = model
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, torch.nn.Parameter(ck.read(name).float(),
+                                                        requires_grad=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_report(pair["report"])
+    r = InPlaceRescaler(model, report, storage_dtypes={l.name: torch.float16
+                                                       for l in report.layers})
+    with pytest.raises(errors.IntruderError, match="beyond the range of torch.float16"):
+        r.set_alpha(1e9)
+    r.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_overflow_bound_is_a_lower_bound():
     """The bound used before writing never refuses an alpha whose result fits: checked against
     the exact rescaled matrix."""
