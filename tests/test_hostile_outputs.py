@@ -150,6 +150,20 @@ def test_fifo_and_symlink_targets_are_refused_and_kept(pair, tmp_path, kind):
     _inputs_unchanged(pair)
 
 
+def test_python_api_saves_through_the_same_gate(pair, tmp_path):
+    import intruder
+
+    fifo, link, victim = _specials(str(tmp_path))
+    rep = intruder.scan(pair["base"], pair["tuned"], device="cpu")
+    for path, expect in ((pair["tuned"], "overwrite the input"), (fifo, "is a FIFO"),
+                         (link, "is a symbolic link")):
+        for write in (rep.save, rep.to_html):
+            with pytest.raises(errors.OutputError, match=expect):
+                write(path)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.readlink(link) == victim
+    _inputs_unchanged(pair)
+
+
 def test_atomic_writer_never_renames_onto_a_special_file(tmp_path):
     """Past the up-front check (a FIFO appearing in between): the writer itself refuses."""
     from intruder.io.atomic import write_text
@@ -334,6 +348,36 @@ def test_alpha_whose_weights_overflow_writes_nothing(pair, tmp_path, monkeypatch
     line = _error_line(res)
     assert res.exit_code == 1 and "beyond the range of F32" in line, line
     assert not out.exists()
+
+
+def test_in_memory_alpha_that_overflows_is_refused_and_undone(pair):
+    """The in-memory sweep (--eval without --save-alpha) never evaluates inf weights: the
+    rescaled float16 values overflow, the matrix is put back, one error."""
+    import torch
+
+    from intruder.inplace import InPlaceRescaler
+    from intruder.io import open_checkpoint
+    from intruder.report.schema import load_report
+
+    ck = open_checkpoint(pair["tuned"])
+    model = torch.nn.Module()
+    for name in ck.refs:
+        *path, leaf = name.split(".")
+        mod = model
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, torch.nn.Parameter(ck.read(name).float(),
+                                                        requires_grad=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_report(pair["report"])
+    r = InPlaceRescaler(model, report, storage_dtypes={l.name: torch.float16
+                                                       for l in report.layers})
+    with pytest.raises(errors.IntruderError, match="beyond the range of torch.float16"):
+        r.set_alpha(1e9)
+    r.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_overflow_bound_is_a_lower_bound():
