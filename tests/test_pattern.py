@@ -79,9 +79,56 @@ def test_ordinary_keys_select_as_peft_does():
 
 @pytest.mark.parametrize("key,why", [(r"(q)\1", "back-references"), ("(?!k)q_proj", "look-ahead"),
                                      ("(?>q)_proj", "atomic"), ("q_proj++", "possessive"),
-                                     ("(?i:Q_PROJ)", "inline flags"), ("x" * 3000, "longer"),
+                                     ("(?i:Q_PROJ)", "inline flags"),
+                                     ("(" + "x" * 3000 + ")", "longer"),
                                      ("((a{50}){50}){50}", "automaton states")])
 def test_keys_without_a_linear_match_are_refused(key, why, tmp_path):
     d = hc.write_adapter(str(tmp_path / "a"), config=hc.lora_config(rank_pattern={key: 4}))
     with pytest.raises(AdapterError, match=f"rank_pattern key .* refused: .*{why}"):
         open_checkpoint(d)
+
+
+def _reference_first(keys, name):
+    for k in keys:
+        if re.match(rf"(.*\.)?({k})$", name):
+            return k
+    return None
+
+
+def test_key_table_picks_the_first_key_as_peft_does():
+    """Plain keys (looked up by length and dot positions, '.' a wildcard) mixed with regular
+    expressions: the chosen key is PEFT's first match in config order, also for names holding
+    a line break."""
+    from intruder.io.pattern import KeyTable
+
+    rng = np.random.default_rng(2)
+    parts = ["model", "layers", "0", "1", "12", "q_proj", "k_proj", "mlp", "up_proj", "a", "b_c"]
+    specials = ["q_proj", "layers.1.q_proj", "layers_1.q_proj", "0.q", "1.b_c", "mlp.up_proj",
+                "layers.1.mlp", "r.up", ".*proj", "(q|k)_proj", "layers\\.1\\d*\\..*", "a", ".",
+                "...", "model.layers.0.q_proj", "up_proj|mlp", "x"]
+    for _ in range(300):
+        names = [".".join(rng.choice(parts, size=rng.integers(1, 6))) for _ in range(10)]
+        names += [names[0] + "\n", "q\nq_proj", names[1].replace(".", "_")]
+        keys = list(dict.fromkeys(rng.choice(specials, size=rng.integers(1, 8))))
+        keys += list(dict.fromkeys(rng.choice(names[:10], size=3)))  # whole names as plain keys
+        keys = list(dict.fromkeys(keys))
+        table = KeyTable(keys)
+        for n in names:
+            assert table.first(n) == _reference_first(keys, n), (keys, n)
+
+
+def test_key_table_with_50k_plain_keys_is_fast():
+    """A tool-written config: one plain key per module of a large MoE model."""
+    import time
+
+    from intruder.io.pattern import KeyTable
+
+    names = [f"model.layers.{i}.mlp.experts.{e}.{m}" for i in range(60) for e in range(280)
+             for m in ("gate_proj", "up_proj", "down_proj")][:50_000]
+    keys = names[::-1] + ["(.*.*)*X"]
+    t0 = time.perf_counter()
+    table = KeyTable(keys)
+    picked = [table.first(n) for n in names[:5000]]
+    assert picked == names[:5000]
+    assert table.first("lm_head") is None
+    assert time.perf_counter() - t0 < 30  # keys x modules LinearPattern runs: hours

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 from ..errors import AdapterError
 from ..types import LoraInfo, TensorRef
 from .checkpoint import Checkpoint, _from_pickle_kind, _from_safetensors, _inside, _load_json
-from .pattern import LinearPattern, PatternError, first_match, peft_key_pattern
+from .pattern import KeyTable, LinearPattern, PatternError, peft_key_pattern
 
 PREFIX = "base_model.model."
 # init_lora_weights values that change the base model at initialisation
@@ -37,7 +37,7 @@ class Adapter:
     replacements: Dict[str, TensorRef] = field(default_factory=dict)  # modules_to_save tensors
     ignored: Dict[str, str] = field(default_factory=dict)  # tensor -> reason
     # rank_pattern / alpha_pattern keys compiled for linear-time matching (pattern.py)
-    patterns: Dict[str, Dict[str, LinearPattern]] = field(default_factory=dict, repr=False)
+    patterns: Dict[str, KeyTable] = field(default_factory=dict, repr=False)
     _rank_alpha: Dict[str, tuple] = field(default_factory=dict, repr=False)
     # which tensor each (module, part) came from, and the adapter name in its key
     _sources: Dict[tuple, str] = field(default_factory=dict, repr=False)
@@ -73,29 +73,30 @@ class Adapter:
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
 
-def _pattern(values: dict, compiled: Dict[str, LinearPattern], module: str, default):
-    key = first_match(compiled, module)
+def _pattern(values: dict, table: KeyTable, module: str, default):
+    key = table.first(module)
     return default if key is None else values[key]
 
 
-def compile_patterns(where: str, cfg: dict) -> Dict[str, Dict[str, LinearPattern]]:
-    """{'rank_pattern': {key: matcher}, 'alpha_pattern': {...}}; a key that is not a regular
+def compile_patterns(where: str, cfg: dict) -> Dict[str, KeyTable]:
+    """{'rank_pattern': KeyTable, 'alpha_pattern': KeyTable}; a key that is not a regular
     expression, or needs a construct without a linear-time match, is refused."""
-    out: Dict[str, Dict[str, LinearPattern]] = {}
+    out: Dict[str, KeyTable] = {}
     for name in ("rank_pattern", "alpha_pattern"):
-        out[name] = {}
-        for k in cfg.get(name) or {}:
+        def compile_key(k: str, name: str = name) -> LinearPattern:
             try:
                 re.compile(rf"(.*\.)?({k})$")
             except (re.error, RecursionError, OverflowError) as exc:
                 raise AdapterError(f"{where}: {name} key {k!r} is not a valid regular "
                                    f"expression ({exc})")
             try:
-                out[name][k] = peft_key_pattern(k)
+                return peft_key_pattern(k)
             except PatternError as exc:
                 raise AdapterError(f"{where}: {name} key {k!r} is refused: {exc} (keys are "
                                    f"matched in time linear in the module name, without "
                                    f"back-references, look-around, atomic groups or flags)")
+
+        out[name] = KeyTable(cfg.get(name) or {}, compile_key)
     return out
 
 
@@ -148,7 +149,7 @@ def _positive(v, integer: bool) -> bool:
     return not integer or float(v).is_integer()
 
 
-def _check_numbers(cfg_path: str, cfg: dict) -> Dict[str, Dict[str, LinearPattern]]:
+def _check_numbers(cfg_path: str, cfg: dict) -> Dict[str, KeyTable]:
     """r, lora_alpha and their per-module patterns: finite positive numbers (r whole), valid
     regular-expression keys; the config comes from a stranger, PEFT's defaults are 8 and 8. Also
     the switches that decide whether a per-tensor merge can equal PEFT's (use_dora,

@@ -250,9 +250,65 @@ def peft_key_pattern(key: str) -> LinearPattern:
     return LinearPattern(rf"(.*\.)?({key})$")
 
 
-def first_match(patterns: Dict[str, LinearPattern], module: str) -> Optional[str]:
-    """The first key (in config order) whose pattern matches the module name, as PEFT picks it."""
-    for key, pat in patterns.items():
-        if pat.match(module):
-            return key
-    return None
+_PLAIN = re.compile(r"[A-Za-z0-9_.]+")  # letters, digits, _ are literal; '.' is any character
+
+
+class KeyTable:
+    """The first key (in config order) whose PEFT pattern matches a module name.
+
+    Configs written by tools (EVA, AdaLoRA conversions) hold one plain key per module, thousands
+    of them; trying each in turn would cost keys x modules matches. A plain key (letters, digits,
+    `_` and `.`) has a fixed length L and matches exactly when the name's last L characters fit it
+    ('.' fitting any character) and are the whole name or follow a '.': so plain keys are looked
+    up by length and by where their dots are, a handful of dict lookups per name. Other keys run
+    through LinearPattern in order. A name holding a line break (where `$` and `.` differ) takes
+    the plain path through LinearPattern too.
+    """
+
+    def __init__(self, keys, compile_other: Optional[Callable[[str], LinearPattern]] = None):
+        compile_other = compile_other or peft_key_pattern
+        self.keys: List[str] = list(keys)
+        self.other: List[Tuple[int, LinearPattern]] = []
+        # (length, slices between the dots) -> {the key's characters outside its dots: index}
+        self.plain: Dict[Tuple[int, Tuple[Tuple[int, int], ...]], Dict[str, int]] = {}
+        self._plain_patterns: Optional[List[Tuple[int, LinearPattern]]] = None
+        for i, k in enumerate(self.keys):
+            if _PLAIN.fullmatch(k):
+                cuts, start = [], 0
+                for j, ch in enumerate(k):
+                    if ch == ".":
+                        cuts.append((start, j))
+                        start = j + 1
+                cuts.append((start, len(k)))
+                cuts_t = tuple(cuts)
+                proj = "".join(k[a:b] for a, b in cuts_t)
+                self.plain.setdefault((len(k), cuts_t), {}).setdefault(proj, i)
+            else:
+                self.other.append((i, compile_other(k)))
+
+    def first(self, name: str) -> Optional[str]:
+        best = None
+        if "\n" in name:
+            if self._plain_patterns is None:
+                self._plain_patterns = [(i, peft_key_pattern(k)) for i, k in enumerate(self.keys)
+                                        if _PLAIN.fullmatch(k)]
+            for i, pat in self._plain_patterns:
+                if pat.match(name):
+                    best = i
+                    break
+        else:
+            n = len(name)
+            for (length, cuts), table in self.plain.items():
+                if length > n or (length < n and name[n - length - 1] != "."):
+                    continue
+                tail = name[n - length:]
+                i = table.get("".join(tail[a:b] for a, b in cuts))
+                if i is not None and (best is None or i < best):
+                    best = i
+        for i, pat in self.other:
+            if best is not None and i > best:
+                break
+            if pat.match(name):
+                best = i
+                break
+        return None if best is None else self.keys[best]
