@@ -23,6 +23,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import InputError, ReportError
+from .io.atomic import check_output
 from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
 from .report import schema as _schema
@@ -69,7 +70,10 @@ class ScanResult(ScanReport):
         return _schema.dumps(self)
 
     def save(self, path) -> str:
-        """Write the JSON report atomically (a reader never sees half a file); returns the path."""
+        """Write the JSON report atomically (a reader never sees half a file); returns the path.
+        Refused (OutputError): a path that is one of the scanned checkpoints or inside one, a
+        link, FIFO or device (intruder.io.targets)."""
+        check_output(os.fspath(path), [self.base.path, self.tuned.path], "report")
         _schema.save_report(self, os.fspath(path))
         return os.fspath(path)
 
@@ -78,6 +82,7 @@ class ScanResult(ScanReport):
         scale_results=, similarity=, base_path=, tuned_path=); returns its AuditInfo."""
         from .report.html import write_html
 
+        check_output(os.fspath(path), [self.base.path, self.tuned.path], "HTML audit")
         return write_html(self, os.fspath(path), **options)
 
     def similarity(self, names: Optional[Sequence[str]] = None, n: int = 1) -> Dict[str, Any]:
@@ -190,6 +195,7 @@ class TrackResult(TrackReport):
         from .io.atomic import write_text
         from .track import dumps
 
+        check_output(os.fspath(path), self._inputs(), "document")
         write_text(os.fspath(path), dumps(self) + "\n")
         return os.fspath(path)
 
@@ -197,7 +203,11 @@ class TrackResult(TrackReport):
         """Write the self-contained track / compare page; returns its size in bytes."""
         from .report.track_view import write_track_html
 
+        check_output(os.fspath(path), self._inputs(), "HTML page")
         return write_track_html(self, os.fspath(path))
+
+    def _inputs(self) -> List[str]:
+        return [self.base.path] + [e.path for e in self.entries]
 
     def __repr__(self) -> str:
         lines = [f"<TrackResult {self.mode} of {len(self.entries)} against {self.base.path!r}:"]

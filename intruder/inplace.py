@@ -172,6 +172,11 @@ class InPlaceRescaler:
                     out.append(LayerChange(t.param, t.indices, f.sigma, 0.0))
                     continue
                 sq = _rescale_rows(p, orig, res, f, alpha, t.storage_dtype, measure)
+                if not bool(torch.isfinite(p).all()):  # beyond the storage dtype's range
+                    p.data.copy_(orig)
+                    raise IntruderError(f"alpha {alpha:g}: the rescaled {t.param!r} has values "
+                                        f"beyond the range of {t.storage_dtype}; nothing was "
+                                        f"evaluated at this alpha")
                 rel = (sq ** 0.5) / norm if measure and norm > 0 else 0.0
                 out.append(LayerChange(t.param, t.indices, f.sigma, rel))
         self.alpha = alpha

@@ -42,6 +42,7 @@ class Storage:
     divisor: float = 1.0  # w = codes * scale / divisor (bitsandbytes SCB: 127)
     heads: int = 0  # GGUF q/k projection: undo llama.cpp's rotary row order in this many heads
     parts: Tuple[Tuple[str, object], ...] = ()  # more tensors / numbers of the layout, by name
+    problem: str = ""  # set when the layout is recognised but cannot be decoded (then skipped)
 
 
 @dataclass(frozen=True)

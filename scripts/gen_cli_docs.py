@@ -21,7 +21,10 @@ and the code disagree. Exit codes and environment settings are listed in the REA
 
 
 def _help(cmd: click.Command, path: list[str]) -> str:
-    ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100)
+    # the group's help_option_names (-h, --help), as a real invocation has them: click keeps the
+    # help option it built first, so without them the text would depend on what ran before
+    ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100,
+                        help_option_names=["-h", "--help"])
     return cmd.get_help(ctx)
 
 

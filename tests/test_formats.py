@@ -548,3 +548,14 @@ def test_bitsandbytes_4bit_noise_estimate(tmp_path):
                             lambda r: absmax.float() if r is aref else read_ref(r))
     true = float((d - w).square().mean().sqrt())
     assert est == pytest.approx(true, rel=0.1)
+
+
+def test_a_scale_that_fits_no_layout_is_skipped_not_ignored(tmp_path):
+    """Decoding FP8 codes without their scale would give other weights: skipped with a note."""
+    from safetensors.torch import save_file
+
+    codes, _ = qd.fp8_quantize(torch.randn(64, 48), "per-channel")
+    save_file({"m.weight": codes, "m.weight_scale": torch.ones(5, 7)},
+              str(tmp_path / "f.safetensors"))
+    ref = open_checkpoint(str(tmp_path / "f.safetensors")).refs["m.weight"]
+    assert "weight_scale F32 [5, 7] that fits no scale layout of a 64x48 weight" in dequant.unusable(ref)

@@ -24,7 +24,7 @@ def _device(ctx, param, value):
 
 
 @cli.command("eval")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=click.Path(readable=False))
 @click.option("--eval", "specs", multiple=True, default=("wikitext",), show_default=True,
               metavar="SPEC", help="Evaluator: wikitext[:PATH] (wiki.test.raw; lm-eval's metrics), "
               "wikitext-sliding[:PATH] (adds the stride-512 token perplexity, about 8x the cost), "

@@ -9,6 +9,7 @@ Accepted inputs:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Union
@@ -126,6 +127,8 @@ def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] 
     p = Path(path).expanduser()
     if not p.exists():
         raise EvalError(f"model not found: {p}")
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise EvalError(f"{p}: cannot read (permission denied)")
     cfg_dir = Path(model_config).expanduser() if model_config else None
     if cfg_dir is not None and not (cfg_dir / "config.json").is_file():
         raise EvalError(f"--model-config {cfg_dir} has no config.json")

@@ -123,16 +123,7 @@ def open_adapter(d: str) -> Checkpoint:
     if cfg.get("loftq_config"):
         raise AdapterError(f"{cfg_path}: a LoftQ adapter is only valid against its quantised "
                            f"residual base; merge it with PEFT first")
-    _check_numbers(cfg_path, cfg)
-    patterns = compile_patterns(cfg_path, cfg)
-    if cfg.get("trainable_token_indices"):
-        raise AdapterError(
-            f"{cfg_path}: trainable_token_indices: this adapter replaces rows of a token "
-            f"embedding, which is not merged per tensor here; merge it with PEFT "
-            f"(merge_and_unload) and scan the merged model")
-    if cfg.get("use_dora") not in (None, True, False):
-        raise AdapterError(f"{cfg_path}: use_dora must be true or false, got "
-                           f"{cfg.get('use_dora')!r}")
+    patterns = _check_numbers(cfg_path, cfg)
     files = [f for f in ("adapter_model.safetensors", "adapter_model.bin")
              if os.path.lexists(os.path.join(d, f))]
     if not files:
@@ -157,9 +148,19 @@ def _positive(v, integer: bool) -> bool:
     return not integer or float(v).is_integer()
 
 
-def _check_numbers(cfg_path: str, cfg: dict) -> None:
+def _check_numbers(cfg_path: str, cfg: dict) -> Dict[str, Dict[str, LinearPattern]]:
     """r, lora_alpha and their per-module patterns: finite positive numbers (r whole), valid
-    regular-expression keys; the config comes from a stranger, PEFT's defaults are 8 and 8."""
+    regular-expression keys; the config comes from a stranger, PEFT's defaults are 8 and 8. Also
+    the switches that decide whether a per-tensor merge can equal PEFT's (use_dora,
+    trainable_token_indices). Returns the compiled pattern keys."""
+    if cfg.get("trainable_token_indices"):
+        raise AdapterError(
+            f"{cfg_path}: trainable_token_indices: this adapter replaces rows of a token "
+            f"embedding, which is not merged per tensor here; merge it with PEFT "
+            f"(merge_and_unload) and scan the merged model")
+    if cfg.get("use_dora") not in (None, True, False):
+        raise AdapterError(f"{cfg_path}: use_dora must be true or false, got "
+                           f"{cfg.get('use_dora')!r}")
     for key, integer in (("r", True), ("lora_alpha", False)):
         v = cfg.get(key, 8)
         if not _positive(v, integer):
@@ -174,6 +175,7 @@ def _check_numbers(cfg_path: str, cfg: dict) -> None:
             if not _positive(v, integer):
                 raise AdapterError(f"{cfg_path}: {key}[{k!r}] must be a positive "
                                    f"{'whole ' if integer else ''}number, got {v!r}")
+    return compile_patterns(cfg_path, cfg)
 
 
 def _index_tensor(ad: Adapter, name: str, ref: TensorRef) -> None:

@@ -6,7 +6,9 @@ Layouts decoded (w: the float weight, m x n; q: the stored codes, m x n):
 - 8-bit floats (F8_E4M3, F8_E5M2, the FNUZ variants, F8_E8M0), with no scale: w = float(q);
 - with a `<module>.weight_scale` tensor beside the weight (compressed-tensors, FBGEMM, ModelOpt):
   shape [] or [1] (per-tensor), [m] or [m, 1] (per-channel), [m, n/g] (per-group of g columns),
-  or any [ceil(m/bm), ceil(n/bn)] grid of blocks: w = q * scale of the element's block;
+  or [ceil(m/bm), ceil(n/bn)] blocks (bm x bn from weight_block_size, else 128 x 128):
+  w = q * scale of the element's block; a scale of any other shape makes the weight unusable
+  (decoding the codes without it would give other weights);
 - with `<module>.weight_scale_inv` (DeepSeek-V3 / Qwen3 FP8): the same, in blocks of
   `quantization_config.weight_block_size` of config.json (128 x 128 when absent) -- despite its
   name the stored value multiplies the codes;
@@ -97,7 +99,9 @@ def decode_float8(codes, dtype: str):
 
 def unusable(ref: TensorRef) -> Optional[str]:
     """Why the scan cannot use this tensor as float weights, or None when it can."""
-    if ref.storage is not None or ref.dtype in FLOAT_DTYPES or ref.dtype in FP8_DTYPES:
+    if ref.storage is not None:
+        return ref.storage.problem or None
+    if ref.dtype in FLOAT_DTYPES or ref.dtype in FP8_DTYPES:
         return None
     if ref.dtype == "BOOL":
         return "BOOL tensor (a mask, not weights); not scanned"
@@ -140,13 +144,18 @@ def _layout_kind(dtype: str, grid: Tuple[int, int], block: Tuple[int, int], m: i
 
 def _block_for(grid: Tuple[int, int], m: int, n: int,
                declared: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    """Rows x columns sharing one scale, for the layouts published: per tensor (1, 1), per
+    channel (m, 1), per group of g columns (m, n / g), or blocks of the declared size (else
+    128 x 128) with partial blocks at the edges. None for any other grid."""
     s0, s1 = grid
     if s0 < 1 or s1 < 1:
         return None
-    cands = [declared] if declared else []
-    cands.append((-(-m // s0), -(-n // s1)))
-    for bm, bn in cands:
-        if bm >= 1 and bn >= 1 and -(-m // bm) == s0 and -(-n // bn) == s1:
+    if s0 == 1 and s1 == 1:
+        return m, n
+    if s0 == m and n % s1 == 0:
+        return 1, n // s1
+    for bm, bn in ([declared] if declared else []) + [DEFAULT_BLOCK]:
+        if -(-m // bm) == s0 and -(-n // bn) == s1:
             return bm, bn
     return None
 
@@ -225,15 +234,18 @@ def attach_storage(refs: Mapping[str, TensorRef], config: Optional[dict] = None,
             continue
         m, n = ref.shape
         stem = name[: -len("weight")] if name.endswith("weight") else name + "."
-        storage = None
+        storage = misfit = None
         for suffix, inverse in (("weight_scale", False), ("weight_scale_inv", True)):
             sref = refs.get(stem + suffix)
-            if sref is None or sref.dtype not in SCALE_DTYPES:
+            if sref is None:
                 continue
-            grid = _scale_grid(sref.shape, m, n)
-            block = _block_for(grid, m, n, declared if inverse else None) if grid else None
-            if block is None:
-                continue  # a scale of a shape that fits no layout: left unusable below
+            grid = _scale_grid(sref.shape, m, n) if sref.dtype in SCALE_DTYPES else None
+            block = _block_for(grid, m, n, declared) if grid else None
+            if block is None:  # a scale that fits no layout: decoding without it would be wrong
+                misfit = (f"{storage_name(ref.dtype)} with {suffix} {sref.dtype} "
+                          f"{list(sref.shape)} that fits no scale layout of a {m}x{n} weight; "
+                          f"not scanned")
+                continue
             if ref.dtype != "I8" and ref.dtype not in FP8_DTYPES:
                 continue
             storage = Storage(_layout_kind(ref.dtype, grid, block, m, n, inverse), sref, block)
@@ -242,6 +254,8 @@ def attach_storage(refs: Mapping[str, TensorRef], config: Optional[dict] = None,
         if storage is None and ref.dtype == "I8" and scb is not None and \
                 scb.dtype in FLOAT_DTYPES and tuple(scb.shape) in ((m,), (m, 1)):
             storage = Storage("int8 row-wise absmax (bitsandbytes SCB)", scb, (1, n), 127.0)
+        if storage is None and misfit is not None:
+            storage = Storage(f"{storage_name(ref.dtype)} (scale not understood)", problem=misfit)
         if storage is None and ref.dtype in FP8_DTYPES:
             storage = Storage(f"{storage_name(ref.dtype)} (no scale)")
         if storage is not None:

@@ -368,26 +368,6 @@ class BaseCache:
             self._writes.join()
         return list(self._errors)
 
-    # -- protocol of intruder.track: get / put by pair --------------------------------------
-    def _key_of(self, ref: TensorRef, w0_cpu: torch.Tensor, before: Optional[list]) -> str:
-        memo = getattr(self, "_memo", None)
-        if memo is not None and memo[0] == ref and memo[1] == before and memo[2] is w0_cpu:
-            return memo[3]
-        key = self.key_for(ref, w0_cpu, before)
-        self._memo = (ref, before, w0_cpu, key)
-        return key
-
-    def get(self, pair, w0_cpu: torch.Tensor, config=None, before: Optional[list] = None):
-        """Cached base spectrum of pair's base tensor (read as w0_cpu, its file's identity
-        `before` the read taken with self.identity; without it the tensor is hashed), or None."""
-        return self.load(self._key_of(pair.base, w0_cpu, before))
-
-    def put(self, pair, w0_cpu: torch.Tensor, config, spec, before: Optional[list] = None) -> None:
-        from .partial import Eig
-
-        if isinstance(spec, Eig):
-            self.store(self._key_of(pair.base, w0_cpu, before), spec, pair.base, wait=True)
-
     # -- management --------------------------------------------------------------------------
     def entries(self) -> List[dict]:
         """One dict per entry: key, bytes, last used, and what it holds."""

@@ -239,7 +239,8 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
                 break
         be = base_eig(w0, want, start=be.vecs, seed=seed, fast=fast and widen, g=grams("base"))
         # the tuned side restarts from the final base, as a warm scan (base from the cache)
-        # will: cold and warm scans then agree bit for bit
+        # will: cold and warm scans run the same computation on the same arrays (equal to the
+        # bit where the BLAS is deterministic; to rounding, same decisions, on any)
         te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast,
                        g=grams("tuned"))
         t = spectrum_of(wt, te, left, right, upto=k)
