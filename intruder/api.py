@@ -431,9 +431,10 @@ def evaluate(model, evals: Union[str, Sequence[str]] = ("wikitext",), *, tokeniz
     """Run evaluators (`intruder eval MODEL --eval SPEC`) on a model path or an in-memory
     transformers model (with its `tokenizer`, else the one saved beside `name_or_path`).
 
-    evals: 'wikitext[:PATH]' (lm-eval's wikitext protocol: lm-eval 0.4.13 with
-    add_bos_token=False; plus the transformers guide's token perplexity), 'wikitext-lmeval[:PATH]'
-    (the lm-eval metrics only), 'task:PATH' (multiple choice JSON or held-out text).
+    evals: 'wikitext[:PATH]' (lm-eval's wikitext metrics; equal to lm-eval 0.4.13 run with
+    add_bos_token=False), 'wikitext-sliding[:PATH]' (plus the transformers guide's token
+    perplexity), 'task:PATH' (multiple choice JSON or held-out text), 'lm-eval:TASK[,TASK...]'
+    (lm-evaluation-harness tasks); `from intruder.evaluate import available` lists them.
     Returns EvalResults, each naming its protocol and unit."""
     from .evaluate import evaluate_model
 

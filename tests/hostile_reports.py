@@ -1,9 +1,12 @@
-"""Hand-edited scan reports that break the JSON schema, each with what the one-line error
-must say: part of the hostile corpus (tests/hostile_corpus.py re-exports both names)."""
+"""Hand-edited scan reports that break the JSON schema or contradict themselves, each with what
+the one-line error must say: part of the hostile corpus (tests/hostile_corpus.py re-exports the
+first two names); and a scanned pair with the CLI helpers the hostile output tests share."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 # hand edits of a scan report -> what the one-line error must say
 REPORT_EDITS = {"max_cos_string": r"max_cos\[0\]: expected number",
@@ -103,3 +106,58 @@ def _semantic(path, edit, doc, layer, write_json) -> str:
     elif edit == "float_overflow":
         return write_json(path, json.dumps(doc).replace('"sigma": 3.0', '"sigma": 1e999'))
     return write_json(path, doc)
+
+
+# ---------------------------------------------------------------- a scanned pair and the CLI
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def scanned_pair(d: str) -> dict:
+    """base/tuned .safetensors (fine-tune noise large enough for intruders at epsilon 0.9),
+    another fine-tune of the same layout, a model directory holding the base, and a scan report
+    of base/tuned, all under `d`; `snapshot` holds the inputs' sha256."""
+    import numpy as np
+
+    from hostile_corpus import model_tensors, write_json, write_st
+    from intruder.report.schema import save_report
+    from intruder.scan import run_scan
+    from intruder.types import ScanConfig
+
+    rng = np.random.default_rng(1)
+    base_t = model_tensors(0)
+    tuned_t, other_t = ({k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32)
+                         for k, v in base_t.items()} for _ in range(2))
+    j = lambda *p: os.path.join(d, *p)  # noqa: E731
+    p = {"dir": d, "base": write_st(j("base.safetensors"), base_t),
+         "tuned": write_st(j("tuned.safetensors"), tuned_t),
+         "other": write_st(j("other-finetune.safetensors"), other_t)}
+    write_st(j("base-dir", "model.safetensors"), base_t)
+    write_json(j("base-dir", "config.json"), {"model_type": "llama"})
+    p["base_dir"] = j("base-dir")
+    rep = run_scan(p["base"], p["tuned"], ScanConfig(epsilons=(0.9,), device="cpu"))
+    assert sum(len(l.intruders) for l in rep.layers) > 0
+    p["report"] = j("scan.json")
+    save_report(rep, p["report"])
+    p["snapshot"] = {k: sha(p[k]) for k in ("base", "tuned", "report")}
+    return p
+
+
+def run_cli(args):
+    """`intruder ARGS` in process."""
+    from click.testing import CliRunner
+
+    from intruder.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(res) -> str:
+    """The one error line of a failed command (asserting there is exactly one)."""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("Error: "), lines[0]
+    assert "Traceback" not in res.output
+    return lines[0]

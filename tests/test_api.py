@@ -170,7 +170,7 @@ def test_rescaled_model_runs_through_lm_eval_hflm(tmp_path, shared_data, peft_mo
                           log_samples=False, verbosity="ERROR")
     theirs = out["results"]["wikitext_local"]["word_perplexity,none"]
     ours = {x.metric: x.value for x in intruder.evaluate(
-        model, f"wikitext-lmeval:{wiki}", tokenizer=tok, limit=1, device="cpu")}
+        model, f"wikitext:{wiki}", tokenizer=tok, limit=1, device="cpu")}
     assert ours["word_perplexity"] == pytest.approx(theirs, rel=1e-4)
     assert 1 < theirs < 1e6
 
@@ -395,7 +395,7 @@ def test_wikitext_contract_under_both_bos_settings(tmp_path, shared_data, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     wiki = os.path.join(shared_data, "wikitext-2-raw", "wiki.test.raw")
     pages = [d.text for d in load_wikitext(wiki).documents[:2]]
-    ours = {x.metric: x for x in intruder.evaluate(BASE, f"wikitext-lmeval:{wiki}", limit=2,
+    ours = {x.metric: x for x in intruder.evaluate(BASE, f"wikitext:{wiki}", limit=2,
                                                    device="cpu", dtype="float32")}
     no_bos = _lm_eval_wikitext(tmp_path, pages, pretrained=BASE, dtype="float32",
                                add_bos_token=False)

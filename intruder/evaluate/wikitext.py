@@ -85,10 +85,10 @@ class WikitextEvaluator:
         n_tokens = sum(s.n_tokens for s in scores)
 
         prefix_name = "BOS" if prefix == lm.tokenizer.bos_token_id else "EOS"
-        protocol = (f"lm-eval wikitext (equals lm-eval 0.4.13 with add_bos_token=False): "
-                    f"{len(pages)} detokenized wikitext-2-raw-v1 test articles encoded without "
-                    f"special tokens, rolling loglikelihood in disjoint windows of "
-                    f"{lm.max_length} tokens, first window after one {prefix_name}")
+        protocol = (f"lm-eval wikitext: {len(pages)} detokenized wikitext-2-raw-v1 test articles "
+                    f"encoded without special tokens, rolling loglikelihood in disjoint windows "
+                    f"of {lm.max_length} tokens, first window after one {prefix_name} (equals "
+                    f"lm-eval 0.4.13 run with add_bos_token=False)")
         extra = (("documents", len(pages)), ("loglikelihood", ll), ("tokens", n_tokens),
                  ("words", words), ("bytes", n_bytes), ("source", source))
         mk = lambda metric, value, n, unit: EvalResult(  # noqa: E731
