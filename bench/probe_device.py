@@ -56,7 +56,8 @@ def micro(dev):
     say(f"gemm fp64 4096^3: {t*1e3:.2f} ms = {2*4096**3/t/1e12:.1f} TFLOP/s")
     a32 = a.float()
     t = t_cuda(lambda: a32 @ a32)
-    say(f"gemm fp32 4096^3: {t*1e3:.2f} ms = {2*4096**3/t/1e12:.1f} TFLOP/s (tf32 {torch.backends.cuda.matmul.allow_tf32})")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    say(f"gemm fp32 4096^3: {t*1e3:.2f} ms = {2*4096**3/t/1e12:.1f} TFLOP/s (tf32 {tf32})")
     w = torch.randn(11008, 4096, device=dev, dtype=torch.float64, generator=g)
     t = t_cuda(lambda: w.mT @ w)
     say(f"gram fp64 11008x4096 -> 4096^2: {t*1e3:.2f} ms")
@@ -67,7 +68,7 @@ def micro(dev):
         mats = [sym.clone() for _ in range(nthr)]
         streams = [torch.cuda.Stream(dev) for _ in range(nthr)]
 
-        def job(i):
+        def job(i, streams=streams, mats=mats):
             with torch.cuda.stream(streams[i]):
                 for _ in range(2):
                     torch.linalg.eigh(mats[i])
@@ -110,10 +111,11 @@ def micro(dev):
 
 
 def engine_cases(dev):
+    from synth_models import Gen
+
     import intruder.spectral.engine as E
     import intruder.spectral.margin as M
     from intruder.types import ScanConfig
-    from synth_models import Gen
 
     gen = Gen(dev, 1)
     cfg = ScanConfig()
@@ -221,7 +223,7 @@ def scans(out, model="7b", layers=4, device="cuda"):
         buf_sz = 64 << 20
         t0 = time.perf_counter()
 
-        def rd(paths):
+        def rd(paths, buf_sz=buf_sz):
             b = bytearray(buf_sz)
             for p in paths:
                 with open(p, "rb", buffering=0) as fh:

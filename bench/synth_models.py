@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import time
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ HEAVY_RANK = 4
 HEAVY_AT = (1, 3, 5, 8)  # planted strengths: these (0-based) base singular values
 
 
-def shapes(model: str) -> List[Tuple[str, Tuple[int, int]]]:
+def shapes(model: str) -> list[tuple[str, tuple[int, int]]]:
     """(module, (out, in)) of one decoder layer, nn.Linear layout."""
     _, h, inter, kv = MODELS[model]
     return [("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)),
@@ -64,7 +64,7 @@ class Gen:
     def __init__(self, device, seed: int):
         self.device = device
         self.g = torch.Generator(device=device).manual_seed(seed)
-        self.q: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.q: dict[tuple[int, int], torch.Tensor] = {}
 
     def basis(self, rows: int, cols: int) -> torch.Tensor:
         key = (rows, cols)
@@ -136,13 +136,13 @@ def build(model: str, out: str, layers: int = 0, device: str = "cuda", seed: int
     paths = {k: os.path.join(out, k) for k in ["base", *tuned] + (["adapter"] if adapter else [])}
     for p in paths.values():
         os.makedirs(p, exist_ok=True)
-    maps: Dict[str, Dict[str, str]] = {k: {} for k in ["base", *tuned]}
-    lora: Dict[str, torch.Tensor] = {}
+    maps: dict[str, dict[str, str]] = {k: {} for k in ["base", *tuned]}
+    lora: dict[str, torch.Tensor] = {}
     info = []
     for first in range(0, n_layers, shard_layers):
         last = min(n_layers, first + shard_layers)
         shard = f"model-{first // shard_layers + 1:05d}.safetensors"
-        tensors: Dict[str, Dict[str, torch.Tensor]] = {k: {} for k in maps}
+        tensors: dict[str, dict[str, torch.Tensor]] = {k: {} for k in maps}
         for layer in range(first, last):
             for mod, (m, n) in shapes(model):
                 name = f"model.layers.{layer}.{mod}.weight"

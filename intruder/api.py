@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import InputError, ReportError
 from .io.atomic import check_output
@@ -85,7 +86,7 @@ class ScanResult(ScanReport):
         check_output(os.fspath(path), [self.base.path, self.tuned.path], "HTML audit")
         return write_html(self, os.fspath(path), **options)
 
-    def similarity(self, names: Optional[Sequence[str]] = None, n: int = 1) -> Dict[str, Any]:
+    def similarity(self, names: Sequence[str] | None = None, n: int = 1) -> dict[str, Any]:
         """|cos| of the top-k tuned against the top-2k base singular vectors (the paper's
         Figure 1) for `names` (default: the n most affected matrices), recomputed from the
         checkpoints after checking they are the scanned ones; draw with
@@ -126,22 +127,22 @@ class TrackResult(TrackReport):
     `results[label]` or `results[i]` is a checkpoint's ScanResult against the base."""
 
     @property
-    def labels(self) -> List[str]:
+    def labels(self) -> list[str]:
         return [e.label for e in self.entries]
 
     @property
-    def verdicts(self) -> Dict[str, Verdict]:
+    def verdicts(self) -> dict[str, Verdict]:
         """Each checkpoint's verdict against the base (a track's step i counts i roundings)."""
         return {e.label: e.vs_base.verdict for e in self.entries}
 
     @property
-    def summary(self) -> List[dict]:
+    def summary(self) -> list[dict]:
         """One row per checkpoint, as in the JSON (`entries[i].summary`)."""
         from .track import summaries
 
         return summaries(self)
 
-    def __getitem__(self, key: Union[int, str]) -> ScanResult:
+    def __getitem__(self, key: int | str) -> ScanResult:
         if isinstance(key, int):
             return self.entries[key].vs_base
         for e in self.entries:
@@ -206,7 +207,7 @@ class TrackResult(TrackReport):
         check_output(os.fspath(path), self._inputs(), "HTML page")
         return write_track_html(self, os.fspath(path))
 
-    def _inputs(self) -> List[str]:
+    def _inputs(self) -> list[str]:
         return [self.base.path] + [e.path for e in self.entries]
 
     def __repr__(self) -> str:
@@ -248,7 +249,7 @@ def _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cac
                       cache_dir=None if no_cache else os.fspath(cache_dir))
 
 
-def _epsilons(epsilon, default) -> Tuple[float, ...]:
+def _epsilons(epsilon, default) -> tuple[float, ...]:
     """0.5, (0.5, 0.7), [0.3, 0.5] or '0.3,0.5' (the CLI's form); the first decides."""
     if epsilon is None:
         return tuple(default)
@@ -284,8 +285,8 @@ def _source(obj: Source, role: str, keep: list, what: str = "") -> str:
 
 
 def scan(base: Source, tuned: Source, *, top_k: int = DEFAULT_TOP_K, epsilon=0.5,
-         vectors: str = "left", include: Optional[str] = None, exclude: Optional[str] = None,
-         device: str = "auto", cache_dir: Optional[str] = None, no_cache: bool = False,
+         vectors: str = "left", include: str | None = None, exclude: str | None = None,
+         device: str = "auto", cache_dir: str | None = None, no_cache: bool = False,
          allow_nonfinite: bool = False, progress: bool = False) -> ScanResult:
     """Find the intruder dimensions of TUNED against BASE (`intruder scan BASE TUNED`).
 
@@ -343,8 +344,8 @@ def _many(fn, mode, base, tuneds, top_k, epsilon, vectors, include, exclude, dev
 
 
 def compare(base: Source, tuneds, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE_EPSILONS,
-            vectors: str = "left", include: Optional[str] = None, exclude: Optional[str] = None,
-            device: str = "auto", cache_dir: Optional[str] = None, no_cache: bool = False,
+            vectors: str = "left", include: str | None = None, exclude: str | None = None,
+            device: str = "auto", cache_dir: str | None = None, no_cache: bool = False,
             allow_nonfinite: bool = False, progress: bool = False) -> TrackResult:
     """Independent fine-tunes of one base side by side (`intruder compare BASE FT...`); the
     base is decomposed once. `tuneds`: a list, or a {label: checkpoint} dict. Options as scan.
@@ -360,8 +361,8 @@ def compare(base: Source, tuneds, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE
 
 
 def track(base: Source, steps, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE_EPSILONS,
-          vectors: str = "left", include: Optional[str] = None, exclude: Optional[str] = None,
-          device: str = "auto", cache_dir: Optional[str] = None, no_cache: bool = False,
+          vectors: str = "left", include: str | None = None, exclude: str | None = None,
+          device: str = "auto", cache_dir: str | None = None, no_cache: bool = False,
           allow_nonfinite: bool = False, progress: bool = False) -> TrackResult:
     """Sequential fine-tunes (`intruder track BASE STEP...`): every step against the base and
     the step before; intruders followed along. An adapter step applies to the previous step."""
@@ -372,7 +373,7 @@ def track(base: Source, steps, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE_EP
 # -------------------------------------------------------------------------------------- files
 
 
-def load_report(path) -> Union[ScanResult, TrackResult, Any]:
+def load_report(path) -> ScanResult | TrackResult | Any:
     """Read a JSON report the tool wrote, validated against the published schema: a scan
     report gives a ScanResult (equal to the one saved), a compare / track a TrackResult, a
     scale-results file its ScaleTable (intruder.report.scale_results).
@@ -424,10 +425,10 @@ def _load_track(doc: dict, path: str) -> TrackResult:
     return _track_result(tr)
 
 
-def evaluate(model, evals: Union[str, Sequence[str]] = ("wikitext",), *, tokenizer=None,
-             limit: Optional[int] = None, device: str = "auto", dtype: Optional[str] = None,
-             max_length: Optional[int] = None, model_config: Optional[str] = None,
-             progress: bool = False) -> List[EvalResult]:
+def evaluate(model, evals: str | Sequence[str] = ("wikitext",), *, tokenizer=None,
+             limit: int | None = None, device: str = "auto", dtype: str | None = None,
+             max_length: int | None = None, model_config: str | None = None,
+             progress: bool = False) -> list[EvalResult]:
     """Run evaluators (`intruder eval MODEL --eval SPEC`) on a model path or an in-memory
     transformers model (with its `tokenizer`, else the one saved beside `name_or_path`).
 
@@ -447,7 +448,7 @@ def evaluate(model, evals: Union[str, Sequence[str]] = ("wikitext",), *, tokeniz
     return evaluate_model(lm, specs, limit=limit, progress=progress)
 
 
-def _loaded(model, tokenizer, device: str, max_length: Optional[int]):
+def _loaded(model, tokenizer, device: str, max_length: int | None):
     import torch
 
     from .evaluate.model import LoadedModel, context_length, resolve_device
@@ -475,8 +476,8 @@ def _loaded(model, tokenizer, device: str, max_length: Optional[int]):
                        dtype=dtype)
 
 
-def rescale(model_or_state_dict, report, alpha: float, *, epsilon: Optional[float] = None,
-            device: Optional[str] = None):
+def rescale(model_or_state_dict, report, alpha: float, *, epsilon: float | None = None,
+            device: str | None = None):
     """The intruders of `report` scaled by `alpha` in a copy of the model, in memory
     (`intruder scale --alpha A` without files): W' = Wt + (alpha - 1) sum_j sigma_j u_j v_j^T.
 

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
 
 from . import settings
 
@@ -41,7 +40,7 @@ def _rel(p: str) -> str:
     return os.path.relpath(p, REPO) if os.path.commonpath([p, REPO]) == REPO else p
 
 
-def ensure_models(demo: str, data_dir: str) -> Dict[str, dict]:
+def ensure_models(demo: str, data_dir: str) -> dict[str, dict]:
     """The manifest's artefacts by name; builds the demo models first if they are missing."""
     manifest = os.path.join(demo, "manifest.json")
     if not os.path.isfile(manifest):
@@ -55,8 +54,9 @@ def ensure_models(demo: str, data_dir: str) -> Dict[str, dict]:
 def heldout_text(data_dir: str, path: str, per_task: int = 150, seed: int = 0) -> int:
     """Write the fine-tuning items the demo held out (same seeded split as the build)."""
     sys.path.insert(0, os.path.join(REPO, "fixtures"))
-    import demo_data  # noqa: E402  (the builder's own split, so the text is truly held out)
     from pathlib import Path
+
+    import demo_data  # noqa: E402  (the builder's own split, so the text is truly held out)
 
     tasks = demo_data.load_tasks(Path(data_dir), per_task, seed)
     texts = demo_data.texts_for(tasks, "mix", "heldout")
@@ -65,7 +65,7 @@ def heldout_text(data_dir: str, path: str, per_task: int = 150, seed: int = 0) -
     return len(texts)
 
 
-def counts_table(reports: Dict[str, object]) -> List[str]:
+def counts_table(reports: dict[str, object]) -> list[str]:
     from .scan import summary
 
     eps = sorted(SWEEP_EPS)

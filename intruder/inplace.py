@@ -18,8 +18,9 @@ originals back bit for bit. Works on CPU, on one GPU, and on models sharded over
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable
 
 import torch
 
@@ -43,11 +44,11 @@ class Target:
 
     layer: str  # the scan report's layer name
     param: str  # the model's parameter name
-    indices: Tuple[int, ...]  # intruder ranks in the tuned top-k spectrum
+    indices: tuple[int, ...]  # intruder ranks in the tuned top-k spectrum
     storage_dtype: torch.dtype  # the dtype outputs are rounded to (the checkpoint's)
 
 
-def match_parameters(model: torch.nn.Module, names) -> Dict[str, str]:
+def match_parameters(model: torch.nn.Module, names) -> dict[str, str]:
     """Report layer name -> model parameter name: exact, else differing by one leading
     component ('model.layers.0...' vs 'layers.0...'), when that match is unique."""
     params = [n for n, _ in model.named_parameters()]
@@ -72,15 +73,15 @@ class InPlaceRescaler:
     """
 
     def __init__(self, model: torch.nn.Module, report: ScanReport, *,
-                 epsilon: Optional[float] = None,
-                 storage_dtypes: Optional[Mapping[str, torch.dtype]] = None,
+                 epsilon: float | None = None,
+                 storage_dtypes: Mapping[str, torch.dtype] | None = None,
                  keep: str = "auto",
-                 exact: Optional[Callable[[str], Optional[torch.Tensor]]] = None):
+                 exact: Callable[[str], torch.Tensor | None] | None = None):
         if keep not in ("auto", "device", "cpu"):
             raise IntruderError(f"keep must be auto, device or cpu, got {keep!r}")
         self.model = model
         self.report = report
-        sel: Dict[str, LayerIntruders] = select_intruders(report, epsilon)
+        sel: dict[str, LayerIntruders] = select_intruders(report, epsilon)
         mapping = match_parameters(model, sel)
         missing = [n for n in sel if n not in mapping]
         if missing:
@@ -90,13 +91,13 @@ class InPlaceRescaler:
         params = dict(model.named_parameters())
         shapes = {l.name: tuple(l.shape) for l in report.layers}
         storage_dtypes = dict(storage_dtypes or {})
-        self.targets: List[Target] = []
-        self._params: List[torch.nn.Parameter] = []
-        self._factors: List[Factors] = []
-        self._originals: List[torch.Tensor] = []
-        self._residuals: List[Optional[torch.Tensor]] = []  # exact - loaded, float32
-        self._norms: List[float] = []
-        warnings: List[str] = []
+        self.targets: list[Target] = []
+        self._params: list[torch.nn.Parameter] = []
+        self._factors: list[Factors] = []
+        self._originals: list[torch.Tensor] = []
+        self._residuals: list[torch.Tensor | None] = []  # exact - loaded, float32
+        self._norms: list[float] = []
+        warnings: list[str] = []
         with torch.no_grad():
             for layer, s in sel.items():
                 pname = mapping[layer]
@@ -125,11 +126,11 @@ class InPlaceRescaler:
                 self._norms.append(float(w.to(torch.float64).norm()))
                 del w, given
             self._keep_originals(keep)
-        self.warnings: Tuple[str, ...] = tuple(warnings)
+        self.warnings: tuple[str, ...] = tuple(warnings)
         self.alpha = 1.0
 
     def _keep_originals(self, keep: str) -> None:
-        need: Dict[torch.device, int] = {}
+        need: dict[torch.device, int] = {}
         for p, r in zip(self._params, self._residuals):
             extra = 0 if r is None else r.numel() * 4
             need[p.device] = need.get(p.device, 0) + p.numel() * p.element_size() + extra
@@ -157,7 +158,7 @@ class InPlaceRescaler:
         return sum(o.numel() * o.element_size() for o in self._originals) + \
             sum(r.numel() * r.element_size() for r in self._residuals if r is not None)
 
-    def set_alpha(self, alpha: float, measure: bool = True) -> Tuple[LayerChange, ...]:
+    def set_alpha(self, alpha: float, measure: bool = True) -> tuple[LayerChange, ...]:
         """Put the model at `alpha` (from the kept originals, whatever the current alpha).
         Returns what changed per matrix (||W'_stored - Wt||_F / ||Wt||_F when `measure`)."""
         alpha = float(alpha)
@@ -186,7 +187,7 @@ class InPlaceRescaler:
         """Every rescaled parameter back to the weights it held when the rescaler was built."""
         self.set_alpha(1.0, measure=False)
 
-    def __enter__(self) -> "InPlaceRescaler":
+    def __enter__(self) -> InPlaceRescaler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -201,7 +202,7 @@ def _keep(t: torch.Tensor, on_device: bool) -> torch.Tensor:
     return host.pin_memory() if torch.cuda.is_available() else host
 
 
-def _rescale_rows(p: torch.Tensor, orig: torch.Tensor, res: Optional[torch.Tensor], f: Factors,
+def _rescale_rows(p: torch.Tensor, orig: torch.Tensor, res: torch.Tensor | None, f: Factors,
                   alpha: float, storage: torch.dtype, measure: bool) -> float:
     """p = round_storage(orig [+ res] + (alpha - 1) * us @ v^T) in row blocks; returns the
     squared Frobenius norm of the stored change from orig [+ res] (0 when not measured)."""

@@ -22,21 +22,21 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import __version__
 from .errors import AdapterError, IntruderError, OutputError, ReportError
 from .io import open_checkpoint, pair_checkpoints, read_ref
-from .io.identity import recorded_mismatch
-from .io.writer import identity_metadata
 from .io.atomic import check_output
+from .io.identity import recorded_mismatch
 from .io.safetensors_file import DTYPES, SafetensorsFile
 from .io.writer import (
     CheckpointWriter,
     TensorSpec,
+    identity_metadata,
     plan_like,
     plan_merged,
     tensor_bytes,
@@ -54,10 +54,10 @@ class LayerIntruders:
     """The intruders of one scanned matrix, as the scan report recorded them."""
 
     name: str  # report (base) name
-    indices: Tuple[int, ...]  # ranks in the tuned top-k spectrum
-    sigma: Tuple[float, ...]  # recorded top-k tuned singular values
+    indices: tuple[int, ...]  # ranks in the tuned top-k spectrum
+    sigma: tuple[float, ...]  # recorded top-k tuned singular values
     k: int  # how many top tuned triplets the scan computed
-    shape: Tuple[int, ...] = ()  # (m, n) as the report records it
+    shape: tuple[int, ...] = ()  # (m, n) as the report records it
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class Component:
     """sum_{j in I} sigma_j u_j v_j^T of one matrix, recomputed in float64."""
 
     matrix: torch.Tensor  # (m, n) float64, on the compute device
-    sigma: Tuple[float, ...]  # recomputed sigma_j for j in I
-    warnings: Tuple[str, ...] = ()
+    sigma: tuple[float, ...]  # recomputed sigma_j for j in I
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class LayerChange:
     """What one alpha did to one matrix."""
 
     name: str  # output tensor name
-    indices: Tuple[int, ...]
-    sigma: Tuple[float, ...]
+    indices: tuple[int, ...]
+    sigma: tuple[float, ...]
     rel_change: float  # ||W'_stored - Wt||_F / ||Wt||_F, measured after rounding to the dtype
 
 
@@ -86,18 +86,18 @@ class ScaleResult:
     alpha: float
     path: str
     kind: str  # file | dir
-    layers: Tuple[LayerChange, ...]
+    layers: tuple[LayerChange, ...]
     n_tensors: int
     bytes: int
     seconds: float
-    warnings: Tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def n_intruders(self) -> int:
         return sum(len(l.indices) for l in self.layers)
 
 
-def select_intruders(report: ScanReport, epsilon: Optional[float] = None) -> Dict[str, LayerIntruders]:
+def select_intruders(report: ScanReport, epsilon: float | None = None) -> dict[str, LayerIntruders]:
     """Intruders per scanned matrix: the report's own (its first epsilon), or every top-k vector
     with max |cos| < `epsilon` when one is given (the report keeps max_cos for all top-k).
 
@@ -156,12 +156,12 @@ class Factors:
 
     us: torch.Tensor  # (m, |I|) float64: U_I diag(sigma_I)
     v: torch.Tensor  # (n, |I|) float64: V_I
-    sigma: Tuple[float, ...]  # recomputed sigma_j for j in I
-    warnings: Tuple[str, ...] = ()
+    sigma: tuple[float, ...]  # recomputed sigma_j for j in I
+    warnings: tuple[str, ...] = ()
 
 
 def refuse_overflowing_alphas(report: ScanReport, alphas: Sequence[float],
-                              epsilon: Optional[float] = None) -> None:
+                              epsilon: float | None = None) -> None:
     """Before any model is loaded or written: refuse an alpha whose rescaled weights certainly
     exceed their dtype's range (overflow_alpha on the report's singular values and dtypes)."""
     sel = select_intruders(report, epsilon)
@@ -254,14 +254,14 @@ class Source:
 
     kind: str  # raw | lora | bias | replace
     ref: TensorRef  # raw: the tensor; lora/bias: the base tensor; replace: the adapter's tensor
-    lora: Optional[LoraInfo] = None
-    bias: Optional[TensorRef] = None  # lora_B.bias (kind == bias)
+    lora: LoraInfo | None = None
+    bias: TensorRef | None = None  # lora_B.bias (kind == bias)
     scaling: float = 1.0
-    intruders: Optional[LayerIntruders] = None
+    intruders: LayerIntruders | None = None
 
 
-def resolve_inputs(report: ScanReport, report_path: Optional[str] = None,
-                   base: Optional[str] = None, tuned: Optional[str] = None) -> Tuple[str, str]:
+def resolve_inputs(report: ScanReport, report_path: str | None = None,
+                   base: str | None = None, tuned: str | None = None) -> tuple[str, str]:
     """BASE and TUNED paths: given ones, else the report's (relative to the working directory,
     else to the report's folder; a hub snapshot no longer cached: its repo_id@commit)."""
     def find(given, info, what):
@@ -283,7 +283,7 @@ def resolve_inputs(report: ScanReport, report_path: Optional[str] = None,
     return (find(base, report.base, "base"), find(tuned, report.tuned, "tuned"))
 
 
-def _verify(ck, info, what: str, report_path: Optional[str]) -> None:
+def _verify(ck, info, what: str, report_path: str | None) -> None:
     why = recorded_mismatch(ck, info)
     if why:
         raise ReportError(f"{ck.path}: {what} checkpoint does not match the scan report "
@@ -291,7 +291,7 @@ def _verify(ck, info, what: str, report_path: Optional[str]) -> None:
                           f"it".replace("  ", " "))
 
 
-def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: Dict[str, LayerIntruders]):
+def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: dict[str, LayerIntruders]):
     sources = {n: Source("raw", r) for n, r in tuned_ck.refs.items()}
     pairing = pair_checkpoints(base_ck, tuned_ck, report.config.include, report.config.exclude)
     by_name = {p.name: p for p in pairing.pairs}
@@ -304,7 +304,7 @@ def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: Dict[str, LayerInt
     return sources, plan_like(tuned_ck)
 
 
-def _adapter_sources(base_ck, tuned_ck, sel: Dict[str, LayerIntruders]):
+def _adapter_sources(base_ck, tuned_ck, sel: dict[str, LayerIntruders]):
     """Every BASE tensor, with the adapter's LoRA deltas, biases and replacements attached."""
     from .io.adapter import lora_bias_for, lora_info_for
     from .io.pairing import _align
@@ -356,8 +356,8 @@ def _utf8(path: str) -> str:
         return path.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
 
 
-def provenance(report: ScanReport, alpha: float, changes: Dict[str, Tuple[int, ...]],
-               epsilon: Optional[float]) -> Dict[str, str]:
+def provenance(report: ScanReport, alpha: float, changes: dict[str, tuple[int, ...]],
+               epsilon: float | None) -> dict[str, str]:
     """Safetensors metadata (strings) recording how the output was made."""
     c = report.config
     return {
@@ -381,7 +381,7 @@ class _Reader:
     """Reads tensors (or their raw bytes) keeping one parsed header per checkpoint side."""
 
     def __init__(self):
-        self.caches: Dict[str, dict] = {}
+        self.caches: dict[str, dict] = {}
 
     def _cache(self, ref: TensorRef) -> dict:
         return self.caches.setdefault(os.path.dirname(os.path.abspath(ref.path)), {})
@@ -405,9 +405,9 @@ def _torch_dtype(st_dtype: str):
 
 
 def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Sequence[str], *,
-                     report_path: Optional[str] = None, base: Optional[str] = None,
-                     tuned: Optional[str] = None, epsilon: Optional[float] = None,
-                     device: Optional[str] = None, progress: bool = False) -> List[ScaleResult]:
+                     report_path: str | None = None, base: str | None = None,
+                     tuned: str | None = None, epsilon: float | None = None,
+                     device: str | None = None, progress: bool = False) -> list[ScaleResult]:
     """Write one rescaled checkpoint per alpha (outputs[i] for alphas[i]) in a single pass.
 
     Outputs mirror TUNED (file -> file, directory -> directory with companions and index);
@@ -453,8 +453,8 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     intr_names = {n: s.intruders.indices for n, s in sources.items() if s.intruders is not None}
     metas = [dict(base_ck.metadata if tuned_ck.kind == "adapter" else tuned_ck.metadata,
                   **provenance(report, a, intr_names, epsilon)) for a in alphas]
-    changes: List[List[LayerChange]] = [[] for _ in alphas]
-    warnings: List[str] = []
+    changes: list[list[LayerChange]] = [[] for _ in alphas]
+    warnings: list[str] = []
     reader = _Reader()
     specs = list(plan.tensors())
     bar = _bar(len(specs), progress, len(alphas))
@@ -492,7 +492,7 @@ def _refuse_overflow(sources, plan, alphas) -> None:
                                     f"{float(torch.finfo(dt).max):.4g}); nothing was written")
 
 
-def _index_extra(meta: Dict[str, str]) -> Dict[str, object]:
+def _index_extra(meta: dict[str, str]) -> dict[str, object]:
     """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
     prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
     prov["intruders"] = json.loads(prov["intruders"])
@@ -548,7 +548,7 @@ def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, change
         del data, stored
 
 
-def adapter_exact(report: ScanReport, base: str, tuned: str, epsilon: Optional[float] = None):
+def adapter_exact(report: ScanReport, base: str, tuned: str, epsilon: float | None = None):
     """For a PEFT adapter TUNED: a function giving, per report layer, the float64 merged matrix
     W0 + scaling * B A that `scale_checkpoint` rescales (before any rounding to the stored
     dtype), or None for layers that are stored as they are. None when TUNED is no adapter.
@@ -560,7 +560,7 @@ def adapter_exact(report: ScanReport, base: str, tuned: str, epsilon: Optional[f
     sources, _ = _adapter_sources(base_ck, tuned_ck, select_intruders(report, epsilon))
     reader = _Reader()
 
-    def get(layer: str) -> Optional[torch.Tensor]:
+    def get(layer: str) -> torch.Tensor | None:
         src = sources.get(layer)
         if src is None or src.kind != "lora":
             return None

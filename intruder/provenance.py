@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, Optional, Tuple
 
 LOWRANK_FRAC = 0.75
 # energy of dW beyond its rank, in units of the expected rounding energy of the storage dtype:
@@ -43,10 +42,10 @@ _LAYER_RX = re.compile(r"^(?:.*?\.)?(?:layers|h|layer|blocks|block)\.(\d+)\.(.+?
 class LayerVerdict:
     name: str
     module: str  # module type, e.g. self_attn.q_proj
-    block: Optional[int]  # transformer block index when the name has one
+    block: int | None  # transformer block index when the name has one
     kind: str  # unchanged | precision-only | low-rank | dense | saturated | unresolved | unknown
-    rank: Optional[int]  # singular values of dW above the rounding floor
-    gap: Optional[float]  # sv[rank-1] / sv[rank]
+    rank: int | None  # singular values of dW above the rounding floor
+    gap: float | None  # sv[rank-1] / sv[rank]
     min_dim: int
 
 
@@ -54,16 +53,16 @@ class LayerVerdict:
 class Provenance:
     verdict: str  # lora-like | full-ft-like | mixed | unresolved | unchanged | precision-only | unknown
     confidence: float  # 0..1: share of changed matrices agreeing, shrunk for few matrices
-    estimated_rank: Optional[int]  # most common rank among low-rank matrices
-    rank_range: Optional[Tuple[int, int]]
-    rank_by_module: Dict[str, int]  # module type -> most common rank (low-rank matrices)
-    kind_by_module: Dict[str, str]  # module type -> majority class of its matrices
-    adapted_modules: Tuple[str, ...]  # module types with at least one changed matrix
-    untouched_modules: Tuple[str, ...]  # module types whose matrices are all unchanged
-    counts: Dict[str, int]  # class -> number of matrices
-    declared: Optional[dict]  # adapter_config.json facts when TUNED is an adapter
-    evidence: Tuple[str, ...]
-    layers: Tuple[LayerVerdict, ...]
+    estimated_rank: int | None  # most common rank among low-rank matrices
+    rank_range: tuple[int, int] | None
+    rank_by_module: dict[str, int]  # module type -> most common rank (low-rank matrices)
+    kind_by_module: dict[str, str]  # module type -> majority class of its matrices
+    adapted_modules: tuple[str, ...]  # module types with at least one changed matrix
+    untouched_modules: tuple[str, ...]  # module types whose matrices are all unchanged
+    counts: dict[str, int]  # class -> number of matrices
+    declared: dict | None  # adapter_config.json facts when TUNED is an adapter
+    evidence: tuple[str, ...]
+    layers: tuple[LayerVerdict, ...]
 
     def to_dict(self, with_layers: bool = False) -> dict:
         d = asdict(self)
@@ -78,7 +77,7 @@ class Provenance:
         return d
 
 
-def module_of(name: str) -> Tuple[str, Optional[int]]:
+def module_of(name: str) -> tuple[str, int | None]:
     """('self_attn.q_proj', 3) for 'model.layers.3.self_attn.q_proj.weight'."""
     # names come from a stranger's header: with a line break in one, the lazy groups above
     # backtrack in quadratic time (a 32 KB name took 13 s); a block index is at most 9 digits
@@ -142,7 +141,7 @@ def provenance(report, roundings: int = 1) -> Provenance:
     layers = tuple(layers)
     counts = Counter(l.kind for l in layers)
     changed = [l for l in layers if l.kind in ("low-rank", "dense")]
-    by_mod: Dict[str, list] = {}
+    by_mod: dict[str, list] = {}
     for l in layers:
         by_mod.setdefault(l.module, []).append(l)
     adapted = tuple(m for m, ls in by_mod.items()
@@ -233,7 +232,7 @@ def provenance(report, roundings: int = 1) -> Provenance:
         counts=dict(counts), declared=declared, evidence=tuple(evidence), layers=layers)
 
 
-def _declared(report) -> Optional[dict]:
+def _declared(report) -> dict | None:
     ad = getattr(report.tuned, "adapter", None)
     if not ad:
         return None

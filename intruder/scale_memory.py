@@ -12,7 +12,7 @@ in-place rescaler of the sweep) on a copy. Inputs are never modified.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 
@@ -40,7 +40,7 @@ def _check_finite(w: torch.Tensor, name: str) -> torch.Tensor:
     return w
 
 
-def _scaled(wt: torch.Tensor, sel: Optional[LayerIntruders], alpha: float, dtype: torch.dtype,
+def _scaled(wt: torch.Tensor, sel: LayerIntruders | None, alpha: float, dtype: torch.dtype,
             device, where: str) -> torch.Tensor:
     """Wt (any dtype, e.g. a float64 merge) with its intruders rescaled, in `dtype`."""
     if sel is None:
@@ -49,8 +49,8 @@ def _scaled(wt: torch.Tensor, sel: Optional[LayerIntruders], alpha: float, dtype
     return rescale(wt, comp, alpha).to(dtype)
 
 
-def _full(ck: Checkpoint, sel: Dict[str, LayerIntruders], alpha: float,
-          device) -> Dict[str, torch.Tensor]:
+def _full(ck: Checkpoint, sel: dict[str, LayerIntruders], alpha: float,
+          device) -> dict[str, torch.Tensor]:
     """name -> new tensor for every tensor of a full model that carries intruders."""
     mapping = _align(list(sel), list(ck.refs))
     missing = [n for n in sel if n not in mapping]
@@ -65,8 +65,8 @@ def _full(ck: Checkpoint, sel: Dict[str, LayerIntruders], alpha: float,
     return out
 
 
-def _peft(base_ck: Checkpoint, ad_ck: Checkpoint, sel: Dict[str, LayerIntruders], alpha: float,
-          device) -> Dict[str, torch.Tensor]:
+def _peft(base_ck: Checkpoint, ad_ck: Checkpoint, sel: dict[str, LayerIntruders], alpha: float,
+          device) -> dict[str, torch.Tensor]:
     """base name -> merged (and rescaled) tensor for every tensor the adapter changes."""
     sources = _adapter_sources(base_ck, ad_ck, sel)
     out = {}
@@ -89,11 +89,11 @@ def _peft(base_ck: Checkpoint, ad_ck: Checkpoint, sel: Dict[str, LayerIntruders]
 
 
 def _adapter_sources(base_ck: Checkpoint, ad_ck: Checkpoint,
-                     sel: Dict[str, LayerIntruders]) -> Dict[str, Source]:
+                     sel: dict[str, LayerIntruders]) -> dict[str, Source]:
     """Base tensor name -> how the merged model's tensor is made (as `intruder scale` merges an
     adapter: LoRA deltas, lora_B biases, modules_to_save replacements); untouched ones left out."""
     ad = ad_ck.adapter
-    sources: Dict[str, Source] = {}
+    sources: dict[str, Source] = {}
     base_mods = [n[: -len(".weight")] for n in base_ck.refs if n.endswith(".weight")]
     mod_map = _align(base_mods, list(ad.modules))  # base module -> adapter module
     lost = sorted(set(ad.modules) - set(mod_map.values()))
@@ -140,8 +140,8 @@ def _load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> N
             own[n].copy_(t.to(own[n].device))
 
 
-def rescale_model(obj, report: ScanReport, alpha: float, epsilon: Optional[float] = None,
-                  device: Optional[str] = None):
+def rescale_model(obj, report: ScanReport, alpha: float, epsilon: float | None = None,
+                  device: str | None = None):
     """A rescaled copy of a state dict, a module or a PEFT model (merged: a plain model).
 
     Returns a dict for a state dict, else a torch module (for a transformers model, one that

@@ -23,8 +23,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable
 
 from . import __version__
 from .errors import IntruderError, OutputError
@@ -55,12 +56,12 @@ class ModelRow:
 
     label: str  # base | tuned | alpha=0.5
     role: str  # base | tuned | scaled
-    alpha: Optional[float]
+    alpha: float | None
     path: str  # where the model is ("" when it was evaluated in memory only)
-    n_intruders: Optional[int] = None  # directions rescaled (None for base / tuned)
-    n_matrices: Optional[int] = None
-    max_rel_change: Optional[float] = None  # max over matrices of ||W'-Wt||_F / ||Wt||_F
-    results: Tuple[EvalResult, ...] = ()
+    n_intruders: int | None = None  # directions rescaled (None for base / tuned)
+    n_matrices: int | None = None
+    max_rel_change: float | None = None  # max over matrices of ||W'-Wt||_F / ||Wt||_F
+    results: tuple[EvalResult, ...] = ()
     note: str = ""
 
 
@@ -72,17 +73,17 @@ class Sweep:
     tuned: str
     tuned_kind: str
     out_dir: str
-    alphas: Tuple[float, ...]
+    alphas: tuple[float, ...]
     epsilon: float
     top_k: int
-    scaled: Tuple[ScaleResult, ...]  # the checkpoints written
-    rows: Tuple[ModelRow, ...]
-    evals: Tuple[str, ...] = ()
-    limit: Optional[int] = None
-    files: Dict[str, str] = field(default_factory=dict)
+    scaled: tuple[ScaleResult, ...]  # the checkpoints written
+    rows: tuple[ModelRow, ...]
+    evals: tuple[str, ...] = ()
+    limit: int | None = None
+    files: dict[str, str] = field(default_factory=dict)
     scan_report: str = ""
-    timing: Dict[str, object] = field(default_factory=dict)
-    warnings: Tuple[str, ...] = ()
+    timing: dict[str, object] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 def alpha_name(a: float) -> str:
@@ -108,21 +109,21 @@ def prepare_out_dir(out_dir: str, inputs: Sequence[str]) -> str:
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create ({exc.strerror})")
+        raise OutputError(f"{out_dir}: cannot create ({exc.strerror})") from exc
     return out_dir
 
 
 def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
-              report_path: Optional[str] = None, base: Optional[str] = None,
-              tuned: Optional[str] = None, epsilon: Optional[float] = None,
-              evals: Sequence[str] = (), limit: Optional[int] = None,
-              model_config: Optional[str] = None, device: str = "auto",
-              dtype: Optional[str] = None, max_length: Optional[int] = None,
+              report_path: str | None = None, base: str | None = None,
+              tuned: str | None = None, epsilon: float | None = None,
+              evals: Sequence[str] = (), limit: int | None = None,
+              model_config: str | None = None, device: str = "auto",
+              dtype: str | None = None, max_length: int | None = None,
               force: bool = False, progress: bool = False,
               log: Callable[[str], None] = lambda m: None, scan_report: str = "",
-              save_alphas: Optional[Sequence[float]] = None,
-              lm_eval_include: Sequence[str] = (), workers: Optional[int] = None,
-              shard: Optional[bool] = None) -> Optional[Sweep]:
+              save_alphas: Sequence[float] | None = None,
+              lm_eval_include: Sequence[str] = (), workers: int | None = None,
+              shard: bool | None = None) -> Sweep | None:
     """Evaluate base, tuned and every alpha (in memory) and record; write the models of
     `save_alphas` (every alpha when there is nothing to evaluate).
 
@@ -172,8 +173,8 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
         os.rmdir(tmp_ref)
         write_alphas.append(1.0)
         write_outputs.append(tmp_ref)
-    scaled: List[ScaleResult] = []
-    timing: Dict[str, object] = {}
+    scaled: list[ScaleResult] = []
+    timing: dict[str, object] = {}
     try:
         if write_alphas and rank == 0:
             log(f"rescaling intruders ({FORMULA}) and writing alpha = "
@@ -189,8 +190,8 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
                     f"{len(r.layers)} matrices -> {r.path}")
         if world > 1 and tmp_ref is not None:
             tmp_ref = _share_from_rank0(tmp_ref)
-        rows: List[ModelRow] = []
-        warnings: List[str] = [w for r in scaled for w in r.warnings]
+        rows: list[ModelRow] = []
+        warnings: list[str] = [w for r in scaled for w in r.warnings]
         if evaluators:
             model_path = tmp_ref or tuned_path
             spec = SweepSpec(report=report, base_path=base_path, model_path=model_path,
@@ -240,7 +241,7 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
     return write_results(sweep)
 
 
-def _build_evaluators(evals: Sequence[str], options: Optional[dict] = None):
+def _build_evaluators(evals: Sequence[str], options: dict | None = None):
     if not evals:
         return []
     from .evaluate import get_evaluator
@@ -248,13 +249,13 @@ def _build_evaluators(evals: Sequence[str], options: Optional[dict] = None):
     return [get_evaluator(s, **(options or {})) for s in evals]
 
 
-def _model_config(model_config: Optional[str], base_path: str) -> Optional[str]:
+def _model_config(model_config: str | None, base_path: str) -> str | None:
     if model_config is None and os.path.isfile(os.path.join(base_path, "config.json")):
         return base_path  # config + tokenizer for bare .safetensors models
     return model_config
 
 
-def _storage_dtypes(report: ScanReport, model_path: str, epsilon) -> Tuple[Tuple[str, str], ...]:
+def _storage_dtypes(report: ScanReport, model_path: str, epsilon) -> tuple[tuple[str, str], ...]:
     """Report layer -> torch dtype name the checkpoint stores it in (what a written alpha
     checkpoint would hold), so a model evaluated in float32 sees the written weights."""
     from .intervene import select_intruders
@@ -268,8 +269,8 @@ def _storage_dtypes(report: ScanReport, model_path: str, epsilon) -> Tuple[Tuple
     return tuple((n, DTYPES[ck.refs[mapping[n]].dtype][1]) for n in layers if n in mapping)
 
 
-def plan_devices(device: str, workers: Optional[int], shard: Optional[bool],
-                 model_path: str) -> Tuple[List[str], bool]:
+def plan_devices(device: str, workers: int | None, shard: bool | None,
+                 model_path: str) -> tuple[list[str], bool]:
     """(devices, sharded): one worker per visible GPU (or `workers` of them), one sharded model
     when it is larger than one GPU (or `shard`), `workers` CPU processes on the CPU."""
     import torch
@@ -337,7 +338,7 @@ def _rows(results, alphas, base_path, tuned_path, adapter, scaled):
     rows = [ModelRow("base", "base", None, base_path, results=base.results),
             ModelRow("tuned", "tuned", 1.0, tuned_path, results=tuned.results,
                      note="adapter merged into base (the alpha = 1 model)" if adapter else "")]
-    warnings: List[str] = []
+    warnings: list[str] = []
     for a in sorted(alphas):
         r = by_alpha[a]
         warnings.extend(r.warnings)
@@ -355,13 +356,13 @@ def _rows(results, alphas, base_path, tuned_path, adapter, scaled):
     return rows, warnings
 
 
-def _timing(run, devices) -> Dict[str, object]:
+def _timing(run, devices) -> dict[str, object]:
     """Seconds per job (model load, rescale, one evaluation pass) and peak memory per worker."""
     jobs = [{"job": "base" if r.job.kind == "base" else f"alpha={alpha_name(r.job.alpha)}",
              "worker": r.worker, "device": r.device, "load_seconds": r.load_seconds,
              "rescale_seconds": r.rescale_seconds, "eval_seconds": r.eval_seconds}
             for r in run.results]
-    out: Dict[str, object] = {"devices": list(devices), "jobs": jobs}
+    out: dict[str, object] = {"devices": list(devices), "jobs": jobs}
     out.update(peak_summary(run.stats))
     return out
 
@@ -369,8 +370,8 @@ def _timing(run, devices) -> Dict[str, object]:
 # ------------------------------------------------------------------------------------ results
 
 
-def _metric_keys(rows: Sequence[ModelRow]) -> List[Tuple[str, str]]:
-    keys: List[Tuple[str, str]] = []
+def _metric_keys(rows: Sequence[ModelRow]) -> list[tuple[str, str]]:
+    keys: list[tuple[str, str]] = []
     for row in rows:
         for r in row.results:
             if (r.evaluator, r.metric) not in keys:
@@ -378,7 +379,7 @@ def _metric_keys(rows: Sequence[ModelRow]) -> List[Tuple[str, str]]:
     return keys
 
 
-def _result(row: ModelRow, key: Tuple[str, str]) -> Optional[EvalResult]:
+def _result(row: ModelRow, key: tuple[str, str]) -> EvalResult | None:
     for r in row.results:
         if (r.evaluator, r.metric) == key:
             return r
@@ -431,7 +432,7 @@ def plot_choice(rows: Sequence[ModelRow]):
     return choose_axes(_metric_keys(rows))
 
 
-def write_plot(sweep: Sweep, path: str) -> Optional[str]:
+def write_plot(sweep: Sweep, path: str) -> str | None:
     """The trade-off plot (pre-training metric vs task metric), or one metric against alpha."""
     from .report.plots_scale import SweepPoint, plot_metric_vs_alpha, plot_tradeoff
 

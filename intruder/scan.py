@@ -7,7 +7,6 @@ import datetime as _dt
 import os
 import sys
 import time
-from typing import Optional
 
 from . import __version__
 from .errors import IntruderError
@@ -32,10 +31,10 @@ def validate_config(config: ScanConfig) -> None:
             try:
                 re.compile(rx)
             except re.error as exc:
-                raise IntruderError(f"{opt} {rx!r}: not a valid regular expression ({exc})")
+                raise IntruderError(f"{opt} {rx!r}: not a valid regular expression ({exc})") from exc
 
 
-def run_scan(base: Optional[str], tuned: str, config: Optional[ScanConfig] = None,
+def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
              progress: bool = False, base_cache=None, command: str = "",
              strict_base: bool = False) -> ScanReport:
     """Scan TUNED against BASE and return the report (nothing is written). BASE None: TUNED is

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable
 
 from . import exitcodes
 from .errors import IntruderError
@@ -101,7 +101,7 @@ def _path(what: str):
     return parse
 
 
-KNOBS: Dict[str, Knob] = {k.name: k for k in (
+KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("INTRUDER_CACHE_DIR", "root of the base spectral cache and remembered file digests",
          "$XDG_CACHE_HOME/intruder, else ~/.cache/intruder", "--cache-dir, --no-cache",
          _path("a directory for the cache")),
@@ -154,48 +154,48 @@ def cache_dir() -> str:
     return os.path.join(xdg, "intruder")
 
 
-def cache_dir_explicit() -> Optional[str]:
+def cache_dir_explicit() -> str | None:
     """$INTRUDER_CACHE_DIR when set (commands that use the cache only when asked)."""
     return get("INTRUDER_CACHE_DIR")
 
 
-def cache_max_gb() -> Optional[float]:
+def cache_max_gb() -> float | None:
     return get("INTRUDER_CACHE_MAX_GB")
 
 
-def cpu_workers() -> Optional[int]:
+def cpu_workers() -> int | None:
     return get("INTRUDER_CPU_WORKERS")
 
 
-def streams() -> Optional[int]:
+def streams() -> int | None:
     return get("INTRUDER_STREAMS")
 
 
-def readers() -> Optional[int]:
+def readers() -> int | None:
     return get("INTRUDER_READERS")
 
 
-def host_budget_mb() -> Optional[float]:
+def host_budget_mb() -> float | None:
     return get("INTRUDER_HOST_BUDGET_MB")
 
 
-def exact_dim() -> Optional[int]:
+def exact_dim() -> int | None:
     return get("INTRUDER_EXACT_DIM")
 
 
-def slice_min_dim() -> Optional[int]:
+def slice_min_dim() -> int | None:
     return get("INTRUDER_SLICE_MIN_DIM")
 
 
-def hash_workers() -> Optional[int]:
+def hash_workers() -> int | None:
     return get("INTRUDER_HASH_WORKERS")
 
 
-def data_dir() -> Optional[str]:
+def data_dir() -> str | None:
     return get("INTRUDER_DATA_DIR")
 
 
-def wikitext() -> Optional[str]:
+def wikitext() -> str | None:
     return get("INTRUDER_WIKITEXT")
 
 

@@ -23,8 +23,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable
 
 from .errors import IntruderError
 from .intervene import LayerChange
@@ -38,30 +39,30 @@ class SweepSpec:
     report: ScanReport
     base_path: str
     model_path: str  # the tuned model to load (an adapter's merged copy)
-    evals: Tuple[str, ...]
-    epsilon: Optional[float] = None
-    eval_options: Tuple[Tuple[str, object], ...] = ()
-    model_config: Optional[str] = None
-    dtype: Optional[str] = None
-    max_length: Optional[int] = None
-    limit: Optional[int] = None
-    storage_dtypes: Tuple[Tuple[str, str], ...] = ()  # report layer -> torch dtype name
+    evals: tuple[str, ...]
+    epsilon: float | None = None
+    eval_options: tuple[tuple[str, object], ...] = ()
+    model_config: str | None = None
+    dtype: str | None = None
+    max_length: int | None = None
+    limit: int | None = None
+    storage_dtypes: tuple[tuple[str, str], ...] = ()  # report layer -> torch dtype name
     shard: bool = False  # device_map="auto" over every visible GPU
-    adapter_path: Optional[str] = None  # a PEFT adapter TUNED (model_path is its merged copy)
+    adapter_path: str | None = None  # a PEFT adapter TUNED (model_path is its merged copy)
 
 
 @dataclass(frozen=True)
 class Job:
     kind: str  # base | alpha
-    alpha: Optional[float] = None
+    alpha: float | None = None
 
 
 @dataclass(frozen=True)
 class JobResult:
     job: Job
-    results: Tuple[EvalResult, ...]
-    changes: Tuple[LayerChange, ...] = ()
-    warnings: Tuple[str, ...] = ()
+    results: tuple[EvalResult, ...]
+    changes: tuple[LayerChange, ...] = ()
+    warnings: tuple[str, ...] = ()
     rescale_seconds: float = 0.0  # set_alpha, synchronised
     eval_seconds: float = 0.0  # every evaluator, one pass
     load_seconds: float = 0.0  # model load (+ rescaler set-up) charged to this job
@@ -73,23 +74,23 @@ class JobResult:
 class WorkerStats:
     worker: int
     device: str
-    peak_gpu_bytes: Tuple[int, ...] = ()  # torch.cuda.max_memory_allocated per visible GPU used
+    peak_gpu_bytes: tuple[int, ...] = ()  # torch.cuda.max_memory_allocated per visible GPU used
     peak_host_bytes: int = 0  # ru_maxrss of the worker process
     kept_bytes: int = 0  # original weights the rescaler keeps
 
 
 @dataclass
 class SweepRun:
-    results: List[JobResult] = field(default_factory=list)
-    stats: List[WorkerStats] = field(default_factory=list)
+    results: list[JobResult] = field(default_factory=list)
+    stats: list[WorkerStats] = field(default_factory=list)
 
 
-def assign(jobs: Sequence[Job], n_workers: int) -> List[List[Job]]:
+def assign(jobs: Sequence[Job], n_workers: int) -> list[list[Job]]:
     """Worker i takes jobs i, i + n, i + 2n, ... (deterministic, so reruns split the same way)."""
     return [list(jobs[i::n_workers]) for i in range(max(1, n_workers))]
 
 
-def make_jobs(alphas: Sequence[float], base: bool = True) -> List[Job]:
+def make_jobs(alphas: Sequence[float], base: bool = True) -> list[Job]:
     jobs = [Job("base")] if base else []
     return jobs + [Job("alpha", float(a)) for a in alphas]
 
@@ -115,7 +116,7 @@ class Worker:
                           dtype=self.spec.dtype, max_length=self.spec.max_length,
                           progress=self.progress, device_map="auto" if self.spec.shard else None)
 
-    def _evaluate(self, lm) -> Tuple[Tuple[EvalResult, ...], float]:
+    def _evaluate(self, lm) -> tuple[tuple[EvalResult, ...], float]:
         from .evaluate import run_evaluators
 
         _sync(lm.device)
@@ -189,7 +190,7 @@ def _free() -> None:
             torch.cuda.empty_cache()
 
 
-def _peak_gpu() -> Tuple[int, ...]:
+def _peak_gpu() -> tuple[int, ...]:
     import torch
 
     if not torch.cuda.is_available():
@@ -284,7 +285,7 @@ def _run_processes(spec, jobs, devices, log) -> SweepRun:
 # ---------------------------------------------------------------------------------- torchrun
 
 
-def distributed() -> Tuple[int, int, int]:
+def distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
@@ -293,7 +294,7 @@ def distributed() -> Tuple[int, int, int]:
 
 
 def run_jobs_torchrun(spec: SweepSpec, jobs: Sequence[Job], device: str,
-                      log: Callable[[str], None] = lambda m: None) -> Optional[SweepRun]:
+                      log: Callable[[str], None] = lambda m: None) -> SweepRun | None:
     """This rank's share of `jobs`; rank 0 returns everyone's results, other ranks None."""
     import torch.distributed as dist
 
@@ -306,7 +307,7 @@ def run_jobs_torchrun(spec: SweepSpec, jobs: Sequence[Job], device: str,
     w = Worker(spec, dev, rank, (lambda m: log(f"[rank {rank} {dev}] {m}")), False)
     mine = [w.run(j) for j in assign(jobs, world)[rank]]
     stats = w.close()
-    gathered: List[object] = [None] * world if rank == 0 else []
+    gathered: list[object] = [None] * world if rank == 0 else []
     dist.gather_object((mine, stats), gathered if rank == 0 else None, dst=0)
     if rank != 0:
         return None
@@ -319,7 +320,7 @@ def run_jobs_torchrun(spec: SweepSpec, jobs: Sequence[Job], device: str,
     return out
 
 
-def peak_summary(stats: Sequence[WorkerStats]) -> Dict[str, object]:
+def peak_summary(stats: Sequence[WorkerStats]) -> dict[str, object]:
     """Peak memory per worker, as JSON-ready numbers (bytes)."""
     return {"workers": [{"worker": s.worker, "device": s.device,
                          "peak_gpu_bytes": list(s.peak_gpu_bytes),

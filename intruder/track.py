@@ -25,8 +25,8 @@ import datetime as _dt
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,10 +45,10 @@ TRACK_SCHEMA_VERSION = "1.0"
 class Persistence:
     """Intruders (vs base) of one matrix at one step, followed from the previous step."""
 
-    persistent: Tuple[int, ...] = ()  # tuned ranks of intruders also present at the step before
-    new: Tuple[int, ...] = ()  # tuned ranks of intruders that are new at this step
-    gone: Tuple[int, ...] = ()  # ranks (at the previous step) of intruders no longer present
-    match_cos: Tuple[float, ...] = ()  # per persistent intruder: |cos| to its predecessor
+    persistent: tuple[int, ...] = ()  # tuned ranks of intruders also present at the step before
+    new: tuple[int, ...] = ()  # tuned ranks of intruders that are new at this step
+    gone: tuple[int, ...] = ()  # ranks (at the previous step) of intruders no longer present
+    match_cos: tuple[float, ...] = ()  # per persistent intruder: |cos| to its predecessor
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class TrackEntry:
     label: str
     path: str
     vs_base: ScanReport
-    vs_previous: Optional[ScanReport] = None  # track mode, steps after the first
-    persistence: Dict[str, Persistence] = field(default_factory=dict)  # track mode
+    vs_previous: ScanReport | None = None  # track mode, steps after the first
+    persistence: dict[str, Persistence] = field(default_factory=dict)  # track mode
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class TrackReport:
     mode: str  # track | compare
     base: CheckpointInfo
     config: ScanConfig
-    entries: Tuple[TrackEntry, ...]
+    entries: tuple[TrackEntry, ...]
     seconds: float = 0.0
     device: str = "cpu"
     created: str = ""
@@ -73,7 +73,7 @@ class TrackReport:
     tool_version: str = ""
 
 
-def _labels(paths: Sequence[str]) -> List[str]:
+def _labels(paths: Sequence[str]) -> list[str]:
     """Short unique names: the basename, or the path when basenames collide."""
     names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
     out = []
@@ -82,7 +82,7 @@ def _labels(paths: Sequence[str]) -> List[str]:
     return out
 
 
-def _persistence(prev_u: Optional[torch.Tensor], prev_idx: Sequence[int], cur_u: torch.Tensor,
+def _persistence(prev_u: torch.Tensor | None, prev_idx: Sequence[int], cur_u: torch.Tensor,
                  cur_idx: Sequence[int]) -> Persistence:
     """Follow intruders: prev_u (d, k) / cur_u (d, k) top-k vectors of consecutive steps."""
     if not cur_idx and not prev_idx:
@@ -115,7 +115,7 @@ def _result(name, shape, dtype, fields=None, status="scanned", seconds=0.0) -> L
                        seconds=seconds, **fields)
 
 
-def run_track(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
+def run_track(base: str, checkpoints: Sequence[str], config: ScanConfig | None = None,
               progress: bool = False, command: str = "", base_cache=None,
               strict_base: bool = False) -> TrackReport:
     """Sequential fine-tunes: every step against the base and against the step before."""
@@ -123,7 +123,7 @@ def run_track(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig
                 strict_base)
 
 
-def run_compare(base: str, checkpoints: Sequence[str], config: Optional[ScanConfig] = None,
+def run_compare(base: str, checkpoints: Sequence[str], config: ScanConfig | None = None,
                 progress: bool = False, command: str = "", base_cache=None,
                 strict_base: bool = False) -> TrackReport:
     """Independent fine-tunes of one base, side by side; the base is decomposed once."""
@@ -160,9 +160,9 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
         base_cache = BaseCache(config.cache_dir)
     labels = _labels(checkpoints)
     n = len(cks)
-    vs_base: List[List[LayerResult]] = [[] for _ in range(n)]
-    vs_prev: List[List[LayerResult]] = [[] for _ in range(n)]
-    persist: List[Dict[str, Persistence]] = [{} for _ in range(n)]
+    vs_base: list[list[LayerResult]] = [[] for _ in range(n)]
+    vs_prev: list[list[LayerResult]] = [[] for _ in range(n)]
+    persist: list[dict[str, Persistence]] = [{} for _ in range(n)]
     if mode == "compare":
         _compare_streamed(names, pair_maps, config, progress, base_cache, vs_base)
     else:
@@ -274,7 +274,7 @@ def dumps(tr: TrackReport) -> str:
     return json.dumps(to_dict(tr), indent=1, allow_nan=False)
 
 
-def summaries(tr: TrackReport) -> List[dict]:
+def summaries(tr: TrackReport) -> list[dict]:
     """entry_summary of every checkpoint, in order."""
     return [entry_summary(e, tr.mode, i) for i, e in enumerate(tr.entries, 1)]
 
@@ -359,7 +359,7 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
     spec = raw.cached
     prev_w = w0  # (m, n) the previous step's weights
     prev_top = None  # (d, k) previous step's top-k vectors
-    prev_intr: Tuple[int, ...] = ()
+    prev_intr: tuple[int, ...] = ()
     prev_noise = None  # quantization rounding rms of the previous step's weights
     out = []
     for i, (m, (kind, val)) in enumerate(zip(steps, held)):
@@ -377,7 +377,7 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
             out.append(nonfinite(i))
             prev_top, prev_intr = None, ()
             continue
-        cur_intr: Tuple[int, ...] = ()
+        cur_intr: tuple[int, ...] = ()
         if wt.dtype == w0.dtype and torch.equal(wt, w0):
             vb = _result(name, shape, dtype, status="unchanged")
         else:
@@ -410,7 +410,7 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
     return tuple(out)
 
 
-def _noise(ref, t) -> Optional[float]:
+def _noise(ref, t) -> float | None:
     """Rounding rms of a quantized stored tensor (None for plain float storage)."""
     if ref is None or ref.storage is None or t is None:
         return None

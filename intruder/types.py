@@ -6,7 +6,6 @@ io -> LayerPair -> spectral -> LayerResult -> ScanReport -> report / intervene /
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
 
 DEFAULT_TOP_K = 10
 DEFAULT_EPSILONS = (0.5,)
@@ -18,14 +17,14 @@ class ScanConfig:
     """What to scan and how (the paper's Algorithm 1 parameters plus selection)."""
 
     top_k: int = DEFAULT_TOP_K
-    epsilons: Tuple[float, ...] = DEFAULT_EPSILONS  # first one decides `intruders`
+    epsilons: tuple[float, ...] = DEFAULT_EPSILONS  # first one decides `intruders`
     vectors: str = "left"  # left | right | both
-    include: Optional[str] = None  # regex: extra tensors to scan (embeddings, lm_head ...)
-    exclude: Optional[str] = None  # regex: tensors to drop
+    include: str | None = None  # regex: extra tensors to scan (embeddings, lm_head ...)
+    exclude: str | None = None  # regex: tensors to drop
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     allow_nonfinite: bool = False
     near_window: float = 0.1  # relative sigma window for the near-degenerate subspace overlap
-    cache_dir: Optional[str] = None  # base spectral cache; None disables
+    cache_dir: str | None = None  # base spectral cache; None disables
 
     @property
     def epsilon(self) -> float:
@@ -37,11 +36,11 @@ class Storage:
     """How a stored tensor becomes float weights (quantized or scaled storage; io/dequant.py)."""
 
     kind: str  # what the report says, e.g. "fp8_e4m3 per-channel scale", "gguf Q8_0"
-    scale: Optional["TensorRef"] = None  # scale tensor beside the weight (safetensors layouts)
-    block: Tuple[int, int] = (0, 0)  # rows x columns sharing one scale (0: from the shapes)
+    scale: TensorRef | None = None  # scale tensor beside the weight (safetensors layouts)
+    block: tuple[int, int] = (0, 0)  # rows x columns sharing one scale (0: from the shapes)
     divisor: float = 1.0  # w = codes * scale / divisor (bitsandbytes SCB: 127)
     heads: int = 0  # GGUF q/k projection: undo llama.cpp's rotary row order in this many heads
-    parts: Tuple[Tuple[str, object], ...] = ()  # more tensors / numbers of the layout, by name
+    parts: tuple[tuple[str, object], ...] = ()  # more tensors / numbers of the layout, by name
     problem: str = ""  # set when the layout is recognised but cannot be decoded (then skipped)
 
 
@@ -51,9 +50,9 @@ class TensorRef:
 
     path: str  # file holding the tensor
     name: str  # name inside that file
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: str  # safetensors dtype string (F32, BF16, F8_E4M3 ...) or GGUF type (Q8_0 ...)
-    storage: Optional[Storage] = None  # set when reading needs a decode step (io/dequant.py)
+    storage: Storage | None = None  # set when reading needs a decode step (io/dequant.py)
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class LoraInfo:
     scaling: float
     fan_in_fan_out: bool = False  # base stored (in, out): transpose dW
     embedding: bool = False  # dW = (B @ A).T
-    magnitude: Optional[TensorRef] = None  # DoRA lora_magnitude_vector (out,)
+    magnitude: TensorRef | None = None  # DoRA lora_magnitude_vector (out,)
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,8 @@ class LayerPair:
 
     name: str  # canonical name (base checkpoint's)
     base: TensorRef
-    tuned: Optional[TensorRef] = None  # full tuned tensor (merged model / modules_to_save)
-    lora: Optional[LoraInfo] = None  # or LoRA factors applied to base
+    tuned: TensorRef | None = None  # full tuned tensor (merged model / modules_to_save)
+    lora: LoraInfo | None = None  # or LoRA factors applied to base
 
 
 @dataclass(frozen=True)
@@ -100,19 +99,19 @@ class LayerResult:
     """Algorithm 1 on one matrix."""
 
     name: str
-    shape: Tuple[int, int]
+    shape: tuple[int, int]
     dtype: str
     status: str  # scanned | unchanged | nonfinite
-    sigma_base: Tuple[float, ...] = ()  # top singular values of W0 (first top_k + a few)
-    sigma_tuned: Tuple[float, ...] = ()  # top-k singular values of Wt
-    max_cos: Tuple[float, ...] = ()  # per top-k tuned vector (left, or per `vectors`)
-    base_index: Tuple[int, ...] = ()
-    max_cos_right: Tuple[float, ...] = ()  # when vectors is right|both
-    base_index_right: Tuple[int, ...] = ()
-    near_overlap: Tuple[float, ...] = ()
-    top_overlap: Tuple[float, ...] = ()
-    intruders: Tuple[Intruder, ...] = ()  # at config.epsilons[0]
-    counts_by_epsilon: Tuple[Tuple[float, int], ...] = ()
+    sigma_base: tuple[float, ...] = ()  # top singular values of W0 (first top_k + a few)
+    sigma_tuned: tuple[float, ...] = ()  # top-k singular values of Wt
+    max_cos: tuple[float, ...] = ()  # per top-k tuned vector (left, or per `vectors`)
+    base_index: tuple[int, ...] = ()
+    max_cos_right: tuple[float, ...] = ()  # when vectors is right|both
+    base_index_right: tuple[int, ...] = ()
+    near_overlap: tuple[float, ...] = ()
+    top_overlap: tuple[float, ...] = ()
+    intruders: tuple[Intruder, ...] = ()  # at config.epsilons[0]
+    counts_by_epsilon: tuple[tuple[float, int], ...] = ()
     intruder_energy: float = 0.0  # sum sigma^2 of intruders / sum sigma^2 of top-k
     delta_norm_rel: float = 0.0  # ||Wt - W0||_2 / sigma_k(W0)
     delta_fro_rel: float = 0.0  # ||Wt - W0||_F / ||W0||_F
@@ -120,9 +119,9 @@ class LayerResult:
     # per max_cos entry: True where it is a certified upper bound on max|cos| (spectral slices
     # proved the decisions without every base vector; base_index is then the best kept one);
     # empty when every value is exact
-    max_cos_bound: Tuple[bool, ...] = ()
+    max_cos_bound: tuple[bool, ...] = ()
     seconds: float = 0.0
-    extra: Tuple[Tuple[str, object], ...] = ()  # later measures (margin ...) as key/value
+    extra: tuple[tuple[str, object], ...] = ()  # later measures (margin ...) as key/value
 
 
 @dataclass(frozen=True)
@@ -133,16 +132,16 @@ class CheckpointInfo:
     kind: str  # safetensors | sharded | directory | adapter | pickle
     n_tensors: int
     bytes: int
-    dtypes: Tuple[str, ...]
+    dtypes: tuple[str, ...]
     fingerprint: str  # first 16 hex digits of sha256 below (schema < 1.2: of names and sizes)
-    adapter: Optional[dict] = None  # summary of adapter_config.json when kind == adapter
+    adapter: dict | None = None  # summary of adapter_config.json when kind == adapter
     # content identity and hub source (intruder/io/identity.py, intruder/io/hub.py)
-    sha256: Optional[str] = None  # sha256 of the sorted per-file sha256s (content hash)
-    files: Tuple[dict, ...] = ()  # {name, bytes, sha256} per file read
-    repo_id: Optional[str] = None  # hub repository, when read from the hub or its cache
-    revision: Optional[str] = None  # the revision asked for (branch, tag or commit)
-    commit: Optional[str] = None  # the commit sha it resolved to
-    declared_base: Optional[dict] = None  # adapters: base_model_name_or_path and its check
+    sha256: str | None = None  # sha256 of the sorted per-file sha256s (content hash)
+    files: tuple[dict, ...] = ()  # {name, bytes, sha256} per file read
+    repo_id: str | None = None  # hub repository, when read from the hub or its cache
+    revision: str | None = None  # the revision asked for (branch, tag or commit)
+    commit: str | None = None  # the commit sha it resolved to
+    declared_base: dict | None = None  # adapters: base_model_name_or_path and its check
 
 
 @dataclass(frozen=True)
@@ -154,17 +153,17 @@ class Verdict:
     label: str  # lora-like | full-ft-like | mixed | unresolved | precision-only | unchanged |
     #             unrelated | empty | unknown
     wording: str  # the one sentence shown in the terminal, the HTML banner and the API
-    confidence: Optional[float]  # 0..1 from the update-shape vote; None when not estimated
-    evidence: Tuple[str, ...]  # the numbers behind it, one sentence each
+    confidence: float | None  # 0..1 from the update-shape vote; None when not estimated
+    evidence: tuple[str, ...]  # the numbers behind it, one sentence each
     epsilon: float  # the decision threshold of the intruder counts
     intruders: int  # intruders at epsilon (all scanned matrices)
     matrices_with_intruders: int
     matrices_changed: int  # scanned (not bit-identical) matrices
-    lowest_max_cos: Optional[float]  # the epsilon at which the first intruder would appear
-    margin: Optional[float]  # lowest_max_cos - epsilon (< 0: there are intruders)
-    novel_strength: Optional[float]  # largest ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
+    lowest_max_cos: float | None  # the epsilon at which the first intruder would appear
+    margin: float | None  # lowest_max_cos - epsilon (< 0: there are intruders)
+    novel_strength: float | None  # largest ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
     update: str  # update shape from provenance: lora-like | full-ft-like | mixed | ... | unknown
-    estimated_rank: Optional[int]  # most common rank of the low-rank updates
+    estimated_rank: int | None  # most common rank of the low-rank updates
     agree: bool  # the intruder counts and the update shape tell the same story
 
     @property
@@ -184,18 +183,18 @@ class ScanReport:
     base: CheckpointInfo
     tuned: CheckpointInfo
     config: ScanConfig
-    layers: Tuple[LayerResult, ...]
-    unpaired_base: Tuple[str, ...] = ()
-    unpaired_tuned: Tuple[str, ...] = ()
-    skipped: Tuple[Tuple[str, str], ...] = ()  # (name, reason)
-    warnings: Tuple[str, ...] = ()
+    layers: tuple[LayerResult, ...]
+    unpaired_base: tuple[str, ...] = ()
+    unpaired_tuned: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()  # (name, reason)
+    warnings: tuple[str, ...] = ()
     seconds: float = 0.0
     device: str = "cpu"
     created: str = ""
     command: str = ""
     tool_version: str = ""
     schema_version: str = ""
-    verdict: Optional[Verdict] = None  # set by the scan / loaded from the JSON
+    verdict: Verdict | None = None  # set by the scan / loaded from the JSON
 
     def to_dataframe(self):
         """One row per matrix as a pandas DataFrame (see intruder.report.frame)."""
@@ -214,4 +213,4 @@ class EvalResult:
     n_units: int  # documents, items, tokens ... that the number averages over
     unit: str  # what n_units counts, and the metric's unit
     protocol: str  # e.g. "lm-eval wikitext protocol, rolling windows of 2048"
-    extra: Tuple[Tuple[str, object], ...] = field(default_factory=tuple)
+    extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)

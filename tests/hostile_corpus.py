@@ -19,8 +19,8 @@ import pickle
 import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from hostile_reports import REPORT_EDITS, hand_edited_report  # noqa: F401 (part of this corpus)
@@ -32,15 +32,15 @@ LORA_R = 4
 @dataclass(frozen=True)
 class Case:
     id: str
-    argv: Tuple[str, ...]  # arguments after `intruder`
+    argv: tuple[str, ...]  # arguments after `intruder`
     expect: str  # regular expression searched for in the error line
-    names: Tuple[str, ...]  # substrings the error line must contain: the file and/or tensor
+    names: tuple[str, ...]  # substrings the error line must contain: the file and/or tensor
     error: str  # the IntruderError subclass raised by the library
     covers: str  # the item of issue 7's list
     needs: str = ""  # a CLI command that must be registered, else the case is skipped
     cwd: str = ""  # working directory (default: the fresh output directory)
     marker: str = ""  # a path that a code-execution payload would create; must never exist
-    scan: Tuple[str, str] = ("", "")  # (base, tuned) when run_scan(base, tuned) raises `error`
+    scan: tuple[str, str] = ("", "")  # (base, tuned) when run_scan(base, tuned) raises `error`
 
 
 # a name that would clear the screen, set the window title, break the line and reverse the text
@@ -49,7 +49,7 @@ CONTROL_NAME = "evil\x1b[2J\x1b]0;pwned\x07\r\n\u202eslx"
 # ---------------------------------------------------------------------------------- writers
 
 
-def model_tensors(seed: int, hidden: int = HIDDEN) -> Dict[str, np.ndarray]:
+def model_tensors(seed: int, hidden: int = HIDDEN) -> dict[str, np.ndarray]:
     """A one-layer Llama-like state dict (float32), small enough to build in milliseconds."""
     rng = np.random.default_rng(seed)
     inter, kv = hidden * 3 // 2, hidden // 2
@@ -65,7 +65,7 @@ def model_tensors(seed: int, hidden: int = HIDDEN) -> Dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def layout(tensors: Dict[str, np.ndarray]) -> Tuple[dict, bytes]:
+def layout(tensors: dict[str, np.ndarray]) -> tuple[dict, bytes]:
     """(header dict, data bytes) of a valid safetensors file holding `tensors` (float32)."""
     header, chunks, pos = {}, [], 0
     for name, arr in tensors.items():
@@ -77,7 +77,7 @@ def layout(tensors: Dict[str, np.ndarray]) -> Tuple[dict, bytes]:
     return header, b"".join(chunks)
 
 
-def write_raw(path: str, header, data: bytes = b"", length: Optional[int] = None) -> str:
+def write_raw(path: str, header, data: bytes = b"", length: int | None = None) -> str:
     """A safetensors-shaped file: 8-byte little-endian length, header bytes, data. `header` may be
     a dict (serialised here), str or bytes (written verbatim); `length` overrides the prefix."""
     if isinstance(header, dict):
@@ -91,7 +91,7 @@ def write_raw(path: str, header, data: bytes = b"", length: Optional[int] = None
     return path
 
 
-def write_st(path: str, tensors: Dict[str, np.ndarray]) -> str:
+def write_st(path: str, tensors: dict[str, np.ndarray]) -> str:
     header, data = layout(tensors)
     header["__metadata__"] = {"format": "pt"}
     return write_raw(path, header, data)
@@ -164,7 +164,7 @@ def evil_pickle(path: str, marker: str, fmt: str) -> str:
     return path
 
 
-def hostile_names_pair(d: str, seed: int = 0) -> Tuple[str, str, str]:
+def hostile_names_pair(d: str, seed: int = 0) -> tuple[str, str, str]:
     """A base and tuned file whose changed layer (one intruder at rank 0) carries a name built to
     attack a terminal and an HTML page. Returns (base, tuned, the hostile name)."""
     import synthetic
@@ -180,13 +180,13 @@ def hostile_names_pair(d: str, seed: int = 0) -> Tuple[str, str, str]:
 # ---------------------------------------------------------------------------------- corpus
 
 
-def build_corpus(root: str, seed: int = 0) -> Dict[str, object]:
+def build_corpus(root: str, seed: int = 0) -> dict[str, object]:
     """Write every input under `root`; return {'cases': [Case], 'controls': [...], 'root': root}."""
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
     J = lambda *p: os.path.join(root, *p)  # noqa: E731
-    cases: List[Case] = []
+    cases: list[Case] = []
 
     def add(id, argv, expect, names, error, covers, scan=True, **kw):
         argv = tuple(argv)
@@ -343,7 +343,7 @@ def build_corpus(root: str, seed: int = 0) -> Dict[str, object]:
     add("duplicate_across_shards", ["scan", base, d], "also appears in",
         [os.path.join(d, "b.safetensors"), names[4]], "CheckpointError", "duplicate tensors")
 
-    def sharded(name: str, weight_map=None, index_text: Optional[str] = None) -> Tuple[str, str]:
+    def sharded(name: str, weight_map=None, index_text: str | None = None) -> tuple[str, str]:
         d = J("index", name)
         write_st(os.path.join(d, "model-1.safetensors"), {n: tuned_t[n] for n in names[:5]})
         write_st(os.path.join(d, "model-2.safetensors"), {n: tuned_t[n] for n in names[5:]})
@@ -539,7 +539,7 @@ def mutable(path) -> None:
         subprocess.run(["chattr", "-i", str(path)], capture_output=True)
 
 
-def snapshot(root: str) -> Dict[str, str]:
+def snapshot(root: str) -> dict[str, str]:
     """{relative path: sha256 of a regular file, 'link:<target>', 'fifo' or 'dir'} for everything
     under root; FIFOs are never opened."""
     import hashlib

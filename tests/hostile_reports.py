@@ -120,8 +120,8 @@ def scanned_pair(d: str) -> dict:
     another fine-tune of the same layout, a model directory holding the base, and a scan report
     of base/tuned, all under `d`; `snapshot` holds the inputs' sha256."""
     import numpy as np
-
     from hostile_corpus import model_tensors, write_json, write_st
+
     from intruder.report.schema import save_report
     from intruder.scan import run_scan
     from intruder.types import ScanConfig

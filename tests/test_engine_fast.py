@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from results_close import assert_layer_close, assert_scans_close
 
+import intruder.spectral.cache as C
 from intruder.cli import cli
 from intruder.errors import IntruderError, NonFiniteError
 from intruder.spectral import multi
-import intruder.spectral.cache as C
 from intruder.spectral.cache import BaseCache
 from intruder.spectral.certify import certify_side
 from intruder.spectral.decompose import spectral_norm
@@ -27,7 +28,6 @@ from intruder.spectral.partial import eig_top, gram, gram_error
 from intruder.spectral.reference import reference_intruders
 from intruder.spectral.stream import Pipeline
 from intruder.types import ScanConfig
-from results_close import assert_layer_close, assert_scans_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,7 +25,7 @@ from intruder.scan import run_scan, summary
 from intruder.types import ScanConfig
 
 gguf = pytest.importorskip("gguf")
-from intruder.io import gguf as ggufio
+from intruder.io import gguf as ggufio  # noqa: E402  (after the importorskip)
 
 DEMO = os.path.join(qd.MODELS)
 CFG = ScanConfig(cache_dir=None, device="cpu")

@@ -16,12 +16,12 @@ import math
 import os
 import struct
 
+import hostile_corpus as hc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import hostile_corpus as hc
 from intruder.errors import IntruderError
 from intruder.io import open_checkpoint, pair_checkpoints, read_ref
 from intruder.io.safetensors_file import DTYPES, SafetensorsFile, torch_dtype
@@ -237,7 +237,7 @@ def test_index_refused_or_inside_the_directory(index_dir, data):
     assert ck.files
     for f in ck.files:
         assert os.path.commonpath([root, os.path.realpath(f)]) == root
-    for name, rel in doc["weight_map"].items():
+    for name, _rel in doc["weight_map"].items():
         assert name in ck.refs
     t = read_ref(ck.refs[names[0]])
     assert tuple(t.shape) == ck.refs[names[0]].shape

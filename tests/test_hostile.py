@@ -19,10 +19,10 @@ import sys
 import tempfile
 import time
 
+import hostile_corpus as hc
 import pytest
 from click.testing import CliRunner
 
-import hostile_corpus as hc
 from intruder import errors
 from intruder.cli import cli
 

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import tempfile
 
+import hostile_corpus as hc
+import hostile_reports as hr
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import hostile_corpus as hc
-import hostile_reports as hr
 from intruder import errors, exitcodes
 from intruder.cli import cli
 

@@ -11,10 +11,10 @@ import json
 import os
 import re
 
-import pytest
-
 import hostile_corpus as hc
 import hostile_reports as hr
+import pytest
+
 from intruder import errors
 
 

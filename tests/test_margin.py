@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 from click.testing import CliRunner
 
-import synthetic
 from intruder.spectral import margin as M
 from intruder.spectral.engine import analyse
 from intruder.types import ScanConfig

@@ -24,7 +24,6 @@ import sys
 
 import numpy as np
 import pytest
-
 import synthetic  # fixtures/, on sys.path via conftest
 
 MiB = 1 << 20

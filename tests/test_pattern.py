@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 
+import hostile_corpus as hc
 import numpy as np
 import pytest
 
-import hostile_corpus as hc
 from intruder.errors import AdapterError
 from intruder.io import open_checkpoint
 

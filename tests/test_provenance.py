@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import pytest
-
 import provenance_study as S
+import pytest
 import synthetic
+
 from intruder.provenance import classify_layer, module_of, provenance
 
 ATTN, MLP = S.ATTN, S.MLP

@@ -12,11 +12,12 @@ import struct
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 from click.testing import CliRunner
+from results_close import assert_scans_close
 
 import intruder.spectral.cache as C
-import synthetic
 from intruder.cli import cli
 from intruder.io import open_checkpoint, read_ref
 from intruder.spectral import stream
@@ -25,7 +26,6 @@ from intruder.spectral.decompose import full_spectrum, spectral_norm, top_spectr
 from intruder.spectral.engine import analyse
 from intruder.spectral.reference import reference_intruders
 from intruder.types import ScanConfig
-from results_close import assert_scans_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD = 1_000_000_000  # an mtime far in the past: files are indexed at once

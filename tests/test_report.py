@@ -11,19 +11,19 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+import synthetic
 from click.testing import CliRunner
 
-import synthetic
 from intruder.cli import cli
 from intruder.errors import OutputError, ReportError
 from intruder.report import frame, plots, views
 from intruder.report.html import escape, render_html, write_html
 from intruder.report.scale_results import load_scale_results, parse_scale_results
 from intruder.report.schema import save_report
-from intruder.report.verdict import decide
 from intruder.report.similarity import recompute_similarity
+from intruder.report.verdict import decide
 from intruder.scan import run_scan
-from intruder.types import (CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport)
+from intruder.types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
 
 HOSTILE = "x<img src=x onerror=alert(1)>"
 
@@ -227,7 +227,7 @@ def test_plots_draw_the_reported_numbers(planted, dense):
 
 def test_plots_take_hostile_names_literally():
     names = ["model.layers.0.a$b.weight", "model.layers.1.$\\frac{1}$.weight",
-             "model.layers.2.x\\y_{z}^q%s.weight" % HOSTILE]
+             f"model.layers.2.x\\y_{{z}}^q{HOSTILE}.weight"]
     rep = _report([_layer(n, [0.2, 0.9]) for n in names])
     for fig in (plots.layer_module_heatmap(rep), plots.module_bars(rep), plots.spectra(rep),
                 plots.max_cos_histogram({"a$b": rep}), plots.epsilon_sweep({"$x": rep}),

@@ -10,8 +10,8 @@ import subprocess
 
 import numpy as np
 import pytest
-
 import synthetic
+
 from intruder.report.html import write_html
 from intruder.scan import run_scan
 from intruder.types import ScanConfig

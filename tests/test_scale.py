@@ -11,10 +11,10 @@ import shutil
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 from click.testing import CliRunner
 
-import synthetic
 from intruder.cli import cli
 from intruder.errors import OutputError, ReportError
 from intruder.intervene import rescale_matrix, scale_checkpoint

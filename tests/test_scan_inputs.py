@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 
-import synthetic
 from intruder.errors import CheckpointError, NonFiniteError, PairingError
 from intruder.scan import run_scan, summary
 from intruder.types import ScanConfig

@@ -73,11 +73,11 @@ def test_garbage_in_a_knob_is_one_line_and_exit_2(synth, tmp_path, monkeypatch, 
 def test_negative_readers_does_not_hang_the_library(synth):
     """The library (no command line): INTRUDER_READERS=-1 used to start no reader thread and
     wait forever; now one line, at once."""
-    code = ("import sys; sys.path.insert(0, %r)\n"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
             "from intruder.errors import IntruderError\n"
-            "from intruder.scan import run_scan\n" % ROOT)
-    code += ("try:\n    run_scan(%r, %r)\nexcept IntruderError as e:\n"
-             "    print('ERR', e); sys.exit(2)\n" % (synth["base_file"], synth["tuned_file"]))
+            "from intruder.scan import run_scan\n")
+    code += ("try:\n    run_scan({!r}, {!r})\nexcept IntruderError as e:\n"
+             "    print('ERR', e); sys.exit(2)\n".format(synth["base_file"], synth["tuned_file"]))
     env = dict(os.environ, INTRUDER_READERS="-1", PYTHONPATH=ROOT)
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)

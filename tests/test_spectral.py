@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 
-import synthetic
 from intruder.spectral.decompose import full_spectrum, spectral_norm, top_spectrum
 from intruder.spectral.engine import analyse
 from intruder.spectral.reference import reference_intruders

@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 import pytest
+import synthetic
 from click.testing import CliRunner
 
-import synthetic
 from intruder.cli import cli
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"

@@ -92,7 +92,7 @@ def float_list(value: str, what: str) -> tuple:
     try:
         out = tuple(float(v) for v in str(value).split(",") if v.strip() != "")
     except ValueError:
-        raise click.BadParameter(f"{what} must be a comma-separated list of numbers, got {value!r}")
+        raise click.BadParameter(f"{what} must be a comma-separated list of numbers, got {value!r}") from None
     if not out:
         raise click.BadParameter(f"{what} is empty")
     bad = [v for v in out if not math.isfinite(v)]

@@ -61,9 +61,9 @@ def scan_command(base, tuned, top_k, epsilon, vectors, include, exclude, device,
     BASE: a .safetensors file, a Hugging Face model directory (sharded or not) or a .bin/.pt
     state dict. TUNED: the same kinds, or a PEFT LoRA adapter directory (merged per tensor).
     Either may be a Hugging Face model ID, org/name or org/name@revision, or one file of a
-    repository, org/name[@revision]/FILE.gguf (a local path of the same spelling wins). With one argument, a PEFT adapter, its declared base
-    (base_model_name_or_path) is BASE; an adapter given with another BASE is a warning
-    (--strict-base: an error).
+    repository, org/name[@revision]/FILE.gguf (a local path of the same spelling wins). With
+    one argument, a PEFT adapter, its declared base (base_model_name_or_path) is BASE; an
+    adapter given with another BASE is a warning (--strict-base: an error).
 
     \b
     Examples:

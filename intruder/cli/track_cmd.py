@@ -104,10 +104,10 @@ def _run(mode, base, paths, output, top_k, epsilon, vectors, include, exclude, d
          no_cache, as_json, html, fail_on_intruders, fail_on_margin, fail_on_strength,
          allow_nonfinite, quiet, strict_base=False):
     from ..io.atomic import write_text
-    from ..track import dumps, run_compare, run_track
-    from ..types import ScanConfig
     from ..report.track_table import track_table
     from ..spectral.margin import fail_code
+    from ..track import dumps, run_compare, run_track
+    from ..types import ScanConfig
 
     eps = float_list(epsilon, "--epsilon")
     if not no_cache and cache_dir is None:

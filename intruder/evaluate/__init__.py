@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Callable
 
 from ..errors import EvalError
 from ..types import EvalResult
@@ -25,25 +26,25 @@ __all__ = ["EVALUATORS", "EvalResult", "available", "check_evaluators", "evaluat
            "get_evaluator", "load_model", "register", "run_evaluators"]
 
 
-def _wikitext(arg: Optional[str]):
+def _wikitext(arg: str | None):
     from .wikitext import WikitextEvaluator
 
     return WikitextEvaluator(path=arg or None)
 
 
-def _wikitext_sliding(arg: Optional[str]):
+def _wikitext_sliding(arg: str | None):
     from .wikitext import DEFAULT_STRIDE, WikitextEvaluator
 
     return WikitextEvaluator(path=arg or None, stride=DEFAULT_STRIDE)
 
 
-def _lm_eval(arg: Optional[str], lm_eval_include: Sequence[str] = (), **_):
+def _lm_eval(arg: str | None, lm_eval_include: Sequence[str] = (), **_):
     from .lmeval import LmEvalEvaluator
 
     return LmEvalEvaluator(arg or "", include=lm_eval_include)
 
 
-def _task(arg: Optional[str]):
+def _task(arg: str | None):
     if not arg:
         raise EvalError("the task evaluator needs a file: task:PATH (a .json multiple-choice file "
                         "or a .txt held-out text)")
@@ -53,7 +54,7 @@ def _task(arg: Optional[str]):
 
 
 # name -> (factory(arg or None) -> evaluator, usage shown in messages)
-EVALUATORS: Dict[str, tuple] = {
+EVALUATORS: dict[str, tuple] = {
     "wikitext": (_wikitext, "wikitext[:PATH]"),
     # plus token_perplexity from the stride-512 sliding pass (about max_length/512 x the cost)
     "wikitext-sliding": (_wikitext_sliding, "wikitext-sliding[:PATH]"),
@@ -62,12 +63,12 @@ EVALUATORS: Dict[str, tuple] = {
 }
 
 
-def register(name: str, factory: Callable[[Optional[str]], object], usage: str = "") -> None:
+def register(name: str, factory: Callable[[str | None], object], usage: str = "") -> None:
     """Add an evaluator: `factory(arg)` gets the text after 'name:' (or None)."""
     EVALUATORS[name] = (factory, usage or name)
 
 
-def available() -> List[str]:
+def available() -> list[str]:
     """Usage strings of every registered evaluator, e.g. ['wikitext[:PATH]', 'task:PATH']."""
     return [usage for _, usage in EVALUATORS.values()]
 
@@ -106,14 +107,14 @@ def _accepted(factory, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
-def check_evaluators(evaluators: Sequence[object], limit: Optional[int] = None) -> List[str]:
+def check_evaluators(evaluators: Sequence[object], limit: int | None = None) -> list[str]:
     """Find and read every evaluator's data now; one line per evaluator saying what it will
     score. A missing or unreadable file fails here, before any model is rescaled or loaded."""
     return [ev.check(limit) if hasattr(ev, "check") else ev.name for ev in evaluators]
 
 
 def load_model(path, model_config=None, device: str = "auto", dtype=None, max_length=None,
-               progress: bool = True, device_map: Optional[str] = None):
+               progress: bool = True, device_map: str | None = None):
     """Load a model for evaluation; see intruder.evaluate.model.load_model."""
     from .model import load_model as _load
 
@@ -121,20 +122,20 @@ def load_model(path, model_config=None, device: str = "auto", dtype=None, max_le
                  max_length=max_length, progress=progress, device_map=device_map)
 
 
-def run_evaluators(lm, evaluators: Sequence[Union[str, object]], limit: Optional[int] = None,
-                   progress: bool = True) -> List[EvalResult]:
+def run_evaluators(lm, evaluators: Sequence[str | object], limit: int | None = None,
+                   progress: bool = True) -> list[EvalResult]:
     """Run evaluators (specs or objects) on an already loaded model, in order."""
     objs = [get_evaluator(e) if isinstance(e, str) else e for e in evaluators]
-    results: List[EvalResult] = []
+    results: list[EvalResult] = []
     for ev in objs:
         results.extend(ev.evaluate(lm, limit=limit, progress=progress))
     return results
 
 
-def evaluate_model(path, specs: Sequence[Union[str, object]] = ("wikitext",), *,
+def evaluate_model(path, specs: Sequence[str | object] = ("wikitext",), *,
                    model_config=None, device: str = "auto", dtype=None,
-                   max_length: Optional[int] = None, limit: Optional[int] = None,
-                   progress: bool = True) -> List[EvalResult]:
+                   max_length: int | None = None, limit: int | None = None,
+                   progress: bool = True) -> list[EvalResult]:
     """Load MODEL once and run every evaluator on it.
 
     Args:

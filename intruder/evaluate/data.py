@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 from .. import settings
 from ..errors import EvalError
@@ -43,11 +43,11 @@ class WikiDocument:
 class WikiCorpus:
     """A raw WikiText file as lines, and the articles cut from it."""
 
-    lines: Tuple[str, ...]
-    documents: Tuple[WikiDocument, ...]
+    lines: tuple[str, ...]
+    documents: tuple[WikiDocument, ...]
     source: str  # where it came from, for provenance
 
-    def hf_rows(self, n_docs: Optional[int] = None) -> List[str]:
+    def hf_rows(self, n_docs: int | None = None) -> list[str]:
         """Rows of the line-level HF `wikitext` dataset for the first n_docs articles.
 
         That dataset keeps each line with its newline and turns blank lines into "". The rows
@@ -71,9 +71,9 @@ def is_article_title(line: str) -> bool:
             and s.endswith(" =") and not s.endswith("= =") and len(s) > 3)
 
 
-def split_documents(lines: Sequence[str]) -> List[WikiDocument]:
+def split_documents(lines: Sequence[str]) -> list[WikiDocument]:
     """Cut raw WikiText lines into articles (see the module docstring for the rule)."""
-    docs: List[WikiDocument] = []
+    docs: list[WikiDocument] = []
     start = 0
     for i, line in enumerate(lines):
         if is_article_title(line) and i > start:
@@ -83,7 +83,7 @@ def split_documents(lines: Sequence[str]) -> List[WikiDocument]:
     return docs
 
 
-def _emit(lines: Sequence[str], start: int, stop: int, docs: List[WikiDocument]) -> None:
+def _emit(lines: Sequence[str], start: int, stop: int, docs: list[WikiDocument]) -> None:
     text = "\n".join(lines[start:stop])
     if text.strip():
         docs.append(WikiDocument(text=text, start=start, stop=stop))
@@ -91,7 +91,7 @@ def _emit(lines: Sequence[str], start: int, stop: int, docs: List[WikiDocument])
 
 # --- detokenization -----------------------------------------------------------------------------
 # Steps in lm-eval's order; each is ("str", old, new) for a plain replace or ("re", pattern, repl).
-_DETOK_STEPS: Tuple[Tuple[str, str, str], ...] = (
+_DETOK_STEPS: tuple[tuple[str, str, str], ...] = (
     ("str", "s '", "s'"),  # plural possessive: "players ' " -> "players' "
     # This pattern has literal slashes and never matches WikiText; it is kept so our output
     # stays byte-identical to the reference detokenizer on any input.
@@ -138,7 +138,7 @@ def count_words(text: str) -> int:
 
 
 # --- locating and loading -----------------------------------------------------------------------
-def find_wikitext_file(path: Optional[str] = None) -> Optional[Path]:
+def find_wikitext_file(path: str | None = None) -> Path | None:
     """The raw file to read: explicit path, then $INTRUDER_WIKITEXT, then $INTRUDER_DATA_DIR."""
     if path:
         p = Path(path).expanduser()
@@ -165,7 +165,7 @@ def find_wikitext_file(path: Optional[str] = None) -> Optional[Path]:
     return None
 
 
-def load_wikitext(path: Optional[str] = None) -> WikiCorpus:
+def load_wikitext(path: str | None = None) -> WikiCorpus:
     """Load WikiText-2 raw test data from a local file, else from the Hugging Face hub."""
     p = find_wikitext_file(path)
     if p is not None:
@@ -188,7 +188,7 @@ _HOW_TO_POINT = (f"pass --eval wikitext:/path/to/wiki.test.raw, or set ${WIKITEX
                  f"or set ${DATA_DIR_ENV} to a folder holding {WIKITEXT_RELPATH}")
 
 
-def _lines_from_hub() -> Tuple[str, ...]:
+def _lines_from_hub() -> tuple[str, ...]:
     """Rebuild the raw file's lines from the document-level dataset on the hub.
 
     The dataset's pages are consecutive line ranges joined with "\\n" and start after the file's
@@ -199,7 +199,7 @@ def _lines_from_hub() -> Tuple[str, ...]:
     try:
         import datasets  # noqa: F401  (optional dependency)
     except ImportError:
-        raise EvalError(f"no local WikiText-2 data and `datasets` is not installed: {_HOW_TO_POINT}")
+        raise EvalError(f"no local WikiText-2 data and `datasets` is not installed: {_HOW_TO_POINT}") from None
     if not _hub_reachable():  # fail at once instead of after the hub client's retries
         raise EvalError(f"no local WikiText-2 data and huggingface.co is unreachable: {_HOW_TO_POINT}")
     try:

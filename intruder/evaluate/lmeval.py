@@ -14,13 +14,13 @@ lm-eval is an optional dependency, imported only here and only when such a spec 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from ..errors import EvalError
 from ..types import EvalResult
 
 DEFAULT_BATCH = 8
-_MANAGERS: Dict[Tuple[str, ...], object] = {}  # include folders -> TaskManager (indexing is slow)
+_MANAGERS: dict[tuple[str, ...], object] = {}  # include folders -> TaskManager (indexing is slow)
 
 
 def _import():
@@ -36,14 +36,14 @@ def _import():
 class LmEvalEvaluator:
     """lm-evaluation-harness tasks; see the module docstring."""
 
-    def __init__(self, tasks: str, include: Sequence[str] = (), num_fewshot: Optional[int] = None,
-                 batch_size: Optional[int] = None):
+    def __init__(self, tasks: str, include: Sequence[str] = (), num_fewshot: int | None = None,
+                 batch_size: int | None = None):
         names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
         if not names:
             raise EvalError("lm-eval needs task names: lm-eval:TASK[,TASK...] "
                             "(e.g. lm-eval:hellaswag,arc_easy)")
-        self.tasks: Tuple[str, ...] = tuple(dict.fromkeys(names))
-        self.include: Tuple[str, ...] = tuple(str(p) for p in include or ())
+        self.tasks: tuple[str, ...] = tuple(dict.fromkeys(names))
+        self.include: tuple[str, ...] = tuple(str(p) for p in include or ())
         self.num_fewshot = num_fewshot
         self.batch_size = batch_size
         self.name = "lm-eval:" + ",".join(self.tasks)
@@ -63,7 +63,7 @@ class LmEvalEvaluator:
             self._manager = _MANAGERS[key]
         return self._manager
 
-    def check(self, limit: Optional[int] = None) -> str:
+    def check(self, limit: int | None = None) -> str:
         """Resolve every task and load its documents now (the dataset read, offline or not)."""
         import difflib
 
@@ -90,7 +90,7 @@ class LmEvalEvaluator:
             counts.append(f"{t} ({min(n, limit) if limit else n} documents)")
         return f"{self.name}: " + ", ".join(counts)
 
-    def evaluate(self, lm, limit: Optional[int] = None, progress: bool = True) -> List[EvalResult]:
+    def evaluate(self, lm, limit: int | None = None, progress: bool = True) -> list[EvalResult]:
         """Run the tasks on `lm` (a LoadedModel) through lm-eval's simple_evaluate."""
         lm_eval, _ = _import()
         from lm_eval.models.huggingface import HFLM
@@ -139,12 +139,12 @@ def _n_docs(task) -> int:
         return 0
 
 
-def results_from_lm_eval(out: dict, tasks: Sequence[str], version: str) -> List[EvalResult]:
+def results_from_lm_eval(out: dict, tasks: Sequence[str], version: str) -> list[EvalResult]:
     """EvalResults from simple_evaluate's output, for the requested tasks (groups aggregated)."""
-    res: Dict[str, dict] = out.get("results") or {}
+    res: dict[str, dict] = out.get("results") or {}
     n_samples = out.get("n-samples") or {}
     subtasks = out.get("group_subtasks") or {}
-    results: List[EvalResult] = []
+    results: list[EvalResult] = []
     for t in tasks:
         metrics = res.get(t)
         if metrics is None:
@@ -163,7 +163,7 @@ def results_from_lm_eval(out: dict, tasks: Sequence[str], version: str) -> List[
             name = metric if filt == "none" else f"{metric}[{filt}]"
             protocol = (f"lm-evaluation-harness {version} simple_evaluate, task {t} (version "
                         f"{tver}), {shots}-shot, filter {filt}")
-            extra: Tuple[Tuple[str, object], ...] = (("task", t), ("filter", filt))
+            extra: tuple[tuple[str, object], ...] = (("task", t), ("filter", filt))
             if isinstance(stderr, (int, float)) and math.isfinite(stderr):
                 extra += (("stderr", float(stderr)),)
             results.append(EvalResult(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any
 
 from ..errors import EvalError
 
@@ -51,7 +51,7 @@ class LoadedModel:
                 return int(tid)
         return 0
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; by default without BOS/EOS (the scorers add the prefix token)."""
         # verbose=False: long texts are windowed by the scorers, the length warning is noise
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens,
@@ -77,7 +77,7 @@ def resolve_device(device: str = "auto") -> str:
     raise EvalError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
-def _resolve_dtype(dtype: Optional[str], config: Any, device: str):
+def _resolve_dtype(dtype: str | None, config: Any, device: str):
     """None/'auto': float32 on CPU (bf16 matmuls there are slow and lossy), the checkpoint's
     own dtype on CUDA (float32 if it names none)."""
     import torch
@@ -108,10 +108,10 @@ def context_length(config: Any, tokenizer: Any = None) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def load_model(path: Union[str, Path], model_config: Optional[Union[str, Path]] = None,
-               device: str = "auto", dtype: Optional[str] = None,
-               max_length: Optional[int] = None, progress: bool = True,
-               device_map: Optional[str] = None) -> LoadedModel:
+def load_model(path: str | Path, model_config: str | Path | None = None,
+               device: str = "auto", dtype: str | None = None,
+               max_length: int | None = None, progress: bool = True,
+               device_map: str | None = None) -> LoadedModel:
     """Load MODEL (HF dir, weights dir, or .safetensors file) for scoring; never touches the network.
 
     Args:
@@ -215,7 +215,7 @@ def _has_tokenizer(d: Path) -> bool:
     return any((d / n).is_file() for n in names)
 
 
-def _weight_files(p: Path) -> List[Path]:
+def _weight_files(p: Path) -> list[Path]:
     if p.is_file():
         if p.suffix != ".safetensors":
             raise EvalError(f"{p}: expected a .safetensors file or a model directory")
@@ -226,7 +226,7 @@ def _weight_files(p: Path) -> List[Path]:
     return files
 
 
-def _load_weights(model: Any, files: List[Path], shown: Path) -> None:
+def _load_weights(model: Any, files: list[Path], shown: Path) -> None:
     """Load safetensors weights into a freshly built model; every parameter must be covered."""
     from safetensors.torch import load_file
 

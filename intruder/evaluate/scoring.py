@@ -9,10 +9,10 @@ contract, so rolling windows, multiple-choice options and sliding windows share 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
-Request = Tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
+Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 # Logit elements (batch * positions * vocab) allowed per forward pass when no batch size is given.
 CPU_LOGIT_BUDGET = 2 ** 26
@@ -33,7 +33,7 @@ class Score:
         return self.n_correct == self.n_tokens
 
 
-def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> List[Request]:
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -> list[Request]:
     """Disjoint prediction windows covering `tokens` once each (lm-eval, context_len=1).
 
     The first window predicts tokens[:L] from the prefix token; each later one predicts the next
@@ -48,7 +48,7 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -
         return []
     tokens = list(tokens)
     first = min(L, n)
-    out: List[Request] = [([prefix_token], tokens[:first])]
+    out: list[Request] = [([prefix_token], tokens[:first])]
     for start in range(first, n, L):
         stop = min(start + L, n)
         # input = tokens[stop-L-1 : stop-1]: L tokens ending just before the last target
@@ -56,7 +56,7 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int) -
     return out
 
 
-def sliding_windows(tokens: Sequence[int], max_length: int, stride: int) -> List[Request]:
+def sliding_windows(tokens: Sequence[int], max_length: int, stride: int) -> list[Request]:
     """Strided windows of the transformers perplexity guide.
 
     Window k reads tokens[b:e] with b = k*stride, e = min(b + L, n) and scores only the e - e_prev
@@ -68,7 +68,7 @@ def sliding_windows(tokens: Sequence[int], max_length: int, stride: int) -> List
     if stride < 1 or stride > L:
         raise ValueError(f"stride must be in [1, max_length], got {stride}")
     tokens = list(tokens)
-    out: List[Request] = []
+    out: list[Request] = []
     prev_end = 0
     for begin in range(0, n, stride):
         end = min(begin + L, n)
@@ -83,8 +83,8 @@ def sliding_windows(tokens: Sequence[int], max_length: int, stride: int) -> List
     return out
 
 
-def score_requests(lm, requests: Sequence[Request], *, batch_size: Optional[int] = None,
-                   progress: bool = False, desc: str = "scoring") -> List[Score]:
+def score_requests(lm, requests: Sequence[Request], *, batch_size: int | None = None,
+                   progress: bool = False, desc: str = "scoring") -> list[Score]:
     """Score each request with one forward pass per batch; returns scores in request order.
 
     Requests are sorted longest first so a batch pads little and any OOM happens at once.
@@ -94,7 +94,7 @@ def score_requests(lm, requests: Sequence[Request], *, batch_size: Optional[int]
     import torch
 
     L = lm.max_length
-    inputs: List[List[int]] = []
+    inputs: list[list[int]] = []
     for ctx, cont in requests:
         if len(cont) == 0:
             raise ValueError("empty continuation")
@@ -108,7 +108,7 @@ def score_requests(lm, requests: Sequence[Request], *, batch_size: Optional[int]
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     budget = CUDA_LOGIT_BUDGET if str(lm.device).startswith("cuda") else CPU_LOGIT_BUDGET
     vocab = lm.vocab_size()
-    results: List[Optional[Score]] = [None] * len(requests)
+    results: list[Score | None] = [None] * len(requests)
     pbar = _progress(len(requests), desc, progress)
     pos = 0
     with torch.inference_mode():

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 from ..errors import EvalError
 from ..io.jsonfile import read_json, read_jsonl
@@ -54,14 +54,14 @@ class ChoiceItem:
     """One multiple-choice question, parsed."""
 
     stem: str  # question or sentence, prompt removed
-    options: Tuple[str, ...]
+    options: tuple[str, ...]
     label: int  # index of the correct option
 
     @property
     def has_blank(self) -> bool:
         return self.stem.count("_") == 1
 
-    def requests(self) -> List[Tuple[str, str]]:
+    def requests(self) -> list[tuple[str, str]]:
         """(context, continuation) strings per option, lm-eval style."""
         if self.has_blank:
             head, tail = self.stem.split("_")
@@ -72,7 +72,7 @@ class ChoiceItem:
         context = f"Question: {self.stem}\nAnswer:"
         return [(context, " " + opt) for opt in self.options]
 
-    def norm_lengths(self) -> List[int]:
+    def norm_lengths(self) -> list[int]:
         """Bytes that acc_norm divides by: the option text (the shared tail for blank items)."""
         if self.has_blank and self.stem.split("_")[1].strip():
             tail = self.stem.split("_")[1].strip()
@@ -113,13 +113,13 @@ def parse_item(item: dict, where: str = "") -> ChoiceItem:
     return ChoiceItem(stem=stem, options=tuple(options), label=label)
 
 
-def _guess_marker_word(text: str) -> Optional[str]:
+def _guess_marker_word(text: str) -> str | None:
     """With a bare numeric answer: the word of the last 'Word1:' marker in the text."""
     ones = [m.group(1).lower() for m in _MARKER.finditer(text) if m.group(2) == "1"]
     return ones[-1] if ones else None
 
 
-def _option_markers(text: str, word: Optional[str]) -> list:
+def _option_markers(text: str, word: str | None) -> list:
     """The last run of markers `word1:`, `word2:`, ... in order.
 
     A later `word1:` restarts the run, so a marker-like phrase in the stem is superseded by the
@@ -156,7 +156,7 @@ def _parse_explicit(item: dict, where: str) -> ChoiceItem:
     return ChoiceItem(stem=stem.strip(), options=tuple(c.strip() for c in choices), label=label)
 
 
-def _label_index(answer, k: int, word: Optional[str], where: str) -> int:
+def _label_index(answer, k: int, word: str | None, where: str) -> int:
     """'option2' / 'Answer 2' / '2' -> 1 (labels are 1-based in the files)."""
     m = _LABEL.match(str(answer)) if answer is not None else None
     if not m or (m.group(1) and word and m.group(1).lower() != word):
@@ -167,7 +167,7 @@ def _label_index(answer, k: int, word: Optional[str], where: str) -> int:
     return n - 1
 
 
-def load_choice_items(path: Path, limit: Optional[int] = None) -> List[ChoiceItem]:
+def load_choice_items(path: Path, limit: int | None = None) -> list[ChoiceItem]:
     """Read and parse a JSON (list) or JSONL multiple-choice file."""
     reader = read_jsonl if path.suffix == ".jsonl" else read_json
     data = reader(str(path), EvalError, "task file", max_bytes=None)  # capped, strict, one line
@@ -185,7 +185,7 @@ def task_name(path: Path) -> str:
 class TaskEvaluator:
     """`--eval task:PATH`: multiple-choice accuracy (.json/.jsonl) or held-out text loss (.txt)."""
 
-    def __init__(self, path: str, batch_size: Optional[int] = None):
+    def __init__(self, path: str, batch_size: int | None = None):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise EvalError(f"task file not found: {self.path}")
@@ -194,7 +194,7 @@ class TaskEvaluator:
         self.name = f"task:{task_name(self.path)}"
         self.batch_size = batch_size
 
-    def check(self, limit: Optional[int] = None) -> str:
+    def check(self, limit: int | None = None) -> str:
         """Read and parse the file now (before any model work); returns what will be scored."""
         if self.path.suffix == ".txt":
             try:
@@ -207,13 +207,13 @@ class TaskEvaluator:
         items = load_choice_items(self.path, limit)
         return f"{self.name}: {len(items)} multiple-choice items"
 
-    def evaluate(self, lm, limit: Optional[int] = None, progress: bool = True) -> List[EvalResult]:
+    def evaluate(self, lm, limit: int | None = None, progress: bool = True) -> list[EvalResult]:
         """Score the first `limit` items (or lines of a .txt file)."""
         if self.path.suffix == ".txt":
             return self._text(lm, limit, progress)
         return self.choice(lm, load_choice_items(self.path, limit), progress)
 
-    def option_logliks(self, lm, items: Sequence[ChoiceItem], progress: bool = False) -> List[List[float]]:
+    def option_logliks(self, lm, items: Sequence[ChoiceItem], progress: bool = False) -> list[list[float]]:
         """Summed log-likelihood of every option's continuation, per item."""
         prefix = lm.prefix_token_id
         requests, owner = [], []
@@ -224,12 +224,12 @@ class TaskEvaluator:
                 owner.append(i)
         scores = score_requests(lm, requests, batch_size=self.batch_size, progress=progress,
                                 desc=self.name)
-        out: List[List[float]] = [[] for _ in items]
+        out: list[list[float]] = [[] for _ in items]
         for i, s in zip(owner, scores):
             out[i].append(s.loglik)
         return out
 
-    def choice(self, lm, items: Sequence[ChoiceItem], progress: bool = True) -> List[EvalResult]:
+    def choice(self, lm, items: Sequence[ChoiceItem], progress: bool = True) -> list[EvalResult]:
         lls = self.option_logliks(lm, items, progress)
         hits = hits_norm = 0
         for item, ll in zip(items, lls):
@@ -254,7 +254,7 @@ class TaskEvaluator:
                                                  ("source", str(self.path)))),
         ]
 
-    def _text(self, lm, limit: Optional[int], progress: bool) -> List[EvalResult]:
+    def _text(self, lm, limit: int | None, progress: bool) -> list[EvalResult]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -283,7 +283,7 @@ class TaskEvaluator:
         ]
 
 
-def encode_pair(lm, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+def encode_pair(lm, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Tokenize context+continuation together and split, as lm-eval does.
 
     Trailing spaces of the context move to the continuation; the continuation's ids are what the

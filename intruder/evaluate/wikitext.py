@@ -16,7 +16,6 @@ Two protocols, reported under different metric names and never mixed:
 from __future__ import annotations
 
 import math
-from typing import List, Optional
 
 from ..types import EvalResult
 from .data import WikiCorpus, count_words, detokenize, load_wikitext
@@ -30,8 +29,8 @@ class WikitextEvaluator:
 
     name = "wikitext"
 
-    def __init__(self, path: Optional[str] = None, stride: Optional[int] = None,
-                 batch_size: Optional[int] = None, limit: Optional[int] = None):
+    def __init__(self, path: str | None = None, stride: int | None = None,
+                 batch_size: int | None = None, limit: int | None = None):
         """Args:
             path: wiki.test.raw (or a folder holding it); None looks in the environment.
             stride: sliding-window stride for token_perplexity (DEFAULT_STRIDE is the guide's);
@@ -42,20 +41,20 @@ class WikitextEvaluator:
         self.limit = limit
         self.stride = stride
         self.batch_size = batch_size
-        self._corpus: Optional[WikiCorpus] = None
+        self._corpus: WikiCorpus | None = None
 
     def corpus(self) -> WikiCorpus:
         if self._corpus is None:
             self._corpus = load_wikitext(self.path)
         return self._corpus
 
-    def check(self, limit: Optional[int] = None) -> str:
+    def check(self, limit: int | None = None) -> str:
         """Find and read the data now (before any model work); returns what will be scored."""
         corpus = self.corpus()
         n = min(limit or len(corpus.documents), len(corpus.documents))
         return f"{self.name}: {n} of {len(corpus.documents)} articles from {corpus.source}"
 
-    def evaluate(self, lm, limit: Optional[int] = None, progress: bool = True) -> List[EvalResult]:
+    def evaluate(self, lm, limit: int | None = None, progress: bool = True) -> list[EvalResult]:
         """Score the first `limit` articles (all when None) and return the four metrics."""
         corpus = self.corpus()
         limit = limit if limit is not None else self.limit
@@ -65,8 +64,8 @@ class WikitextEvaluator:
             results.append(self.sliding(lm, corpus, n_docs=len(docs), progress=progress))
         return results
 
-    def rolling(self, lm, pages: List[str], progress: bool = True,
-                source: str = "") -> List[EvalResult]:
+    def rolling(self, lm, pages: list[str], progress: bool = True,
+                source: str = "") -> list[EvalResult]:
         """lm-eval's loglikelihood_rolling over `pages` (original, not yet detokenized, text)."""
         prefix = lm.prefix_token_id
         requests, owner = [], []
@@ -103,7 +102,7 @@ class WikitextEvaluator:
                "bytes (UTF-8, original text); bits per byte"),
         ]
 
-    def sliding(self, lm, corpus: WikiCorpus, n_docs: Optional[int] = None,
+    def sliding(self, lm, corpus: WikiCorpus, n_docs: int | None = None,
                 progress: bool = True) -> EvalResult:
         """Token perplexity with strided windows (transformers perplexity guide)."""
         text = "\n\n".join(corpus.hf_rows(n_docs))

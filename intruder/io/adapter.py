@@ -11,7 +11,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 from ..errors import AdapterError
 from ..types import LoraInfo, TensorRef
@@ -33,15 +32,15 @@ class Adapter:
 
     path: str
     config: dict
-    modules: Dict[str, Dict[str, TensorRef]] = field(default_factory=dict)  # module -> part -> ref
-    replacements: Dict[str, TensorRef] = field(default_factory=dict)  # modules_to_save tensors
-    ignored: Dict[str, str] = field(default_factory=dict)  # tensor -> reason
+    modules: dict[str, dict[str, TensorRef]] = field(default_factory=dict)  # module -> part -> ref
+    replacements: dict[str, TensorRef] = field(default_factory=dict)  # modules_to_save tensors
+    ignored: dict[str, str] = field(default_factory=dict)  # tensor -> reason
     # rank_pattern / alpha_pattern keys compiled for linear-time matching (pattern.py)
-    patterns: Dict[str, KeyTable] = field(default_factory=dict, repr=False)
-    _rank_alpha: Dict[str, tuple] = field(default_factory=dict, repr=False)
+    patterns: dict[str, KeyTable] = field(default_factory=dict, repr=False)
+    _rank_alpha: dict[str, tuple] = field(default_factory=dict, repr=False)
     # which tensor each (module, part) came from, and the adapter name in its key
-    _sources: Dict[tuple, str] = field(default_factory=dict, repr=False)
-    _names: Dict[object, str] = field(default_factory=dict, repr=False)
+    _sources: dict[tuple, str] = field(default_factory=dict, repr=False)
+    _names: dict[object, str] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict:
         c = self.config
@@ -78,23 +77,23 @@ def _pattern(values: dict, table: KeyTable, module: str, default):
     return default if key is None else values[key]
 
 
-def compile_patterns(where: str, cfg: dict) -> Dict[str, KeyTable]:
+def compile_patterns(where: str, cfg: dict) -> dict[str, KeyTable]:
     """{'rank_pattern': KeyTable, 'alpha_pattern': KeyTable}; a key that is not a regular
     expression, or needs a construct without a linear-time match, is refused."""
-    out: Dict[str, KeyTable] = {}
+    out: dict[str, KeyTable] = {}
     for name in ("rank_pattern", "alpha_pattern"):
         def compile_key(k: str, name: str = name) -> LinearPattern:
             try:
                 re.compile(rf"(.*\.)?({k})$")
             except (re.error, RecursionError, OverflowError) as exc:
                 raise AdapterError(f"{where}: {name} key {k!r} is not a valid regular "
-                                   f"expression ({exc})")
+                                   f"expression ({exc})") from exc
             try:
                 return peft_key_pattern(k)
             except PatternError as exc:
                 raise AdapterError(f"{where}: {name} key {k!r} is refused: {exc} (keys are "
                                    f"matched in time linear in the module name, without "
-                                   f"back-references, look-around, atomic groups or flags)")
+                                   f"back-references, look-around, atomic groups or flags)") from exc
 
         out[name] = KeyTable(cfg.get(name) or {}, compile_key)
     return out
@@ -108,7 +107,7 @@ def open_adapter(d: str) -> Checkpoint:
     except AdapterError:
         raise
     except Exception as exc:
-        raise AdapterError(str(exc))
+        raise AdapterError(str(exc)) from exc
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_path}: not a JSON object")
     ptype = str(cfg.get("peft_type", "")).upper()
@@ -149,7 +148,7 @@ def _positive(v, integer: bool) -> bool:
     return not integer or float(v).is_integer()
 
 
-def _check_numbers(cfg_path: str, cfg: dict) -> Dict[str, KeyTable]:
+def _check_numbers(cfg_path: str, cfg: dict) -> dict[str, KeyTable]:
     """r, lora_alpha and their per-module patterns: finite positive numbers (r whole), valid
     regular-expression keys; the config comes from a stranger, PEFT's defaults are 8 and 8. Also
     the switches that decide whether a per-tensor merge can equal PEFT's (use_dora,
@@ -256,7 +255,7 @@ def _validate(ad: Adapter) -> None:
                                f"has {b.shape[0]} output features")
 
 
-def lora_info_for(ad: Adapter, module: str, base_shape) -> Optional[LoraInfo]:
+def lora_info_for(ad: Adapter, module: str, base_shape) -> LoraInfo | None:
     """LoraInfo for the module owning a base tensor, or None if the adapter does not touch it."""
     parts = ad.modules.get(module)
     if parts is None:
@@ -285,7 +284,7 @@ def lora_info_for(ad: Adapter, module: str, base_shape) -> Optional[LoraInfo]:
                     magnitude=parts.get("lora_magnitude_vector"))
 
 
-def lora_bias_for(ad: Adapter, module: str) -> Optional[TensorRef]:
+def lora_bias_for(ad: Adapter, module: str) -> TensorRef | None:
     parts = ad.modules.get(module)
     return None if parts is None else parts.get("lora_B_bias")
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import OutputError
 from .targets import ANY, Target, check_targets, file_kind
@@ -53,7 +53,7 @@ def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror})")
+        raise OutputError(f"{path}: cannot write ({exc.strerror})") from exc
     try:
         # text: UTF-8 whatever the locale (LANG=C), a name that is not valid Unicode escaped
         text = {} if "b" in mode else {"encoding": "utf-8", "errors": "backslashreplace"}
@@ -76,7 +76,7 @@ def write_text(path: str, text: str) -> None:
         with atomic_file(path, "w") as fh:
             fh.write(text)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror})")
+        raise OutputError(f"{path}: cannot write ({exc.strerror})") from exc
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", dir=parent)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create ({exc.strerror})")
+        raise OutputError(f"{path}: cannot create ({exc.strerror})") from exc
     try:
         yield tmp
         _ordinary_mode(tmp, is_dir=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 from ..errors import AdapterError, CheckpointError
 from . import hub
@@ -26,8 +25,8 @@ PARENTS_SEARCHED = 4  # a relative declared base is looked for this many folders
 class BaseCheck:
     """Outcome of comparing an adapter's declared base with the base used."""
 
-    declared: Optional[str]  # base_model_name_or_path as written (None: not declared)
-    resolved: Optional[str]  # the local path or hub ID it was taken to mean
+    declared: str | None  # base_model_name_or_path as written (None: not declared)
+    resolved: str | None  # the local path or hub ID it was taken to mean
     given: str  # the base used (path, or repo_id@commit)
     status: str  # match | mismatch | unverified | undeclared
     by: str  # path | sha256 | commit | repo | "" : what decided it
@@ -37,13 +36,13 @@ class BaseCheck:
         return asdict(self)
 
 
-def declared(adapter_ck) -> Optional[str]:
+def declared(adapter_ck) -> str | None:
     cfg = adapter_ck.adapter.config if adapter_ck.adapter is not None else {}
     d = cfg.get("base_model_name_or_path")
     return d.strip() if isinstance(d, str) and d.strip() else None
 
 
-def _local(spec: str, adapter_dir: str) -> Optional[str]:
+def _local(spec: str, adapter_dir: str) -> str | None:
     """The declared base as an existing local path, or None."""
     if os.path.lexists(spec):
         return spec
@@ -61,7 +60,7 @@ def _local(spec: str, adapter_dir: str) -> Optional[str]:
     return None
 
 
-def _hub_spec(spec: str, adapter_ck) -> Optional[str]:
+def _hub_spec(spec: str, adapter_ck) -> str | None:
     parsed = hub.parse(spec)
     if parsed is None or parsed[2] is not None:  # a base is a repository, not one file
         return None
@@ -160,7 +159,7 @@ def enforce(check: BaseCheck, adapter_path: str, strict: bool) -> None:
         raise AdapterError(f"{adapter_path}: --strict-base: {check.status}: {check.detail}")
 
 
-def warning_text(check: BaseCheck, adapter_path: str) -> Optional[str]:
+def warning_text(check: BaseCheck, adapter_path: str) -> str | None:
     """The report / stderr warning for a mismatch (None otherwise)."""
     if check.status == "mismatch":
         return f"adapter {adapter_path}: {check.detail}; the scan measures another model pair"

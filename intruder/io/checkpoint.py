@@ -9,8 +9,8 @@ import os
 import re
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import AdapterError, CheckpointError
 from ..types import CheckpointInfo, TensorRef
@@ -18,8 +18,7 @@ from . import hub
 from . import identity as ident
 from .dequant import attach_storage
 from .jsonfile import read_json
-from .safetensors_file import (DTYPES, SafetensorsFile, _valid_unicode, check_regular_file,
-                               gc_paused)
+from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file, gc_paused
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -35,14 +34,14 @@ class Checkpoint:
 
     path: str
     kind: str  # safetensors | sharded | directory | pickle | adapter | gguf
-    refs: Dict[str, TensorRef]
-    files: List[str]
-    adapter: Optional[object] = None  # intruder.io.adapter.Adapter for kind == adapter
-    metadata: Dict[str, str] = field(default_factory=dict)
+    refs: dict[str, TensorRef]
+    files: list[str]
+    adapter: object | None = None  # intruder.io.adapter.Adapter for kind == adapter
+    metadata: dict[str, str] = field(default_factory=dict)
     # GGUF: our name of a tensor -> the other Hugging Face spellings of it (io/gguf.py); pairing
     # renames to the one the other checkpoint uses
-    aliases: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-    _open: Dict[str, object] = field(default_factory=dict, repr=False)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _open: dict[str, object] = field(default_factory=dict, repr=False)
 
     def read(self, name: str):
         """Load one tensor (CPU, stored dtype). Only the file holding it is touched."""
@@ -51,9 +50,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return read_ref(ref, self._open)
 
-    source: Optional[object] = None  # intruder.io.hub.ResolvedSource for a hub ID
+    source: object | None = None  # intruder.io.hub.ResolvedSource for a hub ID
 
-    def identity_files(self) -> List[str]:
+    def identity_files(self) -> list[str]:
         """Files whose bytes make the checkpoint: the weights, and an adapter's config."""
         extra = []
         if self.kind == "adapter":
@@ -92,7 +91,7 @@ class Checkpoint:
         return h.hexdigest()[:16]
 
 
-def _handle(path: str, cache: Dict[str, object]):
+def _handle(path: str, cache: dict[str, object]):
     handle = cache.get(path)
     if handle is None:
         mem = MEMORY.get(path)
@@ -112,10 +111,10 @@ def _handle(path: str, cache: Dict[str, object]):
 
 
 # in-memory checkpoints (intruder.io.memory), by their `<memory N: label>` path; held weakly
-MEMORY: "weakref.WeakValueDictionary[str, Checkpoint]" = weakref.WeakValueDictionary()
+MEMORY: weakref.WeakValueDictionary[str, Checkpoint] = weakref.WeakValueDictionary()
 
 
-def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
+def read_ref(ref: TensorRef, cache: dict[str, object] | None = None):
     """Read the tensor a TensorRef points at, decoded to float when it is stored quantized
     (io/dequant.py, io/gguf.py). `cache` keeps parsed headers (not data) per file."""
     cache = {} if cache is None else cache
@@ -131,7 +130,7 @@ def read_ref(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
     return handle.read(ref.name)
 
 
-def read_stored_bytes(ref: TensorRef, cache: Optional[Dict[str, object]] = None):
+def read_stored_bytes(ref: TensorRef, cache: dict[str, object] | None = None):
     """A tensor's stored bytes as a flat uint8 torch tensor (for decoders)."""
     import torch
 
@@ -146,7 +145,7 @@ def read_stored_bytes(ref: TensorRef, cache: Optional[Dict[str, object]] = None)
 
 
 def open_checkpoint(path: str, allow_adapter: bool = True,
-                    offline: Optional[bool] = None) -> Checkpoint:
+                    offline: bool | None = None) -> Checkpoint:
     """Index a checkpoint at `path` (or a hub ID `org/name[@revision]`, intruder.io.hub) without
     reading tensor data. offline: None follows HF_HUB_OFFLINE / --offline."""
     p = os.fspath(path)
@@ -200,7 +199,7 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
     try:
         listing = sorted(os.listdir(d))
     except OSError as exc:
-        raise CheckpointError(f"{d}: cannot list the directory ({exc.strerror})")
+        raise CheckpointError(f"{d}: cannot list the directory ({exc.strerror})") from exc
     orphans = [f for f in ADAPTER_WEIGHTS if f in listing]
     if orphans:
         raise AdapterError(f"{d}: holds {orphans[0]} but no adapter_config.json; without it the "
@@ -221,7 +220,7 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
                           f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
 
 
-def _allowed_roots(root: str) -> Tuple[List[str], str]:
+def _allowed_roots(root: str) -> tuple[list[str], str]:
     """The model directory, plus the blob store when it is a Hugging Face cache snapshot
     (<repo>/snapshots/<revision>/ whose files are symlinks into <repo>/blobs/); and why a blob
     store was not trusted ("" if there is none). `root` is already resolved. The blob store is
@@ -250,7 +249,7 @@ def _inside(d: str, rel: str, what: str) -> str:
     try:
         os.fsencode(rel)
     except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file can have that name
-        raise CheckpointError(f"{what}: shard path {rel!r} is not a valid file name")
+        raise CheckpointError(f"{what}: shard path {rel!r} is not a valid file name") from None
     root = os.path.realpath(d)
     full = os.path.realpath(os.path.join(d, rel))
     roots, distrust = _allowed_roots(root)
@@ -274,7 +273,7 @@ def _from_index(d: str, index: str, safetensors: bool) -> Checkpoint:
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shards")
-    shards: Dict[str, str] = {}
+    shards: dict[str, str] = {}
     for name, rel in wm.items():
         if not isinstance(rel, str):
             raise CheckpointError(f"{index}: tensor {name!r} maps to {rel!r}, not a file name")
@@ -293,10 +292,10 @@ def _from_index(d: str, index: str, safetensors: bool) -> Checkpoint:
 
 
 def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
-    refs: Dict[str, TensorRef] = {}
-    metadata: Dict[str, str] = {}
+    refs: dict[str, TensorRef] = {}
+    metadata: dict[str, str] = {}
     files = list(files)
-    handles: Dict[str, SafetensorsFile] = {}
+    handles: dict[str, SafetensorsFile] = {}
     for f in files:
         sf = handles[f] = SafetensorsFile(f)
         metadata.update(sf.metadata)
@@ -311,7 +310,7 @@ def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
     return Checkpoint(path, kind, refs, files, metadata=metadata)
 
 
-def _model_config(path: str) -> Optional[dict]:
+def _model_config(path: str) -> dict | None:
     """config.json of a model directory (for quantization_config), or None; never an error."""
     cfg = os.path.join(path, "config.json")
     if not os.path.isdir(path) or not os.path.isfile(cfg):
@@ -365,10 +364,10 @@ class _PickleFile:
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"{path}: refused: {_unpickle_reason(exc)}; nothing in it was "
                                   f"run (weights-only loader); convert it to safetensors inside "
-                                  f"a sandbox")
+                                  f"a sandbox") from exc
         except Exception as exc:  # torch raises many types for garbage input
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
-                                  f"({exc.__class__.__name__})")
+                                  f"({exc.__class__.__name__})") from exc
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
@@ -387,12 +386,12 @@ class _PickleFile:
         return self.entries[name].clone()
 
 
-def _from_pickle(path: str, files: List[str]) -> Checkpoint:
+def _from_pickle(path: str, files: list[str]) -> Checkpoint:
     return _from_pickle_kind(path, files, "pickle")
 
 
 def _from_pickle_kind(path: str, files: Iterable[str], kind: str) -> Checkpoint:
-    refs: Dict[str, TensorRef] = {}
+    refs: dict[str, TensorRef] = {}
     for f in files:
         pf = _PickleFile(f)
         for name, t in pf.entries.items():

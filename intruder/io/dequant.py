@@ -26,7 +26,8 @@ Integer, boolean, complex and packed sub-byte tensors with no known layout are c
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Callable
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def minifloat_table(dtype: str) -> np.ndarray:
     return out.astype(np.float32)
 
 
-_TABLES: Dict[str, object] = {}
+_TABLES: dict[str, object] = {}
 
 
 def decode_float8(codes, dtype: str):
@@ -97,7 +98,7 @@ def decode_float8(codes, dtype: str):
     return table[codes.to(torch.int64)]
 
 
-def unusable(ref: TensorRef) -> Optional[str]:
+def unusable(ref: TensorRef) -> str | None:
     """Why the scan cannot use this tensor as float weights, or None when it can."""
     if ref.storage is not None:
         return ref.storage.problem or None
@@ -116,7 +117,7 @@ def unusable(ref: TensorRef) -> Optional[str]:
     return f"stored as {ref.dtype}, which this tool cannot decode; not scanned"
 
 
-def _scale_grid(shape: Tuple[int, ...], m: int, n: int) -> Optional[Tuple[int, int]]:
+def _scale_grid(shape: tuple[int, ...], m: int, n: int) -> tuple[int, int] | None:
     """The scale tensor's shape as a 2-D grid (s0, s1) over an m x n weight, or None."""
     if len(shape) == 0 or tuple(shape) == (1,):
         return 1, 1
@@ -127,7 +128,7 @@ def _scale_grid(shape: Tuple[int, ...], m: int, n: int) -> Optional[Tuple[int, i
     return None
 
 
-def _layout_kind(dtype: str, grid: Tuple[int, int], block: Tuple[int, int], m: int, n: int,
+def _layout_kind(dtype: str, grid: tuple[int, int], block: tuple[int, int], m: int, n: int,
                  inverse: bool) -> str:
     what = storage_name(dtype)
     s0, s1 = grid
@@ -142,8 +143,8 @@ def _layout_kind(dtype: str, grid: Tuple[int, int], block: Tuple[int, int], m: i
     return f"{what} {how}" + (" (weight_scale_inv)" if inverse else "")
 
 
-def _block_for(grid: Tuple[int, int], m: int, n: int,
-               declared: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+def _block_for(grid: tuple[int, int], m: int, n: int,
+               declared: tuple[int, int] | None) -> tuple[int, int] | None:
     """Rows x columns sharing one scale, for the layouts published: per tensor (1, 1), per
     channel (m, 1), per group of g columns (m, n / g), or blocks of the declared size (else
     128 x 128) with partial blocks at the edges. None for any other grid."""
@@ -161,7 +162,7 @@ def _block_for(grid: Tuple[int, int], m: int, n: int,
 
 
 def _bnb4(name: str, ref: TensorRef, refs: Mapping[str, TensorRef],
-          read_bytes: Optional[Callable]) -> Optional[TensorRef]:
+          read_bytes: Callable | None) -> TensorRef | None:
     """The logical (m, n) ref of a bitsandbytes 4-bit weight, or None (not that layout, or an
     inconsistent one: then the scan skips it as uint8 codes)."""
     import json
@@ -209,8 +210,8 @@ def _bnb4(name: str, ref: TensorRef, refs: Mapping[str, TensorRef],
     return TensorRef(ref.path, ref.name, (shape[0], shape[1]), ref.dtype, st)
 
 
-def attach_storage(refs: Mapping[str, TensorRef], config: Optional[dict] = None,
-                   read_bytes: Optional[Callable] = None) -> Dict[str, TensorRef]:
+def attach_storage(refs: Mapping[str, TensorRef], config: dict | None = None,
+                   read_bytes: Callable | None = None) -> dict[str, TensorRef]:
     """Refs with `storage` set on every quantized weight whose layout is known.
 
     `config`: the model's config.json (for quantization_config.weight_block_size);
@@ -375,7 +376,7 @@ _GGUF_STEPS = {"Q8_0": (32, "amax", 127), "Q4_0": (32, "amax", 8), "Q5_0": (32, 
 _MANTISSA = {"F8_E4M3": (3, 7), "F8_E5M2": (2, 15), "F8_E4M3FNUZ": (3, 8), "F8_E5M2FNUZ": (2, 16)}
 
 
-def noise_rms(ref: TensorRef, t, read: Callable) -> Optional[float]:
+def noise_rms(ref: TensorRef, t, read: Callable) -> float | None:
     """Root mean square rounding error the stored format put into the decoded tensor t (m, n),
     or None when the format adds none beyond its float grid (F16, BF16, F32 ...) or is unknown.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def _gguf():
         import gguf
     except ImportError:
         raise CheckpointError("reading GGUF files needs the `gguf` package "
-                              "(pip install 'intruder[gguf]')")
+                              "(pip install 'intruder[gguf]')") from None
     return gguf
 
 
@@ -52,7 +52,7 @@ def _reader(path: str):
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError,
             MemoryError) as exc:
         msg = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
-        raise CheckpointError(f"{path}: not a readable GGUF file ({msg})")
+        raise CheckpointError(f"{path}: not a readable GGUF file ({msg})") from exc
 
 
 def _field(reader, key: str, default=None):
@@ -69,7 +69,7 @@ def _field(reader, key: str, default=None):
         return default
 
 
-_DECODABLE: Dict[int, bool] = {}
+_DECODABLE: dict[int, bool] = {}
 
 
 def decodable(qtype) -> bool:
@@ -117,7 +117,7 @@ class GGUFFile:
         self.reader = _reader(path)
         self.entries = {t.name: t for t in self.reader.tensors}
 
-    def read(self, name: str, storage: Optional[Storage] = None):
+    def read(self, name: str, storage: Storage | None = None):
         """One tensor as float (F16/BF16/F32 in their own dtype, others float32), PyTorch shape,
         q/k rows back in Hugging Face order when storage.heads says so."""
         import torch
@@ -139,16 +139,16 @@ class GGUFFile:
                 out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
         except (ValueError, NotImplementedError) as exc:
             raise CheckpointError(f"{self.path}: tensor {name!r} ({qt.name} {list(shape)}): "
-                                  f"cannot be decoded ({str(exc)[:120]})")
+                                  f"cannot be decoded ({str(exc)[:120]})") from exc
         if storage is not None and storage.heads:
             try:
                 out = unpermute_rows(out, storage.heads).contiguous()
             except CheckpointError as exc:
-                raise CheckpointError(f"{self.path}: tensor {name!r}: {exc}")
+                raise CheckpointError(f"{self.path}: tensor {name!r}: {exc}") from exc
         return out
 
 
-def _name_tables(arch: str, n_blocks: int) -> Dict[str, List[str]]:
+def _name_tables(arch: str, n_blocks: int) -> dict[str, list[str]]:
     """GGUF base name (no .weight/.bias) -> Hugging Face spellings, from gguf's own tables."""
     gguf = _gguf()
     enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
@@ -158,14 +158,14 @@ def _name_tables(arch: str, n_blocks: int) -> Dict[str, List[str]]:
         tmap = gguf.get_tensor_name_map(enum, max(n_blocks, 0))
     except Exception:  # noqa: BLE001 - an architecture gguf's tables do not cover: names kept
         return {}
-    inv: Dict[str, List[str]] = {}
+    inv: dict[str, list[str]] = {}
     for hf, (_, gname) in tmap.mapping.items():
         if hf != gname and not hf.endswith("_no_perm"):
             inv.setdefault(gname, []).append(hf)
     return inv
 
 
-def _hf_name(gname: str, tables: Dict[str, List[str]]) -> Tuple[str, Tuple[str, ...]]:
+def _hf_name(gname: str, tables: dict[str, list[str]]) -> tuple[str, tuple[str, ...]]:
     """(preferred Hugging Face name, every spelling) of a GGUF tensor name."""
     for suffix in (".weight", ".bias", ""):
         if suffix and not gname.endswith(suffix):
@@ -179,7 +179,7 @@ def _hf_name(gname: str, tables: Dict[str, List[str]]) -> Tuple[str, Tuple[str, 
     return gname, (gname,)
 
 
-def _split_files(path: str, reader) -> List[str]:
+def _split_files(path: str, reader) -> list[str]:
     count = _field(reader, "split.count", 0) or 0
     m = _SPLIT.match(os.path.basename(path))
     if not count or int(count) <= 1 or not m:
@@ -193,7 +193,7 @@ def _split_files(path: str, reader) -> List[str]:
     return files
 
 
-def open_gguf(path: str, files: Optional[Sequence[str]] = None):
+def open_gguf(path: str, files: Sequence[str] | None = None):
     """Index a GGUF checkpoint (one file, or every part of a split one) without reading data."""
     from .checkpoint import Checkpoint
 
@@ -209,8 +209,8 @@ def open_gguf(path: str, files: Optional[Sequence[str]] = None):
     n_head = int(_field(reader, f"{arch}.attention.head_count", 0) or 0)
     n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", 0) or 0) or n_head
     tables = _name_tables(arch, n_blocks)
-    refs: Dict[str, TensorRef] = {}
-    aliases: Dict[str, Tuple[str, ...]] = {}
+    refs: dict[str, TensorRef] = {}
+    aliases: dict[str, tuple[str, ...]] = {}
     metadata = {"gguf.architecture": arch}
     for f in files:
         rd = reader if f == files[0] else _reader(f)
@@ -252,11 +252,11 @@ def open_gguf_dir(d: str, paths: Sequence[str]):
                           f"...); give the one to audit as a file path")
 
 
-def rename_to_match(ck, other_names) -> Dict[str, TensorRef]:
+def rename_to_match(ck, other_names) -> dict[str, TensorRef]:
     """ck's refs, each GGUF tensor under the alias that `other_names` uses (when exactly one
     does); others keep their preferred name."""
     other = set(other_names)
-    out: Dict[str, TensorRef] = {}
+    out: dict[str, TensorRef] = {}
     for name, ref in ck.refs.items():
         new = name
         if name not in other:

@@ -16,9 +16,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointError
 
@@ -44,15 +44,15 @@ class ResolvedSource:
     repo_id: str
     revision: str  # as asked for (branch, tag or commit); "main" when none was given
     commit: str  # the commit sha the revision resolved to
-    downloaded: Tuple[str, ...] = ()  # files fetched by this call (empty: all from the cache)
-    filename: Optional[str] = None  # one file of the repository (path is then that file)
+    downloaded: tuple[str, ...] = ()  # files fetched by this call (empty: all from the cache)
+    filename: str | None = None  # one file of the repository (path is then that file)
 
 
 _settings = {"offline": None, "progress": True}
 
 
 @contextlib.contextmanager
-def settings(offline: Optional[bool] = None, progress: bool = True) -> Iterator[None]:
+def settings(offline: bool | None = None, progress: bool = True) -> Iterator[None]:
     """Defaults for resolve() inside the block (the command line's --offline and -q)."""
     old = dict(_settings)
     _settings.update(offline=offline, progress=progress)
@@ -69,7 +69,7 @@ def is_offline() -> bool:
     return value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def parse(spec: str) -> Optional[Tuple[str, str, Optional[str]]]:
+def parse(spec: str) -> tuple[str, str, str | None] | None:
     """(repo_id, revision, file or None) when `spec` reads as a hub model ID, else None.
 
     `org/name`, `org/name@rev` (rev may hold '/': refs/pr/1), and one weights file of the
@@ -120,7 +120,7 @@ def repo_folder(repo_id: str) -> str:
     return os.path.join(cache_dir(), "models--" + repo_id.replace("/", "--"))
 
 
-def identify_snapshot(path: str) -> Optional[Tuple[str, str]]:
+def identify_snapshot(path: str) -> tuple[str, str] | None:
     """(repo_id, commit) when `path` is (a file inside) a hub cache snapshot directory."""
     d = os.path.abspath(path)
     if not os.path.isdir(d):
@@ -133,7 +133,7 @@ def identify_snapshot(path: str) -> Optional[Tuple[str, str]]:
     return None
 
 
-def cached_commit(repo_id: str, revision: str) -> Optional[str]:
+def cached_commit(repo_id: str, revision: str) -> str | None:
     """The commit `revision` names in the local cache (refs/<revision>), without any network."""
     if _COMMIT.match(revision):
         return revision
@@ -150,7 +150,7 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def resolve(spec: str, offline: Optional[bool] = None) -> ResolvedSource:
+def resolve(spec: str, offline: bool | None = None) -> ResolvedSource:
     """Resolve `org/name[@revision]` to a complete local snapshot (see the module docstring)."""
     parsed = parse(spec)
     if parsed is None:
@@ -182,12 +182,12 @@ def _hub():
         import huggingface_hub
     except ImportError:
         raise CheckpointError("reading a hub model ID needs huggingface_hub "
-                              "(pip install huggingface_hub), or give a local path")
+                              "(pip install huggingface_hub), or give a local path") from None
     return huggingface_hub
 
 
 def _from_cache(spec: str, repo_id: str, revision: str, why: str,
-                filename: Optional[str] = None) -> ResolvedSource:
+                filename: str | None = None) -> ResolvedSource:
     hh = _hub()
     try:
         snap = hh.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir(),
@@ -196,7 +196,7 @@ def _from_cache(spec: str, repo_id: str, revision: str, why: str,
         raise CheckpointError(f"{spec}: no such local path, and not in the local Hugging Face "
                               f"cache ({cache_dir()}) and "
                               f"{why}; run once online, or give a local path "
-                              f"({exc.__class__.__name__})")
+                              f"({exc.__class__.__name__})") from exc
     missing = missing_weights(snap, filename)
     if missing:
         raise CheckpointError(f"{spec}: the cached snapshot {os.path.basename(snap)} lacks "
@@ -234,7 +234,7 @@ def _connection_error(exc: BaseException) -> bool:
 
 
 def _download(spec: str, repo_id: str, revision: str,
-              filename: Optional[str] = None) -> ResolvedSource:
+              filename: str | None = None) -> ResolvedSource:
     with _online():
         return _download_online(spec, repo_id, revision, filename)
 
@@ -254,7 +254,7 @@ def _online() -> Iterator[None]:
 
 
 def _download_online(spec: str, repo_id: str, revision: str,
-                     filename: Optional[str] = None) -> ResolvedSource:
+                     filename: str | None = None) -> ResolvedSource:
     hh = _hub()
     api = hh.HfApi(endpoint=endpoint())
     try:
@@ -265,14 +265,14 @@ def _download_online(spec: str, repo_id: str, revision: str,
                  f"{repo_id}@{revision}")
             return _from_cache(spec, repo_id, revision, f"{endpoint()} is unreachable", filename)
         if isinstance(exc, hh.errors.HfHubHTTPError) or isinstance(exc, hh.errors.HFValidationError):
-            raise CheckpointError(_error_line(spec, repo_id, revision, exc))
+            raise CheckpointError(_error_line(spec, repo_id, revision, exc)) from exc
         raise
     commit = info.sha
     if not commit or not _COMMIT.match(commit):
         raise CheckpointError(f"{spec}: the hub gave no commit for revision {revision!r}")
     names = [s.rfilename for s in (info.siblings or [])]
     snap = os.path.join(repo_folder(repo_id), "snapshots", commit)
-    fetched: List[str] = []
+    fetched: list[str] = []
 
     def one(f: str) -> str:
         try:
@@ -280,7 +280,7 @@ def _download_online(spec: str, repo_id: str, revision: str,
                                endpoint=endpoint())
         except Exception as exc:
             if isinstance(exc, hh.errors.HfHubHTTPError) or _connection_error(exc):
-                raise CheckpointError(_error_line(spec, repo_id, revision, exc))
+                raise CheckpointError(_error_line(spec, repo_id, revision, exc)) from exc
             raise
         return f
 
@@ -377,12 +377,12 @@ def select_files(names: Sequence[str]):
                           f"level{extra}")
 
 
-def _shards(snap: str, index: str) -> List[str]:
+def _shards(snap: str, index: str) -> list[str]:
     try:
         with open(os.path.join(snap, index), encoding="utf-8") as fh:
             wm = json.load(fh).get("weight_map")
     except (OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{os.path.join(snap, index)}: unreadable index ({exc})")
+        raise CheckpointError(f"{os.path.join(snap, index)}: unreadable index ({exc})") from exc
     if not isinstance(wm, dict):
         raise CheckpointError(f"{os.path.join(snap, index)}: no 'weight_map' object")
     out = sorted({v for v in wm.values() if isinstance(v, str)})
@@ -393,7 +393,7 @@ def _shards(snap: str, index: str) -> List[str]:
     return out
 
 
-def missing_weights(snap: str, filename: Optional[str] = None) -> List[str]:
+def missing_weights(snap: str, filename: str | None = None) -> list[str]:
     """Weight files the snapshot needs but lacks ([] when a scan can open it); with `filename`,
     that one file."""
     def has(n: str) -> bool:

@@ -21,14 +21,14 @@ import os
 import queue
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 from .. import settings
 from ..errors import CheckpointError
 
 BLOCK = 8 << 20  # bytes read per hashlib update
 RACY_NS = 2_000_000_000  # a file modified this recently is hashed but not cached
-_Key = Tuple[str, int, int, int, int, int]
+_Key = tuple[str, int, int, int, int, int]
 
 
 def cache_dir() -> str:
@@ -42,7 +42,7 @@ def _key(path: str) -> _Key:
     try:
         st = os.stat(real)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from exc
     return (real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
@@ -51,9 +51,9 @@ def _entry_path(key: _Key) -> str:
     return os.path.join(cache_dir(), name[:2], name[2:34])
 
 
-def _cached(key: _Key) -> Optional[str]:
+def _cached(key: _Key) -> str | None:
     try:
-        with open(_entry_path(key), "r", encoding="ascii") as fh:
+        with open(_entry_path(key), encoding="ascii") as fh:
             text = fh.read(200).split()
     except (OSError, UnicodeDecodeError):
         return None
@@ -95,7 +95,7 @@ def _hash_file(path: str, key: _Key) -> str:
                         break
                     h.update(view[:n])
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read for its sha256 ({exc.strerror})")
+            raise CheckpointError(f"{path}: cannot read for its sha256 ({exc.strerror})") from exc
         after = _key(path)
         if after == key:
             # as git's index: a file changed within RACY_NS of now could change again without
@@ -111,8 +111,8 @@ class _Job:
     def __init__(self, path: str, key: _Key):
         self.path, self.key = path, key
         self.done = threading.Event()
-        self.digest: Optional[str] = None
-        self.error: Optional[BaseException] = None
+        self.digest: str | None = None
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
@@ -124,9 +124,9 @@ class _Job:
 
 
 _lock = threading.Lock()
-_jobs: Dict[_Key, _Job] = {}
+_jobs: dict[_Key, _Job] = {}
 _queue: queue.Queue[_Job] = queue.Queue()
-_workers: List[threading.Thread] = []
+_workers: list[threading.Thread] = []
 
 
 def n_workers() -> int:
@@ -188,7 +188,7 @@ def content_hash(digests: Sequence[str]) -> str:
     return hashlib.sha256("".join(d + "\n" for d in sorted(digests)).encode()).hexdigest()
 
 
-def file_identities(files: Sequence[str], root: str) -> List[dict]:
+def file_identities(files: Sequence[str], root: str) -> list[dict]:
     """[{name, bytes, sha256}] per file; names relative to the checkpoint's directory."""
     prefetch(files)
     base = root if os.path.isdir(root) else os.path.dirname(root)
@@ -213,7 +213,7 @@ def _check_blob(path: str, digest: str) -> None:
                               f"delete it and download again")
 
 
-def recorded_mismatch(ck, info) -> Optional[str]:
+def recorded_mismatch(ck, info) -> str | None:
     """Why checkpoint `ck` is not the one a report recorded as `info` (None: it is). Reports
     from schema 1.2 on record the content sha256; older ones a hash of names and sizes."""
     if getattr(info, "sha256", None):

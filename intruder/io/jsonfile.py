@@ -7,7 +7,6 @@ error type naming the file."""
 from __future__ import annotations
 
 import json
-from typing import List, Optional, Type
 
 from ..errors import CheckpointError, IntruderError
 from .safetensors_file import DuplicateKeyError, open_regular
@@ -78,7 +77,7 @@ def loads(text: str) -> object:
     return doc
 
 
-def _read_text(path: str, error: Type[IntruderError], what: str, max_bytes: Optional[int]) -> str:
+def _read_text(path: str, error: type[IntruderError], what: str, max_bytes: int | None) -> str:
     cap = MAX_LARGE_JSON if max_bytes is None else max_bytes
     try:
         fh, st = open_regular(path, what)
@@ -100,7 +99,7 @@ def _read_text(path: str, error: Type[IntruderError], what: str, max_bytes: Opti
         raise error(f"{path}: not valid JSON (not UTF-8 text at byte {exc.start})") from None
 
 
-def _parse(text: str, path: str, error: Type[IntruderError], where: str = "") -> object:
+def _parse(text: str, path: str, error: type[IntruderError], where: str = "") -> object:
     try:
         return loads(text)
     except DuplicateKeyError as exc:
@@ -117,15 +116,15 @@ def _parse(text: str, path: str, error: Type[IntruderError], where: str = "") ->
         raise error(f"{path}{where}: not valid JSON ({exc.__class__.__name__})") from None
 
 
-def read_json(path: str, error: Type[IntruderError] = CheckpointError, what: str = "JSON file",
-              max_bytes: Optional[int] = MAX_JSON) -> object:
+def read_json(path: str, error: type[IntruderError] = CheckpointError, what: str = "JSON file",
+              max_bytes: int | None = MAX_JSON) -> object:
     """Parse the JSON document at `path`; any problem raises `error` naming the file.
     max_bytes=None selects MAX_LARGE_JSON (reports, results): no read is uncapped."""
     return _parse(_read_text(path, error, what, max_bytes), path, error)
 
 
-def read_jsonl(path: str, error: Type[IntruderError] = CheckpointError, what: str = "JSONL file",
-               max_bytes: Optional[int] = None) -> List[object]:
+def read_jsonl(path: str, error: type[IntruderError] = CheckpointError, what: str = "JSONL file",
+               max_bytes: int | None = None) -> list[object]:
     """One JSON document per non-blank line (JSON Lines); errors name the file and line."""
     text = _read_text(path, error, what, max_bytes)
     return [_parse(line, path, error, f" line {i}")

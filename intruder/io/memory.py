@@ -15,8 +15,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ class _Store:
 class MemoryCheckpoint(Checkpoint):
     """A Checkpoint over tensors held in memory (no files)."""
 
-    store: Optional[_Store] = None
+    store: _Store | None = None
 
     def identity_files(self):
         return []  # no files: the identity is the tensors' names, dtypes and shapes
@@ -76,12 +77,12 @@ def is_memory_path(path: str) -> bool:
     return isinstance(path, str) and path.startswith(PREFIX) and path.endswith(">")
 
 
-def lookup(path: str) -> Optional[MemoryCheckpoint]:
+def lookup(path: str) -> MemoryCheckpoint | None:
     """The registered checkpoint at a memory path, or None."""
     return _REGISTRY.get(path) if is_memory_path(path) else None
 
 
-def handle(path: str) -> Optional[_Store]:
+def handle(path: str) -> _Store | None:
     ck = lookup(path)
     if ck is None and is_memory_path(path):
         raise CheckpointError(f"{path}: the in-memory model is gone (keep a reference to it "
@@ -90,9 +91,9 @@ def handle(path: str) -> Optional[_Store]:
 
 
 def _new(tensors: Mapping[str, torch.Tensor], label: str, kind: str,
-         adapter: Optional[Adapter] = None) -> MemoryCheckpoint:
+         adapter: Adapter | None = None) -> MemoryCheckpoint:
     path = f"{PREFIX}{next(_COUNTER)}: {label}>"
-    refs: Dict[str, TensorRef] = {}
+    refs: dict[str, TensorRef] = {}
     kept = {}
     for name, t in tensors.items():
         if not isinstance(name, str):
@@ -138,7 +139,7 @@ def _has_lora_layers(sd: Mapping[str, Any]) -> bool:
     return any(any(p in k for p in _LORA_PARTS) for k in sd)
 
 
-def base_weights(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def base_weights(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with PEFT's injected layers undone: `x.base_layer.weight` -> `x.weight`,
     LoRA factors and modules_to_save copies dropped (the untouched base model's tensors)."""
     out = {}
@@ -150,7 +151,7 @@ def base_weights(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _strip_peft_prefix(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _strip_peft_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pre = "base_model.model."
     return {(k[len(pre):] if k.startswith(pre) else k): v for k, v in sd.items()}
 
@@ -188,7 +189,7 @@ def from_module(model: torch.nn.Module, role: str = "tuned") -> MemoryCheckpoint
     return _new(sd, label, "memory")
 
 
-def peft_config_dict(model) -> Tuple[dict, str]:
+def peft_config_dict(model) -> tuple[dict, str]:
     """The active adapter's config as adapter_config.json holds it."""
     name = getattr(model, "active_adapter", None) or "default"
     if isinstance(name, (list, tuple)):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 from ..errors import PairingError
 from ..types import LayerPair, TensorRef
@@ -36,10 +35,10 @@ def _not_linear(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Pairing:
-    pairs: Tuple[LayerPair, ...]
-    unpaired_base: Tuple[str, ...]  # selected base tensors with no tuned counterpart
-    unpaired_tuned: Tuple[str, ...]  # selected tuned tensors with no base counterpart
-    skipped: Tuple[Tuple[str, str], ...]  # (name, reason) for paired tensors not scanned
+    pairs: tuple[LayerPair, ...]
+    unpaired_base: tuple[str, ...]  # selected base tensors with no tuned counterpart
+    unpaired_tuned: tuple[str, ...]  # selected tuned tensors with no base counterpart
+    skipped: tuple[tuple[str, str], ...]  # (name, reason) for paired tensors not scanned
 
 
 def normalise(name: str) -> str:
@@ -52,7 +51,7 @@ def is_default_target(name: str, shape) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and not _not_linear(name)
 
 
-def select(name: str, shape, include: Optional[str], exclude: Optional[str]) -> Optional[str]:
+def select(name: str, shape, include: str | None, exclude: str | None) -> str | None:
     """None if the tensor is scanned, else the reason it is not."""
     if len(shape) == 2 and 0 in tuple(shape):
         return "empty matrix (a dimension is 0)"
@@ -69,7 +68,7 @@ def select(name: str, shape, include: Optional[str], exclude: Optional[str]) -> 
     return "embedding, head or norm (select with --include)"
 
 
-def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
+def _align(base_names: list[str], tuned_names: list[str]) -> dict[str, str]:
     """base name -> tuned name. Exact match first; then names that differ only by one leading
     component (e.g. 'transformer.h.0...' vs 'h.0...'), if that match is unique.
 
@@ -84,7 +83,7 @@ def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
     for strip_base in (True, False):
         src, dst = (rest_b, rest_t) if strip_base else (rest_t, rest_b)
         dst_set = set(dst)
-        cand: Dict[str, List[str]] = {}
+        cand: dict[str, list[str]] = {}
         for n in src:
             if "." in n:
                 short = n.split(".", 1)[1]
@@ -100,16 +99,16 @@ def _align(base_names: List[str], tuned_names: List[str]) -> Dict[str, str]:
     return out
 
 
-def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str] = None,
-                     exclude: Optional[str] = None) -> Pairing:
+def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: str | None = None,
+                     exclude: str | None = None) -> Pairing:
     """Pair every selected base matrix with its tuned counterpart (full tensor or LoRA factors).
     Linear in the number of tensors."""
     with gc_paused():
         return _pair_checkpoints(base, tuned, include, exclude)
 
 
-def _pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: Optional[str],
-                      exclude: Optional[str]) -> Pairing:
+def _pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: str | None,
+                      exclude: str | None) -> Pairing:
     base_refs, tuned_refs = _gguf_names(base, tuned)
     if tuned.kind == "adapter":
         return _pair_adapter(base, tuned, include, exclude, base_refs)
@@ -155,7 +154,7 @@ def _gguf_names(base: Checkpoint, tuned: Checkpoint):
     return base_refs, tuned_refs
 
 
-def _unusable(*refs: TensorRef) -> Optional[str]:
+def _unusable(*refs: TensorRef) -> str | None:
     from .dequant import unusable
 
     for side, ref in zip(("base", "tuned"), refs):
@@ -166,7 +165,7 @@ def _unusable(*refs: TensorRef) -> Optional[str]:
 
 
 def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude,
-                  base_refs: Optional[Dict[str, TensorRef]] = None) -> Pairing:
+                  base_refs: dict[str, TensorRef] | None = None) -> Pairing:
     from .adapter import lora_info_for
 
     base_refs = base.refs if base_refs is None else base_refs

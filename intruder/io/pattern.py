@@ -14,7 +14,7 @@ either not regular or change what the construct means, and no PEFT key needs the
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable
 
 try:  # Python 3.11+
     from re import _constants as _c
@@ -42,7 +42,7 @@ def _is_word(ch: str) -> bool:
     return ch.isalnum() or ch == "_"  # sre's Unicode \w
 
 
-_CATEGORY: Dict[str, Callable[[str], bool]] = {
+_CATEGORY: dict[str, Callable[[str], bool]] = {
     "CATEGORY_DIGIT": str.isdecimal,
     "CATEGORY_NOT_DIGIT": lambda ch: not ch.isdecimal(),
     "CATEGORY_SPACE": str.isspace,
@@ -62,9 +62,9 @@ class _Builder:
     """Thompson construction, continuation style: build(items, next) returns the start state."""
 
     def __init__(self, dotall: bool):
-        self.kind: List[int] = []
-        self.data: List[object] = []
-        self.outs: List[List[int]] = []
+        self.kind: list[int] = []
+        self.data: list[object] = []
+        self.outs: list[list[int]] = []
         self.dotall = dotall
 
     def new(self, kind: int, data=None, outs=None) -> int:
@@ -131,8 +131,8 @@ class _Builder:
 def _charset(items) -> Callable[[str], bool]:
     negate = False
     chars = set()
-    ranges: List[Tuple[int, int]] = []
-    cats: List[Callable[[str], bool]] = []
+    ranges: list[tuple[int, int]] = []
+    cats: list[Callable[[str], bool]] = []
     for op, av in items:
         name = _op(op)
         if name == "NEGATE":
@@ -166,9 +166,9 @@ class LinearPattern:
         try:
             parsed = _p.parse(pattern, 0)
         except (re.error, RecursionError, OverflowError) as exc:
-            raise PatternError(f"not a valid regular expression ({exc})")
+            raise PatternError(f"not a valid regular expression ({exc})") from exc
         except Exception as exc:  # the private parser's other failures
-            raise PatternError(f"not a valid regular expression ({exc.__class__.__name__})")
+            raise PatternError(f"not a valid regular expression ({exc.__class__.__name__})") from exc
         flags = parsed.state.flags
         bad = flags & (re.IGNORECASE | re.MULTILINE | re.ASCII | re.LOCALE)
         if bad:
@@ -177,12 +177,12 @@ class LinearPattern:
         try:
             self.start = b.seq(parsed, b.new(_MATCH))
         except RecursionError:
-            raise PatternError("nested too deeply")
+            raise PatternError("nested too deeply") from None
         self.kind, self.data, self.outs = b.kind, b.data, b.outs
-        self._closure: Dict[Tuple[FrozenSet[int], Tuple[bool, ...]], FrozenSet[int]] = {}
-        self._step: Dict[Tuple[FrozenSet[int], str], FrozenSet[int]] = {}
+        self._closure: dict[tuple[frozenset[int], tuple[bool, ...]], frozenset[int]] = {}
+        self._step: dict[tuple[frozenset[int], str], frozenset[int]] = {}
 
-    def _assert(self, at: str, ctx: Tuple[bool, ...]) -> bool:
+    def _assert(self, at: str, ctx: tuple[bool, ...]) -> bool:
         first, last, before_final_newline, prev_word, next_word, empty = ctx
         if at in ("AT_BEGINNING", "AT_BEGINNING_STRING"):
             return first  # re.match starts at 0; without MULTILINE ^ is \A
@@ -196,7 +196,7 @@ class LinearPattern:
             return not empty and prev_word == next_word
         raise PatternError(f"assertion {at} is not supported")  # pragma: no cover
 
-    def _close(self, states: FrozenSet[int], ctx) -> FrozenSet[int]:
+    def _close(self, states: frozenset[int], ctx) -> frozenset[int]:
         key = (states, ctx)
         got = self._closure.get(key)
         if got is not None:
@@ -217,7 +217,7 @@ class LinearPattern:
         self._closure[key] = got
         return got
 
-    def _advance(self, states: FrozenSet[int], ch: str) -> FrozenSet[int]:
+    def _advance(self, states: frozenset[int], ch: str) -> frozenset[int]:
         key = (states, ch)
         got = self._step.get(key)
         if got is None:
@@ -265,13 +265,13 @@ class KeyTable:
     the plain path through LinearPattern too.
     """
 
-    def __init__(self, keys, compile_other: Optional[Callable[[str], LinearPattern]] = None):
+    def __init__(self, keys, compile_other: Callable[[str], LinearPattern] | None = None):
         compile_other = compile_other or peft_key_pattern
-        self.keys: List[str] = list(keys)
-        self.other: List[Tuple[int, LinearPattern]] = []
+        self.keys: list[str] = list(keys)
+        self.other: list[tuple[int, LinearPattern]] = []
         # (length, slices between the dots) -> {the key's characters outside its dots: index}
-        self.plain: Dict[Tuple[int, Tuple[Tuple[int, int], ...]], Dict[str, int]] = {}
-        self._plain_patterns: Optional[List[Tuple[int, LinearPattern]]] = None
+        self.plain: dict[tuple[int, tuple[tuple[int, int], ...]], dict[str, int]] = {}
+        self._plain_patterns: list[tuple[int, LinearPattern]] | None = None
         for i, k in enumerate(self.keys):
             if _PLAIN.fullmatch(k):
                 cuts, start = [], 0
@@ -286,7 +286,7 @@ class KeyTable:
             else:
                 self.other.append((i, compile_other(k)))
 
-    def first(self, name: str) -> Optional[str]:
+    def first(self, name: str) -> str | None:
         best = None
         if "\n" in name:
             if self._plain_patterns is None:

@@ -14,8 +14,8 @@ import json
 import os
 import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
 
 from ..errors import CheckpointError
 
@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 # defines (safetensors 0.8). A torch without one of these types (float8 before 2.1, uint16/32/64
 # before 2.3, float8_e8m0fnu before 2.7) still parses the file; io/dequant.py decodes the 8-bit
 # floats from their bytes, and the others are skipped by the scan with a note.
-DTYPES: Mapping[str, Tuple[int, str]] = {
+DTYPES: Mapping[str, tuple[int, str]] = {
     "F64": (8, "float64"),
     "F32": (4, "float32"),
     "F16": (2, "float16"),
@@ -58,7 +58,7 @@ def torch_dtype(dtype: str):
     return getattr(torch, info[1], None) if info is not None else None
 
 
-def storage_nbytes(dtype: str, shape) -> Optional[int]:
+def storage_nbytes(dtype: str, shape) -> int | None:
     """Bytes a tensor of this dtype and shape occupies; None for a packed size that is not whole."""
     numel = 1
     for d in shape:
@@ -102,7 +102,7 @@ def strict_json(text: str):
 class TensorEntry:
     name: str
     dtype: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int
 
@@ -112,9 +112,9 @@ def check_regular_file(path: str, what: str = "checkpoint") -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such file") from None
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot stat ({exc.strerror})")
+        raise CheckpointError(f"{path}: cannot stat ({exc.strerror})") from exc
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path}: not a regular file ({_kind(st.st_mode)}); refusing to "
                               f"read it as a {what}")
@@ -141,7 +141,7 @@ def open_regular(path: str, what: str = "checkpoint"):
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open ({exc.strerror})")
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from exc
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -164,13 +164,13 @@ def gc_paused():
             gc.enable()
 
 
-def parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int]:
+def parse_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
     """Parse and validate the header; return (entries, metadata, data start offset)."""
     with gc_paused():
         return _parse_header(path)
 
 
-def _parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], int]:
+def _parse_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
     fh, st = open_regular(path)
     size = st.st_size
     try:
@@ -191,14 +191,14 @@ def _parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], in
                     f"bytes); truncated, or not a safetensors file?")
             raw = fh.read(n)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from exc
     try:
         header = strict_json(raw.decode("utf-8"))
     except DuplicateKeyError as exc:
         raise CheckpointError(f"{path}: header names {exc.key!r} twice; a duplicated entry "
-                              f"would hide one of the two tensors")
+                              f"would hide one of the two tensors") from exc
     except (ValueError, RecursionError):  # bad UTF-8 / JSON, or a number too long to convert
-        raise CheckpointError(f"{path}: header is not valid JSON; not a safetensors file?")
+        raise CheckpointError(f"{path}: header is not valid JSON; not a safetensors file?") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     data_start = 8 + n
@@ -209,7 +209,7 @@ def _parse_header(path: str) -> Tuple[Dict[str, TensorEntry], Dict[str, str], in
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     if not all(_valid_unicode(k) and _valid_unicode(v) for k, v in metadata.items()):
         raise CheckpointError(f"{path}: __metadata__ holds a string that is not valid Unicode")
-    entries: Dict[str, TensorEntry] = {}
+    entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         if not _valid_unicode(name):  # a lone surrogate escape; serde_json (safetensors) refuses it
             raise CheckpointError(f"{path}: tensor name {name!r} is not valid Unicode")
@@ -273,13 +273,13 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_layout(path: str, entries: Dict[str, TensorEntry], data_len: int, data_start: int):
+def _check_layout(path: str, entries: dict[str, TensorEntry], data_len: int, data_start: int):
     """The data section is the tensors, back to back, and nothing else (as the safetensors library
     requires): no two tensors overlap (a duplicated region would alias two weights), no gap
     between them and no bytes after the last one (room for content no reader looks at)."""
     spans = sorted((e.start, e.end, e.name) for e in entries.values())  # O(n log n)
     nonempty = [s for s in spans if s[1] > s[0]]
-    for (s0, e0, n0), (s1, e1, n1) in zip(nonempty, nonempty[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(nonempty, nonempty[1:]):
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
     pos, prev = data_start, None
@@ -298,7 +298,7 @@ def _check_layout(path: str, entries: Dict[str, TensorEntry], data_len: int, dat
                               f"corrupt, or something appended to the file")
 
 
-def file_identity(st) -> Tuple[int, int, int, int, int]:
+def file_identity(st) -> tuple[int, int, int, int, int]:
     """(device, inode, size, mtime ns, ctime ns): changes when a file is replaced or rewritten,
     even by tools that restore the mtime (`cp -p`, `rsync -a`)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -320,7 +320,7 @@ class SafetensorsFile:
         try:
             now = os.stat(path)
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read ({exc.strerror})")
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from exc
         self.check_unchanged(now)
 
     def check_unchanged(self, st) -> None:
@@ -354,7 +354,7 @@ class SafetensorsFile:
                 fh.seek(e.start)
                 got = fh.readinto(memoryview(flat))
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})")
+            raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})") from exc
         if got != nbytes:
             raise CheckpointError(f"{self.path}: tensor {name!r}: file ended early (truncated?)")
         return out
@@ -373,7 +373,7 @@ class SafetensorsFile:
                 fh.seek(e.start)
                 data = fh.read(e.end - e.start)
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})")
+            raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})") from exc
         if len(data) != e.end - e.start:
             raise CheckpointError(f"{self.path}: tensor {name!r}: file ended early (truncated?)")
         return data

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import OutputError
 
@@ -69,7 +69,7 @@ def file_kind(mode: int) -> str:
     return "a special file"
 
 
-def _lstat(path: str) -> Optional[os.stat_result]:
+def _lstat(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except FileNotFoundError:
@@ -77,13 +77,13 @@ def _lstat(path: str) -> Optional[os.stat_result]:
     except NotADirectoryError:  # a parent is a file: reported by the parent check
         return None
     except OSError as exc:
-        raise OutputError(f"{path}: cannot inspect the output path ({exc.strerror})")
+        raise OutputError(f"{path}: cannot inspect the output path ({exc.strerror})") from exc
 
 
-def _input_inodes(inputs: Sequence[str]) -> Dict[Tuple[int, int], str]:
+def _input_inodes(inputs: Sequence[str]) -> dict[tuple[int, int], str]:
     """(device, inode) -> input path, for every input file and every file inside an input
     directory (links followed, as a reader follows them)."""
-    out: Dict[Tuple[int, int], str] = {}
+    out: dict[tuple[int, int], str] = {}
     seen = 0
     for inp in inputs:
         try:
@@ -160,15 +160,15 @@ def _check_existing(t: Target, st: os.stat_result) -> None:
         raise OutputError(f"{t.path}: {t.what} exists and is {file_kind(mode)}, not a directory")
 
 
-def check_targets(targets: Iterable[Target], inputs: Iterable[Optional[str]] = ()) -> List[str]:
+def check_targets(targets: Iterable[Target], inputs: Iterable[str | None] = ()) -> list[str]:
     """Refuse the first unsafe target (OutputError, one line); return the resolved paths."""
     targets = [t for t in targets if t is not None and t.path]
     inputs = [i for i in inputs if i]
     real_inputs = [(i, _real(i), os.path.isdir(i)) for i in inputs]
-    inodes: Optional[Dict[Tuple[int, int], str]] = None
-    reals: List[str] = []
-    seen: Dict[str, Target] = {}
-    seen_ino: Dict[Tuple[int, int], Target] = {}
+    inodes: dict[tuple[int, int], str] | None = None
+    reals: list[str] = []
+    seen: dict[str, Target] = {}
+    seen_ino: dict[tuple[int, int], Target] = {}
     for t in targets:
         real = _real(t.path)
         st = _lstat(t.path)
@@ -210,10 +210,10 @@ def check_targets(targets: Iterable[Target], inputs: Iterable[Optional[str]] = (
     return reals
 
 
-def create_parents(path: str) -> List[str]:
+def create_parents(path: str) -> list[str]:
     """Create the missing folders above `path`; return them, deepest first, for removal on
     failure."""
-    made: List[str] = []
+    made: list[str] = []
     p = os.path.dirname(os.path.abspath(path))
     while p and not os.path.lexists(p):
         made.append(p)
@@ -228,11 +228,11 @@ def create_parents(path: str) -> List[str]:
             pass
         except OSError as exc:
             remove_dirs(made)
-            raise OutputError(f"{path}: cannot create directory {d} ({exc.strerror})")
+            raise OutputError(f"{path}: cannot create directory {d} ({exc.strerror})") from exc
     return made
 
 
-def create_dir(path: str) -> List[str]:
+def create_dir(path: str) -> list[str]:
     """Create the directory `path` with its parents; return what was created, deepest first."""
     return create_parents(os.path.join(path, "x"))
 

@@ -19,8 +19,8 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import OutputError
 from .atomic import atomic_dir, atomic_file
@@ -42,7 +42,7 @@ class TensorSpec:
 
     name: str
     dtype: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
@@ -56,8 +56,8 @@ class TensorSpec:
 class ShardPlan:
     """One output .safetensors file: its path relative to the output (None: the output itself)."""
 
-    filename: Optional[str]
-    tensors: Tuple[TensorSpec, ...]
+    filename: str | None
+    tensors: tuple[TensorSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,10 @@ class OutputPlan:
     """The whole output: a single file (`kind == "file"`) or a directory of shards."""
 
     kind: str  # file | dir
-    shards: Tuple[ShardPlan, ...]
+    shards: tuple[ShardPlan, ...]
     index: bool = False  # write model.safetensors.index.json (dir only)
-    index_metadata: Tuple[Tuple[str, object], ...] = ()  # kept from the input's index
-    companions: Tuple[Tuple[str, str], ...] = ()  # (source file, name in the output dir)
+    index_metadata: tuple[tuple[str, object], ...] = ()  # kept from the input's index
+    companions: tuple[tuple[str, str], ...] = ()  # (source file, name in the output dir)
 
     def tensors(self) -> Iterator[TensorSpec]:
         """Every tensor in the order the writer expects it."""
@@ -76,7 +76,7 @@ class OutputPlan:
             yield from shard.tensors
 
 
-def _ordered_specs(ck: Checkpoint, f: str) -> List[TensorSpec]:
+def _ordered_specs(ck: Checkpoint, f: str) -> list[TensorSpec]:
     """Specs of the tensors stored in file f, in on-disk order (sequential reads)."""
     names = [n for n, r in ck.refs.items() if r.path == f]
     if f.endswith(".safetensors"):
@@ -100,7 +100,7 @@ def _out_name(rel: str) -> str:
     return os.path.join(head, base + ".safetensors")
 
 
-def plan_like(ck: Checkpoint, overrides: Optional[Mapping[str, TensorSpec]] = None) -> OutputPlan:
+def plan_like(ck: Checkpoint, overrides: Mapping[str, TensorSpec] | None = None) -> OutputPlan:
     """An output layout mirroring checkpoint `ck` (not an adapter).
 
     A single file gives a single file; a directory gives the same shard files (pickle shards
@@ -126,8 +126,8 @@ def plan_like(ck: Checkpoint, overrides: Optional[Mapping[str, TensorSpec]] = No
                       companions=tuple(companion_files(ck.path)))
 
 
-def plan_merged(base: Checkpoint, overrides: Optional[Mapping[str, TensorSpec]] = None,
-                extra: Sequence[TensorSpec] = (), overlay_dir: Optional[str] = None) -> OutputPlan:
+def plan_merged(base: Checkpoint, overrides: Mapping[str, TensorSpec] | None = None,
+                extra: Sequence[TensorSpec] = (), overlay_dir: str | None = None) -> OutputPlan:
     """A merged-model directory laid out like BASE (adapter input): same shards and names,
     `overrides` replacing specs by name, `extra` tensors (not in BASE) appended to the last
     shard, BASE's companion files, and tokenizer files of `overlay_dir` (the adapter's own
@@ -152,7 +152,7 @@ def plan_merged(base: Checkpoint, overrides: Optional[Mapping[str, TensorSpec]] 
     return replace(plan, companions=tuple((src, name) for name, src in sorted(companions.items())))
 
 
-def _index_metadata(ck: Checkpoint) -> Tuple[Tuple[str, object], ...]:
+def _index_metadata(ck: Checkpoint) -> tuple[tuple[str, object], ...]:
     for name in (SAFE_INDEX, "pytorch_model.bin.index.json"):
         p = os.path.join(ck.path, name)
         if os.path.isfile(p):
@@ -167,7 +167,7 @@ def _index_metadata(ck: Checkpoint) -> Tuple[Tuple[str, object], ...]:
     return ()
 
 
-def companion_files(d: str) -> List[Tuple[str, str]]:
+def companion_files(d: str) -> list[tuple[str, str]]:
     """(source, name) of the regular top-level files of model dir `d` that are not weights or
     weight indexes: config, generation config, tokenizer, README, ... Symlinks (the Hugging Face
     cache) are followed; subdirectories and hidden files are not copied."""
@@ -200,13 +200,13 @@ class SafetensorsStreamWriter:
     """Writes one .safetensors file to an open binary handle: header first, then each tensor's
     bytes in the planned order (contiguous, no gaps, as the format requires)."""
 
-    def __init__(self, fh, specs: Sequence[TensorSpec], metadata: Optional[Mapping[str, str]] = None,
+    def __init__(self, fh, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None,
                  where: str = ""):
         self.fh = fh
         self.where = where
         self.specs = list(specs)
         self._next = 0
-        header: Dict[str, object] = {}
+        header: dict[str, object] = {}
         if metadata:
             bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
             if bad:
@@ -278,21 +278,21 @@ class CheckpointWriter:
     behind and an existing `path` is untouched.
     """
 
-    def __init__(self, path: str, plan: OutputPlan, metadata: Optional[Mapping[str, str]] = None,
-                 index_extra: Optional[Mapping[str, object]] = None):
+    def __init__(self, path: str, plan: OutputPlan, metadata: Mapping[str, str] | None = None,
+                 index_extra: Mapping[str, object] | None = None):
         self.path = path
         self.plan = plan
         self.metadata = dict(metadata or {})
         self.metadata.setdefault("format", "pt")  # transformers refuses other formats
         self.index_extra = dict(index_extra or {})
-        self._stack: Optional[contextlib.ExitStack] = None
-        self._root: Optional[str] = None
+        self._stack: contextlib.ExitStack | None = None
+        self._root: str | None = None
         self._shard = -1
-        self._cur: Optional[SafetensorsStreamWriter] = None
+        self._cur: SafetensorsStreamWriter | None = None
         self._fh = None
         self.bytes_written = 0
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         self._stack = contextlib.ExitStack()
         try:
             if self.plan.kind == "file":
@@ -343,7 +343,7 @@ class CheckpointWriter:
         try:
             self._cur.write(name, data)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write ({exc.strerror})")
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror})") from exc
         if self._cur._next == len(self._cur.specs):
             self._open_next()
 
@@ -367,7 +367,7 @@ class CheckpointWriter:
         try:
             return self._stack.__exit__(None, None, None)  # fsync + rename into place
         except OSError as err:
-            raise OutputError(f"{self.path}: cannot write ({err.strerror})")
+            raise OutputError(f"{self.path}: cannot write ({err.strerror})") from err
 
     def _finish_dir(self) -> None:
         if self.plan.index:
@@ -385,11 +385,11 @@ class CheckpointWriter:
             try:
                 shutil.copyfile(src, dst)
             except OSError as exc:
-                raise OutputError(f"{src}: cannot copy into {self.path} ({exc.strerror})")
+                raise OutputError(f"{src}: cannot copy into {self.path} ({exc.strerror})") from exc
 
 
-def write_tensors(path: str, plan: OutputPlan, produce, metadata: Optional[Mapping[str, str]] = None,
-                  index_extra: Optional[Mapping[str, object]] = None) -> int:
+def write_tensors(path: str, plan: OutputPlan, produce, metadata: Mapping[str, str] | None = None,
+                  index_extra: Mapping[str, object] | None = None) -> int:
     """Write every planned tensor, `produce(spec)` returning a tensor or raw bytes; returns the
     number of tensor bytes written."""
     with CheckpointWriter(path, plan, metadata, index_extra) as w:
@@ -398,15 +398,15 @@ def write_tensors(path: str, plan: OutputPlan, produce, metadata: Optional[Mappi
     return w.bytes_written
 
 
-def specs_by_name(plan: OutputPlan) -> Dict[str, TensorSpec]:
+def specs_by_name(plan: OutputPlan) -> dict[str, TensorSpec]:
     return {s.name: s for s in plan.tensors()}
 
 
 
-def identity_metadata(report) -> Dict[str, str]:
+def identity_metadata(report) -> dict[str, str]:
     """Safetensors metadata naming the exact inputs an output was made from: per side the
     content sha256, each file's sha256 (JSON) and, for hub inputs, repository and commit."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for role, info in (("base", report.base), ("tuned", report.tuned)):
         if getattr(info, "sha256", None):
             out[f"intruder.{role}_sha256"] = info.sha256

@@ -22,8 +22,8 @@ import hashlib
 import html as _html
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import __version__
 from ..errors import IntruderError, OutputError, ReportError
@@ -356,7 +356,7 @@ def _plots():
 # ------------------------------------------------------------------------------------------------
 
 
-def _similarity(report: ScanReport, mode: Optional[bool], base_path, tuned_path, n_affected: int):
+def _similarity(report: ScanReport, mode: bool | None, base_path, tuned_path, n_affected: int):
     """(blocks in display order, clean layer name, note in words)."""
     if mode is False:
         return [], None, "left out (similarity=False / --no-similarity)"
@@ -384,7 +384,7 @@ def _similarity(report: ScanReport, mode: Optional[bool], base_path, tuned_path,
         f"recomputed from the checkpoints for {len(ordered)} matrices (fingerprints verified)")
 
 
-def _margin_section(report: ScanReport, extra: Sequence[Section], dpi: int) -> Optional[Section]:
+def _margin_section(report: ScanReport, extra: Sequence[Section], dpi: int) -> Section | None:
     """The margin view (intruder.report.margin_view) when the scan stored margin measures and
     the caller did not pass one already."""
     if any(s.anchor == "margin" for s in extra):
@@ -408,8 +408,8 @@ def _scale_table(scale_results):
     return parse_scale_results(scale_results)
 
 
-def _analysis_sections(report: ScanReport, fig: _Figures, blocks, clean: Optional[str],
-                       sim_note: str) -> List[Tuple[str, str, str]]:
+def _analysis_sections(report: ScanReport, fig: _Figures, blocks, clean: str | None,
+                       sim_note: str) -> list[tuple[str, str, str]]:
     """Grid, similarity, max|cos| and sweep, spectra: the figures of a scan with changed matrices."""
     plots = _plots()
     eps = report.config.epsilon
@@ -455,10 +455,10 @@ def _analysis_sections(report: ScanReport, fig: _Figures, blocks, clean: Optiona
     return out
 
 
-def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mapping[str, str]] = None,
-                *, scale_results=None, similarity: Optional[bool] = None,
-                base_path: Optional[str] = None, tuned_path: Optional[str] = None,
-                command: Optional[str] = None, n_affected: int = 3, dpi: int = 100) -> Tuple[str, AuditInfo]:
+def render_html(report: ScanReport, extra: None | Sequence[Section] | Mapping[str, str] = None,
+                *, scale_results=None, similarity: bool | None = None,
+                base_path: str | None = None, tuned_path: str | None = None,
+                command: str | None = None, n_affected: int = 3, dpi: int = 100) -> tuple[str, AuditInfo]:
     """Build the page; returns (html text, AuditInfo with path unset)."""
     fig = _Figures(dpi)
     v = verdict_of(report)
@@ -470,7 +470,7 @@ def render_html(report: ScanReport, extra: Union[None, Sequence[Section], Mappin
     blocks, clean, sim_note = [], None, "not applicable (no changed matrices)"
     if has_layers:
         blocks, clean, sim_note = _similarity(report, similarity, base_path, tuned_path, n_affected)
-    sections: List[Tuple[str, str, str]] = []  # (anchor, title, html)
+    sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
     sections.append(("identity", "Base and tuned checkpoints", _identity(report)))
     sections.append(("config", "Configuration", _config(report)))
     if report.warnings:

@@ -9,7 +9,8 @@ they only draw the numbers the scan stored (LayerResult.extra, see intruder.spec
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 from ..types import ScanReport
 
@@ -25,7 +26,7 @@ def _figure(w: float, h: float):
     return fig(w, h)
 
 
-def _as_mapping(reports: Reports) -> Dict[str, ScanReport]:
+def _as_mapping(reports: Reports) -> dict[str, ScanReport]:
     if isinstance(reports, ScanReport):
         import os
 
@@ -49,7 +50,7 @@ def margin_points(report: ScanReport):
     return out
 
 
-def margin_scatter(reports: Reports, color_by: Optional[str] = None):
+def margin_scatter(reports: Reports, color_by: str | None = None):
     """Each matrix: novel strength (x, log) against its lowest max|cos| (y). The count at epsilon
     switches on below the horizontal line; a new direction enters the top-k near x = 1.
 
@@ -91,7 +92,7 @@ def margin_scatter(reports: Reports, color_by: Optional[str] = None):
     return fig
 
 
-def delta_spectra(report: ScanReport, names: Optional[Sequence[str]] = None, max_layers: int = 6):
+def delta_spectra(report: ScanReport, names: Sequence[str] | None = None, max_layers: int = 6):
     """Singular values of dW = Wt - W0 (log scale) with the storage rounding floor (dashed):
     a LoRA update falls off a cliff at its rank; a full fine-tune's does not."""
     layers = [l for l in report.layers if l.status == "scanned" and dict(l.extra).get("delta_sv")]
@@ -169,7 +170,8 @@ def margin_section_html(report: ScanReport, dpi: int = 100) -> str:
                                  "novel strength", "||dW||_2/sigma_k", "stable rank dW",
                                  "rank dW", "update"],
                                 [[r[0]] + r[1:] for r in rows], num=(1, 2, 3, 4, 5, 6)))
-    parts.append(f"<h3>Update shape (provenance; one input of the verdict above)</h3><p><b>{escape(verdict_line(p))}</b></p>"
+    parts.append("<h3>Update shape (provenance; one input of the verdict above)</h3>"
+                 f"<p><b>{escape(verdict_line(p))}</b></p>"
                  + "<ul>" + "".join(f"<li>{escape(e)}</li>" for e in p.evidence) + "</ul>")
     lr = [l.name for l in p.layers if l.kind in ("low-rank", "dense")]
     if lr:

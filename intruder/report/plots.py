@@ -9,7 +9,8 @@ matplotlib is imported inside the functions so `import intruder` stays fast.
 from __future__ import annotations
 
 import io
-from typing import Dict, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 from ..types import SWEEP_EPSILONS, ScanReport
 from . import views
@@ -44,7 +45,7 @@ def _figure(w: float, h: float):
     return fig
 
 
-def _as_mapping(reports: Reports) -> Dict[str, ScanReport]:
+def _as_mapping(reports: Reports) -> dict[str, ScanReport]:
     if isinstance(reports, ScanReport):
         import os
 
@@ -100,7 +101,7 @@ def to_png(fig, dpi: int = 100) -> bytes:
 
 
 @_plain_text
-def layer_module_heatmap(report: ScanReport, value: str = "count", annotate: Optional[bool] = None):
+def layer_module_heatmap(report: ScanReport, value: str = "count", annotate: bool | None = None):
     """Blocks (rows) x modules (columns): intruder counts (value='count') or the lowest max|cos|
     per cell (value='min_cos', the distance to a first intruder). Grey cells: no such matrix or
     nothing changed."""
@@ -178,7 +179,7 @@ def module_bars(report: ScanReport):
 
 
 @_plain_text
-def similarity_heatmaps(blocks: Sequence, clean: Optional[str] = None, max_cols: int = 4):
+def similarity_heatmaps(blocks: Sequence, clean: str | None = None, max_cols: int = 4):
     """|cos| of the top-k tuned singular vectors (rows) against the top-N base vectors (columns),
     one panel per SimilarityBlock. A row without a bright cell is an intruder (marked in red);
     `clean` names the panel shown for contrast."""
@@ -262,7 +263,7 @@ def epsilon_sweep(reports: Reports, grid: Sequence[float] = SWEEP_EPSILONS, log:
 
 
 @_plain_text
-def spectra(report: ScanReport, names: Optional[Sequence[str]] = None, max_cols: int = 3):
+def spectra(report: ScanReport, names: Sequence[str] | None = None, max_cols: int = 3):
     """Top singular values of base and tuned per layer; intruders marked on the tuned spectrum."""
     by = {l.name: l for l in report.layers}
     layers = [by[n] for n in names] if names else views.spectra_layers(report)
@@ -294,7 +295,7 @@ def spectra(report: ScanReport, names: Optional[Sequence[str]] = None, max_cols:
 
 
 @_plain_text
-def tradeoff(table, x: Optional[str] = None, y: Optional[str] = None):
+def tradeoff(table, x: str | None = None, y: str | None = None):
     """Scale sweep trade-off: pre-training metric (x) against task metric (y), one point per
     alpha, the base and the tuned model (alpha = 1) marked."""
     x = x or table.x_metric

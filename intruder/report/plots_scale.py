@@ -6,8 +6,8 @@ atomically as PNG.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class SweepPoint:
 
     label: str  # "base", "tuned", "alpha=0.5"
     role: str  # base | tuned | scaled
-    alpha: Optional[float]  # None for base; 1.0 for tuned
+    alpha: float | None  # None for base; 1.0 for tuned
     x: float  # pre-training metric (trade-off plot) or alpha (metric plot)
     y: float  # task metric (trade-off plot) or the metric (metric plot)
 

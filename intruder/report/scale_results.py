@@ -5,7 +5,8 @@ evaluator result (`result_entry`, what intruder.scale_sweep writes for every mod
 ONE metric preference (`choose_axes`) that picks the trade-off plot's axes, so the PNG the sweep
 writes and the HTML audit's plot show the same two metrics.
 
-A file carrying FORMAT is read by that declaration. Older or hand-made files are read tolerantly: it accepts the rows either as a list or under `rows`,
+A file carrying FORMAT is read by that declaration. Older or hand-made files are read tolerantly:
+it accepts the rows either as a list or under `rows`,
 `results`, `alphas`, `runs` or `points`; each row's metrics either as a list of evaluator results
 ({evaluator, metric, value, protocol, ...}) under `evals`/`eval`/`metrics`/`results`, as a
 {metric: value} mapping, or as flat numeric fields; base and tuned references either as rows
@@ -19,7 +20,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from ..errors import ReportError
 
@@ -49,7 +50,7 @@ def is_task_evaluator(evaluator: str) -> bool:
     return e.startswith("task") or e.startswith("lm-eval:")
 
 
-def choose_axes(keys) -> Tuple[Optional[Tuple[str, str]], Optional[Tuple[str, str]]]:
+def choose_axes(keys) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
     """(x, y) among (evaluator, metric) keys: the first pre-training metric by preference (not
     from a task), the first task metric by preference (not a perplexity). Either may be None."""
     keys = list(keys)
@@ -61,7 +62,7 @@ def choose_axes(keys) -> Tuple[Optional[Tuple[str, str]], Optional[Tuple[str, st
     return x, y
 
 
-def result_entry(r) -> Dict[str, Any]:
+def result_entry(r) -> dict[str, Any]:
     """One EvalResult as the file stores it (RESULT_FIELDS; a non-finite value as null)."""
     return dict(evaluator=r.evaluator, metric=r.metric, value=_num(r.value), n_units=r.n_units,
                 unit=r.unit, protocol=r.protocol, extra={k: v for k, v in r.extra})
@@ -71,36 +72,36 @@ def result_entry(r) -> Dict[str, Any]:
 class ScalePoint:
     label: str  # 'base', 'tuned', 'alpha=0.5'
     role: str  # base | tuned | alpha
-    alpha: Optional[float]
-    metrics: Tuple[Tuple[str, float], ...]  # (name, value), name like 'wikitext/word_perplexity'
-    intruders: Optional[int] = None  # directions rescaled (scaled rows)
+    alpha: float | None
+    metrics: tuple[tuple[str, float], ...]  # (name, value), name like 'wikitext/word_perplexity'
+    intruders: int | None = None  # directions rescaled (scaled rows)
     note: str = ""
 
-    def get(self, name: str) -> Optional[float]:
+    def get(self, name: str) -> float | None:
         return dict(self.metrics).get(name)
 
 
 @dataclass(frozen=True)
 class ScaleTable:
     source: str
-    points: Tuple[ScalePoint, ...]
-    metrics: Tuple[str, ...]  # every metric name, first-seen order
-    x_metric: Optional[str]  # pre-training side (forgetting)
-    y_metric: Optional[str]  # task side
-    protocols: Tuple[Tuple[str, str], ...]  # (metric name, protocol text)
-    epsilon: Optional[float] = None  # threshold whose intruders were rescaled, when recorded
+    points: tuple[ScalePoint, ...]
+    metrics: tuple[str, ...]  # every metric name, first-seen order
+    x_metric: str | None  # pre-training side (forgetting)
+    y_metric: str | None  # task side
+    protocols: tuple[tuple[str, str], ...]  # (metric name, protocol text)
+    epsilon: float | None = None  # threshold whose intruders were rescaled, when recorded
     intervention: str = ""  # the formula, when recorded
 
 
-def _num(v: Any) -> Optional[float]:
+def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     v = float(v)
     return v if math.isfinite(v) else None
 
 
-def _metrics(row: Dict[str, Any], protocols: Dict[str, str]) -> List[Tuple[str, float]]:
-    out: List[Tuple[str, float]] = []
+def _metrics(row: dict[str, Any], protocols: dict[str, str]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
     for key in _METRIC_KEYS:
         sub = row.get(key)
         if isinstance(sub, list):
@@ -128,7 +129,7 @@ def _metrics(row: Dict[str, Any], protocols: Dict[str, str]) -> List[Tuple[str, 
     return [(n, v) for n, v in out if not (n in seen or seen.add(n))]
 
 
-def _role(row: Dict[str, Any], hint: Optional[str]) -> Tuple[str, Optional[float]]:
+def _role(row: dict[str, Any], hint: str | None) -> tuple[str, float | None]:
     alpha = _num(row.get("alpha"))
     tag = " ".join(str(row.get(k, "")) for k in ("role", "label", "name", "model", "kind")).lower()
     if hint:
@@ -142,7 +143,7 @@ def _role(row: Dict[str, Any], hint: Optional[str]) -> Tuple[str, Optional[float
 
 def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
     """Build a ScaleTable from already-parsed JSON data."""
-    rows: List[Tuple[Dict[str, Any], Optional[str]]] = []
+    rows: list[tuple[dict[str, Any], str | None]] = []
     if isinstance(doc, list):
         rows = [(r, None) for r in doc]
     elif isinstance(doc, dict):
@@ -157,8 +158,8 @@ def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
                 rows.insert(0 if role == "base" else len(rows), (refs[role], role))
     else:
         raise ReportError(f"{source}: expected a JSON object or list of rows")
-    protocols: Dict[str, str] = {}
-    points: List[ScalePoint] = []
+    protocols: dict[str, str] = {}
+    points: list[ScalePoint] = []
     for row, hint in rows:
         if not isinstance(row, dict):
             continue
@@ -179,7 +180,7 @@ def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
     if not any(p.role == "tuned" for p in points):  # alpha = 1 is the tuned model itself
         points = [replace(p, label="tuned (alpha = 1)", role="tuned")
                   if p.role == "alpha" and p.alpha == 1.0 else p for p in points]
-    metrics: List[str] = []
+    metrics: list[str] = []
     for p in points:
         for n, _ in p.metrics:
             if n not in metrics:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, fields
-from typing import Any, Dict, Optional
+from typing import Any
 
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
@@ -129,7 +129,7 @@ _SUMMARY = {"type": "object",
                            "counts_by_epsilon": _COUNTS, "min_max_cos": _NNUM,
                            "mean_intruder_energy": _NUM, "seconds": _NUM,
                            "margin": _MARGIN, "provenance": _PROVENANCE}}
-SCAN_SCHEMA: Dict[str, Any] = {
+SCAN_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["schema_version", "base", "tuned", "config", "layers", "summary"],
     "properties": {
@@ -166,7 +166,7 @@ _ROW = {"type": "object", "required": ["label", "path", "intruders", "provenance
     "persistent": _INT, "new": _INT, "gone": _INT}}
 _PERSIST = {"type": "object", "properties": {"persistent": _INTS, "new": _INTS, "gone": _INTS,
                                              "match_cos": _NUMS}}
-TRACK_SCHEMA: Dict[str, Any] = {
+TRACK_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["kind", "track_schema_version", "base", "config", "entries"],
     "properties": {
@@ -189,7 +189,7 @@ TRACK_SCHEMA: Dict[str, Any] = {
 _RESULT = {"type": "object", "required": ["evaluator", "metric", "value"], "properties": {
     "evaluator": _STR, "metric": _STR, "value": _NNUM, "n_units": _INT, "unit": _STR,
     "protocol": _STR, "extra": {"type": "object"}}}
-SCALE_SCHEMA: Dict[str, Any] = {
+SCALE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["intervention", "base", "tuned", "alphas", "models"],
     "properties": {
@@ -212,11 +212,11 @@ SCALE_SCHEMA: Dict[str, Any] = {
     },
 }
 # the scan-report schema alone, as a standalone document (what load_report checks)
-SCAN_SCHEMA_DOC: Dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+SCAN_SCHEMA_DOC: dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema",
                                    "$defs": {"scan": SCAN_SCHEMA}, "$ref": "#/$defs/scan"}
 # The published schema: one document for every JSON report the tool writes. A scan report is
 # the default; a track / compare carries `kind`, a scale-results file `intervention`.
-SCHEMA: Dict[str, Any] = {
+SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
     "title": "intruder report (scan, compare, track, scale results)",
@@ -234,7 +234,7 @@ def _finite(x: float):
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def to_dict(report: ScanReport) -> Dict[str, Any]:
+def to_dict(report: ScanReport) -> dict[str, Any]:
     """The report as plain JSON-ready data."""
     from ..scan import summary
 
@@ -324,10 +324,10 @@ def _message(err) -> str:
     return f"{where}: {err.message[:200]}"
 
 
-_VALIDATORS: Dict[int, Any] = {}
+_VALIDATORS: dict[int, Any] = {}
 
 
-def validator(schema: Optional[Dict[str, Any]] = None):
+def validator(schema: dict[str, Any] | None = None):
     """The Draft 2020-12 validator of `schema` (default SCHEMA), built once."""
     schema = SCHEMA if schema is None else schema
     v = _VALIDATORS.get(id(schema))
@@ -339,7 +339,7 @@ def validator(schema: Optional[Dict[str, Any]] = None):
     return v
 
 
-def validate(doc: Any, schema: Optional[Dict[str, Any]] = None) -> None:
+def validate(doc: Any, schema: dict[str, Any] | None = None) -> None:
     """Check a report document (scan, compare, track or scale results) against the published
     JSON Schema (Draft 2020-12; `schema` to check against another); raise ReportError naming the
     first violation. JSON itself cannot hold NaN or Infinity, which read_json refuses."""
@@ -371,12 +371,17 @@ def _first_nonfinite(doc: Any, where: str):
     return None
 
 
-def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
+def _checkpoint_info(d: dict[str, Any], known: set[str]) -> CheckpointInfo:
+    """A CheckpointInfo from its JSON object (lists back to tuples, unknown keys dropped)."""
+    return CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in d.items() if k in known})
+
+
+def from_dict(doc: dict[str, Any], source: str = "report") -> ScanReport:
     """Rebuild a ScanReport from validated JSON data."""
     try:
         validate(doc, SCAN_SCHEMA_DOC)
     except ReportError as exc:
-        raise ReportError(f"{source}: violates the scan-report schema: {exc}")
+        raise ReportError(f"{source}: violates the scan-report schema: {exc}") from exc
     major = str(doc["schema_version"]).split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
         raise ReportError(f"{source}: schema_version {doc['schema_version']} is not readable by "
@@ -410,8 +415,8 @@ def from_dict(doc: Dict[str, Any], source: str = "report") -> ScanReport:
         layers.append(LayerResult(intruders=intr, counts_by_epsilon=counts, extra=extra, **kw))
     ck = {f.name for f in fields(CheckpointInfo)}
     return ScanReport(
-        base=CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in doc["base"].items() if k in ck}),
-        tuned=CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in doc["tuned"].items() if k in ck}),
+        base=_checkpoint_info(doc["base"], ck),
+        tuned=_checkpoint_info(doc["tuned"], ck),
         config=config, layers=tuple(layers),
         unpaired_base=tuple(doc.get("unpaired_base", ())),
         unpaired_tuned=tuple(doc.get("unpaired_tuned", ())),
@@ -437,4 +442,4 @@ def load_report(path: str) -> ScanReport:
     try:
         return from_dict(doc, path)
     except (TypeError, ValueError, KeyError) as exc:
-        raise ReportError(f"{path}: violates the scan-report schema ({exc.__class__.__name__}: {exc})")
+        raise ReportError(f"{path}: violates the scan-report schema ({exc.__class__.__name__}: {exc})") from exc

@@ -9,8 +9,8 @@ scan's own routines, and keeps a small block: top-k tuned vectors against the to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
 
 from ..errors import IntruderError, ReportError
 from ..types import ScanReport
@@ -22,11 +22,11 @@ class SimilarityBlock:
 
     name: str
     side: str  # left | right: which singular vectors
-    cos: Tuple[Tuple[float, ...], ...]  # (k, N)
-    sigma_tuned: Tuple[float, ...]  # (k,)
-    sigma_base: Tuple[float, ...]  # (N,)
-    intruders: Tuple[int, ...]  # rows flagged by the scan at the report's first epsilon
-    max_cos: Tuple[float, ...]  # (k,) the scan's max over *all* base vectors, for the caption
+    cos: tuple[tuple[float, ...], ...]  # (k, N)
+    sigma_tuned: tuple[float, ...]  # (k,)
+    sigma_base: tuple[float, ...]  # (N,)
+    intruders: tuple[int, ...]  # rows flagged by the scan at the report's first epsilon
+    max_cos: tuple[float, ...]  # (k,) the scan's max over *all* base vectors, for the caption
 
 
 def blocks_from_arrays(name: str, side: str, cos, sigma_tuned, sigma_base, intruders,
@@ -36,9 +36,9 @@ def blocks_from_arrays(name: str, side: str, cos, sigma_tuned, sigma_base, intru
                            tuple(int(i) for i in intruders), tuple(float(c) for c in max_cos))
 
 
-def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: Optional[int] = None,
-                         base_path: Optional[str] = None, tuned_path: Optional[str] = None,
-                         check_fingerprint: bool = True) -> Dict[str, SimilarityBlock]:
+def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: int | None = None,
+                         base_path: str | None = None, tuned_path: str | None = None,
+                         check_fingerprint: bool = True) -> dict[str, SimilarityBlock]:
     """Re-read the named layers from the report's checkpoints and compute their blocks.
 
     n_base defaults to 2 * top_k. Raises ReportError when a checkpoint is missing or no longer
@@ -61,7 +61,7 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: Optio
         try:
             ck = open_checkpoint(path, allow_adapter=(role == "tuned"))
         except IntruderError as exc:  # say which side and what the heatmaps needed it for
-            raise ReportError(f"cannot recompute similarity heatmaps: {role} checkpoint: {exc}")
+            raise ReportError(f"cannot recompute similarity heatmaps: {role} checkpoint: {exc}") from exc
         why = recorded_mismatch(ck, info) if check_fingerprint else None
         if why:
             raise ReportError(f"{path}: {role} checkpoint changed since the scan ({why}); "
@@ -71,7 +71,7 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: Optio
     by_name = {p.name: p for p in pairing.pairs}
     layers = {l.name: l for l in report.layers}
     handles: dict = {}
-    out: Dict[str, SimilarityBlock] = {}
+    out: dict[str, SimilarityBlock] = {}
     for name in names:
         pair = by_name.get(name)
         if pair is None:

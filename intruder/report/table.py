@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 from ..types import ScanReport
 
 
-def format_table(headers: Sequence[str], rows: List[Sequence[object]], align: str = "") -> str:
+def format_table(headers: Sequence[str], rows: list[Sequence[object]], align: str = "") -> str:
     """Columns padded to width; `align` holds 'l' or 'r' per column (default: left)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -72,10 +72,10 @@ def source_text(info) -> str:
     return ("\n         " + "; ".join(parts)) if parts else ""
 
 
-def storage_lines(report: ScanReport) -> List[str]:
+def storage_lines(report: ScanReport) -> list[str]:
     """Which matrices were decoded from quantized storage, and which were skipped for their
     dtype (io/dequant.py, io/gguf.py)."""
-    counts: Dict[Tuple[str, str], int] = {}
+    counts: dict[tuple[str, str], int] = {}
     for l in report.layers:
         for key, side in (("storage_base", "base"), ("storage_tuned", "tuned")):
             kind = dict(l.extra).get(key)

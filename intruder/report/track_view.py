@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
 
 from .margin_view import SERIES_COLORS, _figure, margin_scatter
 
 
-def _xs(tr) -> Tuple[List[int], List[str]]:
+def _xs(tr) -> tuple[list[int], list[str]]:
     return list(range(len(tr.entries))), [e.label for e in tr.entries]
 
 

@@ -12,7 +12,7 @@ and the field (`layers[3].intruders[0].index`).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any
 
 from ..errors import ReportError
 
@@ -39,7 +39,7 @@ def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _config(c: Dict[str, Any]) -> int:
+def _config(c: dict[str, Any]) -> int:
     top_k = c["top_k"]
     if not _int(top_k) or not 1 <= top_k <= MAX_TOP_K:
         raise _Bad("config.top_k", f"{top_k} is outside 1..{MAX_TOP_K}")
@@ -49,7 +49,7 @@ def _config(c: Dict[str, Any]) -> int:
     return top_k
 
 
-def _layer(l: Dict[str, Any], where: str, top_k: int) -> None:  # noqa: E741 (l: a layer)
+def _layer(l: dict[str, Any], where: str, top_k: int) -> None:  # noqa: E741 (l: a layer)
     shape = l["shape"]
     if len(shape) != 2:
         raise _Bad(f"{where}.shape", f"{shape} is not the shape of a matrix (two dimensions)")
@@ -116,12 +116,12 @@ def _count(v: Any, most: int, field: str) -> None:
         raise _Bad(field, f"{v} is not a count in 0..{most}")
 
 
-def _summary(s: Dict[str, Any], layers: List[Dict[str, Any]], top_k: int) -> None:
+def _summary(s: dict[str, Any], layers: list[dict[str, Any]], top_k: int) -> None:
     _count(s["layers_scanned"], len(layers), "summary.layers_scanned")
     _count(s["total_intruders"], top_k * max(len(layers), 1), "summary.total_intruders")
 
 
-def validate_report(doc: Dict[str, Any], source: str = "report") -> None:
+def validate_report(doc: dict[str, Any], source: str = "report") -> None:
     """Refuse a schema-valid report whose fields contradict each other (ReportError, one line
     naming `source` and the field)."""
     try:

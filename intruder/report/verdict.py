@@ -15,7 +15,6 @@ the HTML banner and the Python API show `verdict_of(report)` unchanged.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import List
 
 from ..provenance import provenance
 from ..spectral.margin import margin_summary
@@ -38,7 +37,7 @@ def _s(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _where(report: ScanReport, total: int, evidence: List[str]) -> str:
+def _where(report: ScanReport, total: int, evidence: list[str]) -> str:
     """', concentrated in layers 20-31, mostly mlp.up_proj (24 of 25)' and the evidence for it."""
     place = ""
     where = concentration(report)
@@ -90,7 +89,7 @@ def decide(report: ScanReport, roundings: int = 1) -> Verdict:
         return Verdict("unchanged", f"Unchanged: all {n_all} matrices are bit-identical to the "
                        f"base (or were skipped); there is nothing to audit.", 1.0, (),
                        agree=True, **base)
-    evidence: List[str] = []
+    evidence: list[str] = []
     counts = f"{_s(total, 'intruder')} at epsilon {eps:g} in {with_i} of {len(layers)} changed matrices"
     if total:
         counts += _where(report, total, evidence)

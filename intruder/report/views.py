@@ -6,8 +6,8 @@ so plots only draw what these functions return.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..types import SWEEP_EPSILONS, LayerResult, ScanReport
 
@@ -20,7 +20,7 @@ class NameParts:
     """A tensor name split into its stack ('model.layers'), block index and module path."""
 
     stack: str  # components before the first numeric one ('' when the name has none)
-    layer: Optional[int]  # the first numeric component, or None (embeddings, heads ...)
+    layer: int | None  # the first numeric component, or None (embeddings, heads ...)
     module: str  # components after it, later numbers replaced by '*' (experts collapse)
 
 
@@ -43,11 +43,11 @@ def split_name(name: str) -> NameParts:
     return NameParts("", None, base)
 
 
-def scanned(report: ScanReport) -> List[LayerResult]:
+def scanned(report: ScanReport) -> list[LayerResult]:
     return [l for l in report.layers if l.status == "scanned"]
 
 
-def min_cos(layer: LayerResult) -> Optional[float]:
+def min_cos(layer: LayerResult) -> float | None:
     return min(layer.max_cos) if layer.max_cos else None
 
 
@@ -60,25 +60,25 @@ def min_cos(layer: LayerResult) -> Optional[float]:
 class Grid:
     """Rows are blocks (stack, layer), columns modules; a cell is None where no matrix exists."""
 
-    rows: Tuple[str, ...]  # row labels
-    cols: Tuple[str, ...]  # module paths
-    counts: Tuple[Tuple[Optional[int], ...], ...]  # intruders per cell (summed over experts)
-    min_cos: Tuple[Tuple[Optional[float], ...], ...]  # lowest max|cos| per cell (scanned only)
-    matrices: Tuple[Tuple[int, ...], ...]  # matrices per cell (all statuses)
+    rows: tuple[str, ...]  # row labels
+    cols: tuple[str, ...]  # module paths
+    counts: tuple[tuple[int | None, ...], ...]  # intruders per cell (summed over experts)
+    min_cos: tuple[tuple[float | None, ...], ...]  # lowest max|cos| per cell (scanned only)
+    matrices: tuple[tuple[int, ...], ...]  # matrices per cell (all statuses)
 
 
 def layer_module_grid(report: ScanReport) -> Grid:
     """Intruder counts and the lowest max|cos| per (block, module) cell, in checkpoint order."""
     parts = [(l, split_name(l.name)) for l in report.layers]
-    stacks: List[str] = []
+    stacks: list[str] = []
     for _, p in parts:
         if p.layer is not None and p.stack not in stacks:
             stacks.append(p.stack)
     multi = len(stacks) > 1
-    row_keys: List[Tuple[int, int]] = []
-    row_label: Dict[Tuple[int, int], str] = {}
-    cols: List[str] = []
-    cells: Dict[Tuple[Tuple[int, int], str], List[LayerResult]] = {}
+    row_keys: list[tuple[int, int]] = []
+    row_label: dict[tuple[int, int], str] = {}
+    cols: list[str] = []
+    cells: dict[tuple[tuple[int, int], str], list[LayerResult]] = {}
     for l, p in parts:
         if p.layer is None:
             key = (len(stacks), 0)  # one row for everything outside numbered blocks, last
@@ -110,10 +110,10 @@ def layer_module_grid(report: ScanReport) -> Grid:
                 tuple(mats))
 
 
-def module_totals(report: ScanReport) -> List[Tuple[str, int, int, int]]:
+def module_totals(report: ScanReport) -> list[tuple[str, int, int, int]]:
     """(module, intruders, matrices with intruders, matrices scanned) per module, checkpoint order."""
-    order: List[str] = []
-    acc: Dict[str, List[int]] = {}
+    order: list[str] = []
+    acc: dict[str, list[int]] = {}
     for l in report.layers:
         m = split_name(l.name).module
         if m not in acc:
@@ -131,12 +131,12 @@ def module_totals(report: ScanReport) -> List[Tuple[str, int, int, int]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def all_max_cos(report: ScanReport) -> List[float]:
+def all_max_cos(report: ScanReport) -> list[float]:
     """Every top-k tuned vector's max|cos| over all scanned matrices (the decision value)."""
     return [c for l in scanned(report) for c in l.max_cos]
 
 
-def sweep(report: ScanReport, grid: Sequence[float] = SWEEP_EPSILONS) -> List[Tuple[float, int, int]]:
+def sweep(report: ScanReport, grid: Sequence[float] = SWEEP_EPSILONS) -> list[tuple[float, int, int]]:
     """(epsilon, intruders, matrices with at least one) for each epsilon, from the stored max|cos|.
 
     Same rule as the scan: a vector is an intruder iff max|cos| < epsilon (strict)."""
@@ -148,7 +148,7 @@ def sweep(report: ScanReport, grid: Sequence[float] = SWEEP_EPSILONS) -> List[Tu
     return out
 
 
-def first_intruder_epsilon(report: ScanReport) -> Optional[float]:
+def first_intruder_epsilon(report: ScanReport) -> float | None:
     """Any epsilon above this value flags at least one vector (the lowest max|cos| of all)."""
     vals = all_max_cos(report)
     return min(vals) if vals else None
@@ -159,7 +159,7 @@ def first_intruder_epsilon(report: ScanReport) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------
 
 
-def most_affected(report: ScanReport, n: int = 3) -> List[LayerResult]:
+def most_affected(report: ScanReport, n: int = 3) -> list[LayerResult]:
     """Layers with the most intruders, ties broken by the lowest max|cos|; when no layer has an
     intruder, the layers closest to having one (lowest max|cos|)."""
     layers = [l for l in scanned(report) if l.max_cos]
@@ -167,7 +167,7 @@ def most_affected(report: ScanReport, n: int = 3) -> List[LayerResult]:
     return layers[:n]
 
 
-def clean_layer(report: ScanReport, exclude: Sequence[str] = ()) -> Optional[LayerResult]:
+def clean_layer(report: ScanReport, exclude: Sequence[str] = ()) -> LayerResult | None:
     """A scanned layer without intruders whose top vectors stayed closest to the base."""
     cands = [l for l in scanned(report) if l.max_cos and not l.intruders and l.name not in exclude]
     if not cands:
@@ -175,7 +175,7 @@ def clean_layer(report: ScanReport, exclude: Sequence[str] = ()) -> Optional[Lay
     return max(cands, key=lambda l: (min_cos(l), l.name))
 
 
-def spectra_layers(report: ScanReport, n: int = 6) -> List[LayerResult]:
+def spectra_layers(report: ScanReport, n: int = 6) -> list[LayerResult]:
     """Flagged layers (most intruders first); if none, the three closest to a first intruder."""
     flagged = [l for l in most_affected(report, n) if l.intruders]
     if flagged:
@@ -213,15 +213,15 @@ class Concentration:
                 and (self.last - self.first + 1) <= 0.6 * self.span)
 
 
-def concentration(report: ScanReport) -> Optional[Concentration]:
+def concentration(report: ScanReport) -> Concentration | None:
     """Where the intruders sit, in the stack of blocks that holds most of them.
 
     Block indices that carry intruders are grouped into runs, allowing gaps of up to
     max(2, span // 8) clean blocks inside a run (span = scanned index range); the run with the
     most intruders is reported (ties: the earlier one). An isolated stray intruder far from the
     run does not widen it; `inside` says how many intruders the run holds."""
-    per: Dict[str, Dict[int, int]] = {}
-    seen: Dict[str, List[int]] = {}
+    per: dict[str, dict[int, int]] = {}
+    seen: dict[str, list[int]] = {}
     for l in scanned(report):
         p = split_name(l.name)
         if p.layer is None:
@@ -236,7 +236,7 @@ def concentration(report: ScanReport) -> Optional[Concentration]:
     counts = per[stack]
     span = max(seen[stack]) - min(seen[stack]) + 1
     gap = max(2, span // 8)
-    runs: List[List[int]] = []
+    runs: list[list[int]] = []
     for i in sorted(counts):
         if runs and i - runs[-1][-1] <= gap + 1:
             runs[-1].append(i)

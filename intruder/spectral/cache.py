@@ -32,7 +32,6 @@ import queue
 import re
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -64,7 +63,7 @@ def content_key(t: torch.Tensor, ref: TensorRef) -> str:
     return h.hexdigest()
 
 
-def _entry_hash(meta: Dict[str, str]):
+def _entry_hash(meta: dict[str, str]):
     """The running checksum of an entry: its metadata first (sorted JSON), then each tensor."""
     h = hashlib.sha256(b"intruder-base-spectrum\0")
     h.update(json.dumps(meta, sort_keys=True, ensure_ascii=True).encode())
@@ -93,7 +92,7 @@ def _write_atomic(path: str, fill) -> None:
 WRITE_BLOCK = 16 * 2 ** 20  # bytes copied to the host at a time when writing an entry
 
 
-def _stream_entry(fh, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+def _stream_entry(fh, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """One safetensors file, written to fh, from float64 tensors on any device, copied to the
     host in row blocks of at most WRITE_BLOCK bytes; the checksum of the metadata and of every
     block written goes last (tensor CHECKSUM)."""
@@ -120,7 +119,7 @@ def _stream_entry(fh, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) ->
     w.close()
 
 
-def _verify_entry(meta: Dict[str, str], t: Dict[str, torch.Tensor]) -> None:
+def _verify_entry(meta: dict[str, str], t: dict[str, torch.Tensor]) -> None:
     """Raise ValueError unless the entry's checksum matches its metadata and tensors."""
     from ..io.writer import tensor_bytes
 
@@ -158,25 +157,25 @@ def _power_of_two(x: float) -> bool:
 class BaseCache:
     """Content-keyed store of base spectra (intruder.spectral.partial.Eig) under `root`."""
 
-    def __init__(self, root: str, max_bytes: Optional[int] = None):
+    def __init__(self, root: str, max_bytes: int | None = None):
         self.root = os.path.abspath(os.path.expanduser(root))
         gb = settings.cache_max_gb()
         self.max_bytes = max_bytes or int((gb if gb is not None else DEFAULT_MAX_GB) * 2 ** 30)
         self.lock = threading.Lock()
-        self.index: Dict[str, dict] = {}  # real path -> {"identity": [...], "tensors": {...}}
+        self.index: dict[str, dict] = {}  # real path -> {"identity": [...], "tensors": {...}}
         self.hits = self.misses = self.stores = 0
         # pending writes hold spectra (on their device until written): bounded, so a slow disk
         # slows the scan instead of growing its memory
-        self._writes: "queue.Queue" = queue.Queue(maxsize=4)
-        self._total: Optional[int] = None  # bytes of entries, counted once, then kept up to date
-        self._writer: Optional[threading.Thread] = None
-        self._errors: List[str] = []
+        self._writes: queue.Queue = queue.Queue(maxsize=4)
+        self._total: int | None = None  # bytes of entries, counted once, then kept up to date
+        self._writer: threading.Thread | None = None
+        self._errors: list[str] = []
 
     # -- content keys ------------------------------------------------------------------------
     def _index_path(self, real: str) -> str:
         return os.path.join(self.root, INDEX, hashlib.sha256(os.fsencode(real)).hexdigest()[:40] + ".json")
 
-    def _file_index(self, path: str, ident: Optional[list] = None) -> dict:
+    def _file_index(self, path: str, ident: list | None = None) -> dict:
         """The index of file `path` as of identity `ident` (default: its identity now)."""
         real = os.path.realpath(path)
         with self.lock:
@@ -185,7 +184,7 @@ class BaseCache:
         if doc is None or doc.get("identity") != ident:
             doc = {"path": real, "identity": ident, "tensors": {}}
             try:
-                with open(self._index_path(real), "r", encoding="utf-8") as fh:
+                with open(self._index_path(real), encoding="utf-8") as fh:
                     disk = json.load(fh)
                 if isinstance(disk, dict) and disk.get("identity") == ident and \
                         disk.get("path") == real and isinstance(disk.get("tensors"), dict) and \
@@ -198,7 +197,7 @@ class BaseCache:
         return doc
 
     @staticmethod
-    def identity(ref: TensorRef) -> Optional[list]:
+    def identity(ref: TensorRef) -> list | None:
         """Identity of ref's file now (take it before reading the tensor; pass it to key_for),
         or None when the index is not used for it (not safetensors, or unreadable)."""
         if not ref.path.endswith(".safetensors"):
@@ -208,7 +207,7 @@ class BaseCache:
         except OSError:
             return None
 
-    def key_for(self, ref: TensorRef, tensor: torch.Tensor, before: Optional[list]) -> str:
+    def key_for(self, ref: TensorRef, tensor: torch.Tensor, before: list | None) -> str:
         """The content key of `tensor`, ref's tensor as just read, whose file had identity
         `before` (self.identity, taken before the read). The index is used and updated only
         when the file still has that identity: then the bytes read are the bytes indexed."""
@@ -221,7 +220,7 @@ class BaseCache:
             self.remember_key(ref, key, before)
         return key
 
-    def known_key(self, ref: TensorRef, ident: Optional[list] = None) -> Optional[str]:
+    def known_key(self, ref: TensorRef, ident: list | None = None) -> str | None:
         """The content key recorded for ref's tensor if its file has identity `ident` (default:
         its identity now) and had it when the key was recorded, else None."""
         try:
@@ -234,7 +233,7 @@ class BaseCache:
             return rec[2]
         return None
 
-    def remember_key(self, ref: TensorRef, key: str, ident: Optional[list] = None) -> None:
+    def remember_key(self, ref: TensorRef, key: str, ident: list | None = None) -> None:
         """Record `key` for ref's tensor under its file's identity `ident` (default: now)."""
         try:
             doc = self._file_index(ref.path, ident)
@@ -299,7 +298,7 @@ class BaseCache:
         self.hits += 1
         return e
 
-    def store(self, key: str, eig, ref: Optional[TensorRef] = None, wait: bool = False) -> None:
+    def store(self, key: str, eig, ref: TensorRef | None = None, wait: bool = False) -> None:
         """Write an entry (in a background thread; flush() waits for the writes).
 
         The spectrum stays where it is (a GPU's memory, say) until the writer streams it to disk
@@ -362,14 +361,14 @@ class BaseCache:
         if msg not in self._errors:
             self._errors.append(msg)
 
-    def flush(self) -> List[str]:
+    def flush(self) -> list[str]:
         """Wait for pending writes; return warnings about writes that failed."""
         if self._writer is not None:
             self._writes.join()
         return list(self._errors)
 
     # -- management --------------------------------------------------------------------------
-    def entries(self) -> List[dict]:
+    def entries(self) -> list[dict]:
         """One dict per entry: key, bytes, last used, and what it holds."""
         from safetensors import safe_open
 
@@ -429,11 +428,11 @@ class BaseCache:
                 pass
         return removed
 
-    def clear(self) -> Tuple[int, int, List[str]]:
+    def clear(self) -> tuple[int, int, list[str]]:
         """Remove every entry and index file of this cache (this version's and older ones');
         returns (files removed, their bytes, one line per file that could not be removed)."""
         n = size = 0
-        failed: List[str] = []
+        failed: list[str] = []
         try:
             subs = sorted(s for s in os.listdir(self.root) if _OLD.match(s))
         except OSError:

@@ -16,12 +16,10 @@ intruder), spectral slices of the base (slices.py) bound every left-out base vec
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
-def match_error(t_err: Optional[torch.Tensor], b_err: Optional[torch.Tensor], k: int) -> torch.Tensor:
+def match_error(t_err: torch.Tensor | None, b_err: torch.Tensor | None, k: int) -> torch.Tensor:
     """(k,) CPU bound on | computed |<t_j, b_i>| - exact | from the vectors' angle bounds: two unit
     vectors an angle a apart differ by 2 sin(a/2) <= sqrt(2) sin(a) in norm."""
     te = t_err[:k].double().cpu() if t_err is not None else torch.zeros(k, dtype=torch.float64)

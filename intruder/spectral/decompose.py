@@ -14,7 +14,6 @@ the result equals the exact one (see intruder/spectral/certify.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
@@ -27,17 +26,17 @@ class Spectrum:
     """Thin SVD pieces of one matrix W (m, n); r = number of triplets kept."""
 
     sigma: torch.Tensor  # (r,) float64, descending
-    u: Optional[torch.Tensor]  # (m, r) float64 left singular vectors (None if not asked)
-    v: Optional[torch.Tensor]  # (n, r) float64 right singular vectors (None if not asked)
+    u: torch.Tensor | None  # (m, r) float64 left singular vectors (None if not asked)
+    v: torch.Tensor | None  # (n, r) float64 right singular vectors (None if not asked)
     method: str
     complete: bool = True  # every min(m, n) triplet is here (else only the top r)
     rest: float = 0.0  # every singular value not kept is <= rest
-    err_u: Optional[torch.Tensor] = None  # (r,) CPU: bound on sin(angle) of each u to the exact
-    err_v: Optional[torch.Tensor] = None  # (r,) CPU: same for v
+    err_u: torch.Tensor | None = None  # (r,) CPU: bound on sin(angle) of each u to the exact
+    err_v: torch.Tensor | None = None  # (r,) CPU: same for v
 
 
 def spectrum_of(w: torch.Tensor, e: Eig, left: bool, right: bool,
-                upto: Optional[int] = None) -> Spectrum:
+                upto: int | None = None) -> Spectrum:
     """Spectrum (u and/or v as asked) of W from the eigenpairs of one of its Gram matrices."""
     r = e.r if upto is None else min(upto, e.r)
     sigma = e.vals[:r].clamp_min(0).sqrt() / e.scale  # (r,)

@@ -10,8 +10,9 @@ readers, CUDA streams, several GPUs; multi.py: torchrun).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable
 
 import torch
 
@@ -38,8 +39,8 @@ class Loaded:
     """A pair read from disk: base and tuned matrices on the CPU (None when unchanged)."""
 
     pair: LayerPair
-    w0: Optional[torch.Tensor]  # (m, n) stored dtype
-    wt: Optional[torch.Tensor]  # (m, n) stored dtype, or float64 for merged LoRA
+    w0: torch.Tensor | None  # (m, n) stored dtype
+    wt: torch.Tensor | None  # (m, n) stored dtype, or float64 for merged LoRA
     status: str  # scanned | unchanged | nonfinite
     dtype: str
 
@@ -51,7 +52,7 @@ def resolve_device(spec: str) -> torch.device:
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise IntruderError(f"--device {spec!r}: not a device (use auto, cpu, cuda or cuda:N)")
+        raise IntruderError(f"--device {spec!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise IntruderError(f"--device {spec}: CUDA is not available on this machine")
@@ -112,7 +113,7 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode("utf-8", "replace"))
 
 
-def _as_eig(spec, w0: torch.Tensor) -> Optional[Eig]:
+def _as_eig(spec, w0: torch.Tensor) -> Eig | None:
     """A cached / passed base spectrum as Eig on w0's device (None when unusable)."""
     if spec is None:
         return None
@@ -147,8 +148,8 @@ class _Grams:
         return self.g[which]
 
 
-def base_eig(w0: torch.Tensor, want: int, start: Optional[torch.Tensor] = None,
-             seed: int = 0, fast: bool = True, g: Optional[torch.Tensor] = None) -> Eig:
+def base_eig(w0: torch.Tensor, want: int, start: torch.Tensor | None = None,
+             seed: int = 0, fast: bool = True, g: torch.Tensor | None = None) -> Eig:
     """Top-`want` certified base eigenpairs (fast path) or the complete exact spectrum.
     g: gram(w0, side) when the caller has it."""
     side = gram_side(w0.shape)
@@ -164,8 +165,8 @@ def base_eig(w0: torch.Tensor, want: int, start: Optional[torch.Tensor] = None,
     return eig_full(w0, side, g=g)
 
 
-def tuned_eig(wt: torch.Tensor, k: int, start: Optional[torch.Tensor] = None,
-              seed: int = 0, fast: bool = True, g: Optional[torch.Tensor] = None) -> Eig:
+def tuned_eig(wt: torch.Tensor, k: int, start: torch.Tensor | None = None,
+              seed: int = 0, fast: bool = True, g: torch.Tensor | None = None) -> Eig:
     """Certified top-k tuned eigenpairs, warm-started from the base's top vectors; exact
     fallback (top-k of the full decomposition). g: gram(wt, side) when the caller has it."""
     side = gram_side(wt.shape)
@@ -182,8 +183,8 @@ def tuned_eig(wt: torch.Tensor, k: int, start: Optional[torch.Tensor] = None,
 
 
 def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = "",
-            base_spec=None, scratch: Optional[dict] = None,
-            noise: Optional[float] = None) -> Tuple[dict, Eig]:
+            base_spec=None, scratch: dict | None = None,
+            noise: float | None = None) -> tuple[dict, Eig]:
     """Algorithm 1 plus caveat measures on one pair already on its device. Returns (fields,
     base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
     Eig, what the base cache stores) can be passed back as base_spec for the same base.
@@ -195,7 +196,7 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
 
 
 def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
-             base_spec, scratch: Optional[dict], noise: Optional[float]) -> Tuple[dict, Eig]:
+             base_spec, scratch: dict | None, noise: float | None) -> tuple[dict, Eig]:
     stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
@@ -308,8 +309,8 @@ def slice_min_dim() -> int:
     return SLICE_MIN_DIM
 
 
-def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[dict] = None,
-            grams: Optional[_Grams] = None):
+def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: dict | None = None,
+            grams: _Grams | None = None):
     """Spectral-slice certificate for the matched side: (value (k,) CPU, bound (k,) bool) when
     every decision at every epsilon is proved without the complete base, else None."""
     from .slices import inverse_gram, leftout_bound
@@ -338,7 +339,7 @@ def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: Optional[d
 
 def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
                progress: bool = False, base_cache=None,
-               group_fn: Optional[Callable] = None) -> Iterator[LayerResult]:
+               group_fn: Callable | None = None) -> Iterator[LayerResult]:
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
     torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in

@@ -20,7 +20,6 @@ Everything is float64 on the device the engine already uses; nothing here reads 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 
@@ -51,7 +50,7 @@ def _row_blocks(w: torch.Tensor):
         yield w[i:i + rows]
 
 
-def storage_grid(w: torch.Tensor) -> Tuple[str, int]:
+def storage_grid(w: torch.Tensor) -> tuple[str, int]:
     """The coarsest float grid every entry of w lies on: (dtype name, mantissa bits).
 
     A weight saved in bf16/fp16 and read back as float64 still sits exactly on that grid, so the
@@ -97,7 +96,7 @@ def rounding_rms(w: torch.Tensor, bits: int) -> float:
     return math.sqrt(total / 12.0 / w.numel())
 
 
-def delta_singular_values(d: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, str]:
+def delta_singular_values(d: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, str]:
     """Singular values of d (m, n), descending: all of them (eigenvalues of the smaller Gram
     matrix, float64) when min(m, n) <= EXACT_DELTA_MAX, else the top RANDOMIZED_Q by a randomized
     range finder with one power iteration (sketch.py). Gram values below GRAM_RESOLVE x sigma_1
@@ -114,7 +113,7 @@ def delta_singular_values(d: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor,
     return sketch_singular_values(d, min(RANDOMIZED_Q, small), seed=seed), "randomized"
 
 
-def estimate_rank(sv: torch.Tensor, floor: float, shape) -> Tuple[int, float, bool]:
+def estimate_rank(sv: torch.Tensor, floor: float, shape) -> tuple[int, float, bool]:
     """(rank above the floor, cliff ratio sv[r-1] / sv[r], whether the cliff was observed).
 
     The cliff is observed when some computed singular value lies below the floor; otherwise
@@ -130,7 +129,7 @@ def estimate_rank(sv: torch.Tensor, floor: float, shape) -> Tuple[int, float, bo
     return above, gap, True
 
 
-def spectral_norm_projected(d: torch.Tensor, basis: Optional[torch.Tensor], left: bool,
+def spectral_norm_projected(d: torch.Tensor, basis: torch.Tensor | None, left: bool,
                             iters: int = 30, block: int = 4, seed: int = 1,
                             rtol: float = 1e-9) -> float:
     """||(I - B B^T) d||_2 (left) or ||d (I - B B^T)||_2 (right), basis B (., k) orthonormal, by
@@ -151,7 +150,7 @@ def spectral_norm_projected(d: torch.Tensor, basis: Optional[torch.Tensor], left
                         rtol=rtol, seed=seed)
 
 
-def update_spectrum(d: torch.Tensor) -> Tuple[torch.Tensor, str, float]:
+def update_spectrum(d: torch.Tensor) -> tuple[torch.Tensor, str, float]:
     """(singular values of d, how they were computed, ||d||_2), computed once per layer.
 
     The exact Gram path gives ||d||_2 as its top value; the randomized path's top value is a
@@ -168,7 +167,7 @@ def update_spectrum(d: torch.Tensor) -> Tuple[torch.Tensor, str, float]:
 def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
                   decide: torch.Tensor, epsilon: float, dnorm: float,
                   left: bool = True, update=None, stored=None,
-                  noise: Optional[float] = None) -> Tuple[Tuple[str, object], ...]:
+                  noise: float | None = None) -> tuple[tuple[str, object], ...]:
     """Margin and update-shape measures of one layer, as LayerResult.extra (key, value) pairs.
 
     b: base Spectrum (all vectors), t: tuned top-k Spectrum, w0/wt/d (m, n) float64 on one device,
@@ -230,7 +229,7 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
                  for key, v in out)
 
 
-def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> Tuple[Tuple[str, object], ...]:
+def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> tuple[tuple[str, object], ...]:
     """margin_fields from the two matrices alone (a separate pass; the engine calls margin_fields
     with what it has already computed)."""
     from .decompose import full_spectrum, top_spectrum
@@ -328,8 +327,8 @@ EXIT_INTRUDERS = exitcodes.INTRUDERS  # --fail-on-intruders
 EXIT_MARGIN = exitcodes.MARGIN  # --fail-on-margin / --fail-on-strength
 
 
-def margin_breaches(layers, epsilon: float, cos_within: Optional[float] = None,
-                    strength_at_least: Optional[float] = None):
+def margin_breaches(layers, epsilon: float, cos_within: float | None = None,
+                    strength_at_least: float | None = None):
     """Names of scanned matrices whose lowest max|cos| lies within `cos_within` of epsilon
     (min_max_cos < epsilon + cos_within) or whose novel strength is at least `strength_at_least`."""
     out = []
@@ -346,8 +345,8 @@ def margin_breaches(layers, epsilon: float, cos_within: Optional[float] = None,
     return out
 
 
-def fail_code(reports, fail_on_intruders: bool = False, fail_on_margin: Optional[float] = None,
-              fail_on_strength: Optional[float] = None) -> int:
+def fail_code(reports, fail_on_intruders: bool = False, fail_on_margin: float | None = None,
+              fail_on_strength: float | None = None) -> int:
     """Exit code of an audit gate over scan reports: 3 intruders (when asked), else 4 when a
     matrix is inside the margin, else 0."""
     if fail_on_intruders and any(l.intruders for r in reports for l in r.layers):

@@ -14,14 +14,14 @@ whichever device gets it, so the report equals a single-device run's.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
 from ..errors import IntruderError
 
 
-def resolve_devices(spec: Optional[str]) -> List[torch.device]:
+def resolve_devices(spec: str | None) -> list[torch.device]:
     """auto / cuda -> every visible CUDA device (else the CPU for auto); cuda:N -> that one;
     cuda:0,1 -> those; cpu -> the CPU."""
     from .engine import resolve_device
@@ -42,7 +42,7 @@ def resolve_devices(spec: Optional[str]) -> List[torch.device]:
     return [resolve_device(spec)]
 
 
-def dist_context() -> Optional[Tuple[int, int, int]]:
+def dist_context() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when launched by torchrun with more than one process."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,7 +75,7 @@ def done_group() -> None:
         dist.destroy_process_group()
 
 
-def rank_devices(spec: Optional[str], local_rank: int) -> List[torch.device]:
+def rank_devices(spec: str | None, local_rank: int) -> list[torch.device]:
     """One device per rank: cuda:LOCAL_RANK when CUDA is used, else the CPU."""
     devs = resolve_devices(spec)
     if devs[0].type != "cuda":
@@ -93,11 +93,11 @@ def cost(shape: Sequence[int]) -> float:
     return float(m) * n * min(m, n) + 1.0
 
 
-def shard(shapes: Sequence[Sequence[int]], world: int) -> List[List[int]]:
+def shard(shapes: Sequence[Sequence[int]], world: int) -> list[list[int]]:
     """Indices per rank, balanced by cost (longest first onto the least loaded rank); each
     rank's list in ascending order."""
     load = [0.0] * world
-    out: List[List[int]] = [[] for _ in range(world)]
+    out: list[list[int]] = [[] for _ in range(world)]
     for i in sorted(range(len(shapes)), key=lambda i: (-cost(shapes[i]), i)):
         r = min(range(world), key=lambda r: (load[r], r))
         out[r].append(i)

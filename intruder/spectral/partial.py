@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -48,7 +47,7 @@ class Eig:
     complete: bool  # vals holds all min(m, n) eigenvalues
     side: str  # left | right: which singular vectors vecs are
     method: str
-    other: Optional[torch.Tensor] = None  # (d_other, r) other side's vectors (exact SVD path)
+    other: torch.Tensor | None = None  # (d_other, r) other side's vectors (exact SVD path)
     # vals are the eigenvalues of the Gram matrix of (scale W), scale a power of two (1 but for
     # float64 weights whose squares would leave float64's range: intruder/spectral/scaling.py)
     scale: float = 1.0
@@ -66,7 +65,7 @@ class Eig:
     def r(self) -> int:
         return int(self.vals.numel())
 
-    def to(self, device) -> "Eig":
+    def to(self, device) -> Eig:
         return Eig(self.vals.to(device), self.vecs.to(device), self.err, self.rest, self.complete,
                    self.side, self.method, None if self.other is None else self.other.to(device),
                    self.scale)
@@ -135,8 +134,8 @@ def gram_error(w: torch.Tensor, g: torch.Tensor) -> float:
     return 1.01 * inner * U64 * float(torch.diagonal(g).sum().abs())
 
 
-def eig_full(w: torch.Tensor, side: Optional[str] = None, check_upto: Optional[int] = None,
-             g: Optional[torch.Tensor] = None) -> Eig:
+def eig_full(w: torch.Tensor, side: str | None = None, check_upto: int | None = None,
+             g: torch.Tensor | None = None) -> Eig:
     """Every eigenpair of the smaller Gram matrix in float64 (torch.linalg.eigh); the exact SVD
     when W is too ill-conditioned for the Gram route (sigma below GRAM_RCOND * sigma_1 among
     the first `check_upto`, default all). Error bounds are reported as 0: this is the engine's
@@ -182,7 +181,7 @@ def _rayleigh_ritz(g: torch.Tensor, q: torch.Tensor):
 
 
 def _chebyshev(g: torch.Tensor, y: torch.Tensor, degree: int, b: float, top: float,
-               lock: Optional[torch.Tensor] = None):
+               lock: torch.Tensor | None = None):
     """p(A) y with p the degree-`degree` Chebyshev polynomial of [0, b] (damped, |p| <= 1 there
     after scaling) normalised to 1 at `top` > b (Zhou & Saad's scaled three-term recurrence).
     A = P G P with P the projector away from the locked vectors `lock` (d, l): their directions
@@ -220,8 +219,8 @@ def _degree(top: float, target: float, b: float) -> int:
     return int(max(2, min(want, cap, 40)))
 
 
-def eig_top(g: torch.Tensor, want: int, start: Optional[torch.Tensor] = None, seed: int = 0,
-            eps_g: float = 0.0, side: str = "left", extra: Optional[int] = None) -> Optional[Eig]:
+def eig_top(g: torch.Tensor, want: int, start: torch.Tensor | None = None, seed: int = 0,
+            eps_g: float = 0.0, side: str = "left", extra: int | None = None) -> Eig | None:
     """Certified top-`want` eigenpairs of PSD g (d, d) in float64, or None (use eig_full).
 
     start (d, c): vectors to seed the block with (e.g. the base's top vectors for the tuned
@@ -265,7 +264,7 @@ def eig_top(g: torch.Tensor, want: int, start: Optional[torch.Tensor] = None, se
 
 
 def _certify(g: torch.Tensor, th: torch.Tensor, x: torch.Tensor, res: torch.Tensor, w: int,
-             eps_g: float, side: str) -> Optional[Eig]:
+             eps_g: float, side: str) -> Eig | None:
     """Fence the unfound spectrum below mu by a Cholesky factorization, then bound each angle."""
     d = g.shape[0]
     thw = th[:w].clamp_min(0.0)  # (w,) CPU
@@ -329,7 +328,7 @@ def _bound(thw, xw, res, rest, eps, trace_g, d, side, method, eps_included=False
 
 
 def eig_top_lapack(g: torch.Tensor, want: int, eps_g: float = 0.0,
-                   side: str = "left") -> Optional[Eig]:
+                   side: str = "left") -> Eig | None:
     """Top-`want` eigenpairs by LAPACK's MRRR on an index range (scipy dsyevr): on a CPU it
     skips most of the back-transformation a full eigh pays for. Certified like eig_top, with
     the (want+1)-th eigenvalue, raised by LAPACK's backward-error bound, as the fence."""
@@ -353,7 +352,7 @@ def eig_top_lapack(g: torch.Tensor, want: int, eps_g: float = 0.0,
                   "evr64")
 
 
-def derive_other(w: torch.Tensor, e: Eig, upto: Optional[int] = None):
+def derive_other(w: torch.Tensor, e: Eig, upto: int | None = None):
     """The other side's vectors of the first `upto` pairs: U = W V / sigma or V = W^T U / sigma,
     with their angle bounds (the error of the Gram-side vector grows by sigma_1 / sigma_i).
     Returns (vectors (d_other, r), err (r,) CPU)."""

@@ -5,8 +5,8 @@ Two full thin SVDs, |U_t[:, :k]^T U_0|, max over base vectors. Slow and simple o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Optional, Tuple
+from typing import Callable
 
 import torch
 
@@ -26,7 +26,7 @@ LIMIT = 300
 ABSOLUTE_EXTRA = ("delta_floor", "delta_sv")
 
 
-def pow2_scale(*ts: Optional[torch.Tensor]) -> float:
+def pow2_scale(*ts: torch.Tensor | None) -> float:
     """A power of two c with c * max|t| in [0.5, 1) when the largest entry of the float64
     tensors among ts lies outside [2^-LIMIT, 2^LIMIT]; else 1.0. Other dtypes cost nothing."""
     top = 0.0
@@ -74,8 +74,8 @@ def unscale_fields(fields: dict, c: float) -> dict:
 
 
 def analyse_scaled(inner: Callable, w0: torch.Tensor, wt: torch.Tensor, config, name: str,
-                   base_spec, scratch: Optional[dict] = None,
-                   noise: Optional[float] = None) -> Tuple[dict, Eig]:
+                   base_spec, scratch: dict | None = None,
+                   noise: float | None = None) -> tuple[dict, Eig]:
     """inner (the engine's analysis) on (c W0, c Wt) with c = pow2_scale(W0, Wt); outputs in
     the units of W0 and Wt, the base spectrum tagged with its scale (what the cache stores).
     A scaled pair shares no scratch (base-only work in other units) with its fleet."""

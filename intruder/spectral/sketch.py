@@ -9,10 +9,9 @@ QR + svdvals sketch, bench/NOTES.md), while a product with an (m, s) block is on
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-
 
 _OMEGA: dict = {}  # (rows, cols, dtype, device, seed) -> a reusable Gaussian block
 
@@ -50,7 +49,7 @@ def _small_gram(y: torch.Tensor) -> torch.Tensor:
     return cpu_symmetric(y.mT @ y)
 
 
-def orth(y: torch.Tensor, rcond: float = 1e-7, ref: Optional[float] = None) -> torch.Tensor:
+def orth(y: torch.Tensor, rcond: float = 1e-7, ref: float | None = None) -> torch.Tensor:
     """Orthonormal basis (m, r) of the column span of y (m, s), r <= s: directions whose
     singular value in y is below rcond x `ref` (default: y's largest) are dropped.
 

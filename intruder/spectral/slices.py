@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -123,8 +122,8 @@ class InverseGram:
     g_f: float  # ||G||_F (rounding of W0^T t)
 
 
-def inverse_gram(w0: torch.Tensor, side: str, g: Optional[torch.Tensor] = None
-                 ) -> Optional[InverseGram]:
+def inverse_gram(w0: torch.Tensor, side: str, g: torch.Tensor | None = None
+                 ) -> InverseGram | None:
     """H = G^-1 by Cholesky, ||H G - I|| measured and H's spectrum fenced (Lanczos estimate of
     ||H||, proved by a Cholesky of hi I - H). None for a (nearly) singular base. g: gram(w0,
     side) when the caller has it (not modified)."""
@@ -171,9 +170,9 @@ def inverse_gram(w0: torch.Tensor, side: str, g: Optional[torch.Tensor] = None
     return InverseGram(side, h, -rho, hi + rho, rho, g_f)
 
 
-def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: Optional[torch.Tensor],
+def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: torch.Tensor | None,
                   side: str, degree: int = DEGREE, slices: int = SLICES,
-                  inv: Optional[InverseGram] = None) -> Optional[torch.Tensor]:
+                  inv: InverseGram | None = None) -> torch.Tensor | None:
     """(k,) CPU float64: for each tuned vector t_j (a column of t_vecs, the `side` singular
     vectors of the tuned matrix), an upper bound on |<t_j, b>| over every base singular vector
     b of that side that is NOT among e's kept ones. None when a fence cannot be proved (the

@@ -26,12 +26,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 import torch
 
 from .. import settings
-from ..errors import IntruderError, CheckpointError, NonFiniteError
+from ..errors import CheckpointError, IntruderError, NonFiniteError
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
 from .cache import content_key  # noqa: F401  (the cache's key, also used from here)
 from .threads import OneThreadEach, cpu_workers, usable_cpus
@@ -52,16 +52,16 @@ class Raw:
 
     index: int
     pair: LayerPair
-    w0: Optional[torch.Tensor] = None  # (m, n)
-    wt: Optional[torch.Tensor] = None  # (m, n) full tuned tensor
-    parts: Dict[TensorRef, torch.Tensor] = field(default_factory=dict)  # LoRA factors
-    key: Optional[str] = None  # base content key (spectral cache)
+    w0: torch.Tensor | None = None  # (m, n)
+    wt: torch.Tensor | None = None  # (m, n) full tuned tensor
+    parts: dict[TensorRef, torch.Tensor] = field(default_factory=dict)  # LoRA factors
+    key: str | None = None  # base content key (spectral cache)
     cached: object = None  # cached base Eig (CPU) or None
     nbytes: int = 0
     read_s: float = 0.0
-    more: List["Raw"] = field(default_factory=list)  # the group's other pairs (same base)
+    more: list[Raw] = field(default_factory=list)  # the group's other pairs (same base)
     group: bool = False  # an item given as a group: its result is a tuple
-    noise: Optional[float] = None  # rounding rms quantized storage put into dW (storage_noise)
+    noise: float | None = None  # rounding rms quantized storage put into dW (storage_noise)
 
 
 class _Budget:
@@ -107,7 +107,7 @@ def _nbytes(ref: TensorRef) -> int:
     return n
 
 
-def pair_refs(pair: LayerPair) -> List[TensorRef]:
+def pair_refs(pair: LayerPair) -> list[TensorRef]:
     """Every tensor a pair needs, base first."""
     refs = [pair.base]
     if pair.lora is not None:
@@ -123,7 +123,7 @@ class Reader:
     def __init__(self, pinned: bool, fallback: Callable):
         self.pinned = pinned
         self.fallback = fallback  # read(ref) for formats other than safetensors
-        self.headers: Dict[str, object] = {}
+        self.headers: dict[str, object] = {}
         self.lock = threading.Lock()
 
     def _header(self, path: str):
@@ -183,7 +183,7 @@ class Reader:
                         break
                     done += got
         except OSError as exc:
-            raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: read failed ({exc.strerror})")
+            raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: read failed ({exc.strerror})") from exc
         if done != nbytes:
             raise CheckpointError(f"{ref.path}: tensor {ref.name!r}: file ended early (truncated?)")
         return out
@@ -245,7 +245,7 @@ def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
     return tuned_on(raw, w0, device, allow_nonfinite)
 
 
-def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> Optional[torch.Tensor]:
+def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> torch.Tensor | None:
     """The base on the device, None when it is not finite (and that is allowed)."""
     from .engine import all_finite
 
@@ -285,7 +285,7 @@ def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: 
 
 
 def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
-            on_copied: Optional[Callable] = None):
+            on_copied: Callable | None = None):
     """Checks, analysis and cache update of one pair on `device` (current stream): a
     LayerResult, or a tuple of them (one per pair) for a group."""
     from . import engine
@@ -302,7 +302,7 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
     if on_copied is not None:
         on_copied()
     spec = raw.cached
-    scratch: Optional[dict] = {} if raw.more else None  # base-only work shared by a fleet
+    scratch: dict | None = {} if raw.more else None  # base-only work shared by a fleet
     out = []
     for m, (status, _, wt) in zip(members, prepared):
         if status != "scanned":
@@ -351,10 +351,10 @@ class Pipeline:
     """Run every pair through readers and device workers; iterate results in pair order. An
     item may be a tuple of pairs sharing one base (a fleet): its result is a tuple."""
 
-    def __init__(self, pairs: List, read: Callable, config: ScanConfig,
-                 devices: List[torch.device], base_cache=None, readers: Optional[int] = None,
-                 per_device: Optional[int] = None, budget: Optional[int] = None,
-                 threaded: Optional[bool] = None, group_fn: Optional[Callable] = None):
+    def __init__(self, pairs: list, read: Callable, config: ScanConfig,
+                 devices: list[torch.device], base_cache=None, readers: int | None = None,
+                 per_device: int | None = None, budget: int | None = None,
+                 threaded: bool | None = None, group_fn: Callable | None = None):
         self.pairs = pairs
         self.config = config
         self.devices = devices
@@ -375,11 +375,11 @@ class Pipeline:
         self.stop = threading.Event()
         self.next_index = 0
         self.index_lock = threading.Lock()
-        self.ready: "queue.Queue[Raw]" = queue.Queue()
-        self.results: Dict[int, object] = {}
+        self.ready: queue.Queue[Raw] = queue.Queue()
+        self.results: dict[int, object] = {}
         self.cv = threading.Condition()
-        self.threads: List[threading.Thread] = []
-        self.stash: Dict[int, Raw] = {}
+        self.threads: list[threading.Thread] = []
+        self.stash: dict[int, Raw] = {}
         self.pool_threads = 1  # BLAS / OpenMP threads per worker (set in __iter__)
 
     def _name(self, i: int) -> str:
@@ -387,7 +387,7 @@ class Pipeline:
         return (item[0] if isinstance(item, tuple) else item).name
 
     # -- readers -----------------------------------------------------------------------------
-    def _take(self) -> Optional[int]:
+    def _take(self) -> int | None:
         with self.index_lock:
             if self.next_index >= len(self.pairs):
                 return None
@@ -538,6 +538,6 @@ class Pipeline:
                         if i in self.results:
                             return
                     raise IntruderError(f"scan stopped: every reader thread ended before matrix "
-                                        f"{self._name(i)!r} was read (out of memory?)")
+                                        f"{self._name(i)!r} was read (out of memory?)") from None
                 continue
             self.stash[raw.index] = raw  # readers may finish out of order
