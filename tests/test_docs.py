@@ -1,6 +1,7 @@
-"""The user documentation stays true: every relative link in README.md and docs/ resolves (file
-and heading), docs/settings.md lists exactly intruder/settings.py's knobs, and the examples of
-docs/api.md run. `python tests/test_docs.py` rewrites the generated table in docs/settings.md."""
+"""The user documentation stays true: every relative link in README.md, SECURITY.md,
+fixtures/README.md and docs/ resolves (file and heading), docs/settings.md lists exactly
+intruder/settings.py's knobs, and the examples of docs/api.md run. `python tests/test_docs.py`
+rewrites the generated table in docs/settings.md."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def _anchors(path: str) -> set[str]:
 
 
 def _doc_files() -> list[str]:
-    return [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    top = [os.path.join(ROOT, p) for p in ("README.md", "SECURITY.md", "fixtures/README.md")]
+    return [*top, *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
 
 def test_every_relative_link_resolves():
