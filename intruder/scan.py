@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
-import sys
 import time
 
 from . import __version__
@@ -83,7 +81,7 @@ def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
         unpaired_base=pairing.unpaired_base, unpaired_tuned=pairing.unpaired_tuned,
         skipped=tuple(skipped), warnings=tuple(warnings), seconds=time.perf_counter() - t0,
         device=device, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        command=command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        command=command,
         tool_version=__version__, schema_version=SCHEMA_VERSION)
     return dataclasses.replace(report, verdict=decide(report))
 

@@ -66,6 +66,7 @@ class MemoryCheckpoint(Checkpoint):
         for name in sorted(self.refs):
             r = self.refs[name]
             h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
+        assert self.store is not None, "a memory checkpoint holds its tensors"
         total = sum(t.numel() * t.element_size() for t in self.store.entries.values())
         adapter = self.adapter.summary() if self.adapter is not None else None
         return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
@@ -233,7 +234,7 @@ def from_peft(model) -> MemoryCheckpoint:
     return ck
 
 
-def as_checkpoint(obj, role: str = "tuned") -> Checkpoint:
+def as_checkpoint(obj, role: str = "tuned") -> Checkpoint | None:
     """Any in-memory input as a Checkpoint; None for a path-like (the caller opens it)."""
     if isinstance(obj, Checkpoint):
         return obj

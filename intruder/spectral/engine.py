@@ -268,7 +268,7 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
             in_cluster=in_cluster, max_cos_bound=bool(bound[j]) if bound is not None else False))
     energy = float(sig_t[flags].square().sum()) / energy_total if energy_total > 0 else 0.0
     sig_k = float(b.sigma[k - 1]) if b.sigma.numel() >= k else float("nan")
-    from .margin import margin_fields, update_spectrum  # margin + update-shape measures (issue 9)
+    from .margin import margin_fields, update_spectrum  # margin + update-shape measures
 
     d = wt - w0  # (m, n)
     update = update_spectrum(d)  # dW's singular values, once: ||dW||_2 here, its shape in margin
