@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InputError, ReportError
+from .inplace import rescaled_copy
 from .io.atomic import check_output
 from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
@@ -494,14 +495,12 @@ def rescale(model_or_state_dict, report, alpha: float, *, epsilon: float | None 
     >>> sum(not (removed[k] == sd[k]).all() for k in sd) == r.summary["layers_with_intruders"]
     True
     """
-    from .scale_memory import rescale_model
-
     if isinstance(report, (str, os.PathLike)):
         report = load_report(report)
     if not isinstance(report, ScanReport):
         raise InputError(f"report: expected a scan result or the path of its JSON, got "
                          f"{type(report).__name__}")
-    return rescale_model(model_or_state_dict, report, alpha, epsilon, device)
+    return rescaled_copy(model_or_state_dict, report, alpha, epsilon, device)
 
 
 def verdict_line(result: ScanReport) -> str:

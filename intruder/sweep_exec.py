@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import IntruderError
-from .intervene import LayerChange
+from .inplace import InPlaceRescaler
+from .intervene import AdapterMerge, LayerChange, select_intruders
+from .io import open_checkpoint
 from .types import EvalResult, ScanReport
 
 
@@ -140,18 +142,15 @@ class Worker:
         if self.rescaler is None:
             import torch
 
-            from .inplace import InPlaceRescaler
-
             t0 = time.perf_counter()
             self.log(f"loading the tuned model once: {self.spec.model_path}")
             self.lm = self._load(self.spec.model_path)
-            from .intervene import adapter_exact
-
             dts = {k: getattr(torch, v) for k, v in self.spec.storage_dtypes}
             exact = None
             if self.spec.adapter_path:  # start from the float64 merge, as the writer does
-                exact = adapter_exact(self.spec.report, self.spec.base_path,
-                                      self.spec.adapter_path, self.spec.epsilon)
+                exact = AdapterMerge(open_checkpoint(self.spec.base_path, allow_adapter=False),
+                                     open_checkpoint(self.spec.adapter_path),
+                                     select_intruders(self.spec.report, self.spec.epsilon)).exact
             self.rescaler = InPlaceRescaler(self.lm.model, self.spec.report,
                                             epsilon=self.spec.epsilon, storage_dtypes=dts,
                                             exact=exact)
