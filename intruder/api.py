@@ -100,14 +100,19 @@ class ScanResult(ScanReport):
 
     def __repr__(self) -> str:
         return (f"<ScanResult {self.tuned.path!r} vs {self.base.path!r}: "
-                f"{self.verdict.wording}>")
+                f"{_verdict(self).wording}>")
 
     def _repr_html_(self) -> str:
         from .report.html import escape
 
-        return (f"<p><b>{escape(self.verdict.wording)}</b><br><small>{escape(self.tuned.path)} "
+        return (f"<p><b>{escape(_verdict(self).wording)}</b><br><small>{escape(self.tuned.path)} "
                 f"against {escape(self.base.path)}; {len(self.layers)} matrices; "
                 f"r.to_dataframe(), r.to_html(path)</small></p>")
+
+
+def _verdict(report: ScanReport) -> Verdict:
+    """The verdict a result carries (_result always sets it), else a fresh one."""
+    return report.verdict if report.verdict is not None else verdict_of(report)
 
 
 def _result(report: ScanReport, roundings: int = 1) -> ScanResult:
@@ -134,7 +139,7 @@ class TrackResult(TrackReport):
     @property
     def verdicts(self) -> dict[str, Verdict]:
         """Each checkpoint's verdict against the base (a track's step i counts i roundings)."""
-        return {e.label: e.vs_base.verdict for e in self.entries}
+        return {e.label: _verdict(e.vs_base) for e in self.entries}
 
     @property
     def summary(self) -> list[dict]:
@@ -145,10 +150,10 @@ class TrackResult(TrackReport):
 
     def __getitem__(self, key: int | str) -> ScanResult:
         if isinstance(key, int):
-            return self.entries[key].vs_base
+            return _result(self.entries[key].vs_base)
         for e in self.entries:
             if e.label == key:
-                return e.vs_base
+                return _result(e.vs_base)
         raise KeyError(f"no checkpoint labelled {key!r} (labels: {', '.join(self.labels)})")
 
     def __len__(self) -> int:
@@ -213,7 +218,7 @@ class TrackResult(TrackReport):
 
     def __repr__(self) -> str:
         lines = [f"<TrackResult {self.mode} of {len(self.entries)} against {self.base.path!r}:"]
-        lines += [f"  {e.label}: {e.vs_base.verdict.wording}" for e in self.entries]
+        lines += [f"  {e.label}: {_verdict(e.vs_base).wording}" for e in self.entries]
         return "\n".join(lines) + ">"
 
 
@@ -254,6 +259,7 @@ def _epsilons(epsilon, default) -> tuple[float, ...]:
     """0.5, (0.5, 0.7), [0.3, 0.5] or '0.3,0.5' (the CLI's form); the first decides."""
     if epsilon is None:
         return tuple(default)
+    parts: list[Any]  # user values, checked by float() below
     if isinstance(epsilon, str):
         parts = [p.strip() for p in epsilon.split(",") if p.strip()]
     elif isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):

@@ -108,8 +108,8 @@ class InPlaceRescaler:
         self.keep = keep
         sel: dict[str, LayerIntruders] = select_intruders(report, epsilon)
         is_module = isinstance(model, torch.nn.Module)
-        params: dict[str, torch.Tensor] = dict(model.named_parameters()) if is_module \
-            else dict(model)
+        params: dict[str, torch.Tensor] = dict(model.named_parameters()) \
+            if isinstance(model, torch.nn.Module) else dict(model)
         mapping = match_parameters(params, sel)
         missing = [n for n in sel if n not in mapping]
         if missing:
@@ -283,7 +283,8 @@ def rescaled_copy(obj: Any, report: ScanReport, alpha: float, epsilon: float | N
     if isinstance(obj, torch.nn.Module) and is_peft_model(obj):
         merge = AdapterMerge(from_module(obj, "base"), from_peft(obj),
                              select_intruders(report, epsilon))
-        model = copy.deepcopy(obj).unload()  # the base model (modules_to_save applied)
+        peft_copy: Any = copy.deepcopy(obj)  # a PeftModel (nn.Module's typing hides unload)
+        model = peft_copy.unload()  # the base model (modules_to_save applied)
         _load_into(model, {n: merge.stored(n) for n in merge.changed()})
         InPlaceRescaler(model, report, epsilon=epsilon, keep="none", exact=merge.exact,
                         residual_dtype=torch.float64, device=device).set_alpha(alpha, False)

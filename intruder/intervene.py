@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .errors import AdapterError, IntruderError, NonFiniteError, OutputError, ReportError
 from .io import open_checkpoint, pair_checkpoints, read_ref
-from .io.adapter import lora_bias_for, lora_info_for, merge_lora
+from .io.adapter import Adapter, lora_bias_for, lora_info_for, merge_lora
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
 from .io.identity import recorded_mismatch
@@ -193,6 +193,7 @@ def intruder_factors(wt: torch.Tensor, sel: LayerIntruders, device=None,
                 f"{where or sel.name}: singular values recomputed from the checkpoint differ from "
                 f"the scan report's by {diff:.3g} (sigma_1 = {top:.6g}); the checkpoint is not the "
                 f"one that was scanned; rescan it")
+    assert spec.u is not None and spec.v is not None  # asked for with left=True, right=True
     idx = torch.tensor(sel.indices, dtype=torch.long, device=dev)
     u = spec.u[:, idx]  # (m, |I|)
     v = spec.v[:, idx]  # (n, |I|)
@@ -323,7 +324,8 @@ def adapter_sources(base_ck: Checkpoint, tuned_ck: Checkpoint, sel: dict[str, La
     merged model, tensor by tensor), plus the plan's overrides (replaced tensors) and extra
     tensors (new modules, e.g. a classification head, added as they are)."""
     ad = tuned_ck.adapter
-    assert ad is not None  # tuned_ck.kind == "adapter"
+    if not isinstance(ad, Adapter):
+        raise AdapterError(f"{tuned_ck.path}: not a PEFT adapter, so there is nothing to merge")
     sources = {n: Source("raw", r) for n, r in base_ck.refs.items()}
     overrides: dict[str, TensorSpec] = {}
     extra: list[TensorSpec] = []
@@ -337,6 +339,7 @@ def adapter_sources(base_ck: Checkpoint, tuned_ck: Checkpoint, sel: dict[str, La
     for bmod, amod in mod_map.items():
         wname = bmod + ".weight"
         info = lora_info_for(ad, amod, base_ck.refs[wname].shape)
+        assert info is not None  # amod is one of the adapter's modules
         sources[wname] = Source("lora", base_ck.refs[wname], lora=info)
         bias = lora_bias_for(ad, amod)
         if bias is not None:
@@ -445,7 +448,7 @@ def provenance(report: ScanReport, alpha: float, changes: dict[str, tuple[int, .
 class _Reader:
     """Reads tensors (or their raw bytes) keeping one parsed header per checkpoint side."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.caches: dict[str, dict] = {}
 
     def _cache(self, ref: TensorRef) -> dict:
@@ -560,14 +563,15 @@ def _refuse_overflow(sources, plan, alphas) -> None:
 
 def _index_extra(meta: dict[str, str]) -> dict[str, object]:
     """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
-    prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
-    prov["intruders"] = json.loads(prov["intruders"])
+    text = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
+    prov: dict[str, object] = dict(text)
+    prov["intruders"] = json.loads(text["intruders"])
     for key in ("base_files", "tuned_files"):
-        if key in prov:
-            prov[key] = json.loads(prov[key])
+        if key in text:
+            prov[key] = json.loads(text[key])
     for key in ("alpha", "epsilon"):
-        prov[key] = float(prov[key])
-    prov["top_k"] = int(prov["top_k"])
+        prov[key] = float(text[key])
+    prov["top_k"] = int(text["top_k"])
     return {"intruder": prov}
 
 

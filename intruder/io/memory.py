@@ -66,8 +66,9 @@ class MemoryCheckpoint(Checkpoint):
         for name in sorted(self.refs):
             r = self.refs[name]
             h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
-        total = sum(t.numel() * t.element_size() for t in self.store.entries.values())
-        adapter = self.adapter.summary() if self.adapter is not None else None
+        entries = self.store.entries if self.store is not None else {}
+        total = sum(t.numel() * t.element_size() for t in entries.values())
+        adapter = self.adapter.summary() if isinstance(self.adapter, Adapter) else None
         return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
                               bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
                               fingerprint=h.hexdigest()[:16], adapter=adapter)
@@ -79,7 +80,8 @@ def is_memory_path(path: str) -> bool:
 
 def lookup(path: str) -> MemoryCheckpoint | None:
     """The registered checkpoint at a memory path, or None."""
-    return _REGISTRY.get(path) if is_memory_path(path) else None
+    ck = _REGISTRY.get(path) if is_memory_path(path) else None
+    return ck if isinstance(ck, MemoryCheckpoint) else None
 
 
 def handle(path: str) -> _Store | None:
@@ -233,7 +235,7 @@ def from_peft(model) -> MemoryCheckpoint:
     return ck
 
 
-def as_checkpoint(obj, role: str = "tuned") -> Checkpoint:
+def as_checkpoint(obj, role: str = "tuned") -> Checkpoint | None:
     """Any in-memory input as a Checkpoint; None for a path-like (the caller opens it)."""
     if isinstance(obj, Checkpoint):
         return obj
