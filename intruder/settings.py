@@ -8,9 +8,9 @@ them).
 =========================  ==========================================  ======================  ======================
 variable                   meaning                                     default                 overridden by
 =========================  ==========================================  ======================  ======================
-INTRUDER_CACHE_DIR         root of the base spectral cache and of      $XDG_CACHE_HOME/         scan/track/compare
-                           remembered file digests                     intruder, else           --cache-dir DIR;
-                                                                       ~/.cache/intruder        --no-cache
+INTRUDER_CACHE_DIR         root of the base spectral cache and of      $XDG_CACHE_HOME/         --cache-dir DIR;
+                           remembered file digests                     intruder, else           --no-cache (scan,
+                                                                       ~/.cache/intruder        compare, track, scale)
 INTRUDER_CACHE_MAX_GB      size limit of the base spectral cache in    20                      (none)
                            GiB (least recently used entries go first;
                            a number > 0)
@@ -152,11 +152,6 @@ def cache_dir() -> str:
         return v
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(xdg, "intruder")
-
-
-def cache_dir_explicit() -> str | None:
-    """$INTRUDER_CACHE_DIR when set (commands that use the cache only when asked)."""
-    return get("INTRUDER_CACHE_DIR")
 
 
 def cache_max_gb() -> float | None:

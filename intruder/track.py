@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -169,7 +168,7 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
         _track_streamed(names, pair_maps, config, progress, base_cache, vs_base, vs_prev,
                         persist)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    cmd = command or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    cmd = command  # the caller's invocation (the CLI passes its command line)
     base_info = base_ck.info()
     elapsed = time.perf_counter() - t_start
 

@@ -36,7 +36,7 @@ class Case:
     expect: str  # regular expression searched for in the error line
     names: tuple[str, ...]  # substrings the error line must contain: the file and/or tensor
     error: str  # the IntruderError subclass raised by the library
-    covers: str  # the item of issue 7's list
+    covers: str  # the kind of hostile input it stands for
     needs: str = ""  # a CLI command that must be registered, else the case is skipped
     cwd: str = ""  # working directory (default: the fresh output directory)
     marker: str = ""  # a path that a code-execution payload would create; must never exist
@@ -490,7 +490,7 @@ def build_corpus(root: str, seed: int = 0) -> dict[str, object]:
         p = hand_edited_report(os.path.join(rd, edit, "intruder-scan.json"), edit)
         add(f"report_{edit}_report_cmd", ["report", p, "-o", "{OUT}/audit.html"], expect, [p],
             "ReportError", "a hand-edited scan JSON violating the schema", needs="report")
-        # scale reads ./intruder-scan.json by default (issue 4)
+        # scale reads ./intruder-scan.json by default
         add(f"report_{edit}_scale_cmd", ["scale", "--alpha", "0.5", "-o", "{OUT}/scaled"], expect,
             ["intruder-scan.json"],
             "ReportError", "a hand-edited scan JSON given to scale", needs="scale",

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the parsers that read strangers' files (issue 7).
+"""Property-based fuzzing of the parsers that read strangers' files.
 
 Safetensors headers (structured mutations of valid files, and raw bytes), sharded-checkpoint
 indexes, and PEFT adapter configs. The property: the parser either refuses with an IntruderError

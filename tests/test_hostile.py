@@ -1,4 +1,4 @@
-"""Hostile and broken inputs (issue 7): one clear line, exit 1, inputs untouched, nothing written.
+"""Hostile and broken inputs: one clear line, exit 1, inputs untouched, nothing written.
 
 The corpus (tests/hostile_corpus.py) is run through the real entry point, `python -m intruder`, in
 forked children of one warm interpreter (tests/cli_batch.py; a few cases are re-run as plain
@@ -96,7 +96,7 @@ def batch(corpus, tmp_path_factory):
 
 
 def test_corpus_covers_the_issue(corpus):
-    """At least 25 cases, and every kind of input issue 7 lists is among them."""
+    """At least 25 cases, and every kind of hostile input listed below is among them."""
     cases = corpus["cases"]
     assert len(cases) >= 25
     assert len({c.id for c in cases}) == len(cases)

@@ -1,5 +1,5 @@
 """Memory stays bounded: a scan streams tensors, so a pair larger than the memory the process may
-use is still scanned, exactly; and running out of memory is one clear line, not a hang (issue 7).
+use is still scanned, exactly; and running out of memory is one clear line, not a hang.
 
 A subprocess imports everything and runs one tiny warm-up scan, measures its address space
 (VmSize), then caps it with RLIMIT_AS at that baseline plus MARGIN, which is smaller than either

@@ -44,12 +44,8 @@ def cli(debug):
         set_thread_env()
 
 
-for _name in COMMAND_MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet
-        if _exc.name != f"{__name__}.{_name}":
-            raise
+for _name in COMMAND_MODULES:  # each registers its command on `cli`
+    importlib.import_module(f"{__name__}.{_name}")
 
 
 def _terminated(signum, frame):

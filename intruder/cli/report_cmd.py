@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
 from ..io.targets import Target, check_targets, create_parents, remove_dirs
 from . import cli
 from .common import echo_err, handle_errors
+from .options import command_line
 
 
 @cli.command("report")
@@ -61,7 +61,7 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
     try:
         info = write_html(report, output, scale_results=scale_results, similarity=similarity,
                           base_path=base_path, tuned_path=tuned_path, n_affected=n_affected,
-                          command=" ".join(["intruder"] + sys.argv[1:]))
+                          command=command_line())
     except BaseException:  # a failure leaves no empty folders behind
         remove_dirs(made)
         raise

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
-from .. import settings
 from ..errors import OutputError
 from ..io.targets import CONTAINER, DIR, FILE, Target, check_targets, create_dir, remove_dirs
 from . import cli
 from .common import echo_err, emit, float_list, handle_errors, terminal_safe
 from .hubopts import offline_option, report_base_check, strict_base_option
+from .options import command_line, pop_scan_config, quiet_option, scan_options
 
-_SCAN_ONLY = ("top_k", "vectors", "include", "exclude")
+_SCAN_ONLY = ("top_k", "vectors", "include", "exclude", "cache_dir", "no_cache", "allow_nonfinite")
 SCAN_JSON = "intruder-scan.json"  # the scan report `scale BASE TUNED` saves under -o
 
 
@@ -51,18 +50,18 @@ SCAN_JSON = "intruder-scan.json"  # the scan report `scale BASE TUNED` saves und
 @click.option("--model-config", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory with config.json and tokenizer for bare .safetensors models "
                    "(default: BASE when it is such a directory).")
-@click.option("--epsilon", default=None,
-              help="Intruder threshold on max |cos|. With a report: select the report's top-k "
-                   "vectors below it (default: the report's own). With BASE TUNED: the scan's "
-                   "epsilon list, the first value deciding.")
-@click.option("--top-k", type=int, default=None, help="Scan setting (with BASE TUNED): top tuned "
-              "vectors tested [10].")
-@click.option("--vectors", type=click.Choice(["left", "right", "both"]), default=None,
-              help="Scan setting (with BASE TUNED) [left].")
-@click.option("--include", metavar="REGEX", default=None, help="Scan setting (with BASE TUNED).")
-@click.option("--exclude", metavar="REGEX", default=None, help="Scan setting (with BASE TUNED).")
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu, cuda or cuda:N (decompositions and evaluation).")
+@scan_options(notes={
+    "top_k": "With BASE TUNED only (a scan setting).",
+    "epsilon": "With a scan report: select the report's top-k vectors below one EPS (default: "
+               "the report's own); with BASE TUNED: the scan's.",
+    "vectors": "With BASE TUNED only (a scan setting).",
+    "include": "With BASE TUNED only (a scan setting).",
+    "exclude": "With BASE TUNED only (a scan setting).",
+    "device": "Decompositions and evaluation.",
+    "cache_dir": "With BASE TUNED only (a scan setting).",
+    "no_cache": "With BASE TUNED only (a scan setting).",
+    "allow_nonfinite": "With BASE TUNED only (a scan setting).",
+})
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               default="auto", show_default=True, help="Evaluation dtype (auto: float32 on CPU).")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
@@ -71,14 +70,14 @@ SCAN_JSON = "intruder-scan.json"  # the scan report `scale BASE TUNED` saves und
 @click.option("--json", "as_json", is_flag=True, help="Print scale-results.json to stdout.")
 @click.option("--html", type=click.Path(dir_okay=False), default=None,
               help="Also write the HTML audit of the scan with the trade-off section.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@quiet_option
 @strict_base_option
 @offline_option
 @click.pass_context
 @handle_errors
 def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_eval_include,
-                  workers, shard, limit, model_config, epsilon, top_k, vectors, include, exclude,
-                  device, dtype, max_length, force, as_json, html, quiet, strict_base):
+                  workers, shard, limit, model_config, dtype, max_length, force, as_json, html,
+                  quiet, strict_base, **scan_kw):
     """Rescale intruder dimensions: W' = Wt + (alpha - 1) * sum_j sigma_j u_j v_j^T.
 
     Without BASE TUNED the intruders, paths and settings come from the scan report
@@ -118,22 +117,21 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
         opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
         check_evaluators([get_evaluator(spec, **opts) for spec in evals], limit)
     log = (lambda m: None) if quiet else (lambda m: echo_err(m))
-    kw = dict(evals=evals, limit=limit, model_config=model_config, device=device,
+    epsilon = scan_kw["epsilon"] if _given(ctx, "epsilon") else None
+    kw = dict(evals=evals, limit=limit, model_config=model_config, device=scan_kw["device"],
               dtype=None if dtype == "auto" else dtype, max_length=max_length, force=force,
               progress=not quiet, log=log, save_alphas=saves, lm_eval_include=lm_eval_include,
               workers=workers, shard=shard)
     written = alphas if not evals else tuple(dict.fromkeys(saves or ()))  # models written
-    src = ctx.get_parameter_source("scan_path")
-    scan_given = src is not None and src.name == "COMMANDLINE"
     if paths:
-        if scan_given:
+        if _given(ctx, "scan_path"):
             raise click.UsageError("--scan reads an existing report; with BASE TUNED a new scan "
                                    "runs, so give one or the other")
+        config = pop_scan_config(scan_kw)
         _check_scale_targets(out_dir, written, paths[0], paths[1], None, html, force)
         made = create_dir(out_dir)
         try:
-            report, report_path = _scan_first(paths, out_dir, epsilon, top_k, vectors, include,
-                                              exclude, device, quiet, log, strict_base)
+            report, report_path = _scan_first(paths, out_dir, config, quiet, log, strict_base)
             report_base_check(report.tuned, quiet)
             base, tuned = report.base.path, report.tuned.path  # a hub ID -> its local snapshot
             refuse_overflowing_alphas(report, alphas)
@@ -147,7 +145,7 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
             remove_dirs(made)
             raise
     else:
-        given = [o for o, v in zip(_SCAN_ONLY, (top_k, vectors, include, exclude)) if v is not None]
+        given = [o for o in _SCAN_ONLY if _given(ctx, o)]
         if given:
             raise click.UsageError(f"--{given[0].replace('_', '-')} is a scan setting: give BASE "
                                    f"and TUNED to scan again, or rescan with `intruder scan`")
@@ -176,7 +174,7 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
     if html:
         from ..report.html import write_html
 
-        write_html(report, html, scale_results=sweep.files["json"])
+        write_html(report, html, scale_results=sweep.files["json"], command=command_line())
     if as_json:
         emit(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
     else:
@@ -225,22 +223,21 @@ def _sweep(report, alphas, out_dir, report_path, base, tuned, epsilon, kw):
                      epsilon=epsilon, scan_report=report_path, **kw)
 
 
-def _scan_first(paths, out_dir, epsilon, top_k, vectors, include, exclude, device, quiet, log,
-                strict_base=False):
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option `name` was given on the command line (or by an environment variable)."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _scan_first(paths, out_dir, config, quiet, log, strict_base=False):
     """Scan BASE TUNED; the report is kept in memory and saved once the sweep is done."""
     from ..scan import run_scan
-    from ..types import ScanConfig
 
     base, tuned = paths
-    config = ScanConfig(top_k=10 if top_k is None else top_k,
-                        epsilons=float_list(epsilon, "--epsilon") if epsilon else (0.5,),
-                        vectors=vectors or "left", include=include, exclude=exclude,
-                        device=device,
-                        cache_dir=settings.cache_dir_explicit())
     report_path = os.path.join(out_dir, SCAN_JSON)
     log(f"scanning {tuned} against {base} ...")
     report = run_scan(base, tuned, config, progress=not quiet,
-                      command=" ".join(["intruder"] + sys.argv[1:]), strict_base=strict_base)
+                      command=command_line(), strict_base=strict_base)
     n = sum(len(l.intruders) for l in report.layers)
     log(f"scan: {n} intruder(s) at epsilon {config.epsilon:g} in "
         f"{sum(1 for l in report.layers if l.intruders)} matrices")

@@ -17,13 +17,23 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from ..errors import EvalError
 from ..types import EvalResult
 
 __all__ = ["EVALUATORS", "EvalResult", "available", "check_evaluators", "evaluate_model",
            "get_evaluator", "load_model", "register", "run_evaluators"]
+
+
+class Evaluator(Protocol):
+    """What running an evaluator needs of it (`check(limit) -> str` is optional)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def evaluate(self, lm: Any, limit: int | None = None,
+                 progress: bool = True) -> list[EvalResult]: ...
 
 
 def _wikitext(arg: str | None):
@@ -107,7 +117,7 @@ def _accepted(factory, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
-def check_evaluators(evaluators: Sequence[object], limit: int | None = None) -> list[str]:
+def check_evaluators(evaluators: Sequence[Evaluator], limit: int | None = None) -> list[str]:
     """Find and read every evaluator's data now; one line per evaluator saying what it will
     score. A missing or unreadable file fails here, before any model is rescaled or loaded."""
     return [ev.check(limit) if hasattr(ev, "check") else ev.name for ev in evaluators]
@@ -122,7 +132,7 @@ def load_model(path, model_config=None, device: str = "auto", dtype=None, max_le
                  max_length=max_length, progress=progress, device_map=device_map)
 
 
-def run_evaluators(lm, evaluators: Sequence[str | object], limit: int | None = None,
+def run_evaluators(lm, evaluators: Sequence[str | Evaluator], limit: int | None = None,
                    progress: bool = True) -> list[EvalResult]:
     """Run evaluators (specs or objects) on an already loaded model, in order."""
     objs = [get_evaluator(e) if isinstance(e, str) else e for e in evaluators]
@@ -132,7 +142,7 @@ def run_evaluators(lm, evaluators: Sequence[str | object], limit: int | None = N
     return results
 
 
-def evaluate_model(path, specs: Sequence[str | object] = ("wikitext",), *,
+def evaluate_model(path, specs: Sequence[str | Evaluator] = ("wikitext",), *,
                    model_config=None, device: str = "auto", dtype=None,
                    max_length: int | None = None, limit: int | None = None,
                    progress: bool = True) -> list[EvalResult]:

@@ -119,13 +119,14 @@ _DETOK_STEPS: tuple[tuple[str, str, str], ...] = (
     ("str", " N ", " 1 "),  # WikiText's number placeholder
     ("str", " 's", "'s"),
 )
-_DETOK_COMPILED = tuple((kind, re.compile(a) if kind == "re" else a, b) for kind, a, b in _DETOK_STEPS)
+_DETOK_COMPILED: tuple[tuple[re.Pattern[str] | str, str], ...] = tuple(
+    (re.compile(a) if kind == "re" else a, b) for kind, a, b in _DETOK_STEPS)
 
 
 def detokenize(text: str) -> str:
     """Undo WikiText's tokenization the way lm-eval's `wikitext_detokenizer` does, step for step."""
-    for kind, old, new in _DETOK_COMPILED:
-        text = old.sub(new, text) if kind == "re" else text.replace(old, new)
+    for old, new in _DETOK_COMPILED:
+        text = old.sub(new, text) if isinstance(old, re.Pattern) else text.replace(old, new)
     return text
 
 

@@ -251,9 +251,10 @@ def _load_weights(model: Any, files: list[Path], shown: Path) -> None:
                         f"tensors (e.g. {', '.join(unexpected[:3])})")
 
 
-def _tied_names(model: Any) -> set:
+def _tied_names(model: Any) -> set[str]:
     """Parameter names that share storage with another parameter (e.g. a tied lm_head)."""
-    seen, tied = {}, set()
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    tied: set[str] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key in seen:

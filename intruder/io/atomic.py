@@ -56,8 +56,9 @@ def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
         raise OutputError(f"{path}: cannot write ({exc.strerror})") from exc
     try:
         # text: UTF-8 whatever the locale (LANG=C), a name that is not valid Unicode escaped
-        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "backslashreplace"}
-        with os.fdopen(fd, mode, **text) as fh:
+        binary = "b" in mode
+        with os.fdopen(fd, mode, encoding=None if binary else "utf-8",
+                       errors=None if binary else "backslashreplace") as fh:
             yield fh
             fh.flush()
             if durable:

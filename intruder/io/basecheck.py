@@ -114,10 +114,11 @@ def check_base(adapter_ck, base_ck) -> BaseCheck:
                              f"declared base {d} ({local}) cannot be read: {exc}")
         return _by_content(d, local, given, other, base_ck.info())
     spec = _hub_spec(d, adapter_ck)
-    if spec is None:
+    parsed = hub.parse(spec) if spec is not None else None
+    if spec is None or parsed is None:
         return BaseCheck(d, None, given, "unverified", "",
                          f"declared base {d} is not on this machine and is not a hub ID")
-    repo, rev, _ = hub.parse(spec)
+    repo, rev, _ = parsed
     commit = hub.cached_commit(repo, rev)
     if info.repo_id and info.repo_id.lower() == repo.lower():
         if commit is None:
@@ -159,18 +160,18 @@ def enforce(check: BaseCheck, adapter_path: str, strict: bool) -> None:
         raise AdapterError(f"{adapter_path}: --strict-base: {check.status}: {check.detail}")
 
 
-def warning_text(check: BaseCheck, adapter_path: str) -> str | None:
-    """The report / stderr warning for a mismatch (None otherwise)."""
-    if check.status == "mismatch":
+def warning_text(check: BaseCheck | None, adapter_path: str) -> str | None:
+    """The report / stderr warning for a mismatch (None otherwise, and for no check)."""
+    if check is not None and check.status == "mismatch":
         return f"adapter {adapter_path}: {check.detail}; the scan measures another model pair"
     return None
 
 
-def chain_checks(mode: str, base_ck, cks, strict: bool) -> list:
+def chain_checks(mode: str, base_ck, cks, strict: bool) -> list[BaseCheck | None]:
     """One BaseCheck (or None for a full model) per checkpoint of `compare` (each adapter
     against BASE) or `track` (each adapter against the step it is applied to; after another
     adapter, whose merged weights exist only in memory, the check is left unverified)."""
-    out = []
+    out: list[BaseCheck | None] = []
     for i, ck in enumerate(cks):
         if ck.kind != "adapter":
             out.append(None)

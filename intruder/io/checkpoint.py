@@ -11,6 +11,7 @@ import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, CheckpointError
 from ..types import CheckpointInfo, TensorRef
@@ -19,6 +20,10 @@ from . import identity as ident
 from .dequant import attach_storage
 from .jsonfile import read_json
 from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file, gc_paused
+
+if TYPE_CHECKING:  # both import this module
+    from .adapter import Adapter
+    from .memory import MemoryCheckpoint
 
 SAFE_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -36,7 +41,7 @@ class Checkpoint:
     kind: str  # safetensors | sharded | directory | pickle | adapter | gguf
     refs: dict[str, TensorRef]
     files: list[str]
-    adapter: object | None = None  # intruder.io.adapter.Adapter for kind == adapter
+    adapter: Adapter | None = None  # set for kind == adapter
     metadata: dict[str, str] = field(default_factory=dict)
     # GGUF: our name of a tensor -> the other Hugging Face spellings of it (io/gguf.py); pairing
     # renames to the one the other checkpoint uses
@@ -50,7 +55,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return read_ref(ref, self._open)
 
-    source: object | None = None  # intruder.io.hub.ResolvedSource for a hub ID
+    source: hub.ResolvedSource | None = None  # set for a hub ID
 
     def identity_files(self) -> list[str]:
         """Files whose bytes make the checkpoint: the weights, and an adapter's config."""
@@ -63,11 +68,15 @@ class Checkpoint:
         """Identity for reports; identity=False skips the sha256 of the files."""
         total = sum(os.path.getsize(f) for f in self.files)
         adapter = self.adapter.summary() if self.adapter is not None else None
-        files, content = (), None
+        files: tuple[dict[str, Any], ...] = ()
+        content: str | None = None
         if identity:
             files = tuple(ident.file_identities(self.identity_files(), self.path))
             content = ident.content_hash([f["sha256"] for f in files])
         src = self.source
+        repo_id: str | None
+        revision: str | None
+        commit: str | None
         if src is not None:
             repo_id, revision, commit = src.repo_id, src.revision, src.commit
         else:  # a path inside the hub cache still names its repository and commit
@@ -111,7 +120,7 @@ def _handle(path: str, cache: dict[str, object]):
 
 
 # in-memory checkpoints (intruder.io.memory), by their `<memory N: label>` path; held weakly
-MEMORY: weakref.WeakValueDictionary[str, Checkpoint] = weakref.WeakValueDictionary()
+MEMORY: weakref.WeakValueDictionary[str, MemoryCheckpoint] = weakref.WeakValueDictionary()
 
 
 def read_ref(ref: TensorRef, cache: dict[str, object] | None = None):

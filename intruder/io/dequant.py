@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 import numpy as np
 
 from ..errors import CheckpointError
 from ..types import Storage, TensorRef
 from .safetensors_file import FLOAT_DTYPES, PACKED_BITS
+
+if TYPE_CHECKING:
+    import torch
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0")
 INT_DTYPES = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
@@ -79,7 +82,7 @@ def minifloat_table(dtype: str) -> np.ndarray:
     return out.astype(np.float32)
 
 
-_TABLES: dict[str, object] = {}
+_TABLES: dict[str, torch.Tensor] = {}
 
 
 def decode_float8(codes, dtype: str):
@@ -191,7 +194,7 @@ def _bnb4(name: str, ref: TensorRef, refs: Mapping[str, TensorRef],
             or shape[0] * shape[1] != 2 * numel or len(absmax.shape) != 1
             or absmax.shape[0] != -(-shape[0] * shape[1] // bs)):
         return None
-    parts = [("quant_map", qmap)]
+    parts: list[tuple[str, object]] = [("quant_map", qmap)]
     if absmax.dtype == "U8":  # compress_statistics: the absmax values are 8-bit codes themselves
         nab, nqm = refs.get(name + ".nested_absmax"), refs.get(name + ".nested_quant_map")
         try:
@@ -242,7 +245,7 @@ def attach_storage(refs: Mapping[str, TensorRef], config: dict | None = None,
                 continue
             grid = _scale_grid(sref.shape, m, n) if sref.dtype in SCALE_DTYPES else None
             block = _block_for(grid, m, n, declared) if grid else None
-            if block is None:  # a scale that fits no layout: decoding without it would be wrong
+            if block is None or grid is None:  # a scale that fits no layout: decoding without it would be wrong
                 misfit = (f"{storage_name(ref.dtype)} with {suffix} {sref.dtype} "
                           f"{list(sref.shape)} that fits no scale layout of a {m}x{n} weight; "
                           f"not scanned")
@@ -274,7 +277,7 @@ def decode(ref: TensorRef, read_bytes: Callable, read: Callable):
     st = ref.storage
     plain = TensorRef(ref.path, ref.name, ref.shape, ref.dtype)
     if st is not None and st.kind.startswith("bitsandbytes "):
-        return _decode_bnb4(ref, read_bytes, read)
+        return _decode_bnb4(ref, st, read_bytes, read)
     if ref.dtype in FP8_DTYPES:
         w = decode_float8(read_bytes(plain), ref.dtype).reshape(ref.shape)  # (m, n) float32
     elif ref.dtype == "I8":
@@ -314,7 +317,7 @@ def _bnb4_absmax(st: Storage, read: Callable):
         return a.to(torch.float32).reshape(-1)
     nab = read(parts["nested_absmax"]).to(torch.float32).reshape(-1)  # (ceil(blocks / nbs),)
     nqm = read(parts["nested_quant_map"]).to(torch.float32).reshape(-1)  # (256,)
-    group = torch.arange(a.numel()) // parts["nested_blocksize"]
+    group = torch.arange(a.numel()) // cast(int, parts["nested_blocksize"])
     return nqm[a.reshape(-1).to(torch.int64)] * nab[group] + parts["nested_offset"]
 
 
@@ -326,10 +329,9 @@ def _bnb4_codes(ref: TensorRef, read_bytes: Callable):
     return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).to(torch.int64)
 
 
-def _decode_bnb4(ref: TensorRef, read_bytes: Callable, read: Callable):
+def _decode_bnb4(ref: TensorRef, st: Storage, read_bytes: Callable, read: Callable):
     import torch
 
-    st = ref.storage
     m, n = ref.shape
     qmap = read(dict(st.parts)["quant_map"]).to(torch.float32).reshape(-1)  # (16,)
     vals = qmap[_bnb4_codes(ref, read_bytes)]  # (m*n,)

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -297,7 +297,7 @@ def _download_online(spec: str, repo_id: str, revision: str,
             raise CheckpointError(f"{spec}: repository {repo_id} has no file {filename!r} at "
                                   f"commit {commit[:12]}")
         first = [n for n in COMPANIONS if n in names and "adapter" not in n] + [filename]
-        weights_of_index = lambda snap: []  # noqa: E731
+        weights_of_index: Callable[[str], list[str]] = lambda snap: []  # noqa: E731
     else:
         first, weights_of_index = select_files(names)
     fetch(first)
@@ -348,7 +348,7 @@ def _write_ref(repo_id: str, revision: str, commit: str) -> None:
         pass
 
 
-def select_files(names: Sequence[str]):
+def select_files(names: Sequence[str]) -> tuple[list[str], Callable[[str], list[str]]]:
     """The repository files a scan reads, in two steps: (small files first, a function of the
     snapshot directory giving the shards its index names). Never .bin when safetensors exist."""
     top = [n for n in names if "/" not in n]

@@ -66,9 +66,9 @@ class MemoryCheckpoint(Checkpoint):
         for name in sorted(self.refs):
             r = self.refs[name]
             h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
-        entries = self.store.entries if self.store is not None else {}
-        total = sum(t.numel() * t.element_size() for t in entries.values())
-        adapter = self.adapter.summary() if isinstance(self.adapter, Adapter) else None
+        assert self.store is not None, "a memory checkpoint holds its tensors"
+        total = sum(t.numel() * t.element_size() for t in self.store.entries.values())
+        adapter = self.adapter.summary() if self.adapter is not None else None
         return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
                               bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
                               fingerprint=h.hexdigest()[:16], adapter=adapter)
@@ -80,8 +80,7 @@ def is_memory_path(path: str) -> bool:
 
 def lookup(path: str) -> MemoryCheckpoint | None:
     """The registered checkpoint at a memory path, or None."""
-    ck = _REGISTRY.get(path) if is_memory_path(path) else None
-    return ck if isinstance(ck, MemoryCheckpoint) else None
+    return _REGISTRY.get(path) if is_memory_path(path) else None
 
 
 def handle(path: str) -> _Store | None:

@@ -146,7 +146,7 @@ def _gguf_names(base: Checkpoint, tuned: Checkpoint):
     base_refs, tuned_refs = base.refs, tuned.refs
     if base.kind == "gguf" and tuned.kind != "gguf":
         other = list(tuned.refs) + [normalise(n) for n in tuned.refs]
-        if tuned.kind == "adapter":
+        if tuned.kind == "adapter" and tuned.adapter is not None:
             other += [m + ".weight" for m in tuned.adapter.modules]
         base_refs = rename_to_match(base, other)
     elif tuned.kind == "gguf" and base.kind != "gguf":
@@ -170,6 +170,7 @@ def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude,
 
     base_refs = base.refs if base_refs is None else base_refs
     ad = tuned.adapter
+    assert ad is not None, "an adapter checkpoint holds its Adapter"
     modules = dict(ad.modules)
     repl = dict(ad.replacements)
     # map adapter module paths / replacement names onto base names

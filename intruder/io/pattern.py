@@ -14,14 +14,15 @@ either not regular or change what the construct means, and no PEFT key needs the
 from __future__ import annotations
 
 import re
-from typing import Callable
+import sys
+from typing import Callable, cast
 
-try:  # Python 3.11+
-    from re import _constants as _c
-    from re import _parser as _p
-except ImportError:  # pragma: no cover - Python 3.9 / 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _p  # type: ignore[no-redef]
+if sys.version_info >= (3, 11):
+    from re import _constants as _c  # type: ignore[attr-defined]  # not in typeshed
+    from re import _parser as _p  # type: ignore[attr-defined]  # not in typeshed
+else:  # pragma: no cover - Python 3.10
+    import sre_constants as _c
+    import sre_parse as _p
 
 MAX_STATES = 20_000  # automaton size (bounded repeats are unrolled)
 MAX_KEY = 2_000  # characters in one key
@@ -206,7 +207,7 @@ class LinearPattern:
         while stack:
             s = stack.pop()
             k = self.kind[s]
-            if k == _SPLIT or (k == _ASSERT and self._assert(self.data[s], ctx)):
+            if k == _SPLIT or (k == _ASSERT and self._assert(cast(str, self.data[s]), ctx)):
                 for t in self.outs[s]:
                     if t not in seen:
                         seen.add(t)
@@ -222,7 +223,8 @@ class LinearPattern:
         got = self._step.get(key)
         if got is None:
             got = frozenset(self.outs[s][0] for s in states
-                            if self.kind[s] == _CHAR and self.data[s](ch))
+                            if self.kind[s] == _CHAR
+                            and cast(Callable[[str], bool], self.data[s])(ch))
             if len(self._step) > _CACHE_LIMIT:
                 self._step.clear()
             self._step[key] = got
@@ -287,7 +289,7 @@ class KeyTable:
                 self.other.append((i, compile_other(k)))
 
     def first(self, name: str) -> str | None:
-        best = None
+        best: int | None = None
         if "\n" in name:
             if self._plain_patterns is None:
                 self._plain_patterns = [(i, peft_key_pattern(k)) for i, k in enumerate(self.keys)
@@ -302,9 +304,9 @@ class KeyTable:
                 if length > n or (length < n and name[n - length - 1] != "."):
                     continue
                 tail = name[n - length:]
-                i = table.get("".join(tail[a:b] for a, b in cuts))
-                if i is not None and (best is None or i < best):
-                    best = i
+                hit = table.get("".join(tail[a:b] for a, b in cuts))
+                if hit is not None and (best is None or hit < best):
+                    best = hit
         for i, pat in self.other:
             if best is not None and i > best:
                 break

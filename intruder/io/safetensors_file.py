@@ -237,6 +237,7 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
                               f"safetensors dtype)")
     # JSON gives exactly int for integers (bool is a subclass, hence `type(..) is int`)
     numel = 1
+    dims: tuple[int, ...] = ()
     if type(shape) is not list or len(shape) > 8:
         numel = -1
     else:
@@ -245,9 +246,10 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
                 numel = -1
                 break
             numel *= d
+        dims = tuple(shape)
     if numel == 0:  # empty, yet torch's strides (products of trailing dimensions) must fit int64
         nonzero = 1
-        for d in shape:
+        for d in dims:
             nonzero *= d or 1
         if nonzero > MAX_DIM:
             numel = -1
@@ -270,7 +272,7 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
         raise CheckpointError(
             f"{path}: tensor {name!r}: shape {shape} x {dtype} needs {need} "
             f"bytes but data_offsets span {end - begin}")
-    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+    return TensorEntry(name, dtype, dims, data_start + begin, data_start + end)
 
 
 def _check_layout(path: str, entries: dict[str, TensorEntry], data_len: int, data_start: int):
@@ -352,7 +354,7 @@ class SafetensorsFile:
         try:
             with fh:
                 fh.seek(e.start)
-                got = fh.readinto(memoryview(flat))
+                got = fh.readinto(flat.data)  # memoryview of `flat`
         except OSError as exc:
             raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})") from exc
         if got != nbytes:

@@ -163,8 +163,8 @@ def _check_existing(t: Target, st: os.stat_result) -> None:
 def check_targets(targets: Iterable[Target], inputs: Iterable[str | None] = ()) -> list[str]:
     """Refuse the first unsafe target (OutputError, one line); return the resolved paths."""
     targets = [t for t in targets if t is not None and t.path]
-    inputs = [i for i in inputs if i]
-    real_inputs = [(i, _real(i), os.path.isdir(i)) for i in inputs]
+    in_paths = [i for i in inputs if i]
+    real_inputs = [(i, _real(i), os.path.isdir(i)) for i in in_paths]
     inodes: dict[tuple[int, int], str] | None = None
     reals: list[str] = []
     seen: dict[str, Target] = {}
@@ -185,7 +185,7 @@ def check_targets(targets: Iterable[Target], inputs: Iterable[str | None] = ()) 
             _check_existing(t, st)
             if stat.S_ISREG(st.st_mode):
                 if inodes is None:
-                    inodes = _input_inodes(inputs)
+                    inodes = _input_inodes(in_paths)
                 hit = inodes.get((st.st_dev, st.st_ino))
                 if hit is not None:
                     raise OutputError(f"{t.path}: {t.what} is the same file as the input {hit} "

@@ -21,6 +21,7 @@ import shutil
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import IO
 
 from ..errors import OutputError
 from .atomic import atomic_dir, atomic_file
@@ -289,7 +290,7 @@ class CheckpointWriter:
         self._root: str | None = None
         self._shard = -1
         self._cur: SafetensorsStreamWriter | None = None
-        self._fh = None
+        self._fh: IO[bytes] | None = None
         self.bytes_written = 0
 
     def __enter__(self) -> CheckpointWriter:
@@ -313,15 +314,21 @@ class CheckpointWriter:
             return
         shard = self.plan.shards[self._shard]
         if self.plan.kind == "dir":
-            full = os.path.join(self._root, shard.filename)
+            full = self._in_root(shard.filename)
             os.makedirs(os.path.dirname(full), exist_ok=True)
             self._fh = open(full, "wb")
-            where = os.path.join(self.path, shard.filename)
+            where = os.path.join(self.path, _rel(shard.filename))
         else:
             where = self.path
         self._cur = SafetensorsStreamWriter(self._fh, shard.tensors, self.metadata, where)
         if not shard.tensors:  # an empty shard is complete as soon as its header is written
             self._open_next()
+
+    def _in_root(self, rel: str | None) -> str:
+        """Where a file of a directory output is written (the temporary directory, until the
+        rename puts it in place)."""
+        assert self._root is not None, "a directory output is open"
+        return os.path.join(self._root, _rel(rel))
 
     def _finish_shard(self) -> None:
         if self._cur is None:
@@ -371,16 +378,16 @@ class CheckpointWriter:
 
     def _finish_dir(self) -> None:
         if self.plan.index:
-            weight_map = {s.name: shard.filename.replace(os.sep, "/")
+            weight_map = {s.name: _rel(shard.filename).replace(os.sep, "/")
                           for shard in self.plan.shards for s in shard.tensors}
             meta = dict(self.plan.index_metadata)
             meta.update(self.index_extra)
             meta["total_size"] = sum(s.nbytes for s in self.plan.tensors())
-            with open(os.path.join(self._root, SAFE_INDEX), "w", encoding="utf-8") as fh:
+            with open(self._in_root(SAFE_INDEX), "w", encoding="utf-8") as fh:
                 json.dump({"metadata": meta, "weight_map": weight_map}, fh, indent=2)
                 fh.write("\n")
         for src, name in self.plan.companions:
-            dst = os.path.join(self._root, name)
+            dst = self._in_root(name)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             try:
                 shutil.copyfile(src, dst)
@@ -418,3 +425,9 @@ def identity_metadata(report) -> dict[str, str]:
             if value:
                 out[f"intruder.{role}_{key}"] = str(value)
     return out
+
+
+def _rel(filename: str | None) -> str:
+    """A shard's path inside a directory output (every shard of a directory plan has one)."""
+    assert filename is not None, "a directory plan names its shards"
+    return filename

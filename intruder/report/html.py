@@ -21,7 +21,6 @@ import datetime as _dt
 import hashlib
 import html as _html
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -499,7 +498,7 @@ def render_html(report: ScanReport, extra: None | Sequence[Section] | Mapping[st
     if others:
         sections.append(("unpaired", "Skipped and unpaired tensors", others))
     generated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    cmd = command if command is not None else " ".join(["intruder"] + sys.argv[1:])
+    cmd = command or "(not recorded)"
     prov = [("tool", f"intruder {report.tool_version or '?'} (scan); report written by intruder "
                      f"{__version__}"),
             ("report schema", report.schema_version or "?"),

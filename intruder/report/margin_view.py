@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Union
 
-from ..types import ScanReport
+from ..types import LayerResult, ScanReport
 
 Reports = Union[ScanReport, Mapping[str, ScanReport]]
 KIND_COLOR = {"low-rank": "#d62728", "dense": "#1f77b4", "precision-only": "#7f7f7f"}
@@ -34,7 +34,18 @@ def _as_mapping(reports: Reports) -> dict[str, ScanReport]:
     return dict(reports)
 
 
-def margin_points(report: ScanReport):
+def _number(v: object) -> float | None:
+    """A stored measure as a float, None when absent (or not a number)."""
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _delta_sv(layer: LayerResult) -> list[float]:
+    """The singular values of dW = Wt - W0 stored with the scan ([] when not recorded)."""
+    sv = dict(layer.extra).get("delta_sv")
+    return [float(s) for s in sv] if isinstance(sv, (list, tuple)) else []
+
+
+def margin_points(report: ScanReport) -> list[tuple[str, float, float, str]]:
     """(name, novel_strength, min_max_cos, provenance class) per scanned matrix with margins."""
     from ..provenance import classify_layer
 
@@ -43,10 +54,10 @@ def margin_points(report: ScanReport):
         if l.status != "scanned":
             continue
         ex = dict(l.extra)
-        if ex.get("min_max_cos") is None or ex.get("novel_strength") is None:
+        low, novel = _number(ex.get("min_max_cos")), _number(ex.get("novel_strength"))
+        if low is None or novel is None:
             continue
-        out.append((l.name, float(ex["novel_strength"]), float(ex["min_max_cos"]),
-                    classify_layer(l).kind))
+        out.append((l.name, novel, low, classify_layer(l).kind))
     return out
 
 
@@ -95,7 +106,7 @@ def margin_scatter(reports: Reports, color_by: str | None = None):
 def delta_spectra(report: ScanReport, names: Sequence[str] | None = None, max_layers: int = 6):
     """Singular values of dW = Wt - W0 (log scale) with the storage rounding floor (dashed):
     a LoRA update falls off a cliff at its rank; a full fine-tune's does not."""
-    layers = [l for l in report.layers if l.status == "scanned" and dict(l.extra).get("delta_sv")]
+    layers = [l for l in report.layers if l.status == "scanned" and _delta_sv(l)]
     if names is not None:
         layers = [l for l in layers if l.name in set(names)]
     layers = layers[:max_layers]
@@ -103,7 +114,7 @@ def delta_spectra(report: ScanReport, names: Sequence[str] | None = None, max_la
     ax = fig.add_subplot()
     for i, l in enumerate(layers):
         ex = dict(l.extra)
-        sv = [max(s, 1e-30) for s in ex["delta_sv"]]
+        sv = [max(s, 1e-30) for s in _delta_sv(l)]
         col = SERIES_COLORS[i % len(SERIES_COLORS)]
         ax.plot(range(1, len(sv) + 1), sv, marker=".", ms=3, lw=1, color=col,
                 label=f"{_short(l.name)} (rank {ex.get('delta_rank')})")
@@ -124,24 +135,26 @@ def _short(name: str, n: int = 40) -> str:
     return name if len(name) <= n else "..." + name[-(n - 3):]
 
 
-def margin_rows(report: ScanReport, limit: int = 25):
+def margin_rows(report: ScanReport, limit: int = 25) -> list[list[object]]:
     """The matrices closest to a first intruder: (name, lowest max|cos|, cos margin, novel
     strength, ||dW||_2/sigma_k, stable rank of dW, rank of dW, class)."""
     from ..provenance import classify_layer
 
-    rows = []
+    keyed: list[tuple[tuple[float, float], list[object]]] = []  # (sort key, row)
     eps = report.config.epsilon
     for l in report.layers:
         if l.status != "scanned":
             continue
         ex = dict(l.extra)
-        if ex.get("min_max_cos") is None:
+        low = _number(ex.get("min_max_cos"))
+        if low is None:
             continue
-        rows.append([l.name, ex["min_max_cos"], ex["min_max_cos"] - eps, ex.get("novel_strength"),
-                     l.delta_norm_rel, ex.get("delta_stable_rank"), ex.get("delta_rank"),
-                     classify_layer(l).kind])
-    rows.sort(key=lambda r: (r[1], -(r[3] or 0)))
-    return rows[:limit]
+        novel = ex.get("novel_strength")
+        keyed.append(((low, -(_number(novel) or 0.0)),
+                      [l.name, low, low - eps, novel, l.delta_norm_rel,
+                       ex.get("delta_stable_rank"), ex.get("delta_rank"), classify_layer(l).kind]))
+    keyed.sort(key=lambda kr: kr[0])  # closest first; among ties the strongest novel direction
+    return [row for _, row in keyed[:limit]]
 
 
 def margin_section_html(report: ScanReport, dpi: int = 100) -> str:

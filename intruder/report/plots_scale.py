@@ -46,13 +46,20 @@ def _save(plt, fig, path: str, note: str = "") -> None:
     plt.close(fig)
 
 
+def _alpha(p: SweepPoint) -> float:
+    """A scaled or tuned point's alpha (only the base point has none)."""
+    if p.alpha is None:
+        raise ValueError(f"sweep point {p.label!r} ({p.role}) has no alpha")
+    return p.alpha
+
+
 def plot_tradeoff(points: Sequence[SweepPoint], x_label: str, y_label: str, title: str,
                   path: str, note: str = "") -> str:
     """Pre-training metric (x) against task metric (y): one point per alpha joined in alpha
     order, base and tuned marked. Returns `path`."""
     plt, (fig, ax) = _figure()
-    scaled = sorted((p for p in points if p.role == "scaled"), key=lambda p: p.alpha)
-    path_pts = sorted((p for p in points if p.role in ("scaled", "tuned")), key=lambda p: p.alpha)
+    scaled = sorted((p for p in points if p.role == "scaled"), key=_alpha)
+    path_pts = sorted((p for p in points if p.role in ("scaled", "tuned")), key=_alpha)
     if len(path_pts) > 1:  # the sweep's path, alpha ascending, ending at the tuned model
         ax.plot([p.x for p in path_pts], [p.y for p in path_pts], "-", color="#999999", lw=1,
                 zorder=2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,7 +51,7 @@ def is_task_evaluator(evaluator: str) -> bool:
     return e.startswith("task") or e.startswith("lm-eval:")
 
 
-def choose_axes(keys) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+def choose_axes(keys: Iterable[tuple[str, str]]) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
     """(x, y) among (evaluator, metric) keys: the first pre-training metric by preference (not
     from a task), the first task metric by preference (not a perplexity). Either may be None."""
     keys = list(keys)
@@ -106,27 +107,32 @@ def _metrics(row: dict[str, Any], protocols: dict[str, str]) -> list[tuple[str, 
         sub = row.get(key)
         if isinstance(sub, list):
             for e in sub:
-                if isinstance(e, dict) and "metric" in e and _num(e.get("value")) is not None:
+                if isinstance(e, dict) and "metric" in e and (ev := _num(e.get("value"))) is not None:
                     name = f"{e['evaluator']}/{e['metric']}" if e.get("evaluator") else str(e["metric"])
-                    out.append((name, _num(e["value"])))
+                    out.append((name, ev))
                     if isinstance(e.get("protocol"), str):
                         unit = f" [{e['unit']}]" if isinstance(e.get("unit"), str) else ""
                         n = f" (n = {e['n_units']})" if _num(e.get("n_units")) is not None else ""
                         protocols.setdefault(name, e["protocol"] + unit + n)
         elif isinstance(sub, dict):
             for name, v in sub.items():
-                if _num(v) is not None:
-                    out.append((str(name), _num(v)))
+                if (nv := _num(v)) is not None:
+                    out.append((str(name), nv))
                 elif isinstance(v, dict):  # {evaluator: {metric: value}}
                     for m, mv in v.items():
-                        if _num(mv) is not None:
-                            out.append((f"{name}/{m}", _num(mv)))
+                        if (nmv := _num(mv)) is not None:
+                            out.append((f"{name}/{m}", nmv))
     if not out:
         for name, v in row.items():
-            if name not in _SKIP and _num(v) is not None:
-                out.append((str(name), _num(v)))
-    seen = set()
-    return [(n, v) for n, v in out if not (n in seen or seen.add(n))]
+            if name not in _SKIP and (nv := _num(v)) is not None:
+                out.append((str(name), nv))
+    seen: set[str] = set()
+    first: list[tuple[str, float]] = []  # the first value of each name
+    for n, v in out:
+        if n not in seen:
+            seen.add(n)
+            first.append((n, v))
+    return first
 
 
 def _role(row: dict[str, Any], hint: str | None) -> tuple[str, float | None]:
@@ -151,7 +157,8 @@ def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
             if isinstance(doc.get(key), list) and any(isinstance(r, dict) for r in doc[key]):
                 rows = [(r, None) for r in doc[key]]
                 break
-        refs = doc.get("references") if isinstance(doc.get("references"), dict) else doc
+        given = doc.get("references")
+        refs: dict[Any, Any] = given if isinstance(given, dict) else doc
         for role in ("base", "tuned"):
             if isinstance(refs.get(role), dict) and (
                     any(k in refs[role] for k in _METRIC_KEYS) or "alpha" in refs[role]):
@@ -172,7 +179,7 @@ def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
                                                  else str(row.get("label") or row.get("name") or "?"))
         n_i = row.get("n_intruders", row.get("intruders"))
         points.append(ScalePoint(label, role, alpha, tuple(ms),
-                                 int(n_i) if _num(n_i) is not None else None,
+                                 int(n_i) if n_i is not None and _num(n_i) is not None else None,
                                  str(row.get("note") or "")))
     if not points:
         raise ReportError(f"{source}: no rows with numeric metrics found (expected a list of "
@@ -186,11 +193,11 @@ def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
             if n not in metrics:
                 metrics.append(n)
 
-    def key(m):
+    def split_metric(m: str) -> tuple[str, str]:
         ev, _, leaf = m.rpartition("/")
         return (ev, leaf)
 
-    kx, ky = choose_axes([key(m) for m in metrics])
+    kx, ky = choose_axes([split_metric(m) for m in metrics])
     x = f"{kx[0]}/{kx[1]}" if kx and kx[0] else (kx[1] if kx else None)
     y = f"{ky[0]}/{ky[1]}" if ky and ky[0] else (ky[1] if ky else None)
     declared = isinstance(doc, dict) and doc.get("format") == FORMAT

@@ -373,7 +373,9 @@ def _first_nonfinite(doc: Any, where: str):
 
 def _checkpoint_info(d: dict[str, Any], known: set[str]) -> CheckpointInfo:
     """A CheckpointInfo from its JSON object (lists back to tuples, unknown keys dropped)."""
-    return CheckpointInfo(**{k: (tuple(v) if k in ("dtypes", "files") else v) for k, v in d.items() if k in known})
+    fields: dict[str, Any] = {k: (tuple(v) if k in ("dtypes", "files") else v)
+                              for k, v in d.items() if k in known}  # JSON values, schema-checked
+    return CheckpointInfo(**fields)
 
 
 def from_dict(doc: dict[str, Any], source: str = "report") -> ScanReport:

@@ -79,6 +79,7 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: int |
         loaded = load_pair(pair, lambda ref: read_ref(ref, handles), allow_nonfinite=True)
         if loaded.status != "scanned":
             continue
+        assert loaded.w0 is not None and loaded.wt is not None  # both read for a scanned pair
         w0 = loaded.w0.to(torch.float64)  # (m, n)
         wt = loaded.wt.to(torch.float64)  # (m, n)
         left = side == "left"
@@ -86,6 +87,7 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: int |
         b = top_spectrum(w0, nb, left=left, right=not left)
         t = top_spectrum(wt, min(k, min(w0.shape)), left=left, right=not left)
         tv, bv = (t.u, b.u) if left else (t.v, b.v)  # (d, k), (d, N)
+        assert tv is not None and bv is not None  # the side asked of top_spectrum
         cos = (tv.mT @ bv).abs()  # (k, N)
         lr = layers.get(name)
         if lr is not None:

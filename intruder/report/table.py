@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..types import ScanReport
 
 
-def format_table(headers: Sequence[str], rows: list[Sequence[object]], align: str = "") -> str:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
     """Columns padded to width; `align` holds 'l' or 'r' per column (default: left)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -79,7 +79,8 @@ def storage_lines(report: ScanReport) -> list[str]:
     for l in report.layers:
         for key, side in (("storage_base", "base"), ("storage_tuned", "tuned")):
             kind = dict(l.extra).get(key)
-            if kind and kind.upper() not in ("F64", "F32", "F16", "BF16"):  # not stored plainly
+            plain = ("F64", "F32", "F16", "BF16")  # not stored plainly otherwise
+            if isinstance(kind, str) and kind and kind.upper() not in plain:
                 counts[side, kind] = counts.get((side, kind), 0) + 1
     out = []
     if counts:

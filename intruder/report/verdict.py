@@ -75,20 +75,25 @@ def decide(report: ScanReport, roundings: int = 1) -> Verdict:
     novel = (m.get("novel_strength_quantiles") or {}).get("max")
     p = provenance(report, roundings)
     rank = p.estimated_rank
-    base = dict(epsilon=eps, intruders=total, matrices_with_intruders=with_i,
-                matrices_changed=len(layers), lowest_max_cos=low, margin=margin,
-                novel_strength=novel, update=p.verdict, estimated_rank=rank)
+
+    def verdict(label: str, wording: str, conf: float | None, evidence: tuple[str, ...],
+                agree: bool) -> Verdict:
+        return Verdict(label, wording, conf, evidence, epsilon=eps, intruders=total,
+                       matrices_with_intruders=with_i, matrices_changed=len(layers),
+                       lowest_max_cos=low, margin=margin, novel_strength=novel,
+                       update=p.verdict, estimated_rank=rank, agree=agree)
+
     unrelated = [w for w in report.warnings if "not look derived" in w]
     if not report.layers:
-        return Verdict("empty", "Nothing was scanned.", None, (), agree=True, **base)
+        return verdict("empty", "Nothing was scanned.", None, (), agree=True)
     if unrelated:
-        return Verdict("unrelated", "Not comparable: the tuned model does not look derived from "
+        return verdict("unrelated", "Not comparable: the tuned model does not look derived from "
                        "the base, so intruder counts mean nothing here.", None, tuple(unrelated),
-                       agree=True, **base)
+                       agree=True)
     if not layers:
-        return Verdict("unchanged", f"Unchanged: all {n_all} matrices are bit-identical to the "
+        return verdict("unchanged", f"Unchanged: all {n_all} matrices are bit-identical to the "
                        f"base (or were skipped); there is nothing to audit.", 1.0, (),
-                       agree=True, **base)
+                       agree=True)
     evidence: list[str] = []
     counts = f"{_s(total, 'intruder')} at epsilon {eps:g} in {with_i} of {len(layers)} changed matrices"
     if total:
@@ -96,8 +101,9 @@ def decide(report: ScanReport, roundings: int = 1) -> Verdict:
     low_txt = "" if low is None else f"lowest max|cos| {low:.3f}" + (f" in {low_layer}" if low_layer else "")
     no_intr = f"no intruders at epsilon {eps:g}"
     margin_txt = "" if margin is None else f": margin {margin:.3f} ({low_txt})"
-    label, conf = p.verdict, p.confidence
-    shape = _UPDATE_WORDS.get(label)
+    label = p.verdict
+    conf: float | None = p.confidence
+    shape = _UPDATE_WORDS.get(label, "")  # read only for the labels it names
     if rank is not None and label in ("lora-like", "mixed"):
         rr = p.rank_range
         shape += f" (rank {rank})" if not rr or rr[0] == rr[1] else f" (rank {rank}; range {rr[0]}-{rr[1]})"
@@ -169,8 +175,8 @@ def decide(report: ScanReport, roundings: int = 1) -> Verdict:
     if unchanged:
         evidence.append(f"{unchanged} of {n_all} matrices are bit-identical to the base and were "
                         f"not decomposed.")
-    return Verdict(label, wording, None if conf is None else round(float(conf), 3),
-                   tuple(evidence), agree=agree, **base)
+    return verdict(label, wording, None if conf is None else round(float(conf), 3),
+                   tuple(evidence), agree=agree)
 
 
 def to_dict(v: Verdict) -> dict:

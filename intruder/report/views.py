@@ -100,7 +100,7 @@ def layer_module_grid(report: ScanReport) -> Grid:
             ls = cells.get((rk, c), [])
             sc = [l for l in ls if l.status == "scanned"]
             crow.append(sum(len(l.intruders) for l in sc) if ls else None)
-            vals = [min_cos(l) for l in sc if l.max_cos]
+            vals = [min(l.max_cos) for l in sc if l.max_cos]
             mrow.append(min(vals) if vals else None)
             nrow.append(len(ls))
         counts.append(tuple(crow))
@@ -123,7 +123,7 @@ def module_totals(report: ScanReport) -> list[tuple[str, int, int, int]]:
             acc[m][0] += len(l.intruders)
             acc[m][1] += 1 if l.intruders else 0
             acc[m][2] += 1
-    return [(m, *acc[m]) for m in order]
+    return [(m, acc[m][0], acc[m][1], acc[m][2]) for m in order]
 
 
 # ------------------------------------------------------------------------------------------------
