@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .errors import AdapterError, IntruderError, NonFiniteError, OutputError, ReportError
 from .io import open_checkpoint, pair_checkpoints, read_ref
-from .io.adapter import Adapter, lora_bias_for, lora_info_for, merge_lora
+from .io.adapter import lora_bias_for, lora_info_for, merge_lora
 from .io.atomic import check_output
 from .io.checkpoint import Checkpoint
 from .io.identity import recorded_mismatch
@@ -324,7 +324,7 @@ def adapter_sources(base_ck: Checkpoint, tuned_ck: Checkpoint, sel: dict[str, La
     merged model, tensor by tensor), plus the plan's overrides (replaced tensors) and extra
     tensors (new modules, e.g. a classification head, added as they are)."""
     ad = tuned_ck.adapter
-    if not isinstance(ad, Adapter):
+    if ad is None:
         raise AdapterError(f"{tuned_ck.path}: not a PEFT adapter, so there is nothing to merge")
     sources = {n: Source("raw", r) for n, r in base_ck.refs.items()}
     overrides: dict[str, TensorSpec] = {}
