@@ -22,16 +22,19 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import __version__
-from .errors import AdapterError, IntruderError, OutputError, ReportError
+from .errors import AdapterError, IntruderError, NonFiniteError, OutputError, ReportError
 from .io import open_checkpoint, pair_checkpoints, read_ref
+from .io.adapter import lora_bias_for, lora_info_for, merge_lora
 from .io.atomic import check_output
+from .io.checkpoint import Checkpoint
 from .io.identity import recorded_mismatch
+from .io.pairing import _align
 from .io.safetensors_file import DTYPES, SafetensorsFile
 from .io.writer import (
     CheckpointWriter,
@@ -45,6 +48,7 @@ from .spectral.decompose import top_spectrum
 from .types import LoraInfo, ScanReport, TensorRef
 
 FORMULA = "W' = Wt + (alpha - 1) * sum_{j in I} sigma_j u_j v_j^T"
+CHUNK_ELEMENTS = 1 << 24  # float64 elements per row block of one rescaled matrix (128 MiB)
 SIGMA_RTOL = 1e-6  # recomputed vs recorded singular values, relative to sigma_1
 DEGENERATE_RTOL = 1e-8  # an intruder this close in sigma to a kept vector is not well defined
 
@@ -58,15 +62,6 @@ class LayerIntruders:
     sigma: tuple[float, ...]  # recorded top-k tuned singular values
     k: int  # how many top tuned triplets the scan computed
     shape: tuple[int, ...] = ()  # (m, n) as the report records it
-
-
-@dataclass(frozen=True)
-class Component:
-    """sum_{j in I} sigma_j u_j v_j^T of one matrix, recomputed in float64."""
-
-    matrix: torch.Tensor  # (m, n) float64, on the compute device
-    sigma: tuple[float, ...]  # recomputed sigma_j for j in I
-    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,6 +193,7 @@ def intruder_factors(wt: torch.Tensor, sel: LayerIntruders, device=None,
                 f"{where or sel.name}: singular values recomputed from the checkpoint differ from "
                 f"the scan report's by {diff:.3g} (sigma_1 = {top:.6g}); the checkpoint is not the "
                 f"one that was scanned; rescan it")
+    assert spec.u is not None and spec.v is not None  # asked for with left=True, right=True
     idx = torch.tensor(sel.indices, dtype=torch.long, device=dev)
     u = spec.u[:, idx]  # (m, |I|)
     v = spec.v[:, idx]  # (n, |I|)
@@ -215,23 +211,41 @@ def intruder_factors(wt: torch.Tensor, sel: LayerIntruders, device=None,
                    tuple(float(sig[j]) for j in sel.indices), tuple(warnings))
 
 
-def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
-                       where: str = "") -> Component:
-    """Recompute the top-k triplets of Wt (float64) and sum the intruders' rank-one parts."""
-    f = intruder_factors(wt, sel, device, where)
-    c = f.us @ f.v.mT  # (m, n) = U_I diag(sigma_I) V_I^T
-    return Component(c, f.sigma, f.warnings)
+def rescale_rows(out: torch.Tensor, start: Callable[[int, int], torch.Tensor], f: Factors,
+                 alpha: float, measure: bool = False, chunk: int | None = None) -> float:
+    """The one rescaling computation: out = round_out(Wt + (alpha - 1) * us @ v^T), row block by
+    row block (so no (m, n) float64 copy of a large matrix exists at once).
+
+    out: the (m, n) tensor written (a model parameter or a new tensor), in the dtype to store;
+    start(r0, r1): rows r0:r1 of the exact tuned matrix Wt, (b, n) float64 on f's device;
+    f: the intruders' factors. Returns ||W'_stored - Wt||_F^2 when `measure` (else 0).
+    Rows are only read before they are written, so `start` may read `out` itself. The caller
+    handles alpha = 1 (the stored values, untouched)."""
+    m, n = out.shape
+    chunk = CHUNK_ELEMENTS if chunk is None else chunk
+    rows = max(1, chunk // max(n, 1))
+    sq = torch.zeros((), dtype=torch.float64, device=f.us.device)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        w = start(r0, r1)  # (b, n) float64
+        c = f.us[r0:r1] @ f.v.mT  # (b, n) = (b, |I|) @ (|I|, n)
+        new = torch.add(w, c, alpha=float(alpha) - 1.0).to(out.dtype)  # (b, n), as stored
+        out[r0:r1].copy_(new)
+        if measure:
+            sq += (new.to(torch.float64) - w).square().sum()
+    return float(sq) if measure else 0.0
 
 
-def rescale(wt: torch.Tensor, comp: Component, alpha: float) -> torch.Tensor:
-    """W' = Wt + (alpha - 1) * component, computed in float64, returned in wt's dtype on the CPU.
+def rescale(wt: torch.Tensor, f: Factors, alpha: float) -> torch.Tensor:
+    """W' = Wt + (alpha - 1) * us @ v^T (rescale_rows), returned in wt's dtype on the CPU.
     alpha == 1 returns an exact copy of wt."""
     if alpha == 1:
         return wt.detach().clone().cpu()
-    c = comp.matrix
-    w = wt.to(device=c.device, dtype=torch.float64)  # (m, n)
-    w = torch.add(w, c, alpha=float(alpha) - 1.0)  # (m, n)
-    return w.to(wt.dtype).cpu()
+    out = torch.empty(tuple(wt.shape), dtype=wt.dtype)  # (m, n)
+    w = wt.detach()
+    rescale_rows(out, lambda r0, r1: w[r0:r1].to(device=f.us.device, dtype=torch.float64),
+                 f, alpha)
+    return out
 
 
 def rescale_matrix(wt: torch.Tensor, indices: Sequence[int], alpha: float, top_k: int = 10,
@@ -242,7 +256,7 @@ def rescale_matrix(wt: torch.Tensor, indices: Sequence[int], alpha: float, top_k
         raise IntruderError(f"intruder ranks must be distinct non-negative integers, got "
                             f"{list(indices)}")
     sel = LayerIntruders("matrix", idx, (), max(top_k, idx[-1] + 1))
-    return rescale(wt, intruder_component(wt, sel, device), alpha)
+    return rescale(wt, intruder_factors(wt, sel, device), alpha)
 
 
 # ---------------------------------------------------------------------------- checkpoint level
@@ -304,19 +318,28 @@ def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: dict[str, LayerInt
     return sources, plan_like(tuned_ck)
 
 
-def _adapter_sources(base_ck, tuned_ck, sel: dict[str, LayerIntruders]):
-    """Every BASE tensor, with the adapter's LoRA deltas, biases and replacements attached."""
-    from .io.adapter import lora_bias_for, lora_info_for
-    from .io.pairing import _align
-
+def adapter_sources(base_ck: Checkpoint, tuned_ck: Checkpoint, sel: dict[str, LayerIntruders]
+                    ) -> tuple[dict[str, Source], dict[str, TensorSpec], list[TensorSpec]]:
+    """Every BASE tensor, with the adapter's LoRA deltas, biases and replacements attached (the
+    merged model, tensor by tensor), plus the plan's overrides (replaced tensors) and extra
+    tensors (new modules, e.g. a classification head, added as they are)."""
     ad = tuned_ck.adapter
+    if ad is None:
+        raise AdapterError(f"{tuned_ck.path}: not a PEFT adapter, so there is nothing to merge")
     sources = {n: Source("raw", r) for n, r in base_ck.refs.items()}
-    overrides, extra = {}, []
+    overrides: dict[str, TensorSpec] = {}
+    extra: list[TensorSpec] = []
     base_mods = [n[: -len(".weight")] for n in base_ck.refs if n.endswith(".weight")]
     mod_map = _align(base_mods, list(ad.modules))  # base module -> adapter module
+    lost = sorted(set(ad.modules) - set(mod_map.values()))
+    if lost:
+        raise AdapterError(f"{ad.path}: LoRA module {lost[0]!r} (and {len(lost) - 1} more) matches "
+                           f"no tensor of {base_ck.path}; the merged model would not be the "
+                           f"fine-tuned one")
     for bmod, amod in mod_map.items():
         wname = bmod + ".weight"
         info = lora_info_for(ad, amod, base_ck.refs[wname].shape)
+        assert info is not None  # amod is one of the adapter's modules
         sources[wname] = Source("lora", base_ck.refs[wname], lora=info)
         bias = lora_bias_for(ad, amod)
         if bias is not None:
@@ -325,18 +348,13 @@ def _adapter_sources(base_ck, tuned_ck, sel: dict[str, LayerIntruders]):
                 raise AdapterError(f"{ad.path}: module {amod!r} has a lora_B bias but the base "
                                    f"has no {bname!r} to add it to")
             sources[bname] = Source("bias", base_ck.refs[bname], bias=bias, scaling=info.scaling)
-    lost = sorted(set(ad.modules) - set(mod_map.values()))
-    if lost:
-        raise AdapterError(f"{ad.path}: LoRA module {lost[0]!r} (and {len(lost) - 1} more) matches "
-                           f"no tensor of {base_ck.path}; the merged model would not be the "
-                           f"fine-tuned one")
     rep_map = _align(list(base_ck.refs), list(ad.replacements))
     for bname, rname in rep_map.items():
         ref = ad.replacements[rname]
         sources[bname] = Source("replace", ref)
         overrides[bname] = TensorSpec(bname, ref.dtype, tuple(ref.shape))
     for rname in sorted(set(ad.replacements) - set(rep_map.values())):
-        ref = ad.replacements[rname]  # a new module (e.g. a classification head): added as is
+        ref = ad.replacements[rname]
         sources[rname] = Source("replace", ref)
         extra.append(TensorSpec(rname, ref.dtype, tuple(ref.shape)))
     for name, s in sel.items():
@@ -344,7 +362,57 @@ def _adapter_sources(base_ck, tuned_ck, sel: dict[str, LayerIntruders]):
             raise ReportError(f"layer {name!r} of the scan report is not changed by the adapter "
                               f"{ad.path}; the report belongs to another pair")
         sources[name].intruders = s
-    return sources, plan_merged(base_ck, overrides, extra, overlay_dir=tuned_ck.path)
+    return sources, overrides, extra
+
+
+class AdapterMerge:
+    """A PEFT adapter TUNED merged into BASE tensor by tensor, exactly as `scale_checkpoint`
+    writes it: LoRA deltas W0 + scaling * B A in float64 (DoRA included), lora_B biases added,
+    modules_to_save replacements applied. The writer, the in-memory sweep and intruder.rescale
+    all merge through it, so their alphas start from the same float64 matrices."""
+
+    def __init__(self, base_ck: Checkpoint, tuned_ck: Checkpoint,
+                 sel: dict[str, LayerIntruders]):
+        self.sources, self.overrides, self.extra = adapter_sources(base_ck, tuned_ck, sel)
+        self.checkpoints = (base_ck, tuned_ck)  # in-memory ones are registered while they live
+        self.reader = _Reader()
+
+    def changed(self) -> list[str]:
+        """Names of the tensors the merge computes (LoRA-changed weights, biases); replacements
+        are the adapter's own tensors."""
+        return [n for n, s in self.sources.items() if s.kind in ("lora", "bias")]
+
+    def exact(self, name: str) -> torch.Tensor | None:
+        """The float64 merged matrix of a LoRA-changed weight (before rounding to its dtype);
+        None for a tensor that is stored as it is (raw, replaced, a bias)."""
+        src = self.sources.get(name)
+        if src is None or src.kind != "lora":
+            return None
+        return _merged_lora(src, self.reader, name)
+
+    def stored(self, name: str) -> torch.Tensor:
+        """One tensor of the merged model as its checkpoint stores it (in its dtype)."""
+        src = self.sources[name]
+        dtype = _torch_dtype(src.ref.dtype)
+        if src.kind == "lora":
+            return _merged_lora(src, self.reader, name).to(dtype)
+        if src.kind == "bias":
+            return _merged_bias(src, self.reader, dtype)
+        return self.reader.read(src.ref)
+
+
+def _merged_lora(src: Source, reader: _Reader, name: str) -> torch.Tensor:
+    """W0 + scaling * B A of a LoRA source, float64, checked finite."""
+    assert src.lora is not None
+    return _check_finite(merge_lora(reader.read(src.ref), src.lora, reader.read), name)
+
+
+def _merged_bias(src: Source, reader: _Reader, dtype: torch.dtype) -> torch.Tensor:
+    """b0 + scaling * lora_B.bias, summed in float64, in `dtype`."""
+    assert src.bias is not None
+    b0 = reader.read(src.ref).to(torch.float64)  # (out,)
+    lb = reader.read(src.bias).to(torch.float64)  # (out,)
+    return (b0 + lb * src.scaling).to(dtype)
 
 
 def _utf8(path: str) -> str:
@@ -380,7 +448,7 @@ def provenance(report: ScanReport, alpha: float, changes: dict[str, tuple[int, .
 class _Reader:
     """Reads tensors (or their raw bytes) keeping one parsed header per checkpoint side."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.caches: dict[str, dict] = {}
 
     def _cache(self, ref: TensorRef) -> dict:
@@ -439,7 +507,8 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
                             f"checkpoint, and cannot write GGUF; convert it to safetensors "
                             f"(float16/bfloat16/float32) first")
     if tuned_ck.kind == "adapter":
-        sources, plan = _adapter_sources(base_ck, tuned_ck, sel)
+        sources, overrides, extra = adapter_sources(base_ck, tuned_ck, sel)
+        plan = plan_merged(base_ck, overrides, extra, overlay_dir=tuned_ck.path)
     else:
         sources, plan = _full_sources(base_ck, tuned_ck, report, sel)
     for src in sources.values():
@@ -494,18 +563,20 @@ def _refuse_overflow(sources, plan, alphas) -> None:
 
 def _index_extra(meta: dict[str, str]) -> dict[str, object]:
     """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
-    prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
-    prov["intruders"] = json.loads(prov["intruders"])
+    text = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
+    prov: dict[str, object] = dict(text)
+    prov["intruders"] = json.loads(text["intruders"])
     for key in ("base_files", "tuned_files"):
-        if key in prov:
-            prov[key] = json.loads(prov[key])
+        if key in text:
+            prov[key] = json.loads(text[key])
     for key in ("alpha", "epsilon"):
-        prov[key] = float(prov[key])
-    prov["top_k"] = int(prov["top_k"])
+        prov[key] = float(text[key])
+    prov["top_k"] = int(text["top_k"])
     return {"intruder": prov}
 
 
-def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, changes, warnings):
+def _produce(src: Source, spec: TensorSpec, alphas: Sequence[float], reader: _Reader,
+             dev: torch.device, changes: list[list[LayerChange]], warnings: list[str]):
     """Yield the bytes (or tensor) of one output tensor for each alpha in turn; a generator, so
     only one alpha's rescaled copy exists at a time."""
     out_dtype = _torch_dtype(spec.dtype)
@@ -514,71 +585,42 @@ def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, change
         yield from [raw] * len(alphas)
         return
     if src.kind == "bias":
-        b0 = reader.read(src.ref).to(torch.float64)  # (out,)
-        lb = reader.read(src.bias).to(torch.float64)  # (out,)
-        merged = (b0 + lb * src.scaling).to(out_dtype)
+        merged = _merged_bias(src, reader, out_dtype)
         yield from [merged] * len(alphas)
         return
+    identity: torch.Tensor | None = None
     if src.kind == "lora":
-        w0 = reader.read(src.ref)
-        wt = _check_finite(_merge(w0, src.lora, reader), spec.name)  # float64, base layout
+        wt = _merged_lora(src, reader, spec.name)  # float64, base layout
         identity = wt.to(out_dtype)
     else:  # raw or replace, with intruders: the stored tuned tensor
         wt = reader.read(src.ref)
-        identity = None
     if src.intruders is None:
         yield from [identity] * len(alphas)
         return
-    comp = intruder_component(wt, src.intruders, dev, where=f"{src.ref.path}: {spec.name!r}")
-    warnings.extend(comp.warnings)
-    wt64 = wt.to(torch.float64)  # (m, n)
+    f = intruder_factors(wt, src.intruders, dev, where=f"{src.ref.path}: {spec.name!r}")
+    warnings.extend(f.warnings)
+    wt64 = wt.to(device=dev, dtype=torch.float64)  # (m, n)
     norm = float(wt64.norm())
     for i, a in enumerate(alphas):
         if a == 1:  # the identity: the stored bytes (or the merged tensor) untouched
             data = reader.raw(src.ref) if identity is None else identity
-            stored = wt if identity is None else identity
+            sq = 0.0 if identity is None else \
+                float((identity.to(device=dev, dtype=torch.float64) - wt64).square().sum())
         else:
-            data = stored = rescale(wt, comp, a).to(out_dtype)
+            stored = torch.empty(tuple(wt.shape), dtype=out_dtype)  # (m, n)
+            sq = rescale_rows(stored, lambda r0, r1: wt64[r0:r1], f, a, measure=True)
             if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
                 raise IntruderError(f"--alpha {a:g}: the rescaled {spec.name!r} has values "
                                     f"beyond the range of {spec.dtype}; nothing was written")
-        rel = float((stored.to(torch.float64) - wt64).norm()) / norm if norm > 0 else 0.0
-        changes[i].append(LayerChange(spec.name, src.intruders.indices, comp.sigma, rel))
+            data = stored
+        rel = sq ** 0.5 / norm if norm > 0 else 0.0
+        changes[i].append(LayerChange(spec.name, src.intruders.indices, f.sigma, rel))
         yield data
-        del data, stored
-
-
-def adapter_exact(report: ScanReport, base: str, tuned: str, epsilon: float | None = None):
-    """For a PEFT adapter TUNED: a function giving, per report layer, the float64 merged matrix
-    W0 + scaling * B A that `scale_checkpoint` rescales (before any rounding to the stored
-    dtype), or None for layers that are stored as they are. None when TUNED is no adapter.
-    The in-memory sweep uses it so that its alphas match the written ones."""
-    base_ck = open_checkpoint(base, allow_adapter=False)
-    tuned_ck = open_checkpoint(tuned)
-    if tuned_ck.kind != "adapter":
-        return None
-    sources, _ = _adapter_sources(base_ck, tuned_ck, select_intruders(report, epsilon))
-    reader = _Reader()
-
-    def get(layer: str) -> torch.Tensor | None:
-        src = sources.get(layer)
-        if src is None or src.kind != "lora":
-            return None
-        return _check_finite(_merge(reader.read(src.ref), src.lora, reader), layer)
-
-    return get
-
-
-def _merge(w0, lora: LoraInfo, reader: _Reader):
-    from .io.adapter import merge_lora
-
-    return merge_lora(w0, lora, reader.read)
+        del data
 
 
 def _check_finite(w: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.isfinite(w).all():
-        from .errors import NonFiniteError
-
         raise NonFiniteError(f"merged tensor {name!r} contains NaN or Inf")
     return w
 
@@ -594,7 +636,7 @@ def _bar(total: int, enabled: bool, n_out: int):
                 desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
 
 
-__all__ = ["FORMULA", "Component", "Factors", "adapter_exact", "LayerChange", "LayerIntruders", "ScaleResult",
-           "intruder_component", "intruder_factors", "overflow_alpha", "provenance", "rescale",
-           "rescale_matrix", "refuse_overflowing_alphas", "resolve_inputs", "scale_checkpoint",
-           "select_intruders"]
+__all__ = ["CHUNK_ELEMENTS", "FORMULA", "AdapterMerge", "Factors", "LayerChange", "LayerIntruders",
+           "ScaleResult", "adapter_sources", "intruder_factors", "overflow_alpha", "provenance",
+           "refuse_overflowing_alphas", "rescale", "rescale_matrix", "rescale_rows",
+           "resolve_inputs", "scale_checkpoint", "select_intruders"]
