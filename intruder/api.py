@@ -247,7 +247,7 @@ def _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cac
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise InputError(f"{name} must be a string or None, got {type(v).__name__}")
     if not no_cache and cache_dir is None:
-        from .spectral.cache import default_cache_dir
+        from .run.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
     return ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include, exclude=exclude,

@@ -39,7 +39,8 @@ def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
     an adapter whose declared base (base_model_name_or_path) is used. strict_base: an adapter
     whose declared base is not BASE is an error, not a warning."""
     from .report.schema import SCHEMA_VERSION
-    from .spectral.engine import resolve_device, scan_pairs
+    from .run.devices import resolve_device
+    from .run.driver import scan_pairs
 
     config = config or ScanConfig()
     validate_config(config)
@@ -59,7 +60,7 @@ def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
                             f"({len(pairing.skipped)} paired tensors were filtered out; "
                             f"see --include / --exclude)")
     if base_cache is None and config.cache_dir:
-        from .spectral.cache import BaseCache
+        from .run.cache import BaseCache
 
         base_cache = BaseCache(config.cache_dir)
     handles: dict = {}  # parsed headers, one file at a time

@@ -33,7 +33,7 @@ def cache_group():
 
 
 def _cache(cache_dir):
-    from ..spectral.cache import BaseCache, default_cache_dir
+    from ..run.cache import BaseCache, default_cache_dir
 
     return BaseCache(cache_dir or default_cache_dir())
 

@@ -62,7 +62,7 @@ def scan_command(base, tuned, output, as_json, html, fail_on_intruders, fail_on_
     report = run_scan(base, tuned, config, progress=not quiet and not as_json,
                       command=command_line(), strict_base=strict_base)
     report_base_check(report.tuned, quiet)
-    from ..spectral.multi import is_primary
+    from ..run.multi import is_primary
 
     if not is_primary():  # torchrun: rank 0 writes and prints the report
         return
