@@ -29,9 +29,9 @@ from .io.atomic import check_output
 from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
 from .report import schema as _schema
+from .report.summary import summary as _summary
 from .report.verdict import verdict_of, verdict_text
 from .scan import run_scan
-from .scan import summary as _summary
 from .track import TrackEntry, TrackReport, run_compare, run_track
 from .types import DEFAULT_TOP_K, EvalResult, ScanConfig, ScanReport, Verdict
 

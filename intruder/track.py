@@ -34,6 +34,7 @@ from . import __version__
 from .errors import IntruderError, NonFiniteError
 from .io import identity
 from .io.basecheck import chain_checks, warning_text
+from .report.summary import summary
 from .report.verdict import decide
 from .run.stream import Raw
 from .types import CheckpointInfo, LayerResult, LoraInfo, ScanConfig, ScanReport, TensorRef
@@ -214,7 +215,6 @@ def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
     cumulative update of step i carries up to i roundings of stored weights."""
     from .provenance import provenance
     from .report.verdict import to_dict as verdict_dict
-    from .scan import summary
 
     s = summary(e.vs_base)
     if mode == "track" and step > 1:
@@ -325,8 +325,8 @@ def _track_group(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
     the base (decomposed once, or from the cache) and against the step before, and intruders
     followed along. Returns per step (vs base, vs previous or None, Persistence or None)."""
     from .io.adapter import merge_lora
-    from .run.load import all_finite
     from .run import stream
+    from .run.load import all_finite
     from .spectral.decompose import top_spectrum
     from .spectral.engine import analyse
 

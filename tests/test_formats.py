@@ -21,7 +21,8 @@ from intruder.cli import cli
 from intruder.errors import CheckpointError
 from intruder.io import dequant, open_checkpoint, pair_checkpoints, read_ref
 from intruder.io.safetensors_file import DTYPES, PACKED_BITS, SafetensorsFile
-from intruder.scan import run_scan, summary
+from intruder.report.summary import summary
+from intruder.scan import run_scan
 from intruder.types import ScanConfig
 
 gguf = pytest.importorskip("gguf")
