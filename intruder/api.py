@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InputError, ReportError
+from .inplace import rescaled_copy
 from .io.atomic import check_output
 from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
@@ -99,14 +100,19 @@ class ScanResult(ScanReport):
 
     def __repr__(self) -> str:
         return (f"<ScanResult {self.tuned.path!r} vs {self.base.path!r}: "
-                f"{self.verdict.wording}>")
+                f"{_verdict(self).wording}>")
 
     def _repr_html_(self) -> str:
         from .report.html import escape
 
-        return (f"<p><b>{escape(self.verdict.wording)}</b><br><small>{escape(self.tuned.path)} "
+        return (f"<p><b>{escape(_verdict(self).wording)}</b><br><small>{escape(self.tuned.path)} "
                 f"against {escape(self.base.path)}; {len(self.layers)} matrices; "
                 f"r.to_dataframe(), r.to_html(path)</small></p>")
+
+
+def _verdict(report: ScanReport) -> Verdict:
+    """The verdict a result carries (_result always sets it), else a fresh one."""
+    return report.verdict if report.verdict is not None else verdict_of(report)
 
 
 def _result(report: ScanReport, roundings: int = 1) -> ScanResult:
@@ -133,7 +139,7 @@ class TrackResult(TrackReport):
     @property
     def verdicts(self) -> dict[str, Verdict]:
         """Each checkpoint's verdict against the base (a track's step i counts i roundings)."""
-        return {e.label: e.vs_base.verdict for e in self.entries}
+        return {e.label: _verdict(e.vs_base) for e in self.entries}
 
     @property
     def summary(self) -> list[dict]:
@@ -144,10 +150,10 @@ class TrackResult(TrackReport):
 
     def __getitem__(self, key: int | str) -> ScanResult:
         if isinstance(key, int):
-            return self.entries[key].vs_base
+            return _result(self.entries[key].vs_base)
         for e in self.entries:
             if e.label == key:
-                return e.vs_base
+                return _result(e.vs_base)
         raise KeyError(f"no checkpoint labelled {key!r} (labels: {', '.join(self.labels)})")
 
     def __len__(self) -> int:
@@ -212,7 +218,7 @@ class TrackResult(TrackReport):
 
     def __repr__(self) -> str:
         lines = [f"<TrackResult {self.mode} of {len(self.entries)} against {self.base.path!r}:"]
-        lines += [f"  {e.label}: {e.vs_base.verdict.wording}" for e in self.entries]
+        lines += [f"  {e.label}: {_verdict(e.vs_base).wording}" for e in self.entries]
         return "\n".join(lines) + ">"
 
 
@@ -253,6 +259,7 @@ def _epsilons(epsilon, default) -> tuple[float, ...]:
     """0.5, (0.5, 0.7), [0.3, 0.5] or '0.3,0.5' (the CLI's form); the first decides."""
     if epsilon is None:
         return tuple(default)
+    parts: list[Any]  # user values, checked by float() below
     if isinstance(epsilon, str):
         parts = [p.strip() for p in epsilon.split(",") if p.strip()]
     elif isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool):
@@ -494,14 +501,12 @@ def rescale(model_or_state_dict, report, alpha: float, *, epsilon: float | None 
     >>> sum(not (removed[k] == sd[k]).all() for k in sd) == r.summary["layers_with_intruders"]
     True
     """
-    from .scale_memory import rescale_model
-
     if isinstance(report, (str, os.PathLike)):
         report = load_report(report)
     if not isinstance(report, ScanReport):
         raise InputError(f"report: expected a scan result or the path of its JSON, got "
                          f"{type(report).__name__}")
-    return rescale_model(model_or_state_dict, report, alpha, epsilon, device)
+    return rescaled_copy(model_or_state_dict, report, alpha, epsilon, device)
 
 
 def verdict_line(result: ScanReport) -> str:

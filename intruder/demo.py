@@ -22,8 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 
 from . import settings
+from .types import ScanReport
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_EPS = (0.5, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9)  # first decides the listed intruders
@@ -65,7 +67,7 @@ def heldout_text(data_dir: str, path: str, per_task: int = 150, seed: int = 0) -
     return len(texts)
 
 
-def counts_table(reports: dict[str, object]) -> list[str]:
+def counts_table(reports: Mapping[str, ScanReport]) -> list[str]:
     from .scan import summary
 
     eps = sorted(SWEEP_EPS)
@@ -204,6 +206,7 @@ def main(argv=None) -> int:
                               evals=[f"{wt_name}:{wikitext}", f"task:{held}"],
                               limit=None, device="cpu", progress=True, log=log,
                               scan_report=_rel(os.path.join(out, f"{name}-scan.json")))
+            assert sweep is not None  # None only on a torchrun rank other than 0; the demo is one process
             table = format_sweep(sweep)
             print(table, flush=True)
             for src in (sweep.files or {}).values():

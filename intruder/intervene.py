@@ -10,9 +10,10 @@ checked against the singular values the scan recorded, and W' is written back in
 tensor's dtype. Every other tensor is copied as raw bytes, so alpha = 1 reproduces the input bit
 for bit. Several alphas are written in one pass: each tensor is read and decomposed once.
 
-A PEFT adapter input is written as a merged model (BASE with every LoRA delta merged,
-modules_to_save replacements applied, lora_bias added to the bias) before the intruders are
-rescaled; the output mirrors BASE's layout.
+A PEFT adapter input is written as a merged model (BASE with every LoRA delta merged in float64,
+modules_to_save replacements applied, lora_bias added to the bias: intruder.adapter_merge) before
+the intruders are rescaled; the output mirrors BASE's layout. Every rescaled matrix, written here
+or set in memory (intruder.inplace), is computed by rescale_rows.
 """
 
 from __future__ import annotations
@@ -22,29 +23,37 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import __version__
-from .errors import AdapterError, IntruderError, OutputError, ReportError
-from .io import open_checkpoint, pair_checkpoints, read_ref
+from .adapter_merge import (
+    Reader,
+    Source,
+    adapter_sources,
+    merged_bias,
+    merged_lora,
+    torch_dtype,
+)
+from .errors import IntruderError, OutputError, ReportError
+from .io import open_checkpoint, pair_checkpoints
 from .io.atomic import check_output
 from .io.identity import recorded_mismatch
-from .io.safetensors_file import DTYPES, SafetensorsFile
+from .io.safetensors_file import DTYPES
 from .io.writer import (
     CheckpointWriter,
     TensorSpec,
     identity_metadata,
     plan_like,
     plan_merged,
-    tensor_bytes,
 )
 from .spectral.decompose import top_spectrum
-from .types import LoraInfo, ScanReport, TensorRef
+from .types import ScanReport
 
 FORMULA = "W' = Wt + (alpha - 1) * sum_{j in I} sigma_j u_j v_j^T"
+CHUNK_ELEMENTS = 1 << 24  # float64 elements per row block of one rescaled matrix (128 MiB)
 SIGMA_RTOL = 1e-6  # recomputed vs recorded singular values, relative to sigma_1
 DEGENERATE_RTOL = 1e-8  # an intruder this close in sigma to a kept vector is not well defined
 
@@ -58,15 +67,6 @@ class LayerIntruders:
     sigma: tuple[float, ...]  # recorded top-k tuned singular values
     k: int  # how many top tuned triplets the scan computed
     shape: tuple[int, ...] = ()  # (m, n) as the report records it
-
-
-@dataclass(frozen=True)
-class Component:
-    """sum_{j in I} sigma_j u_j v_j^T of one matrix, recomputed in float64."""
-
-    matrix: torch.Tensor  # (m, n) float64, on the compute device
-    sigma: tuple[float, ...]  # recomputed sigma_j for j in I
-    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def refuse_overflowing_alphas(report: ScanReport, alphas: Sequence[float],
         s = sel.get(l.name)
         if s is None or l.dtype not in DTYPES:
             continue
-        dt = _torch_dtype(l.dtype)
+        dt = torch_dtype(l.dtype)
         for a in alphas:
             if overflow_alpha(s, float(a), dt):
                 raise IntruderError(f"--alpha {float(a):g}: the rescaled {l.name!r} exceeds the "
@@ -198,6 +198,7 @@ def intruder_factors(wt: torch.Tensor, sel: LayerIntruders, device=None,
                 f"{where or sel.name}: singular values recomputed from the checkpoint differ from "
                 f"the scan report's by {diff:.3g} (sigma_1 = {top:.6g}); the checkpoint is not the "
                 f"one that was scanned; rescan it")
+    assert spec.u is not None and spec.v is not None  # asked for with left=True, right=True
     idx = torch.tensor(sel.indices, dtype=torch.long, device=dev)
     u = spec.u[:, idx]  # (m, |I|)
     v = spec.v[:, idx]  # (n, |I|)
@@ -215,23 +216,41 @@ def intruder_factors(wt: torch.Tensor, sel: LayerIntruders, device=None,
                    tuple(float(sig[j]) for j in sel.indices), tuple(warnings))
 
 
-def intruder_component(wt: torch.Tensor, sel: LayerIntruders, device=None,
-                       where: str = "") -> Component:
-    """Recompute the top-k triplets of Wt (float64) and sum the intruders' rank-one parts."""
-    f = intruder_factors(wt, sel, device, where)
-    c = f.us @ f.v.mT  # (m, n) = U_I diag(sigma_I) V_I^T
-    return Component(c, f.sigma, f.warnings)
+def rescale_rows(out: torch.Tensor, start: Callable[[int, int], torch.Tensor], f: Factors,
+                 alpha: float, measure: bool = False, chunk: int | None = None) -> float:
+    """The one rescaling computation: out = round_out(Wt + (alpha - 1) * us @ v^T), row block by
+    row block (so no (m, n) float64 copy of a large matrix exists at once).
+
+    out: the (m, n) tensor written (a model parameter or a new tensor), in the dtype to store;
+    start(r0, r1): rows r0:r1 of the exact tuned matrix Wt, (b, n) float64 on f's device;
+    f: the intruders' factors. Returns ||W'_stored - Wt||_F^2 when `measure` (else 0).
+    Rows are only read before they are written, so `start` may read `out` itself. The caller
+    handles alpha = 1 (the stored values, untouched)."""
+    m, n = out.shape
+    chunk = CHUNK_ELEMENTS if chunk is None else chunk
+    rows = max(1, chunk // max(n, 1))
+    sq = torch.zeros((), dtype=torch.float64, device=f.us.device)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        w = start(r0, r1)  # (b, n) float64
+        c = f.us[r0:r1] @ f.v.mT  # (b, n) = (b, |I|) @ (|I|, n)
+        new = torch.add(w, c, alpha=float(alpha) - 1.0).to(out.dtype)  # (b, n), as stored
+        out[r0:r1].copy_(new)
+        if measure:
+            sq += (new.to(torch.float64) - w).square().sum()
+    return float(sq) if measure else 0.0
 
 
-def rescale(wt: torch.Tensor, comp: Component, alpha: float) -> torch.Tensor:
-    """W' = Wt + (alpha - 1) * component, computed in float64, returned in wt's dtype on the CPU.
+def rescale(wt: torch.Tensor, f: Factors, alpha: float) -> torch.Tensor:
+    """W' = Wt + (alpha - 1) * us @ v^T (rescale_rows), returned in wt's dtype on the CPU.
     alpha == 1 returns an exact copy of wt."""
     if alpha == 1:
         return wt.detach().clone().cpu()
-    c = comp.matrix
-    w = wt.to(device=c.device, dtype=torch.float64)  # (m, n)
-    w = torch.add(w, c, alpha=float(alpha) - 1.0)  # (m, n)
-    return w.to(wt.dtype).cpu()
+    out = torch.empty(tuple(wt.shape), dtype=wt.dtype)  # (m, n)
+    w = wt.detach()
+    rescale_rows(out, lambda r0, r1: w[r0:r1].to(device=f.us.device, dtype=torch.float64),
+                 f, alpha)
+    return out
 
 
 def rescale_matrix(wt: torch.Tensor, indices: Sequence[int], alpha: float, top_k: int = 10,
@@ -242,22 +261,10 @@ def rescale_matrix(wt: torch.Tensor, indices: Sequence[int], alpha: float, top_k
         raise IntruderError(f"intruder ranks must be distinct non-negative integers, got "
                             f"{list(indices)}")
     sel = LayerIntruders("matrix", idx, (), max(top_k, idx[-1] + 1))
-    return rescale(wt, intruder_component(wt, sel, device), alpha)
+    return rescale(wt, intruder_factors(wt, sel, device), alpha)
 
 
 # ---------------------------------------------------------------------------- checkpoint level
-
-
-@dataclass
-class Source:
-    """How one output tensor is produced."""
-
-    kind: str  # raw | lora | bias | replace
-    ref: TensorRef  # raw: the tensor; lora/bias: the base tensor; replace: the adapter's tensor
-    lora: LoraInfo | None = None
-    bias: TensorRef | None = None  # lora_B.bias (kind == bias)
-    scaling: float = 1.0
-    intruders: LayerIntruders | None = None
 
 
 def resolve_inputs(report: ScanReport, report_path: str | None = None,
@@ -304,49 +311,6 @@ def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: dict[str, LayerInt
     return sources, plan_like(tuned_ck)
 
 
-def _adapter_sources(base_ck, tuned_ck, sel: dict[str, LayerIntruders]):
-    """Every BASE tensor, with the adapter's LoRA deltas, biases and replacements attached."""
-    from .io.adapter import lora_bias_for, lora_info_for
-    from .io.pairing import _align
-
-    ad = tuned_ck.adapter
-    sources = {n: Source("raw", r) for n, r in base_ck.refs.items()}
-    overrides, extra = {}, []
-    base_mods = [n[: -len(".weight")] for n in base_ck.refs if n.endswith(".weight")]
-    mod_map = _align(base_mods, list(ad.modules))  # base module -> adapter module
-    for bmod, amod in mod_map.items():
-        wname = bmod + ".weight"
-        info = lora_info_for(ad, amod, base_ck.refs[wname].shape)
-        sources[wname] = Source("lora", base_ck.refs[wname], lora=info)
-        bias = lora_bias_for(ad, amod)
-        if bias is not None:
-            bname = bmod + ".bias"
-            if bname not in base_ck.refs:
-                raise AdapterError(f"{ad.path}: module {amod!r} has a lora_B bias but the base "
-                                   f"has no {bname!r} to add it to")
-            sources[bname] = Source("bias", base_ck.refs[bname], bias=bias, scaling=info.scaling)
-    lost = sorted(set(ad.modules) - set(mod_map.values()))
-    if lost:
-        raise AdapterError(f"{ad.path}: LoRA module {lost[0]!r} (and {len(lost) - 1} more) matches "
-                           f"no tensor of {base_ck.path}; the merged model would not be the "
-                           f"fine-tuned one")
-    rep_map = _align(list(base_ck.refs), list(ad.replacements))
-    for bname, rname in rep_map.items():
-        ref = ad.replacements[rname]
-        sources[bname] = Source("replace", ref)
-        overrides[bname] = TensorSpec(bname, ref.dtype, tuple(ref.shape))
-    for rname in sorted(set(ad.replacements) - set(rep_map.values())):
-        ref = ad.replacements[rname]  # a new module (e.g. a classification head): added as is
-        sources[rname] = Source("replace", ref)
-        extra.append(TensorSpec(rname, ref.dtype, tuple(ref.shape)))
-    for name, s in sel.items():
-        if name not in sources or sources[name].kind not in ("lora", "replace"):
-            raise ReportError(f"layer {name!r} of the scan report is not changed by the adapter "
-                              f"{ad.path}; the report belongs to another pair")
-        sources[name].intruders = s
-    return sources, plan_merged(base_ck, overrides, extra, overlay_dir=tuned_ck.path)
-
-
 def _utf8(path: str) -> str:
     """A path as valid Unicode for the safetensors header: the bytes of a non-UTF-8 file name
     (or of any non-ASCII name under LANG=C) shown escaped, \xe9."""
@@ -375,33 +339,6 @@ def provenance(report: ScanReport, alpha: float, changes: dict[str, tuple[int, .
         "intruder.intruders": json.dumps({k: list(v) for k, v in sorted(changes.items())},
                                          separators=(",", ":")),
     }
-
-
-class _Reader:
-    """Reads tensors (or their raw bytes) keeping one parsed header per checkpoint side."""
-
-    def __init__(self):
-        self.caches: dict[str, dict] = {}
-
-    def _cache(self, ref: TensorRef) -> dict:
-        return self.caches.setdefault(os.path.dirname(os.path.abspath(ref.path)), {})
-
-    def read(self, ref: TensorRef) -> torch.Tensor:
-        return read_ref(ref, self._cache(ref))
-
-    def raw(self, ref: TensorRef):
-        if not ref.path.endswith(".safetensors"):
-            return tensor_bytes(self.read(ref))
-        cache = self._cache(ref)
-        h = cache.get(ref.path)
-        if h is None:
-            cache.clear()
-            h = cache[ref.path] = SafetensorsFile(ref.path)
-        return h.raw_bytes(ref.name)
-
-
-def _torch_dtype(st_dtype: str):
-    return getattr(torch, DTYPES[st_dtype][1])
 
 
 def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Sequence[str], *,
@@ -439,7 +376,8 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
                             f"checkpoint, and cannot write GGUF; convert it to safetensors "
                             f"(float16/bfloat16/float32) first")
     if tuned_ck.kind == "adapter":
-        sources, plan = _adapter_sources(base_ck, tuned_ck, sel)
+        sources, overrides, extra = adapter_sources(base_ck, tuned_ck, sel)
+        plan = plan_merged(base_ck, overrides, extra, overlay_dir=tuned_ck.path)
     else:
         sources, plan = _full_sources(base_ck, tuned_ck, report, sel)
     for src in sources.values():
@@ -455,7 +393,7 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
                   **provenance(report, a, intr_names, epsilon)) for a in alphas]
     changes: list[list[LayerChange]] = [[] for _ in alphas]
     warnings: list[str] = []
-    reader = _Reader()
+    reader = Reader()
     specs = list(plan.tensors())
     bar = _bar(len(specs), progress, len(alphas))
     with contextlib.ExitStack() as stack:
@@ -484,7 +422,7 @@ def _refuse_overflow(sources, plan, alphas) -> None:
         s = sources[spec.name].intruders
         if s is None:
             continue
-        dt = _torch_dtype(spec.dtype)
+        dt = torch_dtype(spec.dtype)
         for a in alphas:
             if overflow_alpha(s, a, dt):
                 raise IntruderError(f"--alpha {a:g}: the rescaled {spec.name!r} exceeds the "
@@ -494,93 +432,60 @@ def _refuse_overflow(sources, plan, alphas) -> None:
 
 def _index_extra(meta: dict[str, str]) -> dict[str, object]:
     """Provenance for model.safetensors.index.json, as JSON values rather than strings."""
-    prov = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
-    prov["intruders"] = json.loads(prov["intruders"])
+    text = {k[len("intruder."):]: v for k, v in meta.items() if k.startswith("intruder.")}
+    prov: dict[str, object] = dict(text)
+    prov["intruders"] = json.loads(text["intruders"])
     for key in ("base_files", "tuned_files"):
-        if key in prov:
-            prov[key] = json.loads(prov[key])
+        if key in text:
+            prov[key] = json.loads(text[key])
     for key in ("alpha", "epsilon"):
-        prov[key] = float(prov[key])
-    prov["top_k"] = int(prov["top_k"])
+        prov[key] = float(text[key])
+    prov["top_k"] = int(text["top_k"])
     return {"intruder": prov}
 
 
-def _produce(src: Source, spec: TensorSpec, alphas, reader: _Reader, dev, changes, warnings):
+def _produce(src: Source, spec: TensorSpec, alphas: Sequence[float], reader: Reader,
+             dev: torch.device, changes: list[list[LayerChange]], warnings: list[str]):
     """Yield the bytes (or tensor) of one output tensor for each alpha in turn; a generator, so
     only one alpha's rescaled copy exists at a time."""
-    out_dtype = _torch_dtype(spec.dtype)
+    out_dtype = torch_dtype(spec.dtype)
     if src.kind in ("raw", "replace") and src.intruders is None:
         raw = reader.raw(src.ref)
         yield from [raw] * len(alphas)
         return
     if src.kind == "bias":
-        b0 = reader.read(src.ref).to(torch.float64)  # (out,)
-        lb = reader.read(src.bias).to(torch.float64)  # (out,)
-        merged = (b0 + lb * src.scaling).to(out_dtype)
+        merged = merged_bias(src, reader, out_dtype)
         yield from [merged] * len(alphas)
         return
+    identity: torch.Tensor | None = None
     if src.kind == "lora":
-        w0 = reader.read(src.ref)
-        wt = _check_finite(_merge(w0, src.lora, reader), spec.name)  # float64, base layout
+        wt = merged_lora(src, reader, spec.name)  # float64, base layout
         identity = wt.to(out_dtype)
     else:  # raw or replace, with intruders: the stored tuned tensor
         wt = reader.read(src.ref)
-        identity = None
     if src.intruders is None:
         yield from [identity] * len(alphas)
         return
-    comp = intruder_component(wt, src.intruders, dev, where=f"{src.ref.path}: {spec.name!r}")
-    warnings.extend(comp.warnings)
-    wt64 = wt.to(torch.float64)  # (m, n)
+    f = intruder_factors(wt, src.intruders, dev, where=f"{src.ref.path}: {spec.name!r}")
+    warnings.extend(f.warnings)
+    wt64 = wt.to(device=dev, dtype=torch.float64)  # (m, n)
     norm = float(wt64.norm())
     for i, a in enumerate(alphas):
         if a == 1:  # the identity: the stored bytes (or the merged tensor) untouched
             data = reader.raw(src.ref) if identity is None else identity
-            stored = wt if identity is None else identity
+            sq = 0.0 if identity is None else \
+                float((identity.to(device=dev, dtype=torch.float64) - wt64).square().sum())
         else:
-            data = stored = rescale(wt, comp, a).to(out_dtype)
+            stored = torch.empty(tuple(wt.shape), dtype=out_dtype)  # (m, n)
+            sq = rescale_rows(stored, lambda r0, r1: wt64[r0:r1], f, a, measure=True)
             if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
                 raise IntruderError(f"--alpha {a:g}: the rescaled {spec.name!r} has values "
                                     f"beyond the range of {spec.dtype}; nothing was written")
-        rel = float((stored.to(torch.float64) - wt64).norm()) / norm if norm > 0 else 0.0
-        changes[i].append(LayerChange(spec.name, src.intruders.indices, comp.sigma, rel))
+            data = stored
+        rel = sq ** 0.5 / norm if norm > 0 else 0.0
+        changes[i].append(LayerChange(spec.name, src.intruders.indices, f.sigma, rel))
         yield data
-        del data, stored
-
-
-def adapter_exact(report: ScanReport, base: str, tuned: str, epsilon: float | None = None):
-    """For a PEFT adapter TUNED: a function giving, per report layer, the float64 merged matrix
-    W0 + scaling * B A that `scale_checkpoint` rescales (before any rounding to the stored
-    dtype), or None for layers that are stored as they are. None when TUNED is no adapter.
-    The in-memory sweep uses it so that its alphas match the written ones."""
-    base_ck = open_checkpoint(base, allow_adapter=False)
-    tuned_ck = open_checkpoint(tuned)
-    if tuned_ck.kind != "adapter":
-        return None
-    sources, _ = _adapter_sources(base_ck, tuned_ck, select_intruders(report, epsilon))
-    reader = _Reader()
-
-    def get(layer: str) -> torch.Tensor | None:
-        src = sources.get(layer)
-        if src is None or src.kind != "lora":
-            return None
-        return _check_finite(_merge(reader.read(src.ref), src.lora, reader), layer)
-
-    return get
-
-
-def _merge(w0, lora: LoraInfo, reader: _Reader):
-    from .io.adapter import merge_lora
-
-    return merge_lora(w0, lora, reader.read)
-
-
-def _check_finite(w: torch.Tensor, name: str) -> torch.Tensor:
-    if not torch.isfinite(w).all():
-        from .errors import NonFiniteError
-
-        raise NonFiniteError(f"merged tensor {name!r} contains NaN or Inf")
-    return w
+        del data
 
 
 def _bar(total: int, enabled: bool, n_out: int):
@@ -594,7 +499,7 @@ def _bar(total: int, enabled: bool, n_out: int):
                 desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
 
 
-__all__ = ["FORMULA", "Component", "Factors", "adapter_exact", "LayerChange", "LayerIntruders", "ScaleResult",
-           "intruder_component", "intruder_factors", "overflow_alpha", "provenance", "rescale",
-           "rescale_matrix", "refuse_overflowing_alphas", "resolve_inputs", "scale_checkpoint",
-           "select_intruders"]
+__all__ = ["CHUNK_ELEMENTS", "FORMULA", "Factors", "LayerChange", "LayerIntruders",
+           "ScaleResult", "intruder_factors", "overflow_alpha", "provenance",
+           "refuse_overflowing_alphas", "rescale", "rescale_matrix", "rescale_rows",
+           "resolve_inputs", "scale_checkpoint", "select_intruders"]

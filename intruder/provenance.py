@@ -120,7 +120,7 @@ def classify_layer(layer, roundings: int = 1) -> LayerVerdict:
                         None if gap is None or gap == float("inf") else gap, min_dim)
 
 
-def _mode(values):
+def _mode(values: list[int]) -> int | None:
     if not values:
         return None
     c = Counter(values)
@@ -130,18 +130,18 @@ def _mode(values):
 
 def provenance(report, roundings: int = 1) -> Provenance:
     """Verdict for one scan report (TUNED against BASE); `roundings` as in classify_layer."""
-    layers = [classify_layer(l, roundings) for l in report.layers if l.status != "nonfinite"]
-    rank_lr = _mode([l.rank for l in layers if l.kind == "low-rank"])
+    voted = [classify_layer(l, roundings) for l in report.layers if l.status != "nonfinite"]
+    rank_lr = _mode([l.rank for l in voted if l.kind == "low-rank" and l.rank is not None])
     if rank_lr is not None:
         # a rank-R LoRA fills a matrix whose short side is below R / LOWRANK_FRAC: such a matrix
         # cannot tell LoRA from full fine-tuning, so it does not vote
-        layers = [replace(l, kind="saturated") if l.kind == "dense" and l.rank is not None
-                  and l.rank <= rank_lr and rank_lr > LOWRANK_FRAC * l.min_dim else l
-                  for l in layers]
-    layers = tuple(layers)
+        voted = [replace(l, kind="saturated") if l.kind == "dense" and l.rank is not None
+                 and l.rank <= rank_lr and rank_lr > LOWRANK_FRAC * l.min_dim else l
+                 for l in voted]
+    layers = tuple(voted)
     counts = Counter(l.kind for l in layers)
     changed = [l for l in layers if l.kind in ("low-rank", "dense")]
-    by_mod: dict[str, list] = {}
+    by_mod: dict[str, list[LayerVerdict]] = {}
     for l in layers:
         by_mod.setdefault(l.module, []).append(l)
     adapted = tuple(m for m, ls in by_mod.items()
@@ -152,10 +152,10 @@ def provenance(report, roundings: int = 1) -> Provenance:
         c = Counter(l.kind for l in ls)
         kind_by_module[m] = max(sorted(c), key=lambda k: c[k])
     lr = [l for l in changed if l.kind == "low-rank"]
-    ranks = [l.rank for l in lr]
+    ranks = [l.rank for l in lr if l.rank is not None]  # a low-rank verdict always has one
     rank_by_module = {}
     for m, ls in by_mod.items():
-        r = _mode([l.rank for l in ls if l.kind == "low-rank"])
+        r = _mode([l.rank for l in ls if l.kind == "low-rank" and l.rank is not None])
         if r is not None:
             rank_by_module[m] = r
     declared = _declared(report)

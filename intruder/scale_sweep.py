@@ -379,6 +379,11 @@ def _metric_keys(rows: Sequence[ModelRow]) -> list[tuple[str, str]]:
     return keys
 
 
+def _first_result(rows: Sequence[ModelRow], key: tuple[str, str]) -> EvalResult:
+    """The first row's result for a metric some row has (its protocol, unit and n)."""
+    return next(r for r in (_result(row, key) for row in rows) if r is not None)
+
+
 def _result(row: ModelRow, key: tuple[str, str]) -> EvalResult | None:
     for r in row.results:
         if (r.evaluator, r.metric) == key:
@@ -439,7 +444,7 @@ def write_plot(sweep: Sweep, path: str) -> str | None:
     pre, task = plot_choice(sweep.rows)
     if pre is None and task is None:
         return None
-    proto = lambda key: next(_result(r, key) for r in sweep.rows if _result(r, key))  # noqa: E731
+    proto = lambda key: _first_result(sweep.rows, key)  # noqa: E731
     if pre is not None and task is not None:
         pts = []
         for row in sweep.rows:
@@ -454,8 +459,8 @@ def write_plot(sweep: Sweep, path: str) -> str | None:
     for row in sweep.rows:
         r = _result(row, key)
         if r is not None:
-            pts.append(SweepPoint(row.label, row.role, row.alpha,
-                                  row.alpha if row.role == "scaled" else float("nan"), r.value))
+            ax = row.alpha if row.role == "scaled" and row.alpha is not None else float("nan")
+            pts.append(SweepPoint(row.label, row.role, row.alpha, ax, r.value))
     return plot_metric_vs_alpha(pts, _axis_label(proto(key)),
                                 f"Intruder rescaling: {key[0]} {key[1]} against alpha", path,
                                 note=_note([("y", proto(key))]))
@@ -498,7 +503,7 @@ def format_sweep(sweep: Sweep) -> str:
     keys = _metric_keys(sweep.rows)
     head = ["model", "alpha", "intruders scaled", "max ||W'-Wt||_F/||Wt||_F"]
     head += [f"{ev} {m}" for ev, m in keys]
-    rows = []
+    rows: list[Sequence[object]] = []
     for row in sweep.rows:
         cells = [row.label, "-" if row.alpha is None else alpha_name(row.alpha),
                  "-" if row.n_intruders is None else f"{row.n_intruders} in {row.n_matrices} matrices",
@@ -515,7 +520,7 @@ def format_sweep(sweep: Sweep) -> str:
         lines.append("")
         lines.append("metrics (protocol; unit; n):")
         for key in keys:
-            r = next(_result(row, key) for row in sweep.rows if _result(row, key))
+            r = _first_result(sweep.rows, key)
             lines.append(f"  {key[0]} {key[1]}: {r.protocol}; {r.unit}; n = {r.n_units}")
     notes = [f"  {row.label}: {row.note}" for row in sweep.rows if row.note]
     if notes:

@@ -132,8 +132,9 @@ def derivation_warnings(layers, config: ScanConfig):
     median_rel = rel[len(rel) // 2]
     # weight cosine <W0, Wt> / (|W0| |Wt|) (margin fields): a fine-tune, even a heavy LoRA that
     # turns most top vectors into intruders, keeps it well above 0; unrelated weights sit near 0
-    wcos = {l.name: dict(l.extra).get("weight_cos") for l in scanned}
-    if all(c is not None for c in wcos.values()):
+    got = {l.name: dict(l.extra).get("weight_cos") for l in scanned}
+    wcos = {n: c for n, c in got.items() if c is not None}
+    if len(wcos) == len(got):
         far = sorted(n for n, c in wcos.items() if c < UNRELATED_COS)
         med = sorted(wcos.values())[len(wcos) // 2]
         if len(far) > len(scanned) / 2:

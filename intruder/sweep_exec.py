@@ -25,11 +25,17 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
+from .adapter_merge import AdapterMerge
 from .errors import IntruderError
-from .intervene import LayerChange
+from .inplace import InPlaceRescaler
+from .intervene import LayerChange, select_intruders
+from .io import open_checkpoint
 from .types import EvalResult, ScanReport
+
+if TYPE_CHECKING:  # intruder.evaluate imports transformers: loaded when a worker loads a model
+    from .evaluate.model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -106,17 +112,17 @@ class Worker:
         self.progress = progress
         opts = dict(spec.eval_options)
         self.evaluators = [get_evaluator(s, **opts) for s in spec.evals]
-        self.lm = None
-        self.rescaler = None
+        self.lm: LoadedModel | None = None
+        self.rescaler: InPlaceRescaler | None = None
 
-    def _load(self, path: str):
+    def _load(self, path: str) -> LoadedModel:
         from .evaluate import load_model
 
         return load_model(path, model_config=self.spec.model_config, device=self.device,
                           dtype=self.spec.dtype, max_length=self.spec.max_length,
                           progress=self.progress, device_map="auto" if self.spec.shard else None)
 
-    def _evaluate(self, lm) -> tuple[tuple[EvalResult, ...], float]:
+    def _evaluate(self, lm: LoadedModel) -> tuple[tuple[EvalResult, ...], float]:
         from .evaluate import run_evaluators
 
         _sync(lm.device)
@@ -129,42 +135,42 @@ class Worker:
         if job.kind == "base":
             t0 = time.perf_counter()
             self.log(f"evaluating base: {self.spec.base_path}")
-            lm = self._load(self.spec.base_path)
+            base_lm = self._load(self.spec.base_path)
             load = time.perf_counter() - t0
-            res, sec = self._evaluate(lm)
-            del lm
+            res, sec = self._evaluate(base_lm)
+            del base_lm
             _free()
             return JobResult(job, res, eval_seconds=sec, load_seconds=load, device=self.device,
                              worker=self.index)
+        if job.alpha is None:
+            raise IntruderError(f"an alpha job without an alpha: {job}")
         load = 0.0
-        if self.rescaler is None:
+        lm, rescaler = self.lm, self.rescaler
+        if lm is None or rescaler is None:
             import torch
-
-            from .inplace import InPlaceRescaler
 
             t0 = time.perf_counter()
             self.log(f"loading the tuned model once: {self.spec.model_path}")
-            self.lm = self._load(self.spec.model_path)
-            from .intervene import adapter_exact
-
+            self.lm = lm = self._load(self.spec.model_path)
             dts = {k: getattr(torch, v) for k, v in self.spec.storage_dtypes}
             exact = None
             if self.spec.adapter_path:  # start from the float64 merge, as the writer does
-                exact = adapter_exact(self.spec.report, self.spec.base_path,
-                                      self.spec.adapter_path, self.spec.epsilon)
-            self.rescaler = InPlaceRescaler(self.lm.model, self.spec.report,
-                                            epsilon=self.spec.epsilon, storage_dtypes=dts,
-                                            exact=exact)
+                exact = AdapterMerge(open_checkpoint(self.spec.base_path, allow_adapter=False),
+                                     open_checkpoint(self.spec.adapter_path),
+                                     select_intruders(self.spec.report, self.spec.epsilon)).exact
+            self.rescaler = rescaler = InPlaceRescaler(
+                lm.model, self.spec.report, epsilon=self.spec.epsilon, storage_dtypes=dts,
+                exact=exact)
             load = time.perf_counter() - t0
-        _sync(self.lm.device)
+        _sync(lm.device)
         t0 = time.perf_counter()
-        changes = self.rescaler.set_alpha(job.alpha)
-        _sync(self.lm.device)
+        changes = rescaler.set_alpha(job.alpha)
+        _sync(lm.device)
         rsec = time.perf_counter() - t0
         self.log(f"evaluating alpha = {job.alpha:g} in memory ({len(changes)} matrices "
                  f"rescaled in {rsec:.2f} s)")
-        res, sec = self._evaluate(self.lm)
-        return JobResult(job, res, changes, self.rescaler.warnings, rsec, sec, load,
+        res, sec = self._evaluate(lm)
+        return JobResult(job, res, changes, rescaler.warnings, rsec, sec, load,
                          self.device, self.index)
 
     def close(self) -> WorkerStats:
@@ -312,7 +318,8 @@ def run_jobs_torchrun(spec: SweepSpec, jobs: Sequence[Job], device: str,
     if rank != 0:
         return None
     out = SweepRun()
-    for part, st in gathered:  # type: ignore[misc]
+    for item in gathered:  # one (results, stats) pair per rank
+        part, st = cast(tuple[list[JobResult], WorkerStats], item)
         out.results.extend(part)
         out.stats.append(st)
     order = {j: i for i, j in enumerate(jobs)}

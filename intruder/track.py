@@ -24,8 +24,9 @@ import dataclasses
 import datetime as _dt
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeAlias
 
 import torch
 
@@ -34,7 +35,8 @@ from .errors import IntruderError, NonFiniteError
 from .io import identity
 from .io.basecheck import chain_checks, warning_text
 from .report.verdict import decide
-from .types import CheckpointInfo, LayerResult, ScanConfig, ScanReport
+from .spectral.stream import Raw
+from .types import CheckpointInfo, LayerResult, LoraInfo, ScanConfig, ScanReport, TensorRef
 
 PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
 TRACK_SCHEMA_VERSION = "1.0"
@@ -70,6 +72,10 @@ class TrackReport:
     created: str = ""
     command: str = ""
     tool_version: str = ""
+
+
+# one step of one matrix: vs base, vs the step before (None for the first), its Persistence
+StepResults: TypeAlias = "tuple[LayerResult, LayerResult | None, Persistence | None]"
 
 
 def _labels(paths: Sequence[str]) -> list[str]:
@@ -313,7 +319,8 @@ def _track_streamed(names, pair_maps, config, progress, base_cache, vs_base, vs_
                 persist[i][name] = per
 
 
-def _track_group(raw, device, config, base_cache, on_copied=None):
+def _track_group(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
+                 on_copied: Callable[[], None] | None = None) -> tuple[StepResults, ...]:
     """One matrix of a track on `device` (the pipeline's group function): every step against
     the base (decomposed once, or from the cache) and against the step before, and intruders
     followed along. Returns per step (vs base, vs previous or None, Persistence or None)."""
@@ -327,7 +334,7 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
     steps = [raw, *raw.more]
     nb = device.type == "cuda"
 
-    def nonfinite(i):
+    def nonfinite(i: int) -> StepResults:
         r = _result(name, shape, dtype, status="nonfinite")
         return r, (r if i else None), None
 
@@ -341,15 +348,18 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
         if on_copied is not None:
             on_copied()
         return tuple(nonfinite(i) for i in range(len(steps)))
-    held = []  # per step on the device: ("lora", parts) | ("same", None) | ("full", tensor)
+    # per step on the device: (LoRA factors, their tensors), None when the step's tensor is the
+    # base's, else the full tensor
+    held: list[tuple[LoraInfo, dict[TensorRef, torch.Tensor]] | torch.Tensor | None] = []
     for m in steps:
         p = m.pair
         if p.lora is not None:
-            held.append(("lora", {r: t.to(device, non_blocking=nb) for r, t in m.parts.items()}))
+            held.append((p.lora, {r: t.to(device, non_blocking=nb) for r, t in m.parts.items()}))
         elif p.tuned is None or p.tuned == p.base:
-            held.append(("same", None))
+            held.append(None)
         else:
-            held.append(("full", m.wt.to(device, non_blocking=nb)))
+            assert m.wt is not None  # read_pair reads a tuned tensor that is not the base
+            held.append(m.wt.to(device, non_blocking=nb))
     if nb:
         torch.cuda.current_stream(device).synchronize()  # host buffers are free after the copy
     if on_copied is not None:
@@ -357,17 +367,18 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
     k_side = "left" if config.vectors in ("left", "both") else "right"
     spec = raw.cached
     prev_w = w0  # (m, n) the previous step's weights
-    prev_top = None  # (d, k) previous step's top-k vectors
+    prev_top: torch.Tensor | None = None  # (d, k) previous step's top-k vectors
     prev_intr: tuple[int, ...] = ()
-    prev_noise = None  # quantization rounding rms of the previous step's weights
-    out = []
-    for i, (m, (kind, val)) in enumerate(zip(steps, held)):
+    prev_noise: float | None = None  # quantization rounding rms of the previous step's weights
+    out: list[StepResults] = []
+    for i, (m, step) in enumerate(zip(steps, held)):
         t0 = time.perf_counter()
         p = m.pair
-        if kind == "lora":  # applied to the previous step's weights
-            wt = merge_lora(prev_w, p.lora, val.__getitem__)
+        if isinstance(step, tuple):  # LoRA factors, applied to the previous step's weights
+            lora, parts = step
+            wt = merge_lora(prev_w, lora, parts.__getitem__)
         else:
-            wt = prev_w if kind == "same" else val
+            wt = prev_w if step is None else step
         if not all_finite(wt):
             if not config.allow_nonfinite:
                 where = p.lora.a.path if p.lora is not None else (p.tuned.path if p.tuned else "")
@@ -395,13 +406,14 @@ def _track_group(raw, device, config, base_cache, on_copied=None):
         if cur_intr or prev_intr:
             k = min(config.top_k, min(shape))
             sp = top_spectrum(wt, k, left=k_side == "left", right=k_side == "right")
-            cur_top = (sp.u if k_side == "left" else sp.v)[:, :k]  # (d, k)
+            cur_top = sp.vecs(k_side == "left")[:, :k]  # (d, k)
+        # cur_top is None only when neither step has intruders: nothing to follow
         per = _persistence(prev_top, prev_intr, cur_top, cur_intr) if cur_top is not None \
-            else _persistence(None, prev_intr, None, ())
+            else Persistence()
         out.append((vb, vp, per))
         prev_top, prev_intr = cur_top, cur_intr
         prev_w = wt
-        prev_noise = n_step[i] if p.lora is None and kind != "same" else prev_noise
+        prev_noise = n_step[i] if p.lora is None and step is not None else prev_noise
     if nb:  # results complete: the cache writer may read `spec` from any stream
         torch.cuda.current_stream(device).synchronize()
     if base_cache is not None and raw.key is not None and stream._grew(raw.cached, spec):

@@ -78,6 +78,15 @@ class LayerPair:
     tuned: TensorRef | None = None  # full tuned tensor (merged model / modules_to_save)
     lora: LoraInfo | None = None  # or LoRA factors applied to base
 
+    @property
+    def tuned_path(self) -> str:
+        """The file the tuned side is read from: the tuned tensor's, or lora_A's."""
+        if self.lora is not None:
+            return self.lora.a.path
+        if self.tuned is None:
+            raise ValueError(f"pair {self.name!r} has neither a tuned tensor nor LoRA factors")
+        return self.tuned.path
+
 
 @dataclass(frozen=True)
 class Intruder:

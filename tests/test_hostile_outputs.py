@@ -345,13 +345,13 @@ def test_overflow_bound_is_a_lower_bound():
     the exact rescaled matrix."""
     import torch
 
-    from intruder.intervene import LayerIntruders, intruder_component, overflow_alpha, rescale
+    from intruder.intervene import LayerIntruders, intruder_factors, overflow_alpha, rescale
 
     rng = np.random.default_rng(3)
     w = torch.tensor(rng.standard_normal((24, 16)), dtype=torch.float64)
     sig = torch.linalg.svdvals(w)
     sel = LayerIntruders("w", (0, 2), tuple(sig[:4].tolist()), 4, (24, 16))
-    comp = intruder_component(w, sel)
+    comp = intruder_factors(w, sel)
     for alpha in (1e30, 1e36, 1e37, 1e38, 1e39, 1e40, 1e300):
         exact = rescale(w, comp, alpha).to(torch.float32)
         if overflow_alpha(sel, alpha, torch.float32):

@@ -59,7 +59,7 @@ def content_key(t: torch.Tensor, ref: TensorRef) -> str:
     """sha256 of a tensor's stored bytes, dtype and shape: the base spectral cache's key."""
     h = hashlib.sha256(f"{ref.dtype}|{tuple(ref.shape)}|".encode())
     if t.numel():
-        h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
     return h.hexdigest()
 
 

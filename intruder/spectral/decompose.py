@@ -34,6 +34,13 @@ class Spectrum:
     err_u: torch.Tensor | None = None  # (r,) CPU: bound on sin(angle) of each u to the exact
     err_v: torch.Tensor | None = None  # (r,) CPU: same for v
 
+    def vecs(self, left: bool) -> torch.Tensor:
+        """u (left) or v (right): (m, r) or (n, r); ValueError when that side was not asked."""
+        vecs = self.u if left else self.v
+        if vecs is None:
+            raise ValueError(f"spectrum has no {'left' if left else 'right'} singular vectors")
+        return vecs
+
 
 def spectrum_of(w: torch.Tensor, e: Eig, left: bool, right: bool,
                 upto: int | None = None) -> Spectrum:

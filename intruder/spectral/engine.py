@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable, TypeVar, overload
 
 import torch
 
@@ -21,7 +21,7 @@ from ..errors import IntruderError, NonFiniteError
 from ..types import Intruder, LayerPair, LayerResult, ScanConfig
 from .certify import TAIL, certify_side, kept_bounds, slice_decisions
 from .decompose import Spectrum, spectrum_of
-from .match import counts_by_epsilon, match_vectors
+from .match import Match, counts_by_epsilon, match_vectors
 from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
 from .scaling import analyse_scaled
 
@@ -32,6 +32,7 @@ BASE_R0 = 32  # base eigenpairs kept at first; doubled while the certificate ask
 # Gram sizes from this up may prove intruders by spectral slices (slices.py) instead of the
 # complete base; below it the complete float64 eigh is as cheap
 SLICE_MIN_DIM = 768
+_R = TypeVar("_R")  # what a scan_pairs group function returns per item
 
 
 @dataclass
@@ -81,8 +82,7 @@ def load_pair(pair: LayerPair, read: Callable, allow_nonfinite: bool) -> Loaded:
         wt = read(pair.tuned)
     if not all_finite(wt):
         if not allow_nonfinite:
-            where = pair.lora.a.path if pair.lora is not None else pair.tuned.path
-            raise NonFiniteError(f"tuned tensor {pair.name!r} in {where} contains NaN or Inf "
+            raise NonFiniteError(f"tuned tensor {pair.name!r} in {pair.tuned_path} contains NaN or Inf "
                                  f"(use --allow-nonfinite to skip such layers)")
         return Loaded(pair, None, None, "nonfinite", pair.base.dtype)
     if wt.dtype == w0.dtype and torch.equal(wt, w0):
@@ -217,14 +217,16 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
     bound = None  # (k,) bool: max_cos is a certified upper bound (spectral slices), not exact
     while True:
         b = spectrum_of(w0, be, left, right)
-        ml = match_vectors(t.u, t.sigma, b.u, b.sigma, config.near_window, top_r) if left else None
-        mr = match_vectors(t.v, t.sigma, b.v, b.sigma, config.near_window, top_r) if right else None
+        ml = match_vectors(t.vecs(True), t.sigma, b.vecs(True), b.sigma, config.near_window,
+                           top_r) if left else None
+        mr = match_vectors(t.vecs(False), t.sigma, b.vecs(False), b.sigma, config.near_window,
+                           top_r) if right else None
         why = ""
-        for on, tv, terr, bv, berr in ((left, t.u, t.err_u, b.u, b.err_u),
-                                       (right, t.v, t.err_v, b.v, b.err_v)):
+        for on, is_left, terr, berr in ((left, True, t.err_u, b.err_u),
+                                        (right, False, t.err_v, b.err_v)):
             if on and not why:
-                why = certify_side(tv, t.sigma, terr, bv, berr, b.rest, b.complete, dim,
-                                   config.near_window, top_r, k)
+                why = certify_side(t.vecs(is_left), t.sigma, terr, b.vecs(is_left), berr, b.rest,
+                                   b.complete, dim, config.near_window, top_r, k)
         if not why:
             break
         want = 2 * be.r  # widen the kept base spectrum, then complete it
@@ -234,7 +236,7 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
             got = _slices(w0, be, t, b, left, k, config.epsilons, scratch, grams)
             if got is not None:
                 value, bound = got
-                prime = ml or mr
+                prime = _primary(ml, mr)
                 prime = replace(prime, max_cos=value.to(prime.max_cos.device, torch.float64))
                 ml, mr = (prime, None) if left else (None, prime)
                 break
@@ -247,11 +249,11 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         t = spectrum_of(wt, te, left, right, upto=k)
     del grams  # (d, d) each: not needed by the measures below
     # decision vector: left, right, or both sides below epsilon (the component u v^T is new)
-    if config.vectors == "both":
+    prime = _primary(ml, mr)
+    if ml is not None and mr is not None:  # vectors == "both"
         decide = torch.maximum(ml.max_cos, mr.max_cos)
     else:
-        decide = (ml or mr).max_cos
-    prime = ml or mr
+        decide = prime.max_cos
     eps = config.epsilon
     sig_t = t.sigma.cpu()
     flags = (decide < eps).cpu()
@@ -293,6 +295,14 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored,
         noise=noise)
     return fields, be
+
+
+def _primary(ml: Match | None, mr: Match | None) -> Match:
+    """The match whose overlaps and base indices are reported: the left side's when matched."""
+    prime = ml if ml is not None else mr
+    if prime is None:
+        raise ValueError("neither side was matched (vectors is left, right or both)")
+    return prime
 
 
 def _method(be: Eig, te: Eig, slices: bool = False) -> str:
@@ -337,9 +347,27 @@ def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: dict | Non
     return slice_decisions(best, e, out, epsilons)
 
 
+@overload
 def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
                progress: bool = False, base_cache=None,
-               group_fn: Callable | None = None) -> Iterator[LayerResult]:
+               group_fn: None = None) -> Iterator[LayerResult]: ...
+
+
+@overload
+def scan_pairs(pairs: Iterable[tuple[LayerPair, ...]], read: Callable, config: ScanConfig,
+               progress: bool = False, base_cache=None,
+               group_fn: None = None) -> Iterator[tuple[LayerResult, ...]]: ...
+
+
+@overload
+def scan_pairs(pairs: Iterable[tuple[LayerPair, ...]], read: Callable, config: ScanConfig,
+               progress: bool = False, base_cache=None, *,
+               group_fn: Callable[..., _R]) -> Iterator[_R]: ...
+
+
+def scan_pairs(pairs: Iterable[LayerPair | tuple[LayerPair, ...]], read: Callable,
+               config: ScanConfig, progress: bool = False, base_cache=None,
+               group_fn: Callable | None = None) -> Iterator[Any]:
     """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
     CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
     torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
@@ -350,13 +378,13 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     from . import multi
     from .stream import Pipeline
 
-    pairs = list(pairs)
+    items = list(pairs)
     ctx = multi.dist_context()
     if ctx is None:
         devices = multi.resolve_devices(config.device)
-        bar = _bar(len(pairs), progress)
+        bar = _bar(len(items), progress)
         try:
-            for res in Pipeline(pairs, read, config, devices, base_cache, group_fn=group_fn):
+            for res in Pipeline(items, read, config, devices, base_cache, group_fn=group_fn):
                 if bar is not None:
                     bar.update(1)
                 yield res
@@ -369,12 +397,12 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
     rank, world, local = ctx
     multi.init_group()
     devices = multi.rank_devices(config.device, local)
-    mine = multi.shard([tuple((p[0] if isinstance(p, tuple) else p).base.shape) for p in pairs],
+    mine = multi.shard([tuple((p[0] if isinstance(p, tuple) else p).base.shape) for p in items],
                        world)[rank]
     bar = _bar(len(mine), progress and rank == 0)
     local_out = []
     try:
-        for i, res in zip(mine, Pipeline([pairs[i] for i in mine], read, config, devices,
+        for i, res in zip(mine, Pipeline([items[i] for i in mine], read, config, devices,
                                          base_cache, group_fn=group_fn)):
             local_out.append((i, res))
             if bar is not None:
@@ -388,7 +416,7 @@ def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
             base_cache.flush()
     merged = dict(multi.all_gather(local_out, world))
     multi.done_group()
-    for i in range(len(pairs)):
+    for i in range(len(items)):
         if i not in merged:  # a rank stopped at an earlier error
             continue
         res = merged[i]

@@ -176,7 +176,7 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     float64 upcast (their dtype spares the storage-grid pass), default (w0, wt); noise: rms
     rounding error that quantized storage (FP8 with scales, GGUF, int8) put into dW, which no
     float grid shows (io/dequant.noise_rms), else None."""
-    out = []
+    out: list[tuple[str, object]] = []
     min_cos = float(decide.min()) if decide.numel() else float("nan")
     out.append(("min_max_cos", min_cos))
     out.append(("cos_margin", min_cos - epsilon))
@@ -242,9 +242,9 @@ def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> tuple[tuple
     right = config.vectors in ("right", "both")
     b = full_spectrum(w0, left=left, right=right)
     t = top_spectrum(wt, k, left=left, right=right)
-    cos = [match_vectors(t.u, t.sigma, b.u, b.sigma).max_cos] if left else []
+    cos = [match_vectors(t.vecs(True), t.sigma, b.vecs(True), b.sigma).max_cos] if left else []
     if right:
-        cos.append(match_vectors(t.v, t.sigma, b.v, b.sigma).max_cos)
+        cos.append(match_vectors(t.vecs(False), t.sigma, b.vecs(False), b.sigma).max_cos)
     decide = torch.maximum(cos[0], cos[1]) if len(cos) == 2 else cos[0]  # (k,)
     d = wt - w0  # (m, n)
     update = update_spectrum(d)

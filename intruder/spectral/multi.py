@@ -111,7 +111,7 @@ def all_gather(local: list, world: int) -> list:
 
     got: list = [None] * world
     dist.all_gather_object(got, local)
-    out = []
+    out: list = []
     for part in got:
         out.extend(part or [])
     return out

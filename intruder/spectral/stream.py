@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeAlias
 
 import torch
 
@@ -39,6 +39,8 @@ from .threads import OneThreadEach, cpu_workers, usable_cpus
 # bytes of tensors read ahead of the devices (measured on the 7B pair, one H200: 256 MiB and
 # 512 MiB kept the GPU fed; peak RSS 1.7 / 1.95 GiB, bench/RESULTS.md)
 DEFAULT_HOST_BUDGET = 512 * 2 ** 20
+# a pair on its device: (status, w0, wt), the matrices None unless the status is "scanned"
+Prepared: TypeAlias = "tuple[str, torch.Tensor | None, torch.Tensor | None]"
 
 
 def host_budget() -> int:
@@ -166,7 +168,7 @@ class Reader:
         nbytes = e.end - e.start
         if nbytes == 0:
             return out
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) aliasing out
+        view = out.reshape(-1).view(torch.uint8).numpy().data  # (nbytes,) memoryview aliasing out
         fh, st = open_regular(ref.path)
         try:
             sf.check_unchanged(st)  # the offsets are those of the file whose header was parsed
@@ -224,7 +226,7 @@ def read_pair(raw: Raw, reader: Reader, base_cache) -> Raw:
     return raw
 
 
-def storage_noise(p: LayerPair, w0: torch.Tensor, wt: torch.Tensor, read: Callable):
+def storage_noise(p: LayerPair, w0: torch.Tensor, wt: torch.Tensor, read: Callable) -> float | None:
     """The rms rounding error that quantized storage of either side (io/dequant.noise_rms) put
     into wt - w0 (independent roundings add in variance), or None when neither side is
     quantized. A LoRA merged onto a quantized base carries none: both sides share its rounding."""
@@ -232,12 +234,12 @@ def storage_noise(p: LayerPair, w0: torch.Tensor, wt: torch.Tensor, read: Callab
         return None
     from ..io.dequant import noise_rms
 
-    parts = [noise_rms(p.base, w0, read), noise_rms(p.tuned, wt, read)]
-    parts = [x for x in parts if x is not None]
+    both = (noise_rms(p.base, w0, read), noise_rms(p.tuned, wt, read) if p.tuned is not None else None)
+    parts = [x for x in both if x is not None]
     return sum(x * x for x in parts) ** 0.5 if parts else None
 
 
-def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool):
+def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool) -> Prepared:
     """On the device: the checks load_pair makes, and the LoRA merge. Returns (status, w0, wt)."""
     w0 = base_on(raw, device, allow_nonfinite)
     if w0 is None:
@@ -250,6 +252,7 @@ def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> torch.Tens
     from .engine import all_finite
 
     p = raw.pair
+    assert raw.w0 is not None, "read_pair reads the base"
     w0 = raw.w0.to(device, non_blocking=device.type == "cuda")
     if not all_finite(w0):
         if not allow_nonfinite:
@@ -259,7 +262,7 @@ def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> torch.Tens
     return w0
 
 
-def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: bool):
+def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: bool) -> Prepared:
     """The tuned tensor on the device (LoRA merged onto w0) with its checks: (status, w0, wt)."""
     from ..io.adapter import merge_lora
     from .engine import all_finite
@@ -272,11 +275,11 @@ def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: 
     elif p.tuned == p.base:
         return "unchanged", None, None
     else:
+        assert raw.wt is not None, "read_pair reads a tuned tensor that is not the base"
         wt = raw.wt.to(device, non_blocking=nb)
     if not all_finite(wt):
         if not allow_nonfinite:
-            where = p.lora.a.path if p.lora is not None else p.tuned.path
-            raise NonFiniteError(f"tuned tensor {p.name!r} in {where} contains NaN or Inf "
+            raise NonFiniteError(f"tuned tensor {p.name!r} in {p.tuned_path} contains NaN or Inf "
                                  f"(use --allow-nonfinite to skip such layers)")
         return "nonfinite", None, None
     if wt.dtype == w0.dtype and torch.equal(wt, w0):
@@ -291,7 +294,8 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
     from . import engine
 
     p = raw.pair
-    shape = tuple(p.base.shape)
+    rows, cols = p.base.shape  # pairs are matrices (io/pairing.py)
+    shape = (rows, cols)
     t0 = time.perf_counter()
     members = [raw, *raw.more]
     w0 = base_on(raw, device, config.allow_nonfinite)
@@ -309,6 +313,7 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
             out.append(LayerResult(name=m.pair.name, shape=shape, dtype=p.base.dtype,
                                    status=status))
             continue
+        assert w0 is not None and wt is not None  # both on the device when "scanned"
         t1 = time.perf_counter()
         fields, spec = engine.analyse(w0, wt, config, m.pair.name, base_spec=spec,
                                       scratch=scratch, noise=m.noise)
@@ -434,7 +439,7 @@ class Pipeline:
             self._run_one(raw, device, stream)
 
     def _run_one(self, raw: Raw, device, stream) -> None:
-        released = []
+        released: list[int] = []
 
         def on_copied():
             if not released:
