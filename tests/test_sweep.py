@@ -74,6 +74,35 @@ def test_inplace_refuses_another_model(demo_pair):
         InPlaceRescaler(_load(base), report)
 
 
+def test_in_memory_and_written_rescaling_are_one_computation(demo_pair, tmp_path):
+    """A {name: tensor} dict in the stored dtype, rescaled in place, equals the written alpha
+    checkpoint bit for bit (the writer and the in-place rescaler run the same row blocks, so
+    no rounding can differ); keep="none" keeps no copy and sets one alpha only."""
+    from safetensors.torch import load_file
+
+    from intruder.errors import IntruderError
+    from intruder.inplace import rescaled_copy
+
+    base, tuned, report = demo_pair
+    out = str(tmp_path / "a")
+    scale_checkpoint(report, [0.25], [out], base=base, tuned=tuned, device="cpu")
+    written = load_file(os.path.join(out, "model.safetensors"))
+    stored = load_file(os.path.join(tuned, "model.safetensors"))
+    sd = {k: v.clone() for k, v in stored.items()}
+    r = InPlaceRescaler(sd, report, keep="none")
+    assert r.kept_bytes == 0
+    r.set_alpha(0.25)
+    assert set(sd) == set(written)
+    for k, v in written.items():
+        assert torch.equal(sd[k], v), k
+    with pytest.raises(IntruderError, match="one alpha only"):
+        r.set_alpha(0.5)
+    copy = rescaled_copy(stored, report, 0.25)  # intruder.rescale's path: the input untouched
+    assert all(torch.equal(copy[k], v) for k, v in written.items())
+    again = load_file(os.path.join(tuned, "model.safetensors"))
+    assert all(torch.equal(v, again[k]) for k, v in stored.items())
+
+
 # ------------------------------------------------------------------------------- the sweep
 
 WIKI = os.path.join(os.environ.get("INTRUDER_DATA_DIR") or os.path.join(os.path.dirname(ROOT),
