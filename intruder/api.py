@@ -29,9 +29,9 @@ from .io.atomic import check_output
 from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
 from .report import schema as _schema
+from .report.summary import summary as _summary
 from .report.verdict import verdict_of, verdict_text
 from .scan import run_scan
-from .scan import summary as _summary
 from .track import TrackEntry, TrackReport, run_compare, run_track
 from .types import DEFAULT_EPSILONS, DEFAULT_TOP_K, EvalResult, ScanConfig, ScanReport, Verdict
 
@@ -246,7 +246,7 @@ def _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cac
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise InputError(f"{name} must be a string or None, got {type(v).__name__}")
     if not no_cache and cache_dir is None:
-        from .spectral.cache import default_cache_dir
+        from .run.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
     return ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include, exclude=exclude,

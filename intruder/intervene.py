@@ -351,7 +351,7 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     an adapter TUNED gives merged model directories laid out like BASE. Nothing is written over
     an input; each output appears atomically and only when complete.
     """
-    from .spectral.engine import resolve_device
+    from .run.devices import resolve_device
 
     alphas = [float(a) for a in alphas]
     if len(alphas) != len(outputs) or not alphas:

@@ -40,7 +40,7 @@ def cli(debug: bool) -> None:
         click.echo(f"Error: {printable(str(exc))}", err=True)
         ctx.exit(exc.exit_code)
     if ctx.invoked_subcommand in ("scan", "compare", "track"):  # before torch is imported
-        from ..spectral.threads import set_thread_env
+        from ..run.threads import set_thread_env
 
         set_thread_env()
 

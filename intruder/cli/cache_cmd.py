@@ -13,7 +13,7 @@ from . import cli
 from .common import emit, handle_errors
 
 if TYPE_CHECKING:  # the cache imports torch: not at CLI start-up
-    from ..spectral.cache import BaseCache
+    from ..run.cache import BaseCache
 
 _DIR_HELP = ("Cache directory (default: $INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder or "
              "~/.cache/intruder).")
@@ -37,7 +37,7 @@ def cache_group() -> None:
 
 
 def _cache(cache_dir: str | None) -> BaseCache:
-    from ..spectral.cache import BaseCache, default_cache_dir
+    from ..run.cache import BaseCache, default_cache_dir
 
     return BaseCache(cache_dir or default_cache_dir())
 

@@ -66,7 +66,7 @@ def scan_command(base: str, tuned: str | None, output: str, as_json: bool, html:
     report = run_scan(base_path, tuned, config, progress=not quiet and not as_json,
                       command=command_line(), strict_base=strict_base)
     report_base_check(report.tuned, quiet)
-    from ..spectral.multi import is_primary
+    from ..run.multi import is_primary
 
     if not is_primary():  # torchrun: rank 0 writes and prints the report
         return

@@ -99,7 +99,7 @@ def _run(mode: str, base: str, paths: tuple[str, ...], output: str, as_json: boo
     runner = run_track if mode == "track" else run_compare
     tr = runner(base, list(paths), config, progress=not quiet and not as_json,
                 command=command_line(), strict_base=strict_base)
-    from ..spectral.multi import is_primary
+    from ..run.multi import is_primary
 
     if not is_primary():  # torchrun: rank 0 writes and prints the document
         return
