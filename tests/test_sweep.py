@@ -185,17 +185,25 @@ def test_results_file_declares_format_and_one_axis_choice(demo_sweep):
     assert (table.x_metric, table.y_metric) == ("/".join(pre), "/".join(task))
 
 
-def test_worker_restores_every_weight_after_a_sweep(demo_pair, tmp_path):
-    """After a sweep over several alphas the model's every tensor is bit for bit the loaded one."""
-    from intruder.evaluate import load_model
+def _text_spec(demo_pair, tmp_path, text):
+    """A SweepSpec for the demo pair evaluated on one held-out text file."""
     from intruder.scale_sweep import _storage_dtypes
-    from intruder.sweep_exec import Job, SweepSpec, Worker
+    from intruder.sweep_exec import SweepSpec
 
     base, tuned, report = demo_pair
     p = tmp_path / "t.txt"
-    p.write_text("A short held-out text for the tiny model.\n" * 4)
-    spec = SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
+    p.write_text(text)
+    return SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
                      storage_dtypes=_storage_dtypes(report, tuned, None))
+
+
+def test_worker_restores_every_weight_after_a_sweep(demo_pair, tmp_path):
+    """After a sweep over several alphas the model's every tensor is bit for bit the loaded one."""
+    from intruder.evaluate import load_model
+    from intruder.sweep_exec import Job, Worker
+
+    tuned = demo_pair[1]
+    spec = _text_spec(demo_pair, tmp_path, "A short held-out text for the tiny model.\n" * 4)
     w = Worker(spec, "cpu")
     for a in (0.0, 0.25, 1.0, 2.0, 0.5):
         w.run(Job("alpha", a))
@@ -209,14 +217,10 @@ def test_worker_restores_every_weight_after_a_sweep(demo_pair, tmp_path):
 
 def test_two_worker_processes_match_one(demo_pair, tmp_path):
     """Alphas scheduled over 2 CPU worker processes give the one-worker results."""
-    from intruder.scale_sweep import _storage_dtypes
-    from intruder.sweep_exec import SweepSpec, assign, make_jobs, run_jobs
+    from intruder.sweep_exec import assign, make_jobs, run_jobs
 
-    base, tuned, report = demo_pair
-    p = tmp_path / "t.txt"
-    p.write_text("Held-out text: the tiny model scores every token of it.\n" * 6)
-    spec = SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
-                     storage_dtypes=_storage_dtypes(report, tuned, None))
+    spec = _text_spec(demo_pair, tmp_path,
+                      "Held-out text: the tiny model scores every token of it.\n" * 6)
     jobs = make_jobs([0.0, 0.5, 1.0])
     assert [[j.alpha for j in part] for part in assign(jobs, 2)] == [[None, 0.5], [0.0, 1.0]]
     one = run_jobs(spec, jobs, ["cpu"])
