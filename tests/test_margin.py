@@ -169,8 +169,8 @@ def test_summary_table_json_and_gates(synth, tmp_path):
     assert m["novel_strength_quantiles"]["max"] == pytest.approx(top)
     rep = load_report(str(out))
     again = summary(rep)["margin"]  # recomputed from the loaded JSON's layer fields
-    assert again.first_intruder_epsilon == pytest.approx(m["first_intruder_epsilon"])
-    assert again.closest_layer == m["closest_layer"]
+    assert again["first_intruder_epsilon"] == pytest.approx(m["first_intruder_epsilon"])
+    assert again["closest_layer"] == m["closest_layer"]
     gap = m["cos_margin"]  # about 0.5
     for flag, value, code in (("--fail-on-margin", gap + 0.01, 4), ("--fail-on-margin", gap - 0.01, 0),
                               ("--fail-on-strength", top * 0.99, 4), ("--fail-on-strength", top * 1.01, 0)):
