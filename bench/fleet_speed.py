@@ -15,7 +15,6 @@ the torchrun document with the one-GPU one.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import shutil
 import sys
@@ -23,7 +22,17 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from scan_speed import EPSILONS, compare, extrapolate, layers_of, load, machine, note, run  # noqa: E402
+from scan_speed import (  # noqa: E402
+    EPSILONS,
+    append_results,
+    compare,
+    extrapolate,
+    layers_of,
+    load,
+    machine,
+    note,
+    run,
+)
 from synth_models import MODELS, build  # noqa: E402
 
 
@@ -137,11 +146,7 @@ def main():
     lines += [f"| {n} | {s:.1f} | {h} |" for n, s, h in rows]
     text = "\n".join(lines + [""] + [f"- {c}" for c in checks])
     note(text, a.log)
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], os.path.dirname(HERE))] + sys.argv[1:])
-    with open(a.results, "a") as fh:
-        fh.write(f"\n## fleet compare, {a.model} shapes, {stamp}\n\nmachine: {machine(device)}  \n"
-                 f"command: `{cmd}`\n\n{text}\n")
+    append_results(a.results, f"fleet compare, {a.model} shapes", device, text)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

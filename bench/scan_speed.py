@@ -146,6 +146,16 @@ def note(line: str, logfile=None):
             fh.write(line + "\n")
 
 
+def append_results(path: str, title: str, device: str, text: str) -> None:
+    """Append one dated section (title, machine, the command line as run, `text`) to the
+    results file (markdown)."""
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    with open(path, "a") as fh:
+        fh.write(f"\n## {title}, {stamp}\n\nmachine: {machine(device)}  \n"
+                 f"command: `{cmd}`\n\n{text}\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
@@ -329,11 +339,7 @@ def bench_pair(a, kind):
                       f"{load_avg[2]:.2f} (CPU shared with other work)")
     text = "\n".join(lines + [""] + [f"- {c}" for c in checks])
     note(text, log)
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    with open(a.results, "a") as fh:
-        fh.write(f"\n## {a.model} shapes, {kind} pair, {stamp}\n\nmachine: {machine(device)}  \n"
-                 f"command: `{cmd}`\n\n{text}\n")
+    append_results(a.results, f"{a.model} shapes, {kind} pair", device, text)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

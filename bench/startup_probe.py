@@ -18,10 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = [
     ("python -c pass", "pass"),
     ("import torch", "import torch"),
-    ("import intruder.cli (scan path)", "import intruder.cli, intruder.scan, intruder.spectral.engine, "
-                                        "intruder.spectral.stream"),
+    ("import intruder.cli (scan path)", "import intruder.cli, intruder.scan, intruder.run.driver, "
+                                        "intruder.run.stream"),
     ("+ CUDA context", "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"),
-    ("+ cuBLAS/cuSOLVER first load", "import torch; from intruder.spectral.stream import "
+    ("+ cuBLAS/cuSOLVER first load", "import torch; from intruder.run.stream import "
                                      "_warm_linalg; _warm_linalg(torch.device('cuda'))"),
 ]
 
@@ -43,7 +43,7 @@ def main():
         ts = [wall(code) for _ in range(3)]
         print(f"{label}: {statistics.median(ts):.2f} s (median of 3 fresh processes)", flush=True)
     try:  # for scale: what the scan path does not import
-        t = wall("import intruder.cli, intruder.scan, intruder.spectral.engine, matplotlib.pyplot")
+        t = wall("import intruder.cli, intruder.scan, intruder.run.driver, matplotlib.pyplot")
         print(f"(not on the scan path) the same + matplotlib.pyplot: {t:.2f} s")
     except subprocess.CalledProcessError:
         pass

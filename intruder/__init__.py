@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "scan": ".api", "compare": ".api", "track": ".api", "rescale": ".api", "evaluate": ".api",
     "load_report": ".api", "ScanResult": ".api", "TrackResult": ".api",
-    "COMPARE_EPSILONS": ".api", "verdict_line": ".api",
+    "verdict_line": ".api",
     "Verdict": ".types", "LayerResult": ".types", "EvalResult": ".types", "ScanConfig": ".types",
     "SCHEMA": ".report.schema", "plots": ".report.plots",
 }
@@ -80,6 +80,6 @@ def run_scan(base, tuned, config=None, progress=False, **kwargs):
 
 __all__ = ["__version__", "scan", "compare", "track", "rescale", "evaluate", "load_report",
            "ScanResult", "TrackResult", "Verdict", "LayerResult", "EvalResult", "ScanConfig",
-           "SCHEMA", "COMPARE_EPSILONS", "verdict_line", "plots", "run_scan",
+           "SCHEMA", "verdict_line", "plots", "run_scan",
            "IntruderError", "InputError", "CheckpointError", "AdapterError", "PairingError",
            "NonFiniteError", "ReportError", "OutputError", "EvalError"]

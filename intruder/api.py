@@ -29,15 +29,14 @@ from .io.atomic import check_output
 from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
 from .report import schema as _schema
+from .report.summary import summary as _summary
 from .report.verdict import verdict_of, verdict_text
 from .scan import run_scan
-from .scan import summary as _summary
 from .track import TrackEntry, TrackReport, run_compare, run_track
-from .types import DEFAULT_TOP_K, EvalResult, ScanConfig, ScanReport, Verdict
+from .types import DEFAULT_EPSILONS, DEFAULT_TOP_K, EvalResult, ScanConfig, ScanReport, Verdict
 
 Source = Any  # str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module | PeftModel
 _KINDS = ("a path, a hub ID, a {name: tensor} state dict, a torch.nn.Module or a PEFT model")
-COMPARE_EPSILONS = (0.5, 0.7, 0.9)  # `intruder compare` / `track` default --epsilon
 
 
 # ------------------------------------------------------------------------------------ results
@@ -236,7 +235,7 @@ def _track_result(tr: TrackReport) -> TrackResult:
 
 
 def _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cache,
-            allow_nonfinite, default_eps=(0.5,)) -> ScanConfig:
+            allow_nonfinite, default_eps=DEFAULT_EPSILONS) -> ScanConfig:
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise InputError(f"top_k must be a whole number, got {top_k!r}")
     eps = _epsilons(epsilon, default_eps)
@@ -247,7 +246,7 @@ def _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cac
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise InputError(f"{name} must be a string or None, got {type(v).__name__}")
     if not no_cache and cache_dir is None:
-        from .spectral.cache import default_cache_dir
+        from .run.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
     return ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include, exclude=exclude,
@@ -291,7 +290,7 @@ def _source(obj: Source, role: str, keep: list, what: str = "") -> str:
 # ----------------------------------------------------------------------------------- commands
 
 
-def scan(base: Source, tuned: Source, *, top_k: int = DEFAULT_TOP_K, epsilon=0.5,
+def scan(base: Source, tuned: Source, *, top_k: int = DEFAULT_TOP_K, epsilon=DEFAULT_EPSILONS[0],
          vectors: str = "left", include: str | None = None, exclude: str | None = None,
          device: str = "auto", cache_dir: str | None = None, no_cache: bool = False,
          allow_nonfinite: bool = False, progress: bool = False) -> ScanResult:
@@ -328,7 +327,7 @@ def scan(base: Source, tuned: Source, *, top_k: int = DEFAULT_TOP_K, epsilon=0.5
 def _many(fn, mode, base, tuneds, top_k, epsilon, vectors, include, exclude, device, cache_dir,
           no_cache, allow_nonfinite, progress) -> TrackResult:
     config = _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cache,
-                     allow_nonfinite, COMPARE_EPSILONS)
+                     allow_nonfinite, DEFAULT_EPSILONS)
     if isinstance(tuneds, (str, os.PathLike)) or not isinstance(tuneds, (Sequence, Mapping)):
         raise InputError(f"{mode}: give a list (or a {{label: model}} dict) of checkpoints, got "
                          f"{type(tuneds).__name__}")
@@ -350,7 +349,7 @@ def _many(fn, mode, base, tuneds, top_k, epsilon, vectors, include, exclude, dev
     return _track_result(tr)
 
 
-def compare(base: Source, tuneds, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE_EPSILONS,
+def compare(base: Source, tuneds, *, top_k: int = DEFAULT_TOP_K, epsilon=DEFAULT_EPSILONS,
             vectors: str = "left", include: str | None = None, exclude: str | None = None,
             device: str = "auto", cache_dir: str | None = None, no_cache: bool = False,
             allow_nonfinite: bool = False, progress: bool = False) -> TrackResult:
@@ -367,7 +366,7 @@ def compare(base: Source, tuneds, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE
                  device, cache_dir, no_cache, allow_nonfinite, progress)
 
 
-def track(base: Source, steps, *, top_k: int = DEFAULT_TOP_K, epsilon=COMPARE_EPSILONS,
+def track(base: Source, steps, *, top_k: int = DEFAULT_TOP_K, epsilon=DEFAULT_EPSILONS,
           vectors: str = "left", include: str | None = None, exclude: str | None = None,
           device: str = "auto", cache_dir: str | None = None, no_cache: bool = False,
           allow_nonfinite: bool = False, progress: bool = False) -> TrackResult:
@@ -514,5 +513,5 @@ def verdict_line(result: ScanReport) -> str:
     return verdict_text(verdict_of(result))
 
 
-__all__ = ["COMPARE_EPSILONS", "ScanResult", "TrackResult", "compare", "evaluate",
+__all__ = ["ScanResult", "TrackResult", "compare", "evaluate",
            "load_report", "rescale", "scan", "track", "verdict_line"]

@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 
 from . import settings
+from .report.summary import summary
 from .types import ScanReport
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +69,6 @@ def heldout_text(data_dir: str, path: str, per_task: int = 150, seed: int = 0) -
 
 
 def counts_table(reports: Mapping[str, ScanReport]) -> list[str]:
-    from .scan import summary
 
     eps = sorted(SWEEP_EPS)
     head = "| fine-tune | " + " | ".join(f"eps {e:g}" for e in eps) + \
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     from .report.html import write_html
     from .report.schema import save_report
     from .report.table import scan_table
-    from .scan import run_scan, summary
+    from .scan import run_scan
     from .types import ScanConfig
 
     wikitext = os.path.join(args.data_dir, "wikitext-2-raw", "wiki.test.raw")

@@ -17,7 +17,7 @@ float32 from a float16 checkpoint sees exactly the weights of the written alpha 
 alpha = 1 copies the originals back bit for bit. Works on CPU, on one GPU, and on models sharded
 over several GPUs (each matrix is processed on the device that holds it).
 
-A PEFT adapter starts from its float64 merge (intruder.intervene.AdapterMerge, the merge the
+A PEFT adapter starts from its float64 merge (intruder.adapter_merge.AdapterMerge, the merge the
 writer uses): the model holds the merge rounded to its dtype, and the rounding residual is kept
 beside the originals, so every alpha is rescaled from the unrounded merge as `intruder scale`
 does. rescaled_copy keeps that residual in float64, which makes its result equal to the written
@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
+from .adapter_merge import AdapterMerge
 from .errors import InputError, IntruderError, ReportError
 from .intervene import (
     CHUNK_ELEMENTS,
-    AdapterMerge,
     Factors,
     LayerChange,
     LayerIntruders,
@@ -84,7 +84,7 @@ class InPlaceRescaler:
             room, else in host memory), "device", "cpu", or "none" (no copy: one set_alpha only,
             for a copy that stays rescaled, as rescaled_copy makes).
         exact: report layer name -> the tuned matrix before rounding to the stored dtype (a
-            PEFT adapter merged in float64: intruder.intervene.AdapterMerge.exact), or None. The
+            PEFT adapter merged in float64: intruder.adapter_merge.AdapterMerge.exact), or None. The
             intruders are then recomputed from it and each alpha starts from it, as
             `intruder scale` does when it writes the checkpoint; its difference from the loaded
             weights is kept in `residual_dtype` beside the originals (float64: exactly the

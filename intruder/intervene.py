@@ -10,9 +10,10 @@ checked against the singular values the scan recorded, and W' is written back in
 tensor's dtype. Every other tensor is copied as raw bytes, so alpha = 1 reproduces the input bit
 for bit. Several alphas are written in one pass: each tensor is read and decomposed once.
 
-A PEFT adapter input is written as a merged model (BASE with every LoRA delta merged,
-modules_to_save replacements applied, lora_bias added to the bias) before the intruders are
-rescaled; the output mirrors BASE's layout.
+A PEFT adapter input is written as a merged model (BASE with every LoRA delta merged in float64,
+modules_to_save replacements applied, lora_bias added to the bias: intruder.adapter_merge) before
+the intruders are rescaled; the output mirrors BASE's layout. Every rescaled matrix, written here
+or set in memory (intruder.inplace), is computed by rescale_rows.
 """
 
 from __future__ import annotations
@@ -28,24 +29,28 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
-from .errors import AdapterError, IntruderError, NonFiniteError, OutputError, ReportError
-from .io import open_checkpoint, pair_checkpoints, read_ref
-from .io.adapter import lora_bias_for, lora_info_for, merge_lora
+from .adapter_merge import (
+    Reader,
+    Source,
+    adapter_sources,
+    merged_bias,
+    merged_lora,
+    torch_dtype,
+)
+from .errors import IntruderError, OutputError, ReportError
+from .io import open_checkpoint, pair_checkpoints
 from .io.atomic import check_output
-from .io.checkpoint import Checkpoint
 from .io.identity import recorded_mismatch
-from .io.pairing import _align
-from .io.safetensors_file import DTYPES, SafetensorsFile
+from .io.safetensors_file import DTYPES
 from .io.writer import (
     CheckpointWriter,
     TensorSpec,
     identity_metadata,
     plan_like,
     plan_merged,
-    tensor_bytes,
 )
 from .spectral.decompose import top_spectrum
-from .types import LoraInfo, ScanReport, TensorRef
+from .types import ScanReport
 
 FORMULA = "W' = Wt + (alpha - 1) * sum_{j in I} sigma_j u_j v_j^T"
 CHUNK_ELEMENTS = 1 << 24  # float64 elements per row block of one rescaled matrix (128 MiB)
@@ -164,7 +169,7 @@ def refuse_overflowing_alphas(report: ScanReport, alphas: Sequence[float],
         s = sel.get(l.name)
         if s is None or l.dtype not in DTYPES:
             continue
-        dt = _torch_dtype(l.dtype)
+        dt = torch_dtype(l.dtype)
         for a in alphas:
             if overflow_alpha(s, float(a), dt):
                 raise IntruderError(f"--alpha {float(a):g}: the rescaled {l.name!r} exceeds the "
@@ -262,18 +267,6 @@ def rescale_matrix(wt: torch.Tensor, indices: Sequence[int], alpha: float, top_k
 # ---------------------------------------------------------------------------- checkpoint level
 
 
-@dataclass
-class Source:
-    """How one output tensor is produced."""
-
-    kind: str  # raw | lora | bias | replace
-    ref: TensorRef  # raw: the tensor; lora/bias: the base tensor; replace: the adapter's tensor
-    lora: LoraInfo | None = None
-    bias: TensorRef | None = None  # lora_B.bias (kind == bias)
-    scaling: float = 1.0
-    intruders: LayerIntruders | None = None
-
-
 def resolve_inputs(report: ScanReport, report_path: str | None = None,
                    base: str | None = None, tuned: str | None = None) -> tuple[str, str]:
     """BASE and TUNED paths: given ones, else the report's (relative to the working directory,
@@ -318,103 +311,6 @@ def _full_sources(base_ck, tuned_ck, report: ScanReport, sel: dict[str, LayerInt
     return sources, plan_like(tuned_ck)
 
 
-def adapter_sources(base_ck: Checkpoint, tuned_ck: Checkpoint, sel: dict[str, LayerIntruders]
-                    ) -> tuple[dict[str, Source], dict[str, TensorSpec], list[TensorSpec]]:
-    """Every BASE tensor, with the adapter's LoRA deltas, biases and replacements attached (the
-    merged model, tensor by tensor), plus the plan's overrides (replaced tensors) and extra
-    tensors (new modules, e.g. a classification head, added as they are)."""
-    ad = tuned_ck.adapter
-    if ad is None:
-        raise AdapterError(f"{tuned_ck.path}: not a PEFT adapter, so there is nothing to merge")
-    sources = {n: Source("raw", r) for n, r in base_ck.refs.items()}
-    overrides: dict[str, TensorSpec] = {}
-    extra: list[TensorSpec] = []
-    base_mods = [n[: -len(".weight")] for n in base_ck.refs if n.endswith(".weight")]
-    mod_map = _align(base_mods, list(ad.modules))  # base module -> adapter module
-    lost = sorted(set(ad.modules) - set(mod_map.values()))
-    if lost:
-        raise AdapterError(f"{ad.path}: LoRA module {lost[0]!r} (and {len(lost) - 1} more) matches "
-                           f"no tensor of {base_ck.path}; the merged model would not be the "
-                           f"fine-tuned one")
-    for bmod, amod in mod_map.items():
-        wname = bmod + ".weight"
-        info = lora_info_for(ad, amod, base_ck.refs[wname].shape)
-        assert info is not None  # amod is one of the adapter's modules
-        sources[wname] = Source("lora", base_ck.refs[wname], lora=info)
-        bias = lora_bias_for(ad, amod)
-        if bias is not None:
-            bname = bmod + ".bias"
-            if bname not in base_ck.refs:
-                raise AdapterError(f"{ad.path}: module {amod!r} has a lora_B bias but the base "
-                                   f"has no {bname!r} to add it to")
-            sources[bname] = Source("bias", base_ck.refs[bname], bias=bias, scaling=info.scaling)
-    rep_map = _align(list(base_ck.refs), list(ad.replacements))
-    for bname, rname in rep_map.items():
-        ref = ad.replacements[rname]
-        sources[bname] = Source("replace", ref)
-        overrides[bname] = TensorSpec(bname, ref.dtype, tuple(ref.shape))
-    for rname in sorted(set(ad.replacements) - set(rep_map.values())):
-        ref = ad.replacements[rname]
-        sources[rname] = Source("replace", ref)
-        extra.append(TensorSpec(rname, ref.dtype, tuple(ref.shape)))
-    for name, s in sel.items():
-        if name not in sources or sources[name].kind not in ("lora", "replace"):
-            raise ReportError(f"layer {name!r} of the scan report is not changed by the adapter "
-                              f"{ad.path}; the report belongs to another pair")
-        sources[name].intruders = s
-    return sources, overrides, extra
-
-
-class AdapterMerge:
-    """A PEFT adapter TUNED merged into BASE tensor by tensor, exactly as `scale_checkpoint`
-    writes it: LoRA deltas W0 + scaling * B A in float64 (DoRA included), lora_B biases added,
-    modules_to_save replacements applied. The writer, the in-memory sweep and intruder.rescale
-    all merge through it, so their alphas start from the same float64 matrices."""
-
-    def __init__(self, base_ck: Checkpoint, tuned_ck: Checkpoint,
-                 sel: dict[str, LayerIntruders]):
-        self.sources, self.overrides, self.extra = adapter_sources(base_ck, tuned_ck, sel)
-        self.checkpoints = (base_ck, tuned_ck)  # in-memory ones are registered while they live
-        self.reader = _Reader()
-
-    def changed(self) -> list[str]:
-        """Names of the tensors the merge computes (LoRA-changed weights, biases); replacements
-        are the adapter's own tensors."""
-        return [n for n, s in self.sources.items() if s.kind in ("lora", "bias")]
-
-    def exact(self, name: str) -> torch.Tensor | None:
-        """The float64 merged matrix of a LoRA-changed weight (before rounding to its dtype);
-        None for a tensor that is stored as it is (raw, replaced, a bias)."""
-        src = self.sources.get(name)
-        if src is None or src.kind != "lora":
-            return None
-        return _merged_lora(src, self.reader, name)
-
-    def stored(self, name: str) -> torch.Tensor:
-        """One tensor of the merged model as its checkpoint stores it (in its dtype)."""
-        src = self.sources[name]
-        dtype = _torch_dtype(src.ref.dtype)
-        if src.kind == "lora":
-            return _merged_lora(src, self.reader, name).to(dtype)
-        if src.kind == "bias":
-            return _merged_bias(src, self.reader, dtype)
-        return self.reader.read(src.ref)
-
-
-def _merged_lora(src: Source, reader: _Reader, name: str) -> torch.Tensor:
-    """W0 + scaling * B A of a LoRA source, float64, checked finite."""
-    assert src.lora is not None
-    return _check_finite(merge_lora(reader.read(src.ref), src.lora, reader.read), name)
-
-
-def _merged_bias(src: Source, reader: _Reader, dtype: torch.dtype) -> torch.Tensor:
-    """b0 + scaling * lora_B.bias, summed in float64, in `dtype`."""
-    assert src.bias is not None
-    b0 = reader.read(src.ref).to(torch.float64)  # (out,)
-    lb = reader.read(src.bias).to(torch.float64)  # (out,)
-    return (b0 + lb * src.scaling).to(dtype)
-
-
 def _utf8(path: str) -> str:
     """A path as valid Unicode for the safetensors header: the bytes of a non-UTF-8 file name
     (or of any non-ASCII name under LANG=C) shown escaped, \xe9."""
@@ -445,33 +341,6 @@ def provenance(report: ScanReport, alpha: float, changes: dict[str, tuple[int, .
     }
 
 
-class _Reader:
-    """Reads tensors (or their raw bytes) keeping one parsed header per checkpoint side."""
-
-    def __init__(self) -> None:
-        self.caches: dict[str, dict] = {}
-
-    def _cache(self, ref: TensorRef) -> dict:
-        return self.caches.setdefault(os.path.dirname(os.path.abspath(ref.path)), {})
-
-    def read(self, ref: TensorRef) -> torch.Tensor:
-        return read_ref(ref, self._cache(ref))
-
-    def raw(self, ref: TensorRef):
-        if not ref.path.endswith(".safetensors"):
-            return tensor_bytes(self.read(ref))
-        cache = self._cache(ref)
-        h = cache.get(ref.path)
-        if h is None:
-            cache.clear()
-            h = cache[ref.path] = SafetensorsFile(ref.path)
-        return h.raw_bytes(ref.name)
-
-
-def _torch_dtype(st_dtype: str):
-    return getattr(torch, DTYPES[st_dtype][1])
-
-
 def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Sequence[str], *,
                      report_path: str | None = None, base: str | None = None,
                      tuned: str | None = None, epsilon: float | None = None,
@@ -482,7 +351,7 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     an adapter TUNED gives merged model directories laid out like BASE. Nothing is written over
     an input; each output appears atomically and only when complete.
     """
-    from .spectral.engine import resolve_device
+    from .run.devices import resolve_device
 
     alphas = [float(a) for a in alphas]
     if len(alphas) != len(outputs) or not alphas:
@@ -524,7 +393,7 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
                   **provenance(report, a, intr_names, epsilon)) for a in alphas]
     changes: list[list[LayerChange]] = [[] for _ in alphas]
     warnings: list[str] = []
-    reader = _Reader()
+    reader = Reader()
     specs = list(plan.tensors())
     bar = _bar(len(specs), progress, len(alphas))
     with contextlib.ExitStack() as stack:
@@ -553,7 +422,7 @@ def _refuse_overflow(sources, plan, alphas) -> None:
         s = sources[spec.name].intruders
         if s is None:
             continue
-        dt = _torch_dtype(spec.dtype)
+        dt = torch_dtype(spec.dtype)
         for a in alphas:
             if overflow_alpha(s, a, dt):
                 raise IntruderError(f"--alpha {a:g}: the rescaled {spec.name!r} exceeds the "
@@ -575,22 +444,22 @@ def _index_extra(meta: dict[str, str]) -> dict[str, object]:
     return {"intruder": prov}
 
 
-def _produce(src: Source, spec: TensorSpec, alphas: Sequence[float], reader: _Reader,
+def _produce(src: Source, spec: TensorSpec, alphas: Sequence[float], reader: Reader,
              dev: torch.device, changes: list[list[LayerChange]], warnings: list[str]):
     """Yield the bytes (or tensor) of one output tensor for each alpha in turn; a generator, so
     only one alpha's rescaled copy exists at a time."""
-    out_dtype = _torch_dtype(spec.dtype)
+    out_dtype = torch_dtype(spec.dtype)
     if src.kind in ("raw", "replace") and src.intruders is None:
         raw = reader.raw(src.ref)
         yield from [raw] * len(alphas)
         return
     if src.kind == "bias":
-        merged = _merged_bias(src, reader, out_dtype)
+        merged = merged_bias(src, reader, out_dtype)
         yield from [merged] * len(alphas)
         return
     identity: torch.Tensor | None = None
     if src.kind == "lora":
-        wt = _merged_lora(src, reader, spec.name)  # float64, base layout
+        wt = merged_lora(src, reader, spec.name)  # float64, base layout
         identity = wt.to(out_dtype)
     else:  # raw or replace, with intruders: the stored tuned tensor
         wt = reader.read(src.ref)
@@ -619,12 +488,6 @@ def _produce(src: Source, spec: TensorSpec, alphas: Sequence[float], reader: _Re
         del data
 
 
-def _check_finite(w: torch.Tensor, name: str) -> torch.Tensor:
-    if not torch.isfinite(w).all():
-        raise NonFiniteError(f"merged tensor {name!r} contains NaN or Inf")
-    return w
-
-
 def _bar(total: int, enabled: bool, n_out: int):
     if not enabled or total == 0:
         return None
@@ -636,7 +499,7 @@ def _bar(total: int, enabled: bool, n_out: int):
                 desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
 
 
-__all__ = ["CHUNK_ELEMENTS", "FORMULA", "AdapterMerge", "Factors", "LayerChange", "LayerIntruders",
-           "ScaleResult", "adapter_sources", "intruder_factors", "overflow_alpha", "provenance",
+__all__ = ["CHUNK_ELEMENTS", "FORMULA", "Factors", "LayerChange", "LayerIntruders",
+           "ScaleResult", "intruder_factors", "overflow_alpha", "provenance",
            "refuse_overflowing_alphas", "rescale", "rescale_matrix", "rescale_rows",
            "resolve_inputs", "scale_checkpoint", "select_intruders"]

@@ -39,7 +39,8 @@ def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
     an adapter whose declared base (base_model_name_or_path) is used. strict_base: an adapter
     whose declared base is not BASE is an error, not a warning."""
     from .report.schema import SCHEMA_VERSION
-    from .spectral.engine import resolve_device, scan_pairs
+    from .run.devices import resolve_device
+    from .run.driver import scan_pairs
 
     config = config or ScanConfig()
     validate_config(config)
@@ -59,7 +60,7 @@ def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
                             f"({len(pairing.skipped)} paired tensors were filtered out; "
                             f"see --include / --exclude)")
     if base_cache is None and config.cache_dir:
-        from .spectral.cache import BaseCache
+        from .run.cache import BaseCache
 
         base_cache = BaseCache(config.cache_dir)
     handles: dict = {}  # parsed headers, one file at a time
@@ -152,51 +153,3 @@ def derivation_warnings(layers, config: ScanConfig):
                f"intruders, every top vector in {frac_layers:.0%} of matrices, and the median "
                f"relative change ||Wt-W0||_F/||W0||_F is {median_rel:.2f}; intruder counts are not "
                f"meaningful for unrelated models")
-
-
-def total_intruders(layers) -> int:
-    return sum(len(l.intruders) for l in layers)
-
-
-def layers_with_intruders(layers):
-    return [l for l in layers if l.intruders]
-
-
-def summary(report: ScanReport) -> dict:
-    """The report's summary block (also part of the JSON schema)."""
-    scanned = [l for l in report.layers if l.status == "scanned"]
-    counts = {}
-    for e in sorted(set(report.config.epsilons)):
-        counts[_eps_key(e)] = sum(dict(l.counts_by_epsilon).get(e, 0) for l in scanned)
-    mins = [min(l.max_cos) for l in scanned if l.max_cos]
-    energies = [l.intruder_energy for l in scanned]
-    return {
-        "layers_scanned": len(scanned),
-        "layers_unchanged": sum(1 for l in report.layers if l.status == "unchanged"),
-        "layers_nonfinite": sum(1 for l in report.layers if l.status == "nonfinite"),
-        "layers_with_intruders": len(layers_with_intruders(scanned)),
-        "total_intruders": total_intruders(scanned),
-        "in_cluster_intruders": sum(1 for l in scanned for i in l.intruders if i.in_cluster),
-        "counts_by_epsilon": counts,
-        "min_max_cos": min(mins) if mins else None,
-        "mean_intruder_energy": sum(energies) / len(energies) if energies else 0.0,
-        "margin": _margin_summary(report.layers, report.config.epsilon),
-        "provenance": _provenance(report).to_dict(),
-        "seconds": report.seconds,
-    }
-
-
-def _margin_summary(layers, epsilon):
-    from .spectral.margin import margin_summary
-
-    return margin_summary(layers, epsilon)
-
-
-def _provenance(report):
-    from .provenance import provenance
-
-    return provenance(report)
-
-
-def _eps_key(e: float) -> str:
-    return format(e, "g")

@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, cast
 
+from .adapter_merge import AdapterMerge
 from .errors import IntruderError
 from .inplace import InPlaceRescaler
-from .intervene import AdapterMerge, LayerChange, select_intruders
+from .intervene import LayerChange, select_intruders
 from .io import open_checkpoint
 from .types import EvalResult, ScanReport
 

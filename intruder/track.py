@@ -3,7 +3,7 @@
     run_track(base, [step1, step2, step3])     # sequential fine-tunes (each from the previous)
     run_compare(base, [ft_a, ft_b, adapter_c])  # independent fine-tunes of one base
 
-Both run on the scan's streaming pipeline (spectral/stream.py), layer-major: per matrix one group
+Both run on the scan's streaming pipeline (run/stream.py), layer-major: per matrix one group
 of the base and every checkpoint's tensor, read while the devices work on earlier groups; the
 base is copied and decomposed once (or taken from the base spectral cache) and every checkpoint
 is measured against it; torchrun splits the groups across processes. A track also measures each step
@@ -34,8 +34,9 @@ from . import __version__
 from .errors import IntruderError, NonFiniteError
 from .io import identity
 from .io.basecheck import chain_checks, warning_text
+from .report.summary import summary
 from .report.verdict import decide
-from .spectral.stream import Raw
+from .run.stream import Raw
 from .types import Analysis, CheckpointInfo, LayerResult, LoraInfo, ScanConfig, ScanReport, TensorRef
 
 PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
@@ -140,8 +141,8 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
          strict_base=False) -> TrackReport:
     from .io import open_checkpoint, pair_checkpoints
     from .report.schema import SCHEMA_VERSION
+    from .run.devices import resolve_device
     from .scan import derivation_warnings, validate_config
-    from .spectral.engine import resolve_device
 
     config = config or ScanConfig()
     validate_config(config)
@@ -160,7 +161,7 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
         raise IntruderError(f"no matrix of {base} is paired in every checkpoint "
                             f"({', '.join(checkpoints)}); see --include / --exclude")
     if base_cache is None and config.cache_dir:
-        from .spectral.cache import BaseCache
+        from .run.cache import BaseCache
 
         base_cache = BaseCache(config.cache_dir)
     labels = _labels(checkpoints)
@@ -214,7 +215,6 @@ def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
     cumulative update of step i carries up to i roundings of stored weights."""
     from .provenance import provenance
     from .report.verdict import to_dict as verdict_dict
-    from .scan import summary
 
     s = summary(e.vs_base)
     if mode == "track" and step > 1:
@@ -289,7 +289,7 @@ def _compare_streamed(names, pair_maps, config, progress, base_cache, vs_base) -
     sharing the base, read once and decomposed once (or taken from the cache) while the next
     groups are read; several CUDA streams and GPUs, and torchrun ranks, as in a scan."""
     from .io import read_ref
-    from .spectral.engine import scan_pairs
+    from .run.driver import scan_pairs
 
     handles: dict = {}
     groups = [tuple(pm[name] for pm in pair_maps) for name in names]
@@ -304,7 +304,7 @@ def _track_streamed(names, pair_maps, config, progress, base_cache, vs_base, vs_
     """Sequential fine-tunes on the scan's streaming pipeline: per matrix one group (the base and
     every step's tensor), run by _track_group on a device while the next groups are read."""
     from .io import read_ref
-    from .spectral.engine import scan_pairs
+    from .run.driver import scan_pairs
 
     handles: dict = {}
     groups = [tuple(pm[name] for pm in pair_maps) for name in names]
@@ -325,9 +325,10 @@ def _track_group(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
     the base (decomposed once, or from the cache) and against the step before, and intruders
     followed along. Returns per step (vs base, vs previous or None, Persistence or None)."""
     from .io.adapter import merge_lora
-    from .spectral import stream
+    from .run import stream
+    from .run.load import all_finite
     from .spectral.decompose import top_spectrum
-    from .spectral.engine import all_finite, analyse
+    from .spectral.engine import analyse
 
     p0 = raw.pair
     name, shape, dtype = p0.name, tuple(p0.base.shape), p0.base.dtype

@@ -16,7 +16,8 @@ TARGET = os.path.join(ROOT, "docs", "cli.md")
 HEADER = """# Command-line reference
 
 Generated from each command's `--help` by `scripts/gen_cli_docs.py`; a test fails when this file
-and the code disagree. Exit codes and environment settings are listed in the README.
+and the code disagree. Exit codes are listed in the README, environment settings in
+[settings.md](settings.md).
 """
 
 

@@ -103,6 +103,7 @@ def main() -> int:
     import intruder.cli  # noqa: F401
     import intruder.io.adapter  # noqa: F401
     import intruder.report.schema  # noqa: F401
+    import intruder.run.driver  # noqa: F401
     import intruder.scan  # noqa: F401
     import intruder.spectral.engine  # noqa: F401
 

@@ -16,17 +16,18 @@ import torch
 from click.testing import CliRunner
 from results_close import assert_layer_close, assert_scans_close
 
-import intruder.spectral.cache as C
+import intruder.run.cache as C
 from intruder.cli import cli
 from intruder.errors import IntruderError, NonFiniteError
-from intruder.spectral import multi
-from intruder.spectral.cache import BaseCache
+from intruder.run import devices, multi
+from intruder.run.cache import BaseCache
+from intruder.run.load import load_pair
+from intruder.run.stream import Pipeline
 from intruder.spectral.certify import certify_side
 from intruder.spectral.decompose import spectral_norm
-from intruder.spectral.engine import analyse, load_pair
+from intruder.spectral.engine import analyse
 from intruder.spectral.partial import eig_top, gram, gram_error
 from intruder.spectral.reference import reference_intruders
-from intruder.spectral.stream import Pipeline
 from intruder.types import ScanConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,7 +289,7 @@ def test_cache_damaged_entry_is_a_miss_and_is_rewritten(synth, tmp_path):
 def test_cache_entry_round_trip_in_blocks_and_garbage_vectors_are_a_miss(tmp_path, monkeypatch):
     """Entries are streamed in row blocks (here 1 KB): what comes back is bit-identical; an
     entry whose vectors are not unit columns (a torn or racy write) is refused, not trusted."""
-    import intruder.spectral.cache as C
+    import intruder.run.cache as C
     from intruder.spectral.partial import Eig
 
     monkeypatch.setattr(C, "WRITE_BLOCK", 1000)
@@ -344,10 +345,10 @@ def test_shard_covers_every_matrix_once_balanced():
 def test_resolve_devices_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    assert multi.resolve_devices("cpu") == [torch.device("cpu")]
-    assert multi.resolve_devices("auto") == [torch.device("cpu")]
+    assert devices.resolve_devices("cpu") == [torch.device("cpu")]
+    assert devices.resolve_devices("auto") == [torch.device("cpu")]
     with pytest.raises(IntruderError, match="CUDA is not available"):
-        multi.resolve_devices("cuda:0,1")
+        devices.resolve_devices("cuda:0,1")
 
 
 def test_torchrun_two_ranks_equal_one_process(synth, tmp_path):

@@ -21,7 +21,8 @@ from intruder.cli import cli
 from intruder.errors import CheckpointError
 from intruder.io import dequant, open_checkpoint, pair_checkpoints, read_ref
 from intruder.io.safetensors_file import DTYPES, PACKED_BITS, SafetensorsFile
-from intruder.scan import run_scan, summary
+from intruder.report.summary import summary
+from intruder.scan import run_scan
 from intruder.types import ScanConfig
 
 gguf = pytest.importorskip("gguf")
@@ -185,7 +186,7 @@ def test_fp8_layouts_decode_exactly(tmp_path):
         got = read_ref(ck.refs[n])
         assert got.dtype == torch.float32 and torch.equal(got, t), n
     # the scan pipeline's own reader decodes the same way
-    from intruder.spectral.stream import Reader
+    from intruder.run.stream import Reader
 
     r = Reader(False, read_ref)
     for n, t in want.items():
@@ -500,7 +501,7 @@ def test_bitsandbytes_4bit_decodes_like_bitsandbytes():
     with open(os.path.join(BNB, "bnb4.json")) as fh:
         golden = json.load(fh)
     ck = open_checkpoint(os.path.join(BNB, "bnb4.safetensors"))
-    from intruder.spectral.stream import Reader
+    from intruder.run.stream import Reader
 
     for name, g in golden.items():
         ref = ck.refs[name]

@@ -287,7 +287,7 @@ def adapter_env(work):
 @fuzz(600)
 @given(cfg=adapter_config())
 def test_adapter_config_refused_or_merged_faithfully(adapter_env, cfg):
-    from intruder.spectral.engine import load_pair
+    from intruder.run.load import load_pair
 
     base, d = adapter_env
     with open(os.path.join(d, "adapter_config.json"), "w") as fh:

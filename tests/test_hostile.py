@@ -387,7 +387,7 @@ if where == "write":
     import intruder.io.atomic as m
     m.os.fsync = pause  # the temporary file is written, not yet renamed
 else:
-    import intruder.spectral.engine as m
+    import intruder.run.driver as m
     real = m.scan_pairs
     def scan_pairs(*a, **k):  # midway through the scan: after the second layer's result
         for i, result in enumerate(real(*a, **k)):

@@ -149,7 +149,7 @@ def test_summary_table_json_and_gates(synth, tmp_path):
     --fail-on-margin / --fail-on-strength exit 4 exactly when their thresholds are crossed."""
     from intruder.cli import cli
     from intruder.report.schema import SCHEMA_VERSION, load_report
-    from intruder.scan import summary
+    from intruder.report.summary import summary
 
     out = tmp_path / "r.json"
     runner = CliRunner()

@@ -123,7 +123,8 @@ def test_declared_adapter_matches_the_spectrum(synth):
 
 def test_verdict_survives_the_json_report(synth, tmp_path):
     from intruder.report.schema import load_report, save_report
-    from intruder.scan import run_scan, summary
+    from intruder.report.summary import summary
+    from intruder.scan import run_scan
 
     rep = run_scan(synth["base_file"], synth["dense_file"])
     path = str(tmp_path / "r.json")

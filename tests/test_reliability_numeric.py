@@ -17,11 +17,11 @@ import torch
 from click.testing import CliRunner
 from results_close import assert_scans_close
 
-import intruder.spectral.cache as C
+import intruder.run.cache as C
 from intruder.cli import cli
 from intruder.io import open_checkpoint, read_ref
-from intruder.spectral import stream
-from intruder.spectral.cache import BaseCache, content_key
+from intruder.run import stream
+from intruder.run.cache import BaseCache, content_key
 from intruder.spectral.decompose import full_spectrum, spectral_norm, top_spectrum
 from intruder.spectral.engine import analyse
 from intruder.spectral.reference import reference_intruders

@@ -19,7 +19,8 @@ from intruder.cli import cli
 from intruder.errors import OutputError, ReportError
 from intruder.intervene import rescale_matrix, scale_checkpoint
 from intruder.io.safetensors_file import SafetensorsFile
-from intruder.scan import run_scan, summary
+from intruder.report.summary import summary
+from intruder.scan import run_scan
 from intruder.types import ScanConfig
 
 

@@ -10,7 +10,8 @@ import synthetic
 import torch
 
 from intruder.errors import CheckpointError, NonFiniteError, PairingError
-from intruder.scan import run_scan, summary
+from intruder.report.summary import summary
+from intruder.scan import run_scan
 from intruder.types import ScanConfig
 
 

@@ -85,7 +85,7 @@ def test_negative_readers_does_not_hang_the_library(synth):
 
 
 def test_pipeline_readers_and_streams_are_at_least_one(synth):
-    from intruder.spectral.stream import Pipeline
+    from intruder.run.stream import Pipeline
 
     pairs = list(pair_checkpoints(open_checkpoint(synth["base_file"]),
                                   open_checkpoint(synth["tuned_file"])).pairs)

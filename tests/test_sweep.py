@@ -74,6 +74,35 @@ def test_inplace_refuses_another_model(demo_pair):
         InPlaceRescaler(_load(base), report)
 
 
+def test_in_memory_and_written_rescaling_are_one_computation(demo_pair, tmp_path):
+    """A {name: tensor} dict in the stored dtype, rescaled in place, equals the written alpha
+    checkpoint bit for bit (the writer and the in-place rescaler run the same row blocks, so
+    no rounding can differ); keep="none" keeps no copy and sets one alpha only."""
+    from safetensors.torch import load_file
+
+    from intruder.errors import IntruderError
+    from intruder.inplace import rescaled_copy
+
+    base, tuned, report = demo_pair
+    out = str(tmp_path / "a")
+    scale_checkpoint(report, [0.25], [out], base=base, tuned=tuned, device="cpu")
+    written = load_file(os.path.join(out, "model.safetensors"))
+    stored = load_file(os.path.join(tuned, "model.safetensors"))
+    sd = {k: v.clone() for k, v in stored.items()}
+    r = InPlaceRescaler(sd, report, keep="none")
+    assert r.kept_bytes == 0
+    r.set_alpha(0.25)
+    assert set(sd) == set(written)
+    for k, v in written.items():
+        assert torch.equal(sd[k], v), k
+    with pytest.raises(IntruderError, match="one alpha only"):
+        r.set_alpha(0.5)
+    copy = rescaled_copy(stored, report, 0.25)  # intruder.rescale's path: the input untouched
+    assert all(torch.equal(copy[k], v) for k, v in written.items())
+    again = load_file(os.path.join(tuned, "model.safetensors"))
+    assert all(torch.equal(v, again[k]) for k, v in stored.items())
+
+
 # ------------------------------------------------------------------------------- the sweep
 
 WIKI = os.path.join(os.environ.get("INTRUDER_DATA_DIR") or os.path.join(os.path.dirname(ROOT),
@@ -156,17 +185,25 @@ def test_results_file_declares_format_and_one_axis_choice(demo_sweep):
     assert (table.x_metric, table.y_metric) == ("/".join(pre), "/".join(task))
 
 
-def test_worker_restores_every_weight_after_a_sweep(demo_pair, tmp_path):
-    """After a sweep over several alphas the model's every tensor is bit for bit the loaded one."""
-    from intruder.evaluate import load_model
+def _text_spec(demo_pair, tmp_path, text):
+    """A SweepSpec for the demo pair evaluated on one held-out text file."""
     from intruder.scale_sweep import _storage_dtypes
-    from intruder.sweep_exec import Job, SweepSpec, Worker
+    from intruder.sweep_exec import SweepSpec
 
     base, tuned, report = demo_pair
     p = tmp_path / "t.txt"
-    p.write_text("A short held-out text for the tiny model.\n" * 4)
-    spec = SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
+    p.write_text(text)
+    return SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
                      storage_dtypes=_storage_dtypes(report, tuned, None))
+
+
+def test_worker_restores_every_weight_after_a_sweep(demo_pair, tmp_path):
+    """After a sweep over several alphas the model's every tensor is bit for bit the loaded one."""
+    from intruder.evaluate import load_model
+    from intruder.sweep_exec import Job, Worker
+
+    tuned = demo_pair[1]
+    spec = _text_spec(demo_pair, tmp_path, "A short held-out text for the tiny model.\n" * 4)
     w = Worker(spec, "cpu")
     for a in (0.0, 0.25, 1.0, 2.0, 0.5):
         w.run(Job("alpha", a))
@@ -180,14 +217,10 @@ def test_worker_restores_every_weight_after_a_sweep(demo_pair, tmp_path):
 
 def test_two_worker_processes_match_one(demo_pair, tmp_path):
     """Alphas scheduled over 2 CPU worker processes give the one-worker results."""
-    from intruder.scale_sweep import _storage_dtypes
-    from intruder.sweep_exec import SweepSpec, assign, make_jobs, run_jobs
+    from intruder.sweep_exec import assign, make_jobs, run_jobs
 
-    base, tuned, report = demo_pair
-    p = tmp_path / "t.txt"
-    p.write_text("Held-out text: the tiny model scores every token of it.\n" * 6)
-    spec = SweepSpec(report=report, base_path=base, model_path=tuned, evals=(f"task:{p}",),
-                     storage_dtypes=_storage_dtypes(report, tuned, None))
+    spec = _text_spec(demo_pair, tmp_path,
+                      "Held-out text: the tiny model scores every token of it.\n" * 6)
     jobs = make_jobs([0.0, 0.5, 1.0])
     assert [[j.alpha for j in part] for part in assign(jobs, 2)] == [[None, 0.5], [0.0, 1.0]]
     one = run_jobs(spec, jobs, ["cpu"])

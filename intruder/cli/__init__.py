@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from types import FrameType
 
 import click
 
@@ -16,7 +17,7 @@ COMMAND_MODULES = ("scan_cmd", "layers_cmd", "scale_cmd", "eval_cmd", "report_cm
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="intruder")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-def cli(debug):
+def cli(debug: bool) -> None:
     """Spectral forensics for fine-tuned models: find and rescale intruder dimensions.
 
     \b
@@ -39,7 +40,7 @@ def cli(debug):
         click.echo(f"Error: {printable(str(exc))}", err=True)
         ctx.exit(exc.exit_code)
     if ctx.invoked_subcommand in ("scan", "compare", "track"):  # before torch is imported
-        from ..spectral.threads import set_thread_env
+        from ..run.threads import set_thread_env
 
         set_thread_env()
 
@@ -48,13 +49,13 @@ for _name in COMMAND_MODULES:  # each registers its command on `cli`
     importlib.import_module(f"{__name__}.{_name}")
 
 
-def _terminated(signum, frame):
+def _terminated(signum: int, frame: FrameType | None) -> None:
     from ..errors import Terminated
 
     raise Terminated()
 
 
-def main():
+def main() -> None:
     import signal
 
     try:  # SIGTERM unwinds like Ctrl-C: temporary outputs are removed (SIGKILL cannot be caught)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,12 +12,15 @@ from ..errors import OutputError
 from . import cli
 from .common import emit, handle_errors
 
+if TYPE_CHECKING:  # the cache imports torch: not at CLI start-up
+    from ..run.cache import BaseCache
+
 _DIR_HELP = ("Cache directory (default: $INTRUDER_CACHE_DIR, else $XDG_CACHE_HOME/intruder or "
              "~/.cache/intruder).")
 
 
 @cli.group("cache")
-def cache_group():
+def cache_group() -> None:
     """The base spectral cache: base decompositions kept between scans.
 
     `intruder scan` stores each base matrix's certified top singular vectors (or all of them,
@@ -32,8 +36,8 @@ def cache_group():
     """
 
 
-def _cache(cache_dir):
-    from ..spectral.cache import BaseCache, default_cache_dir
+def _cache(cache_dir: str | None) -> BaseCache:
+    from ..run.cache import BaseCache, default_cache_dir
 
     return BaseCache(cache_dir or default_cache_dir())
 
@@ -51,7 +55,7 @@ def _size(n: int) -> str:
 @click.option("--cache-dir", metavar="DIR", default=None, help=_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @handle_errors
-def cache_list(cache_dir, as_json):
+def cache_list(cache_dir: str | None, as_json: bool) -> None:
     """List cached base spectra: source tensor, shape, vectors kept, size, last use."""
     c = _cache(cache_dir)
     entries = c.entries()
@@ -82,7 +86,7 @@ def cache_list(cache_dir, as_json):
 @cache_group.command("clear")
 @click.option("--cache-dir", metavar="DIR", default=None, help=_DIR_HELP)
 @handle_errors
-def cache_clear(cache_dir):
+def cache_clear(cache_dir: str | None) -> None:
     """Remove every cached base spectrum (they are recomputed when needed)."""
     c = _cache(cache_dir)
     n, size, failed = c.clear()

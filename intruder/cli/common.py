@@ -8,11 +8,15 @@ import functools
 import math
 import os
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import click
 
 from .. import exitcodes
 from ..errors import IntruderError, OutputError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def echo_err(msg: str, quiet: bool = False) -> None:
@@ -21,11 +25,11 @@ def echo_err(msg: str, quiet: bool = False) -> None:
         click.echo(msg, err=True)
 
 
-def handle_errors(fn):
+def handle_errors(fn: F) -> F:
     """Turn library errors into one line on stderr and exit 1; --debug re-raises."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         debug = bool(ctx.find_root().params.get("debug"))
         try:
@@ -59,7 +63,7 @@ def handle_errors(fn):
                        f"behind", err=True)
             ctx.exit(exitcodes.ERROR)
 
-    return wrapper
+    return cast(F, wrapper)
 
 
 _OOM = ("can't allocate memory", "out of memory", "cannot allocate memory", "can't start new thread")
@@ -87,7 +91,7 @@ def terminal_safe(text: str) -> str:
                      for line in text.split("\n"))
 
 
-def float_list(value: str, what: str) -> tuple:
+def float_list(value: str, what: str) -> tuple[float, ...]:
     """Parse '0.3,0.5' into finite floats; a usage error names the option."""
     try:
         out = tuple(float(v) for v in str(value).split(",") if v.strip() != "")
@@ -106,7 +110,8 @@ class FiniteFloat(click.ParamType):
 
     name = "float"
 
-    def convert(self, value, param, ctx):
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
         if isinstance(value, float) and math.isfinite(value):
             return value
         try:

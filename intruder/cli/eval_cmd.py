@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 import click
 
 from .. import __version__
+from ..types import EvalResult
 from . import cli
 from .common import echo_err, emit, handle_errors
 from .hubopts import offline_option, resolve_model
+from .options import quiet_option
 
 _DEVICES = ("auto", "cpu", "cuda")
 
 
-def _device(ctx, param, value):
+def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
     v = (value or "auto").lower()
     if v in _DEVICES or (v.startswith("cuda:") and v[5:].isdigit()):
         return v
@@ -45,11 +49,12 @@ def _device(ctx, param, value):
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Tokens per window (default: the model's context length).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages on stderr.")
+@quiet_option
 @offline_option
 @handle_errors
-def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, max_length,
-             as_json, quiet):
+def eval_cmd(model: str, specs: tuple[str, ...], lm_eval_include: tuple[str, ...],
+             limit: int | None, model_config: str | None, device: str, dtype: str,
+             max_length: int | None, as_json: bool, quiet: bool) -> None:
     """Evaluate MODEL (HF directory, .safetensors file, or hub ID org/name[@revision]) on
     WikiText-2 and tasks.
 
@@ -83,7 +88,8 @@ def eval_cmd(model, specs, lm_eval_include, limit, model_config, device, dtype, 
         emit(format_table(results))
 
 
-def _json_doc(model, lm, limit, results) -> dict:
+def _json_doc(model: str, lm: Any, limit: int | None,
+              results: Sequence[EvalResult]) -> dict[str, Any]:
     rows = []
     for r in results:
         d = asdict(r)
@@ -106,7 +112,7 @@ def _noun(unit: str) -> str:
     return unit.split(";")[0].split("(")[0].split()[0] if unit.strip() else ""
 
 
-def format_table(results) -> str:
+def format_table(results: Sequence[EvalResult]) -> str:
     """Plain-text table: evaluator, metric, value, n (with its unit), protocol."""
     head = ("evaluator", "metric", "value", "n", "protocol")
     rows = [(r.evaluator, r.metric, _fmt(r.value), f"{r.n_units} {_noun(r.unit)}", r.protocol)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -16,7 +17,7 @@ from .hubopts import offline_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--all", "show_all", is_flag=True, help="List every tensor, not only scan targets.")
 @offline_option
-def layers_command(checkpoint, as_json, show_all):
+def layers_command(checkpoint: str, as_json: bool, show_all: bool) -> None:
     """List tensors of CHECKPOINT: name, shape, dtype, source file, LoRA rank/alpha.
 
     CHECKPOINT may be a Hugging Face model ID, org/name or org/name@revision.
@@ -27,11 +28,11 @@ def layers_command(checkpoint, as_json, show_all):
       intruder layers adapter-dir/ --json
       intruder layers org/name@main
     """
-    return _layers(checkpoint, as_json, show_all)
+    _layers(checkpoint, as_json, show_all)
 
 
 @handle_errors
-def _layers(checkpoint, as_json, show_all):
+def _layers(checkpoint: str, as_json: bool, show_all: bool) -> None:
     import os
 
     from ..io import open_checkpoint
@@ -41,12 +42,13 @@ def _layers(checkpoint, as_json, show_all):
 
     ck = open_checkpoint(checkpoint)
     rows = []
-    if ck.kind == "adapter":
-        ad = ck.adapter
+    ad = ck.adapter if ck.kind == "adapter" else None
+    if ad is not None:
         for mod, parts in sorted(ad.modules.items()):
             r, alpha = ad.rank_alpha(mod)
-            a = parts.get("lora_A") or parts.get("lora_embedding_A")
-            b = parts.get("lora_B") or parts.get("lora_embedding_B")
+            # both factors are present: the adapter loader refuses a module without one
+            a = parts.get("lora_A") or parts["lora_embedding_A"]
+            b = parts.get("lora_B") or parts["lora_embedding_B"]
             shape = [b.shape[0], a.shape[1]]
             kinds = "+".join(sorted(k for k in parts if k not in ("lora_A", "lora_B")))
             rows.append({"name": mod, "shape": shape, "dtype": a.dtype,
@@ -95,7 +97,7 @@ def _layers(checkpoint, as_json, show_all):
                f"{ck.kind} checkpoint with {len(ck.refs)} tensors{hub_note}", err=True)
 
 
-def _scanned(row) -> str:
+def _scanned(row: dict[str, Any]) -> str:
     if not row["scan_target"]:
         return "no"
     return "no (skipped: its dtype holds codes, not weights)" if row["unusable"] else "yes"

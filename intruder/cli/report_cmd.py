@@ -32,8 +32,9 @@ from .options import command_line
               help="How many of the most affected matrices get a similarity heatmap.")
 @click.option("-q", "--quiet", is_flag=True, help="No chatter on stderr.")
 @handle_errors
-def report_command(scan_json, output, scale_results, similarity, base_path, tuned_path,
-                   n_affected, quiet):
+def report_command(scan_json: str, output: str, scale_results: str | None,
+                   similarity: bool | None, base_path: str | None, tuned_path: str | None,
+                   n_affected: int, quiet: bool) -> None:
     """Write a self-contained HTML audit of SCAN_JSON (default: intruder-scan.json).
 
     One file with CSS, script and figures inline: it opens offline in any browser. It holds the
@@ -69,7 +70,7 @@ def report_command(scan_json, output, scale_results, similarity, base_path, tune
              f"figures; similarity heatmaps {info.similarity})", quiet)
 
 
-def _beside(path: str, scan_json: str):
+def _beside(path: str | None, scan_json: str) -> str | None:
     """`path` relative to the scan JSON's directory, when it is not found from here but is there."""
     if not path or os.path.isabs(path) or os.path.exists(path):
         return None

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import OutputError
 from ..io.targets import CONTAINER, DIR, FILE, Target, check_targets, create_dir, remove_dirs
+from ..types import ScanConfig, ScanReport
 from . import cli
 from .common import echo_err, emit, float_list, handle_errors, terminal_safe
 from .hubopts import offline_option, report_base_check, strict_base_option
 from .options import command_line, pop_scan_config, quiet_option, scan_options
+
+if TYPE_CHECKING:  # the sweep imports torch: not at CLI start-up
+    from ..scale_sweep import Sweep
 
 _SCAN_ONLY = ("top_k", "vectors", "include", "exclude", "cache_dir", "no_cache", "allow_nonfinite")
 SCAN_JSON = "intruder-scan.json"  # the scan report `scale BASE TUNED` saves under -o
@@ -75,9 +81,12 @@ SCAN_JSON = "intruder-scan.json"  # the scan report `scale BASE TUNED` saves und
 @offline_option
 @click.pass_context
 @handle_errors
-def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_eval_include,
-                  workers, shard, limit, model_config, dtype, max_length, force, as_json, html,
-                  quiet, strict_base, **scan_kw):
+def scale_command(ctx: click.Context, paths: tuple[str, ...], alpha: str, scan_path: str,
+                  out_dir: str, evals: tuple[str, ...], save_alpha: tuple[str, ...],
+                  lm_eval_include: tuple[str, ...], workers: int | None, shard: bool | None,
+                  limit: int | None, model_config: str | None, dtype: str,
+                  max_length: int | None, force: bool, as_json: bool, html: str | None,
+                  quiet: bool, strict_base: bool, **scan_kw: Any) -> None:
     """Rescale intruder dimensions: W' = Wt + (alpha - 1) * sum_j sigma_j u_j v_j^T.
 
     Without BASE TUNED the intruders, paths and settings come from the scan report
@@ -185,11 +194,12 @@ def scale_command(ctx, paths, alpha, scan_path, out_dir, evals, save_alpha, lm_e
         log(f"HTML audit written to {html}")
 
 
-def _save_alphas(values, alphas):
+def _save_alphas(values: tuple[str, ...],
+                 alphas: tuple[float, ...]) -> tuple[float, ...] | None:
     """--save-alpha values: None when not given, every alpha for 'all'."""
     if not values:
         return None
-    out = []
+    out: list[float] = []
     for v in values:
         if v.strip().lower() == "all":
             out.extend(alphas)
@@ -198,7 +208,8 @@ def _save_alphas(values, alphas):
     return tuple(out)
 
 
-def _check_scale_targets(out_dir, alphas, base, tuned, report_path, html, force) -> None:
+def _check_scale_targets(out_dir: str, alphas: Sequence[float], base: str | None, tuned: str,
+                         report_path: str | None, html: str | None, force: bool) -> None:
     """Every path this run writes, checked together before any scan or write."""
     from ..scale_sweep import PLOT_PNG, RESULTS_CSV, RESULTS_JSON, output_path
 
@@ -216,7 +227,9 @@ def _check_scale_targets(out_dir, alphas, base, tuned, report_path, html, force)
     check_targets(targets, [base, tuned, report_path])
 
 
-def _sweep(report, alphas, out_dir, report_path, base, tuned, epsilon, kw):
+def _sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, report_path: str,
+           base: str | None, tuned: str | None, epsilon: float | None,
+           kw: dict[str, Any]) -> Sweep | None:
     from ..scale_sweep import run_sweep
 
     return run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
@@ -229,7 +242,8 @@ def _given(ctx: click.Context, name: str) -> bool:
     return src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
-def _scan_first(paths, out_dir, config, quiet, log, strict_base=False):
+def _scan_first(paths: tuple[str, ...], out_dir: str, config: ScanConfig, quiet: bool,
+                log: Callable[[str], None], strict_base: bool = False) -> tuple[ScanReport, str]:
     """Scan BASE TUNED; the report is kept in memory and saved once the sweep is done."""
     from ..scan import run_scan
 

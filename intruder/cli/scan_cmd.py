@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import click
 
@@ -27,8 +29,10 @@ from .options import command_line, fail_options, pop_scan_config, quiet_option, 
 @strict_base_option
 @offline_option
 @handle_errors
-def scan_command(base, tuned, output, as_json, html, fail_on_intruders, fail_on_margin,
-                 fail_on_strength, quiet, strict_base, **scan_kw):
+def scan_command(base: str, tuned: str | None, output: str, as_json: bool, html: str | None,
+                 fail_on_intruders: bool, fail_on_margin: float | None,
+                 fail_on_strength: float | None, quiet: bool, strict_base: bool,
+                 **scan_kw: Any) -> None:
     """Find intruder dimensions of TUNED against BASE.
 
     BASE: a .safetensors file, a Hugging Face model directory (sharded or not) or a .bin/.pt
@@ -51,18 +55,18 @@ def scan_command(base, tuned, output, as_json, html, fail_on_intruders, fail_on_
     from ..scan import run_scan
 
     config = pop_scan_config(scan_kw)
+    base_path: str | None = base
     if tuned is None:  # one argument: an adapter, scanned against its declared base
-        import os
-
         if os.path.lexists(base) and not os.path.lexists(os.path.join(base, "adapter_config.json")):
             raise click.UsageError("missing TUNED: one argument alone must be a PEFT adapter "
                                    "(scanned against its declared base); give BASE and TUNED")
-        base, tuned = None, base
-    check_targets([Target(output, "-o"), Target(html, "--html") if html else None], [base, tuned])
-    report = run_scan(base, tuned, config, progress=not quiet and not as_json,
+        base_path, tuned = None, base
+    check_targets([Target(output, "-o"), *([Target(html, "--html")] if html else [])],
+                  [base_path, tuned])
+    report = run_scan(base_path, tuned, config, progress=not quiet and not as_json,
                       command=command_line(), strict_base=strict_base)
     report_base_check(report.tuned, quiet)
-    from ..spectral.multi import is_primary
+    from ..run.multi import is_primary
 
     if not is_primary():  # torchrun: rank 0 writes and prints the report
         return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -12,8 +14,10 @@ from .common import echo_err, emit, handle_errors, terminal_safe
 from .hubopts import offline_option, report_base_check, strict_base_option
 from .options import command_line, fail_options, pop_scan_config, quiet_option, scan_options
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def _common(fn):
+
+def _common(fn: F) -> F:
     """The scan settings, then what track and compare print and when they fail."""
     for o in reversed([
         scan_options,
@@ -35,7 +39,7 @@ def _common(fn):
 @_common
 @strict_base_option
 @offline_option
-def track_command(base, steps, output, **kw):
+def track_command(base: str, steps: tuple[str, ...], output: str, **kw: Any) -> None:
     """Follow intruders along sequential fine-tunes (continual learning).
 
     Each STEP is measured against BASE and against the step before it; intruders are followed
@@ -61,7 +65,7 @@ def track_command(base, steps, output, **kw):
 @_common
 @strict_base_option
 @offline_option
-def compare_command(base, finetunes, output, **kw):
+def compare_command(base: str, finetunes: tuple[str, ...], output: str, **kw: Any) -> None:
     """Compare many fine-tunes of one base side by side, with a provenance verdict each.
 
     The base is decomposed once. Each FT may be a model (file or directory) or a PEFT adapter
@@ -80,8 +84,10 @@ def compare_command(base, finetunes, output, **kw):
 
 
 @handle_errors
-def _run(mode, base, paths, output, as_json, html, fail_on_intruders, fail_on_margin,
-         fail_on_strength, quiet, strict_base=False, **scan_kw):
+def _run(mode: str, base: str, paths: tuple[str, ...], output: str, as_json: bool,
+         html: str | None, fail_on_intruders: bool, fail_on_margin: float | None,
+         fail_on_strength: float | None, quiet: bool, strict_base: bool = False,
+         **scan_kw: Any) -> None:
     from ..io.atomic import write_text
     from ..report.track_table import track_table
     from ..spectral.margin import fail_code
@@ -89,11 +95,11 @@ def _run(mode, base, paths, output, as_json, html, fail_on_intruders, fail_on_ma
 
     config = pop_scan_config(scan_kw)
     inputs = [base, *paths]
-    check_targets([Target(output, "-o"), Target(html, "--html") if html else None], inputs)
+    check_targets([Target(output, "-o"), *([Target(html, "--html")] if html else [])], inputs)
     runner = run_track if mode == "track" else run_compare
     tr = runner(base, list(paths), config, progress=not quiet and not as_json,
                 command=command_line(), strict_base=strict_base)
-    from ..spectral.multi import is_primary
+    from ..run.multi import is_primary
 
     if not is_primary():  # torchrun: rank 0 writes and prints the document
         return

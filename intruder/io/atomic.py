@@ -92,16 +92,22 @@ def atomic_dir(path: str) -> Iterator[str]:
         yield tmp
         _ordinary_mode(tmp, is_dir=True)
         _refuse_special(path, want_dir=True)
-        if os.path.isdir(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_into_place(src: str, dst: str) -> None:
+    """Rename `src` to `dst`; a directory replacing a directory sets the old one aside first
+    (removed once the new one is in place), since a rename cannot replace a non-empty folder."""
+    if os.path.isdir(src) and os.path.isdir(dst):
+        old = src + ".old"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
 
 
 def staging_path(path: str) -> str:
@@ -120,13 +126,7 @@ def commit_staged(pairs: Iterable[tuple]) -> None:
     (kept aside until the new one is in place)."""
     for staged, final in pairs:
         _refuse_special(final, want_dir=os.path.isdir(staged))
-        if os.path.isdir(staged) and os.path.isdir(final):
-            old = staged + ".old"
-            os.replace(final, old)
-            os.replace(staged, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staged, final)
+        _move_into_place(staged, final)
 
 
 def discard_staged(paths: Iterable[str]) -> None:

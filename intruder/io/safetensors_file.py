@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
@@ -345,37 +346,33 @@ class SafetensorsFile:
         if nbytes == 0:
             return out
         flat = out.reshape(-1).view(torch.uint8).numpy()  # (nbytes,) aliasing `out`
-        fh, st = open_regular(self.path)
-        try:
-            self.check_unchanged(st)
-        except CheckpointError:
-            fh.close()
-            raise
-        try:
-            with fh:
-                fh.seek(e.start)
-                got = fh.readinto(flat.data)  # memoryview of `flat`
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})") from exc
-        if got != nbytes:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: file ended early (truncated?)")
+        with self._at_tensor(name) as fh:
+            got = fh.readinto(flat.data)  # memoryview of `flat`
+        self._check_length(name, got, nbytes)
         return out
 
     def raw_bytes(self, name: str) -> bytes:
         """The exact stored bytes of a tensor (for bit-identical copies)."""
         e = self.entries[name]
-        fh, st = open_regular(self.path)
-        try:
-            self.check_unchanged(st)
-        except CheckpointError:
-            fh.close()
-            raise
-        try:
-            with fh:
-                fh.seek(e.start)
-                data = fh.read(e.end - e.start)
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: read failed ({exc.strerror})") from exc
-        if len(data) != e.end - e.start:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: file ended early (truncated?)")
+        with self._at_tensor(name) as fh:
+            data = fh.read(e.end - e.start)
+        self._check_length(name, len(data), e.end - e.start)
         return data
+
+    @contextlib.contextmanager
+    def _at_tensor(self, name: str) -> Iterator[io.BufferedReader]:
+        """The file, checked to be the parsed one and positioned at tensor `name`'s first byte;
+        an OSError while reading in the block becomes a CheckpointError naming the tensor."""
+        fh, st = open_regular(self.path)
+        with fh:
+            self.check_unchanged(st)
+            try:
+                fh.seek(self.entries[name].start)
+                yield fh
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: read failed "
+                                      f"({exc.strerror})") from exc
+
+    def _check_length(self, name: str, got: int | None, want: int) -> None:
+        if got != want:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: file ended early (truncated?)")

@@ -28,6 +28,7 @@ from .. import __version__
 from ..errors import IntruderError, OutputError, ReportError
 from ..types import ScanReport, Verdict
 from . import views
+from .summary import summary
 from .verdict import verdict_of
 
 AUTO_MAX_DIM = 2048  # auto similarity: skip matrices whose short side is larger (CPU time)
@@ -127,8 +128,6 @@ class _Figures:
 
 
 def _header(report: ScanReport, v: Verdict) -> str:
-    from ..scan import summary
-
     s = summary(report)
     title = f"Intruder audit: {os.path.basename(report.tuned.path.rstrip('/')) or report.tuned.path}"
     mm = s["min_max_cos"]

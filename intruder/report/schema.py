@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ReportError
 from ..types import CheckpointInfo, Intruder, LayerResult, Margin, ScanConfig, ScanReport, UpdateShape
+from .summary import summary
 from .validate import validate_report
 from .verdict import from_dict as verdict_from_dict
 from .verdict import to_dict as verdict_to_dict
@@ -280,8 +281,6 @@ def _layer_measures_from(l: dict[str, Any]) -> dict[str, Any]:
 
 def to_dict(report: ScanReport) -> dict[str, Any]:
     """The report as plain JSON-ready data."""
-    from ..scan import summary
-
     c = report.config
     layers = []
     for l in report.layers:

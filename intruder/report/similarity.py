@@ -47,8 +47,8 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: int |
 
     from ..io import open_checkpoint, pair_checkpoints, read_ref
     from ..io.identity import recorded_mismatch
+    from ..run.load import load_pair
     from ..spectral.decompose import top_spectrum
-    from ..spectral.engine import load_pair
 
     cfg = report.config
     k = cfg.top_k

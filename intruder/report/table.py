@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..types import ScanReport
+from .summary import summary
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
@@ -94,8 +95,6 @@ def storage_lines(report: ScanReport) -> list[str]:
 
 def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     """Layers with intruders, then totals, counts per epsilon and the time taken."""
-    from ..scan import summary
-
     s = summary(report)
     c = report.config
     eps = c.epsilon

@@ -1,26 +1,25 @@
-"""The scan engine: decompose each pair on its device, match, summarise.
+"""Algorithm 1 on one matrix pair: decompose, match, certify, summarise.
 
-`analyse` runs Algorithm 1 on one pair: the base's top eigenpairs (certified, or all of them),
-the tuned top-k (certified, warm-started from the base's), the matching, and a proof that the
-kept base vectors give the same answer as all of them (certify.py), widening or completing the
-base when they might not. `scan_pairs` streams a whole checkpoint through it (stream.py: parallel
-readers, CUDA streams, several GPUs; multi.py: torchrun).
+`analyse` runs it on one pair already on its device: the base's top eigenpairs (certified, or
+all of them), the tuned top-k (certified, warm-started from the base's), the matching, and a
+proof that the kept base vectors give the same answer as all of them (certify.py), widening or
+completing the base when they might not. Streaming a whole checkpoint through it (readers,
+devices, threads, torchrun, the base cache) is the runtime's job: intruder/run/.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any, Callable, TypeVar, overload
+from dataclasses import replace
 
 import torch
 
 from .. import settings
-from ..errors import IntruderError, NonFiniteError
-from ..types import Analysis, Intruder, LayerPair, LayerResult, ScanConfig
+from ..types import Analysis, Intruder, ScanConfig
+from . import slices
 from .certify import TAIL, certify_side, kept_bounds, slice_decisions
 from .decompose import Spectrum, spectrum_of
+from .margin import margin_measures, update_spectrum
 from .match import Match, counts_by_epsilon, match_vectors
 from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
 from .scaling import analyse_scaled
@@ -32,73 +31,6 @@ BASE_R0 = 32  # base eigenpairs kept at first; doubled while the certificate ask
 # Gram sizes from this up may prove intruders by spectral slices (slices.py) instead of the
 # complete base; below it the complete float64 eigh is as cheap
 SLICE_MIN_DIM = 768
-_R = TypeVar("_R")  # what a scan_pairs group function returns per item
-
-
-@dataclass
-class Loaded:
-    """A pair read from disk: base and tuned matrices on the CPU (None when unchanged)."""
-
-    pair: LayerPair
-    w0: torch.Tensor | None  # (m, n) stored dtype
-    wt: torch.Tensor | None  # (m, n) stored dtype, or float64 for merged LoRA
-    status: str  # scanned | unchanged | nonfinite
-    dtype: str
-
-
-def resolve_device(spec: str) -> torch.device:
-    """auto -> first CUDA device if present, else CPU."""
-    if spec in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise IntruderError(f"--device {spec!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise IntruderError(f"--device {spec}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise IntruderError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise IntruderError(f"--device {spec}: only cpu and cuda are supported")
-    return dev
-
-
-def load_pair(pair: LayerPair, read: Callable, allow_nonfinite: bool) -> Loaded:
-    """Read base and tuned tensors of one pair; merge LoRA factors; detect unchanged / non-finite."""
-    from ..io.adapter import merge_lora
-
-    w0 = read(pair.base)
-    if not all_finite(w0):
-        if not allow_nonfinite:
-            raise NonFiniteError(f"base tensor {pair.name!r} in {pair.base.path} contains NaN or "
-                                 f"Inf (use --allow-nonfinite to skip such layers)")
-        return Loaded(pair, None, None, "nonfinite", pair.base.dtype)
-    if pair.lora is not None:
-        wt = merge_lora(w0, pair.lora, read)
-    elif pair.tuned == pair.base:
-        return Loaded(pair, None, None, "unchanged", pair.base.dtype)
-    else:
-        wt = read(pair.tuned)
-    if not all_finite(wt):
-        if not allow_nonfinite:
-            raise NonFiniteError(f"tuned tensor {pair.name!r} in {pair.tuned_path} contains NaN or Inf "
-                                 f"(use --allow-nonfinite to skip such layers)")
-        return Loaded(pair, None, None, "nonfinite", pair.base.dtype)
-    if wt.dtype == w0.dtype and torch.equal(wt, w0):
-        return Loaded(pair, None, None, "unchanged", pair.base.dtype)
-    return Loaded(pair, w0, wt, "scanned", pair.base.dtype)
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in t: one float64 sum (NaN and Inf propagate through it); only a sum that
-    is not finite, which also overflow of huge finite float64 values gives, is checked again
-    element by element."""
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def exact_dim(device) -> int:
@@ -189,7 +121,7 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
     base spectrum): the analysis (Analysis.layer makes the LayerResult) and the base spectrum (an
     Eig, what the base cache stores), which can be passed back as base_spec for the same base.
     scratch: a dict kept across calls with the same base (a fleet), for base-only work.
-    noise: rms rounding error quantized storage put into Wt - W0 (stream.storage_noise).
+    noise: rms rounding error quantized storage put into Wt - W0 (run/stream.py: storage_noise).
     Float64 weights whose squares leave float64's range are scanned scaled by an exact power
     of two (scaling.py)."""
     return analyse_scaled(_analyse, w0, wt, config, name, base_spec, scratch, noise)
@@ -268,8 +200,6 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
             in_cluster=in_cluster, max_cos_bound=bool(bound[j]) if bound is not None else False))
     energy = float(sig_t[flags].square().sum()) / energy_total if energy_total > 0 else 0.0
     sig_k = float(b.sigma[k - 1]) if b.sigma.numel() >= k else float("nan")
-    from .margin import margin_measures, update_spectrum  # margin + update-shape measures
-
     d = wt - w0  # (m, n)
     update = update_spectrum(d)  # dW's singular values, once: ||dW||_2 here, its shape in margin
     dnorm = update[2]
@@ -324,8 +254,6 @@ def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: dict | Non
             grams: _Grams | None = None):
     """Spectral-slice certificate for the matched side: (value (k,) CPU, bound (k,) bool) when
     every decision at every epsilon is proved without the complete base, else None."""
-    from .slices import inverse_gram, leftout_bound
-
     side = "left" if left else "right"
     tv, terr = (t.u, t.err_u) if left else (t.v, t.err_v)
     bv, berr = (b.u, b.err_u) if left else (b.v, b.err_v)
@@ -333,102 +261,16 @@ def _slices(w0, be: Eig, t, b, left: bool, k: int, epsilons, scratch: dict | Non
     if scratch is not None:  # the base's inverse Gram, once per base in a fleet
         key = ("inverse_gram", be.side)
         if key not in scratch:
-            scratch[key] = inverse_gram(w0, be.side, g=grams("base") if grams else None)
+            scratch[key] = slices.inverse_gram(w0, be.side, g=grams("base") if grams else None)
         inv = scratch[key]
         if inv is None:
             return None
     elif grams is not None:
-        inv = inverse_gram(w0, be.side, g=grams("base"))
+        inv = slices.inverse_gram(w0, be.side, g=grams("base"))
         if inv is None:
             return None
-    out = leftout_bound(w0, be, tv[:, :k], terr, side, inv=inv)
+    out = slices.leftout_bound(w0, be, tv[:, :k], terr, side, inv=inv)
     if out is None:
         return None
     best, e, _, _ = kept_bounds(tv, terr, bv, berr, k)
     return slice_decisions(best, e, out, epsilons)
-
-
-@overload
-def scan_pairs(pairs: Iterable[LayerPair], read: Callable, config: ScanConfig,
-               progress: bool = False, base_cache=None,
-               group_fn: None = None) -> Iterator[LayerResult]: ...
-
-
-@overload
-def scan_pairs(pairs: Iterable[tuple[LayerPair, ...]], read: Callable, config: ScanConfig,
-               progress: bool = False, base_cache=None,
-               group_fn: None = None) -> Iterator[tuple[LayerResult, ...]]: ...
-
-
-@overload
-def scan_pairs(pairs: Iterable[tuple[LayerPair, ...]], read: Callable, config: ScanConfig,
-               progress: bool = False, base_cache=None, *,
-               group_fn: Callable[..., _R]) -> Iterator[_R]: ...
-
-
-def scan_pairs(pairs: Iterable[LayerPair | tuple[LayerPair, ...]], read: Callable,
-               config: ScanConfig, progress: bool = False, base_cache=None,
-               group_fn: Callable | None = None) -> Iterator[Any]:
-    """Yield one LayerResult per pair, in order: parallel reads ahead of the devices, several
-    CUDA streams per GPU, every visible GPU (intruder/spectral/stream.py, multi.py). Under
-    torchrun each rank scans a share and every rank yields all results. Read-ahead is bounded in
-    bytes (INTRUDER_HOST_BUDGET_MB). An item may be a tuple of pairs that share one base (a
-    fleet of fine-tunes): the base is read and decomposed once, and a tuple of LayerResults
-    comes back for it. group_fn: what runs per item on its device instead of stream.compute
-    (same arguments; track.py's sequential steps)."""
-    from . import multi
-    from .stream import Pipeline
-
-    items = list(pairs)
-    ctx = multi.dist_context()
-    if ctx is None:
-        devices = multi.resolve_devices(config.device)
-        bar = _bar(len(items), progress)
-        try:
-            for res in Pipeline(items, read, config, devices, base_cache, group_fn=group_fn):
-                if bar is not None:
-                    bar.update(1)
-                yield res
-        finally:
-            if bar is not None:
-                bar.close()
-            if base_cache is not None:
-                base_cache.flush()
-        return
-    rank, world, local = ctx
-    multi.init_group()
-    devices = multi.rank_devices(config.device, local)
-    mine = multi.shard([tuple((p[0] if isinstance(p, tuple) else p).base.shape) for p in items],
-                       world)[rank]
-    bar = _bar(len(mine), progress and rank == 0)
-    local_out = []
-    try:
-        for i, res in zip(mine, Pipeline([items[i] for i in mine], read, config, devices,
-                                         base_cache, group_fn=group_fn)):
-            local_out.append((i, res))
-            if bar is not None:
-                bar.update(1)
-    except IntruderError as exc:  # every rank must reach the gather; raised below, in order
-        local_out.append((mine[len(local_out)], exc))
-    finally:
-        if bar is not None:
-            bar.close()
-        if base_cache is not None:
-            base_cache.flush()
-    merged = dict(multi.all_gather(local_out, world))
-    multi.done_group()
-    for i in range(len(items)):
-        if i not in merged:  # a rank stopped at an earlier error
-            continue
-        res = merged[i]
-        if isinstance(res, BaseException):
-            raise res
-        yield res
-
-
-def _bar(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="matrix", desc="scanning", leave=False, dynamic_ncols=True)

@@ -32,8 +32,14 @@ import torch
 
 from .. import settings
 from ..errors import CheckpointError, IntruderError, NonFiniteError
+from ..io.adapter import merge_lora
+from ..io.dequant import decode, decoded_nbytes, noise_rms
+from ..io.safetensors_file import DTYPES, SafetensorsFile, open_regular, torch_dtype
+from ..spectral.engine import analyse
+from ..spectral.partial import Eig
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
 from .cache import content_key  # noqa: F401  (the cache's key, also used from here)
+from .load import all_finite
 from .threads import OneThreadEach, cpu_workers, usable_cpus
 
 # bytes of tensors read ahead of the devices (measured on the 7B pair, one H200: 256 MiB and
@@ -97,10 +103,8 @@ class _Budget:
 
 
 def _nbytes(ref: TensorRef) -> int:
-    from ..io.safetensors_file import DTYPES
 
     if ref.storage is not None:  # decoded to float32 (GGUF F16/BF16 stay 2 bytes: over-counted)
-        from ..io.dequant import decoded_nbytes
 
         return decoded_nbytes(ref)
     n = DTYPES.get(ref.dtype, (8,))[0]
@@ -129,7 +133,6 @@ class Reader:
         self.lock = threading.Lock()
 
     def _header(self, path: str):
-        from ..io.safetensors_file import SafetensorsFile
 
         with self.lock:
             sf = self.headers.get(path)
@@ -145,7 +148,6 @@ class Reader:
                 t = self.fallback(ref)
             return t.pin_memory() if self.pinned and t.numel() else t
         if ref.storage is not None:  # quantized / scaled: decoded to float here (io/dequant.py)
-            from ..io.dequant import decode
 
             t = decode(ref, lambda r: self._stored(r, raw=True), self._stored)
             return t.pin_memory() if self.pinned and t.numel() else t
@@ -153,7 +155,6 @@ class Reader:
 
     def _stored(self, ref: TensorRef, raw: bool = False, pinned: bool = False) -> torch.Tensor:
         """A tensor as stored (its dtype and shape), or its bytes as flat uint8 with raw."""
-        from ..io.safetensors_file import open_regular, torch_dtype
 
         sf = self._header(ref.path)
         e = sf.entries.get(ref.name)
@@ -232,7 +233,6 @@ def storage_noise(p: LayerPair, w0: torch.Tensor, wt: torch.Tensor, read: Callab
     quantized. A LoRA merged onto a quantized base carries none: both sides share its rounding."""
     if p.base.storage is None and (p.tuned is None or p.tuned.storage is None):
         return None
-    from ..io.dequant import noise_rms
 
     both = (noise_rms(p.base, w0, read), noise_rms(p.tuned, wt, read) if p.tuned is not None else None)
     parts = [x for x in both if x is not None]
@@ -249,7 +249,6 @@ def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool) -> Prepared:
 
 def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> torch.Tensor | None:
     """The base on the device, None when it is not finite (and that is allowed)."""
-    from .engine import all_finite
 
     p = raw.pair
     assert raw.w0 is not None, "read_pair reads the base"
@@ -264,8 +263,6 @@ def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> torch.Tens
 
 def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: bool) -> Prepared:
     """The tuned tensor on the device (LoRA merged onto w0) with its checks: (status, w0, wt)."""
-    from ..io.adapter import merge_lora
-    from .engine import all_finite
 
     p = raw.pair
     nb = device.type == "cuda"
@@ -291,7 +288,6 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
             on_copied: Callable | None = None):
     """Checks, analysis and cache update of one pair on `device` (current stream): a
     LayerResult, or a tuple of them (one per pair) for a group."""
-    from . import engine
 
     p = raw.pair
     rows, cols = p.base.shape  # pairs are matrices (io/pairing.py)
@@ -315,8 +311,8 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
             continue
         assert w0 is not None and wt is not None  # both on the device when "scanned"
         t1 = time.perf_counter()
-        found, spec = engine.analyse(w0, wt, config, m.pair.name, base_spec=spec,
-                                     scratch=scratch, noise=m.noise)
+        found, spec = analyse(w0, wt, config, m.pair.name, base_spec=spec,
+                              scratch=scratch, noise=m.noise)
         out.append(found.layer(m.pair.name, shape, p.base.dtype,
                                seconds=time.perf_counter() - (t0 if not out else t1)))
     if device.type == "cuda":  # results complete: the cache writer may read `spec` from any stream
@@ -328,7 +324,6 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
 
 def _grew(cached, used) -> bool:
     """Store a base spectrum the cache lacks or one that holds more than the cached one."""
-    from .partial import Eig
 
     if not isinstance(used, Eig):
         return False

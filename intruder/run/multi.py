@@ -18,28 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import IntruderError
-
-
-def resolve_devices(spec: str | None) -> list[torch.device]:
-    """auto / cuda -> every visible CUDA device (else the CPU for auto); cuda:N -> that one;
-    cuda:0,1 -> those; cpu -> the CPU."""
-    from .engine import resolve_device
-
-    spec = (spec or "auto").strip()
-    if spec in ("auto", "cuda"):
-        if torch.cuda.is_available():
-            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-        return [resolve_device(spec)]
-    if spec.startswith("cuda:") and "," in spec:
-        out = []
-        for part in spec[len("cuda:"):].split(","):
-            part = part.strip()
-            if not part.isdigit():
-                raise IntruderError(f"--device {spec!r}: expected cuda:N or cuda:N,M,...")
-            out.append(resolve_device(f"cuda:{part}"))
-        return out
-    return [resolve_device(spec)]
+from .devices import resolve_devices
 
 
 def dist_context() -> tuple[int, int, int] | None:

@@ -37,6 +37,9 @@ import torch
 
 from .. import settings
 from ..errors import OutputError
+from ..io.atomic import atomic_file
+from ..io.writer import SafetensorsStreamWriter, TensorSpec, tensor_bytes
+from ..spectral.partial import Eig
 from ..types import TensorRef
 
 FORMAT = "intruder-base-spectrum"
@@ -82,7 +85,6 @@ def _doc_digest(doc: dict) -> str:
 def _write_atomic(path: str, fill) -> None:
     """Temporary sibling + rename (io.atomic): readers see the old file or the whole new one,
     never a part. fill(fh) writes the content. No fsync: a torn entry is a miss, not an error."""
-    from ..io.atomic import atomic_file
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_file(path, "wb", durable=False) as fh:
@@ -96,7 +98,6 @@ def _stream_entry(fh, tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
     """One safetensors file, written to fh, from float64 tensors on any device, copied to the
     host in row blocks of at most WRITE_BLOCK bytes; the checksum of the metadata and of every
     block written goes last (tensor CHECKSUM)."""
-    from ..io.writer import SafetensorsStreamWriter, TensorSpec, tensor_bytes
 
     names = [n for n in TENSORS if n in tensors]
     specs = [TensorSpec(name, "F64", tuple(tensors[name].shape)) for name in names]
@@ -121,7 +122,6 @@ def _stream_entry(fh, tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
 
 def _verify_entry(meta: dict[str, str], t: dict[str, torch.Tensor]) -> None:
     """Raise ValueError unless the entry's checksum matches its metadata and tensors."""
-    from ..io.writer import tensor_bytes
 
     extra = set(t) - set(TENSORS) - {CHECKSUM}
     if extra or CHECKSUM not in t:
@@ -260,7 +260,6 @@ class BaseCache:
         """The cached base spectrum (CPU) for a content key, or None."""
         from safetensors import safe_open
 
-        from .partial import Eig
 
         path = self._entry_path(key)
         if not os.path.exists(path):
