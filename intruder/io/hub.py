@@ -12,7 +12,6 @@ Gated, missing and not-cached-while-offline repositories give one line (Checkpoi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
+from .jsonfile import read_json
 
 DEFAULT_REVISION = "main"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -378,11 +378,8 @@ def select_files(names: Sequence[str]) -> tuple[list[str], Callable[[str], list[
 
 
 def _shards(snap: str, index: str) -> list[str]:
-    try:
-        with open(os.path.join(snap, index), encoding="utf-8") as fh:
-            wm = json.load(fh).get("weight_map")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{os.path.join(snap, index)}: unreadable index ({exc})") from exc
+    doc = read_json(os.path.join(snap, index), CheckpointError, "checkpoint index")
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict):
         raise CheckpointError(f"{os.path.join(snap, index)}: no 'weight_map' object")
     out = sorted({v for v in wm.values() if isinstance(v, str)})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ..errors import CheckpointError, IntruderError
-from .safetensors_file import DuplicateKeyError, open_regular
+from .safetensors_file import DuplicateKeyError, no_duplicate_keys, open_regular
 
 MAX_JSON = 64 * 1024 * 1024  # an index or a config is kilobytes; refuse memory bombs
 # scan reports, scale results, task files: megabytes in practice (a 70B-parameter scan at
@@ -21,15 +21,6 @@ MAX_NUMBER_CHARS = 400  # longer literals are not numbers anyone wrote by hand o
 
 class _Invalid(ValueError):
     """A document that parses as JSON but holds what the tool refuses; the text is the reason."""
-
-
-def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise DuplicateKeyError(k)
-        out[k] = v
-    return out
 
 
 def _parse_int(text: str) -> int:
@@ -70,7 +61,7 @@ def _depth(doc) -> int:
 def loads(text: str) -> object:
     """Parse one JSON document strictly. Raises DuplicateKeyError, _Invalid (with the reason),
     json.JSONDecodeError or RecursionError."""
-    doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_parse_int,
+    doc = json.loads(text, object_pairs_hook=no_duplicate_keys, parse_int=_parse_int,
                      parse_float=_parse_float, parse_constant=_parse_constant)
     if _depth(doc) > MAX_DEPTH:
         raise _Invalid(f"nested more than {MAX_DEPTH} levels deep")

@@ -80,10 +80,11 @@ class DuplicateKeyError(ValueError):
         self.key = key
 
 
-def _no_duplicates(pairs):
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object_pairs_hook: the object as a dict; DuplicateKeyError names a repeated key."""
     out = dict(pairs)  # C speed; a header can hold a million objects
     if len(out) != len(pairs):
-        seen = set()
+        seen: set[str] = set()
         for k, _ in pairs:
             if k in seen:
                 raise DuplicateKeyError(k)
@@ -96,7 +97,7 @@ def strict_json(text: str):
 
     Raises ValueError (DuplicateKeyError for a repeated key; also a number too long to convert)
     or RecursionError (nesting bomb)."""
-    return json.loads(text, object_pairs_hook=_no_duplicates)
+    return json.loads(text, object_pairs_hook=no_duplicate_keys)
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import IO
 
-from ..errors import OutputError
+from ..errors import CheckpointError, OutputError
 from .atomic import atomic_dir, atomic_file
 from .checkpoint import PICKLE_SUFFIXES, SAFE_INDEX, Checkpoint
+from .jsonfile import read_json
 from .safetensors_file import DTYPES, SafetensorsFile
 
 # Files never copied beside rewritten weights: other weight formats would hold stale (unscaled)
@@ -158,9 +159,8 @@ def _index_metadata(ck: Checkpoint) -> tuple[tuple[str, object], ...]:
         p = os.path.join(ck.path, name)
         if os.path.isfile(p):
             try:
-                with open(p, "rb") as fh:
-                    doc = json.loads(fh.read().decode("utf-8"))
-            except (OSError, ValueError):
+                doc = read_json(p, CheckpointError, "checkpoint index")
+            except CheckpointError:
                 return ()
             meta = doc.get("metadata") if isinstance(doc, dict) else None
             if isinstance(meta, dict):
