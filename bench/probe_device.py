@@ -134,7 +134,7 @@ def engine_cases(dev):
         setattr(mod, name, g)
     for n in ("base_eig", "tuned_eig", "certify_side"):
         wrap(E, n)
-    wrap(M, "margin_fields")
+    wrap(M, "margin_measures")
     for n in ("update_spectrum", "spectral_norm_projected", "storage_grid", "rounding_rms"):
         wrap(M, n)
     cases = [((4096, 4096), 0.6, 0.2), ((4096, 4096), 0.6, 2.0), ((11008, 4096), 0.35, 0.2),
@@ -155,11 +155,11 @@ def engine_cases(dev):
         torch.cuda.synchronize()
         tx = time.perf_counter() - t0
         E.EXACT_DIM_CUDA = 256
-        err = max(abs(a - b) for a, b in zip(f["max_cos"], fx["max_cos"]))
-        same = [c < 0.5 for c in f["max_cos"]] == [c < 0.5 for c in fx["max_cos"]]
+        err = max(abs(a - b) for a, b in zip(f.max_cos, fx.max_cos))
+        same = [c < 0.5 for c in f.max_cos] == [c < 0.5 for c in fx.max_cos]
         st = " ".join(f"{k}={v*1e3:.0f}" for k, v in fast_st.items())
-        say(f"analyse {m}x{n} rho={rho}: fast {tf*1e3:.0f} ms [{f['method']}] exact {tx*1e3:.0f} ms "
-            f"err {err:.1e} same={same} intr={len(f['intruders'])} | ms: {st}")
+        say(f"analyse {m}x{n} rho={rho}: fast {tf*1e3:.0f} ms [{f.method}] exact {tx*1e3:.0f} ms "
+            f"err {err:.1e} same={same} intr={len(f.intruders)} | ms: {st}")
         del w0, wt
         torch.cuda.empty_cache()
 

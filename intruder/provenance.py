@@ -95,20 +95,18 @@ def classify_layer(layer, roundings: int = 1) -> LayerVerdict:
     min_dim = min(layer.shape) if layer.shape else 0
     if layer.status == "unchanged":
         return LayerVerdict(layer.name, module, block, "unchanged", 0, None, min_dim)
-    ex = dict(layer.extra)
-    rank = ex.get("delta_rank")
-    if layer.status != "scanned" or rank is None:
+    us = layer.update_shape
+    if layer.status != "scanned" or us is None or us.rank is None:
         return LayerVerdict(layer.name, module, block, "unknown", None, None, min_dim)
-    rank = int(rank)
-    gap = ex.get("delta_rank_gap")
-    gap = float("inf") if gap is None and ex.get("delta_rank_seen") else gap
-    tail = ex.get("delta_tail_ratio")
-    nxt = ex.get("delta_next_edge")
+    rank = int(us.rank)
+    gap = float("inf") if us.rank_gap is None and us.rank_seen else us.rank_gap
+    tail = us.tail_ratio
+    nxt = us.next_edge
     if rank == 0:  # nothing above the floor: rounding alone, or a weak dense update
         kind = ("dense" if tail is not None and tail > TAIL_DENSE * roundings else
                 "precision-only" if tail is None or tail <= TAIL_NOISE * roundings
                 else "unresolved")
-    elif not ex.get("delta_rank_seen") or rank > LOWRANK_FRAC * min_dim \
+    elif not us.rank_seen or rank > LOWRANK_FRAC * min_dim \
             or (tail is not None and tail > TAIL_DENSE * roundings):
         kind = "dense"
     elif ((tail is None or tail <= TAIL_NOISE * roundings)

@@ -98,10 +98,9 @@ def with_storage(pairs, layers):
         if p.base.storage is None and (tuned is None or tuned.storage is None):
             out.append(l)
             continue
-        fields = [("storage_base", _storage_text(p.base))]
-        if tuned is not None:
-            fields.append(("storage_tuned", _storage_text(tuned)))
-        out.append(dataclasses.replace(l, extra=tuple(l.extra) + tuple(fields)))
+        out.append(dataclasses.replace(
+            l, storage_base=_storage_text(p.base),
+            storage_tuned=_storage_text(tuned) if tuned is not None else None))
     return out
 
 
@@ -133,7 +132,7 @@ def derivation_warnings(layers, config: ScanConfig):
     median_rel = rel[len(rel) // 2]
     # weight cosine <W0, Wt> / (|W0| |Wt|) (margin fields): a fine-tune, even a heavy LoRA that
     # turns most top vectors into intruders, keeps it well above 0; unrelated weights sit near 0
-    got = {l.name: dict(l.extra).get("weight_cos") for l in scanned}
+    got = {l.name: l.margin.weight_cos if l.margin is not None else None for l in scanned}
     wcos = {n: c for n, c in got.items() if c is not None}
     if len(wcos) == len(got):
         far = sorted(n for n, c in wcos.items() if c < UNRELATED_COS)

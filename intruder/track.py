@@ -37,7 +37,7 @@ from .io.basecheck import chain_checks, warning_text
 from .report.summary import summary
 from .report.verdict import decide
 from .run.stream import Raw
-from .types import CheckpointInfo, LayerResult, LoraInfo, ScanConfig, ScanReport, TensorRef
+from .types import Analysis, CheckpointInfo, LayerResult, LoraInfo, ScanConfig, ScanReport, TensorRef
 
 PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
 TRACK_SCHEMA_VERSION = "1.0"
@@ -114,11 +114,11 @@ def _persistence(prev_u: torch.Tensor | None, prev_idx: Sequence[int], cur_u: to
     return Persistence(tuple(persistent), tuple(new), gone, tuple(cos))
 
 
-def _result(name, shape, dtype, fields=None, status="scanned", seconds=0.0) -> LayerResult:
-    if fields is None:
+def _result(name, shape, dtype, found: Analysis | None = None, status="scanned",
+            seconds=0.0) -> LayerResult:
+    if found is None:
         return LayerResult(name=name, shape=tuple(shape), dtype=dtype, status=status)
-    return LayerResult(name=name, shape=tuple(shape), dtype=dtype, status="scanned",
-                       seconds=seconds, **fields)
+    return found.layer(name, tuple(shape), dtype, seconds=seconds)
 
 
 def run_track(base: str, checkpoints: Sequence[str], config: ScanConfig | None = None,
@@ -392,10 +392,10 @@ def _track_group(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
         if wt.dtype == w0.dtype and torch.equal(wt, w0):
             vb = _result(name, shape, dtype, status="unchanged")
         else:
-            fields, spec = analyse(w0, wt, config, name, base_spec=spec,
-                                   noise=_rss(n_base, n_step[i]))
-            vb = _result(name, shape, dtype, fields, seconds=time.perf_counter() - t0)
-            cur_intr = tuple(x.index for x in fields["intruders"])
+            found, spec = analyse(w0, wt, config, name, base_spec=spec,
+                                  noise=_rss(n_base, n_step[i]))
+            vb = _result(name, shape, dtype, found, seconds=time.perf_counter() - t0)
+            cur_intr = tuple(x.index for x in found.intruders)
         vp = None
         if i > 0:
             if wt.dtype == prev_w.dtype and torch.equal(wt, prev_w):

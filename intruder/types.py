@@ -5,7 +5,7 @@ io -> LayerPair -> spectral -> LayerResult -> ScanReport -> report / intervene /
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 DEFAULT_TOP_K = 10
 DEFAULT_EPSILONS = (0.5,)
@@ -104,6 +104,66 @@ class Intruder:
 
 
 @dataclass(frozen=True)
+class Margin:
+    """How close one matrix stands to its first intruder (intruder/spectral/margin.py,
+    docs/margin.md). None: the measure could not be computed (null in the JSON)."""
+
+    min_max_cos: float | None = None  # lowest max|cos| of the top-k = epsilon of the first intruder
+    cos_margin: float | None = None  # min_max_cos - epsilon (< 0: intruders at epsilon)
+    novel_strength: float | None = None  # ||(I - U0_k U0_k^T) dW||_2 / sigma_k(W0)
+    subspace_cos: float | None = None  # cos of the largest principal angle, top-k subspaces
+    weight_cos: float | None = None  # <W0, Wt> / (||W0||_F ||Wt||_F): near 0 for unrelated weights
+
+
+@dataclass(frozen=True)
+class UpdateShape:
+    """The spectrum of dW = Wt - W0 against the storage rounding floor: its rank above the floor
+    and the cliff there (LoRA: a cliff at r; full fine-tuning: none). intruder/provenance.py reads
+    it. In the JSON each field is `delta_<field>`. None: not computed (null in the JSON)."""
+
+    stable_rank: float | None = None  # ||dW||_F^2 / ||dW||_2^2
+    rank: int | None = None  # singular values of dW above `floor`
+    rank_seen: bool | None = None  # a computed singular value lies below the floor (cliff seen)
+    rank_gap: float | None = None  # sv[rank-1] / sv[rank]; None when not finite
+    tail_ratio: float | None = None  # energy beyond the rank / expected rounding energy
+    next_edge: float | None = None  # sv[rank] / rounding-noise edge
+    floor: float | None = None  # rounding-noise edge (sigma units of W)
+    grid: str | None = None  # storage grid of the noise: bfloat16 | float16 | float32 | float64 | quantized
+    sv_method: str | None = None  # gram (all values, exact) | randomized (top values)
+    sv: tuple[float, ...] = ()  # top singular values of dW, descending (at most 64)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What Algorithm 1 and the caveat measures found on one pair (spectral.engine.analyse): the
+    measured fields of a LayerResult; `layer` adds the matrix's identity."""
+
+    sigma_base: tuple[float, ...] = ()
+    sigma_tuned: tuple[float, ...] = ()
+    max_cos: tuple[float, ...] = ()
+    base_index: tuple[int, ...] = ()
+    max_cos_right: tuple[float, ...] = ()
+    base_index_right: tuple[int, ...] = ()
+    near_overlap: tuple[float, ...] = ()
+    top_overlap: tuple[float, ...] = ()
+    intruders: tuple[Intruder, ...] = ()
+    counts_by_epsilon: tuple[tuple[float, int], ...] = ()
+    intruder_energy: float = 0.0
+    delta_norm_rel: float = 0.0
+    delta_fro_rel: float = 0.0
+    method: str = ""
+    max_cos_bound: tuple[bool, ...] = ()
+    margin: Margin | None = None
+    update_shape: UpdateShape | None = None
+
+    def layer(self, name: str, shape: tuple[int, int], dtype: str,
+              seconds: float = 0.0) -> LayerResult:
+        """The LayerResult of a scanned matrix with these measures."""
+        return LayerResult(name=name, shape=shape, dtype=dtype, status="scanned", seconds=seconds,
+                           **{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
 class LayerResult:
     """Algorithm 1 on one matrix."""
 
@@ -130,7 +190,12 @@ class LayerResult:
     # empty when every value is exact
     max_cos_bound: tuple[bool, ...] = ()
     seconds: float = 0.0
-    extra: tuple[tuple[str, object], ...] = ()  # later measures (margin ...) as key/value
+    margin: Margin | None = None  # None: not measured (unchanged / non-finite, schema 1.0)
+    update_shape: UpdateShape | None = None  # the spectrum of dW (provenance reads it)
+    # how each side was stored and decoded before the analysis (io/dequant.py, io/gguf.py), e.g.
+    # "fp8_e4m3 per-channel scale", "gguf Q8_0"; only for pairs where a side was stored that way
+    storage_base: str | None = None
+    storage_tuned: str | None = None
 
 
 @dataclass(frozen=True)

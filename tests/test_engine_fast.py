@@ -59,15 +59,15 @@ def test_fast_path_matches_float64_lapack(shape, strength):
     w0, wt = _spectrum_pair(*shape, rng, strength)
     fields, base = analyse(w0, wt, ScanConfig(epsilons=(0.5, 0.7, 0.9)), "m")
     ref = reference_intruders(w0.double().numpy(), wt.double().numpy(), 10, 0.5)
-    ours = np.array(fields["max_cos"])
+    ours = np.array(fields.max_cos)
     assert np.abs(ours - ref.max_cos).max() <= 3e-5, seed
     away = np.abs(ref.max_cos - 0.5) > 1e-4
     assert ((ours < 0.5)[away] == ref.intruders[away]).all(), seed
-    np.testing.assert_allclose(fields["sigma_tuned"], ref.sigma_tuned, rtol=1e-9, err_msg=str(seed))
-    np.testing.assert_allclose(fields["sigma_base"], ref.sigma_base[:15], rtol=1e-9, err_msg=str(seed))
-    assert "cheb64" in fields["method"].split("/")[1], (seed, fields["method"])
+    np.testing.assert_allclose(fields.sigma_tuned, ref.sigma_tuned, rtol=1e-9, err_msg=str(seed))
+    np.testing.assert_allclose(fields.sigma_base, ref.sigma_base[:15], rtol=1e-9, err_msg=str(seed))
+    assert "cheb64" in fields.method.split("/")[1], (seed, fields.method)
     if strength < 1:  # a mild update: the kept base vectors prove the answer
-        assert "[top" in fields["method"], (seed, fields["method"])
+        assert "[top" in fields.method, (seed, fields.method)
         assert not base.complete and base.r >= 25
 
 
@@ -81,14 +81,15 @@ def test_fast_path_equals_exact_path(monkeypatch, vectors):
     fast, _ = analyse(w0, wt, cfg, "m")
     monkeypatch.setenv("INTRUDER_EXACT_DIM", "100000")
     exact, be = analyse(w0, wt, cfg, "m")
-    assert be.complete and "[top" not in exact["method"]
+    assert be.complete and "[top" not in exact.method
     for key in ("max_cos", "near_overlap", "top_overlap", "sigma_base", "sigma_tuned",
                 "max_cos_right"):
-        np.testing.assert_allclose(fast[key], exact[key], rtol=1e-9, atol=1e-9, err_msg=f"{key} {seed}")
+        np.testing.assert_allclose(getattr(fast, key), getattr(exact, key), rtol=1e-9, atol=1e-9,
+                                   err_msg=f"{key} {seed}")
     for key in ("base_index", "base_index_right", "counts_by_epsilon"):
-        assert fast[key] == exact[key], (key, seed)
-    assert [i.index for i in fast["intruders"]] == [i.index for i in exact["intruders"]]
-    assert fast["delta_norm_rel"] == pytest.approx(exact["delta_norm_rel"], rel=1e-10)
+        assert getattr(fast, key) == getattr(exact, key), (key, seed)
+    assert [i.index for i in fast.intruders] == [i.index for i in exact.intruders]
+    assert fast.delta_norm_rel == pytest.approx(exact.delta_norm_rel, rel=1e-10)
 
 
 def test_eig_top_certificate_bounds_hold():
@@ -136,10 +137,10 @@ def test_match_outside_the_kept_base_vectors_is_caught():
     wt = w0 + 20.0 * np.outer(u[:, 150], v[:, 150])  # sigma_150 lifted to the top
     t0, tt = torch.from_numpy(w0), torch.from_numpy(wt)
     fields, base = analyse(t0, tt, ScanConfig(), "m")
-    assert fields["base_index"][0] == 150 and fields["max_cos"][0] == pytest.approx(1.0, abs=1e-9)
-    assert fields["intruders"] == ()
+    assert fields.base_index[0] == 150 and fields.max_cos[0] == pytest.approx(1.0, abs=1e-9)
+    assert fields.intruders == ()
     ref = reference_intruders(w0, wt, 10, 0.5)
-    assert np.abs(np.array(fields["max_cos"]) - ref.max_cos).max() < 1e-9, seed
+    assert np.abs(np.array(fields.max_cos) - ref.max_cos).max() < 1e-9, seed
     # and the certificate itself, on the top-32 base alone, says no
     g = gram(t0, "left")
     b32 = eig_top(g, 32, eps_g=gram_error(t0, g))
@@ -183,7 +184,7 @@ def test_pipeline_threads_and_devices_equal_per_matrix(synth):
         assert r.status == loaded.status
         if loaded.status == "scanned":  # other threads, other BLAS thread counts: not last bits
             fields, _ = analyse(loaded.w0, loaded.wt, cfg, p.name)
-            assert_layer_close(r, dict(fields, status="scanned"), p.name)
+            assert_layer_close(r, fields.layer(p.name, r.shape, r.dtype), p.name)
 
 
 def _nan_copy(src, dst, name):

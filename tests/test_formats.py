@@ -201,15 +201,15 @@ def test_fp8_per_channel_demo_scans_like_the_original(conv):
         worst = _same_decisions(orig, fp8, TOL_FP8)
         assert worst < TOL_FP8
         for l in fp8.layers:
-            assert dict(l.extra)["storage_tuned"] == "fp8_e4m3 per-channel scale"
-            assert dict(l.extra)["storage_base"] == "f16"
+            assert l.storage_tuned == "fp8_e4m3 per-channel scale"
+            assert l.storage_base == "f16"
         # top singular values within FP8's relative rounding (3 mantissa bits: <= 2^-4 per entry)
         for la, lb in zip(orig.layers, fp8.layers):
             np.testing.assert_allclose(lb.sigma_tuned, la.sigma_tuned, rtol=0.02)
     # FP8 of the base itself: rounding, not a fine-tune
     rep = _scan(base, conv["base", "fp8"])
     assert sum(len(l.intruders) for l in rep.layers) == 0
-    assert max(dict(l.extra)["novel_strength"] for l in rep.layers) < 0.1
+    assert max(l.margin.novel_strength for l in rep.layers if l.margin) < 0.1
 
 
 def test_checkpoint_with_unsupported_tensors_still_scans(tmp_path):
@@ -271,8 +271,8 @@ def test_gguf_f16_scans_exactly_like_safetensors(conv):
             assert _same_decisions(orig, rep, 0.0) <= 1e-12  # same tensors, same code path
             assert [[i.index for i in l.intruders] for l in rep.layers] == \
                    [[i.index for i in l.intruders] for l in orig.layers]
-        assert {dict(l.extra)["storage_tuned"] for l in both.layers} == {"gguf F16"}
-        assert {dict(l.extra)["storage_base"] for l in both.layers} == {"gguf F16"}
+        assert {l.storage_tuned for l in both.layers} == {"gguf F16"}
+        assert {l.storage_base for l in both.layers} == {"gguf F16"}
     # the tensors themselves, q/k rows back in Hugging Face order: bit-identical
     ck, st = open_checkpoint(conv["lora_r8", "F16"]), open_checkpoint(os.path.join(DEMO, "lora_r8"))
     for name in st.refs:
@@ -316,11 +316,11 @@ def test_gguf_q8_0_scans_like_safetensors_within_tolerance(conv):
         orig = _scan(base, os.path.join(DEMO, m))
         q8 = _scan(conv["base", "Q8_0"], conv[m, "Q8_0"])
         assert _same_decisions(orig, q8, TOL_Q8) < TOL_Q8
-        assert {dict(l.extra)["storage_tuned"] for l in q8.layers} == {"gguf Q8_0"}
+        assert {l.storage_tuned for l in q8.layers} == {"gguf Q8_0"}
     # a Q8_0 GGUF of the base against the base: dense rounding noise, no intruders
     rep = _scan(base, conv["base", "Q8_0"])
     assert sum(len(l.intruders) for l in rep.layers) == 0
-    assert max(dict(l.extra)["novel_strength"] for l in rep.layers) < 0.02
+    assert max(l.margin.novel_strength for l in rep.layers if l.margin) < 0.02
     assert min(min(l.max_cos) for l in rep.layers) > 0.99
 
 
@@ -456,7 +456,7 @@ def test_provenance_sees_quantization_as_rounding_not_fine_tuning(conv):
     for q in ("Q8_0", "fp8"):
         rep = _scan(base, conv["base", q])
         assert summary(rep)["provenance"]["verdict"] == "precision-only", q
-        assert {dict(l.extra)["delta_grid"] for l in rep.layers} == {"quantized"}
+        assert {l.update_shape.grid for l in rep.layers if l.update_shape} == {"quantized"}
         lora = summary(_scan(base, conv["lora_r8", q]))["provenance"]
         assert lora["verdict"] == "lora-like" and lora["estimated_rank"] == 8, q
     both = summary(_scan(conv["base", "Q8_0"], conv["lora_r8", "Q8_0"]))["provenance"]
@@ -525,7 +525,7 @@ def test_bitsandbytes_4bit_tuned_scans_against_a_bf16_base(tmp_path):
                for n, v in golden.items()}, str(tmp_path / "base.safetensors"))
     rep = _scan(str(tmp_path / "base.safetensors"), os.path.join(BNB, "bnb4.safetensors"))
     assert [l.status for l in rep.layers] == ["scanned", "scanned"]
-    assert {dict(l.extra)["storage_tuned"] for l in rep.layers} == {
+    assert {l.storage_tuned for l in rep.layers} == {
         "bitsandbytes nf4 (blocks of 64)", "bitsandbytes fp4 (blocks of 64)"}
 
 

@@ -16,8 +16,10 @@ from intruder.types import ScanConfig
 
 
 def _ex(w0, wt, cfg=None):
-    fields, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), cfg or ScanConfig())
-    return fields, dict(fields["extra"])
+    """(analysis, its margin, its update shape) of one pair."""
+    found, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), cfg or ScanConfig())
+    assert found.margin is not None and found.update_shape is not None
+    return found, found.margin, found.update_shape
 
 
 def test_planted_direction_switches_on_where_novel_strength_crosses_one():
@@ -28,11 +30,11 @@ def test_planted_direction_switches_on_where_novel_strength_crosses_one():
     ratios = [0.1, 0.3, 0.6, 0.9, 0.98, 1.02, 1.1, 1.5, 3.0]
     novel, counts = [], []
     for r in ratios:
-        fields, ex = _ex(w0, w0 + r * s[9] * np.outer(x, y))
-        novel.append(ex["novel_strength"])
-        counts.append(len(fields["intruders"]))
-        assert ex["novel_strength"] == pytest.approx(r, rel=1e-6)
-        assert ex["cos_margin"] == pytest.approx(ex["min_max_cos"] - 0.5)
+        fields, mg, us = _ex(w0, w0 + r * s[9] * np.outer(x, y))
+        novel.append(mg.novel_strength)
+        counts.append(len(fields.intruders))
+        assert mg.novel_strength == pytest.approx(r, rel=1e-6)
+        assert mg.cos_margin == pytest.approx(mg.min_max_cos - 0.5)
     assert all(a < b for a, b in zip(novel, novel[1:]))
     assert counts == [0, 0, 0, 0, 0, 1, 1, 1, 1]
 
@@ -52,11 +54,11 @@ def test_lora_of_growing_strength_moves_toward_the_threshold(rank):
     sig_k = np.linalg.svd(w0, compute_uv=False)[9]
     cos, nov, switched = [], [], None
     for i, st in enumerate([0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.5, 4.0]):
-        fields, ex = _ex(w0, w0 + st * sig_k * d)
-        has = len(fields["intruders"]) > 0
-        assert has == (ex["cos_margin"] < 0)
-        cos.append(ex["min_max_cos"])
-        nov.append(ex["novel_strength"])
+        fields, mg, us = _ex(w0, w0 + st * sig_k * d)
+        has = len(fields.intruders) > 0
+        assert has == (mg.cos_margin < 0)
+        cos.append(mg.min_max_cos)
+        nov.append(mg.novel_strength)
         if has and switched is None:
             switched = i
     assert switched is not None, cos
@@ -69,21 +71,21 @@ def test_projected_norm_and_principal_angles_match_numpy():
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((80, 60))
     wt = w0 + 0.7 * rng.standard_normal((80, 2)) @ rng.standard_normal((2, 60))
-    _, ex = _ex(w0, wt)
+    _, mg, us = _ex(w0, wt)
     u0, s0, _ = np.linalg.svd(w0, full_matrices=False)
     ut = np.linalg.svd(wt, full_matrices=False)[0]
     p = np.eye(80) - u0[:, :10] @ u0[:, :10].T
-    assert ex["novel_strength"] == pytest.approx(np.linalg.norm(p @ (wt - w0), 2) / s0[9], rel=1e-6)
+    assert mg.novel_strength == pytest.approx(np.linalg.norm(p @ (wt - w0), 2) / s0[9], rel=1e-6)
     pc = np.linalg.svd(u0[:, :10].T @ ut[:, :10], compute_uv=False)
-    assert ex["subspace_cos"] == pytest.approx(pc.min(), abs=1e-8)
+    assert mg.subspace_cos == pytest.approx(pc.min(), abs=1e-8)
     d = wt - w0
-    assert ex["delta_stable_rank"] == pytest.approx(
+    assert us.stable_rank == pytest.approx(
         np.linalg.norm(d) ** 2 / np.linalg.norm(d, 2) ** 2, rel=1e-8)
-    ref = np.linalg.svd(d, compute_uv=False)[:len(ex["delta_sv"])]
-    got = np.array(ex["delta_sv"])
+    ref = np.linalg.svd(d, compute_uv=False)[:len(us.sv)]
+    got = np.array(us.sv)
     big = ref > 1e-6 * ref[0]  # the Gram path resolves values down to about 1e-8 sigma_1
     np.testing.assert_allclose(got[big], ref[big], rtol=1e-8)
-    assert (got[~big] < 1e-6 * ref[0]).all() and ex["delta_rank"] == 2
+    assert (got[~big] < 1e-6 * ref[0]).all() and us.rank == 2
 
 
 @pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16"),
@@ -112,12 +114,12 @@ def test_delta_rank_of_a_stored_lora_merge(dtype, rank):
     ba = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
     ba *= 0.02 / np.abs(ba).mean()  # LoRA-sized: a few percent of |W|
     wt = (w0.double() + torch.from_numpy(ba)).to(dtype)
-    _, ex = _ex(w0.double().numpy(), wt.double().numpy())
-    assert ex["delta_rank"] == rank and ex["delta_rank_seen"]
-    assert ex["delta_rank_gap"] is None or ex["delta_rank_gap"] > 5
+    _, mg, us = _ex(w0.double().numpy(), wt.double().numpy())
+    assert us.rank == rank and us.rank_seen
+    assert us.rank_gap is None or us.rank_gap > 5
     dense = (w0.double() + torch.from_numpy(rng.standard_normal((m, n)) * 0.002)).to(dtype)
-    _, exd = _ex(w0.double().numpy(), dense.double().numpy())
-    assert exd["delta_rank"] > 0.75 * min(m, n)
+    _, _, usd = _ex(w0.double().numpy(), dense.double().numpy())
+    assert usd.rank > 0.75 * min(m, n)
 
 
 def test_randomized_delta_spectrum_agrees_with_exact(monkeypatch):

@@ -103,7 +103,7 @@ def test_precision_only_and_unchanged():
 def test_report_without_spectrum_is_unknown():
     base, tuned = _model(_lora(2, set(ATTN)))
     rep = S.report_from_arrays(base, tuned)
-    old = replace(rep, layers=tuple(replace(l, extra=()) for l in rep.layers))
+    old = replace(rep, layers=tuple(replace(l, margin=None, update_shape=None) for l in rep.layers))
     assert provenance(old).verdict == "unknown"
     assert classify_layer(old.layers[0]).kind == "unknown"
 
@@ -179,7 +179,7 @@ def test_chained_merges_accumulate_rounding():
             d *= 0.02 * float(w.double().norm()) / np.linalg.norm(d)
             cur[name] = (w.double() + torch.from_numpy(d)).to(torch.float16)
     rep = S.report_from_arrays(base, cur)
-    assert {dict(l.extra)["delta_rank"] for l in rep.layers} == {12}
+    assert {l.update_shape.rank for l in rep.layers if l.update_shape} == {12}
     p = provenance(rep, roundings=3)
     assert p.verdict == "lora-like" and p.estimated_rank == 12
 

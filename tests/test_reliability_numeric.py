@@ -194,24 +194,25 @@ def test_extreme_float64_scales_match_lapack(monkeypatch, scale, shape, exact_di
     a, b = w0 * scale, wt * scale
     fields, be = analyse(torch.from_numpy(a), torch.from_numpy(b), ScanConfig())
     ref = reference_intruders(a, b, 10, 0.5)
-    assert [i.index for i in fields["intruders"]] == [1, 4] == list(np.nonzero(ref.intruders)[0])
-    assert np.abs(np.array(fields["max_cos"]) - ref.max_cos).max() < 1e-8
-    np.testing.assert_allclose(fields["sigma_tuned"], ref.sigma_tuned, rtol=1e-9)
-    np.testing.assert_allclose(fields["sigma_base"], ref.sigma_base[:15], rtol=1e-9)
-    for i in fields["intruders"]:
+    assert [i.index for i in fields.intruders] == [1, 4] == list(np.nonzero(ref.intruders)[0])
+    assert np.abs(np.array(fields.max_cos) - ref.max_cos).max() < 1e-8
+    np.testing.assert_allclose(fields.sigma_tuned, ref.sigma_tuned, rtol=1e-9)
+    np.testing.assert_allclose(fields.sigma_base, ref.sigma_base[:15], rtol=1e-9)
+    for i in fields.intruders:
         assert i.sigma == pytest.approx(ref.sigma_tuned[i.index], rel=1e-9)
     unit, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), ScanConfig())
-    assert fields["delta_norm_rel"] == pytest.approx(unit["delta_norm_rel"], rel=1e-9)
-    assert fields["intruder_energy"] == pytest.approx(unit["intruder_energy"], rel=1e-9)
-    ex, ux = dict(fields["extra"]), dict(unit["extra"])
-    assert ex["delta_rank"] == ux["delta_rank"] == 2  # the planted rank-2 update; below: noise
-    np.testing.assert_allclose(np.array(ex["delta_sv"][:2]) / scale, ux["delta_sv"][:2], rtol=1e-8)
-    assert ex["delta_floor"] / scale == pytest.approx(ux["delta_floor"], rel=1e-6)
-    assert ex["novel_strength"] == pytest.approx(ux["novel_strength"], rel=1e-8)
+    assert fields.delta_norm_rel == pytest.approx(unit.delta_norm_rel, rel=1e-9)
+    assert fields.intruder_energy == pytest.approx(unit.intruder_energy, rel=1e-9)
+    ex, ux = fields.update_shape, unit.update_shape
+    assert ex is not None and ux is not None and fields.margin and unit.margin
+    assert ex.rank == ux.rank == 2  # the planted rank-2 update; below: noise
+    np.testing.assert_allclose(np.array(ex.sv[:2]) / scale, ux.sv[:2], rtol=1e-8)
+    assert ex.floor / scale == pytest.approx(ux.floor, rel=1e-6)
+    assert fields.margin.novel_strength == pytest.approx(unit.margin.novel_strength, rel=1e-8)
     # the base spectrum carries its scale: passed back (as the cache does) it gives the same
     again, _ = analyse(torch.from_numpy(a), torch.from_numpy(b), ScanConfig(), base_spec=be)
-    assert [i.index for i in again["intruders"]] == [1, 4]
-    assert np.abs(np.array(again["max_cos"]) - ref.max_cos).max() < 1e-8
+    assert [i.index for i in again.intruders] == [1, 4]
+    assert np.abs(np.array(again.max_cos) - ref.max_cos).max() < 1e-8
 
 
 @pytest.mark.parametrize("scale", [1e-165, 1e200])
@@ -238,5 +239,5 @@ def test_cache_round_trip_keeps_the_scale(tmp_path):
     back = c.load("c" * 64)
     assert back.scale == be.scale and torch.equal(back.vals, be.vals)
     warm, _ = analyse(a, b, ScanConfig(), base_spec=back)
-    assert [i.index for i in warm["intruders"]] == [i.index for i in fields["intruders"]] == [2]
-    np.testing.assert_allclose(warm["sigma_base"], fields["sigma_base"], rtol=1e-12)
+    assert [i.index for i in warm.intruders] == [i.index for i in fields.intruders] == [2]
+    np.testing.assert_allclose(warm.sigma_base, fields.sigma_base, rtol=1e-12)

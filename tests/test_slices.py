@@ -116,13 +116,13 @@ def _check_engine(w0, wt, dtype, vectors="left", seed=0):
     cfg = ScanConfig(epsilons=EPS, vectors=vectors)
     f, _ = analyse(w0, wt, cfg, f"m{seed}")
     ref = reference_intruders(w0.double().numpy(), wt.double().numpy(), 10, 0.5, vectors)
-    mc = np.array(f["max_cos"])
-    bound = np.array(f["max_cos_bound"] or [False] * len(mc), dtype=bool)
+    mc = np.array(f.max_cos)
+    bound = np.array(f.max_cos_bound or [False] * len(mc), dtype=bool)
     for e in EPS:
         assert ((mc < e) == (ref.max_cos < e)).all(), (e, mc, ref.max_cos)
     assert np.abs(mc[~bound] - ref.max_cos[~bound]).max() < 1e-10
     assert (mc[bound] >= ref.max_cos[bound] - 1e-12).all()
-    assert [i.max_cos_bound for i in f["intruders"]] == [bool(bound[i.index]) for i in f["intruders"]]
+    assert [i.max_cos_bound for i in f.intruders] == [bool(bound[i.index]) for i in f.intruders]
     return f
 
 
@@ -133,8 +133,8 @@ def test_engine_slices_match_reference(shape, dtype, monkeypatch):
     monkeypatch.setenv("INTRUDER_EXACT_DIM", "128")
     w0, wt = _planted(*shape, seed=5)
     f = _check_engine(w0, wt, dtype)
-    assert "+slices" in f["method"] and "[top 32]" in f["method"]  # no complete base
-    assert f["intruders"]
+    assert "+slices" in f.method and "[top 32]" in f.method  # no complete base
+    assert f.intruders
 
 
 @pytest.mark.parametrize("case", ["near45", "near52", "cluster", "right"])
@@ -152,7 +152,7 @@ def test_slices_disabled_gives_complete_base(monkeypatch):
     monkeypatch.setenv("INTRUDER_EXACT_DIM", "128")
     w0, wt = _planted(384, 384, seed=5)
     f = _check_engine(w0, wt, torch.float32)
-    assert "+slices" not in f["method"] and not f["max_cos_bound"]
+    assert "+slices" not in f.method and not f.max_cos_bound
 
 
 def test_fleet_shares_the_inverse_gram(monkeypatch):
@@ -173,10 +173,10 @@ def test_fleet_shares_the_inverse_gram(monkeypatch):
     for wt in (wt1, wt2):
         f, spec = analyse(w0, wt, cfg, "m", base_spec=spec, scratch=scratch)
         ref = reference_intruders(w0.numpy(), wt.numpy(), 10, 0.5)
-        mc = np.array(f["max_cos"])
+        mc = np.array(f.max_cos)
         for e in EPS:
             assert ((mc < e) == (ref.max_cos < e)).all()
-        assert "+slices" in f["method"]
+        assert "+slices" in f.method
     assert len(calls) == 1
 
 

@@ -38,13 +38,13 @@ def test_engine_matches_float64_reference(shape, dtype):
                                   epsilon=0.5)
         cfg = ScanConfig(top_k=10, epsilons=(0.5, 0.7, 0.9))
         fields, _ = analyse(t0, tt, cfg)
-        ours = np.array(fields["max_cos"])
+        ours = np.array(fields.max_cos)
         err = np.abs(ours - ref.max_cos).max()
         assert err < 1e-4, (shape, dtype, trial, err)
         away = np.abs(ref.max_cos - 0.5) > 1e-3
-        got = np.array([c < 0.5 for c in fields["max_cos"]])
+        got = np.array([c < 0.5 for c in fields.max_cos])
         assert (got[away] == ref.intruders[away]).all()
-        np.testing.assert_allclose(fields["sigma_tuned"], ref.sigma_tuned, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(fields.sigma_tuned, ref.sigma_tuned, rtol=1e-9, atol=1e-12)
 
 
 def test_right_vectors_match_reference():
@@ -53,7 +53,7 @@ def test_right_vectors_match_reference():
     wt = _lowrank_update(w0, 1, 3.0, rng)
     ref = reference_intruders(w0, wt, 10, 0.5, vectors="right")
     fields, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), ScanConfig(vectors="right"))
-    assert np.abs(np.array(fields["max_cos"]) - ref.max_cos).max() < 1e-6
+    assert np.abs(np.array(fields.max_cos) - ref.max_cos).max() < 1e-6
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (192, 128), (128, 192)])
@@ -61,8 +61,8 @@ def test_right_vectors_match_reference():
 def test_planted_intruders_found_at_their_rank(shape, ranks):
     w0, wt, _ = synthetic.plant(*shape, ranks=ranks, seed=11)
     fields, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), ScanConfig(top_k=10))
-    assert [i.index for i in fields["intruders"]] == ranks
-    for i in fields["intruders"]:
+    assert [i.index for i in fields.intruders] == ranks
+    for i in fields.intruders:
         assert i.max_cos < 0.45 and not i.in_cluster
     ref = reference_intruders(w0, wt, 10, 0.5)
     assert list(np.nonzero(ref.intruders)[0]) == ranks
@@ -72,8 +72,8 @@ def test_dense_small_update_has_no_intruders():
     w0, _, _, _ = synthetic.base_matrix(128, 160, seed=5)
     wt = synthetic.dense_perturbation(w0, seed=6, rel=0.01)
     fields, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), ScanConfig())
-    assert fields["intruders"] == ()
-    assert min(fields["max_cos"]) > 0.9
+    assert fields.intruders == ()
+    assert min(fields.max_cos) > 0.9
 
 
 def _cluster_pair(split, n=128, seed=0):
@@ -102,8 +102,8 @@ def test_rotation_inside_degenerate_cluster_is_marked(monkeypatch, path):
     cfg = ScanConfig(epsilons=(0.8,))
     fields, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), cfg)
     ref = reference_intruders(w0, wt, 10, 0.8)
-    assert np.abs(np.array(fields["max_cos"]) - ref.max_cos).max() < 1e-6
-    flagged = {i.index: i for i in fields["intruders"]}
+    assert np.abs(np.array(fields.max_cos) - ref.max_cos).max() < 1e-6
+    flagged = {i.index: i for i in fields.intruders}
     assert sorted(flagged) == [2, 3] == list(np.nonzero(ref.intruders)[0])  # the pair, rotated
     for j in (2, 3):
         assert flagged[j].in_cluster and flagged[j].near_overlap > 0.99
@@ -121,10 +121,10 @@ def test_exactly_degenerate_cluster_any_basis(monkeypatch, path):
     w0, wt = _cluster_pair(0.0)
     fields, _ = analyse(torch.from_numpy(w0), torch.from_numpy(wt), ScanConfig(epsilons=(0.8,)))
     for j in (2, 3):  # the lifted vector and its partner in the span
-        assert 1 / np.sqrt(2) - 1e-6 < fields["max_cos"][j] <= 1.0
-        assert fields["near_overlap"][j] > 0.99
-    assert all(i.in_cluster for i in fields["intruders"])
-    assert [i.index for i in fields["intruders"]] in ([], [2, 3])
+        assert 1 / np.sqrt(2) - 1e-6 < fields.max_cos[j] <= 1.0
+        assert fields.near_overlap[j] > 0.99
+    assert all(i.in_cluster for i in fields.intruders)
+    assert [i.index for i in fields.intruders] in ([], [2, 3])
 
 
 def test_full_spectrum_orthonormal_and_exact():

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from ..types import ScanReport
+from .schema import MEASURE_KEYS, layer_measures
 from .views import split_name
 
 
@@ -16,6 +17,7 @@ def _nan(x):
     return float("nan") if x is None else x
 
 
+_TEXT = ("delta_grid", "delta_sv_method", "storage_base", "storage_tuned")  # None when absent
 _SEQ = ("max_cos", "base_index", "sigma_tuned", "sigma_base", "near_overlap", "top_overlap",
         "max_cos_right", "base_index_right")
 
@@ -41,11 +43,6 @@ def to_dataframe(report: ScanReport):
     eps = sorted(set(report.config.epsilons))
     shape_of = {lv.name: lv.kind for lv in provenance(report).layers}
     rows = []
-    extra_keys: list = []
-    for l in report.layers:
-        for k, _ in l.extra:
-            if k not in extra_keys:
-                extra_keys.append(k)
     for l in report.layers:
         p = split_name(l.name)
         counts = dict(l.counts_by_epsilon)
@@ -70,11 +67,11 @@ def to_dataframe(report: ScanReport):
             row[f"count@{e:g}"] = counts.get(e, 0) if l.status == "scanned" else 0
         for k in _SEQ:
             row[k] = tuple(getattr(l, k))
-        ex = dict(l.extra)
-        for k in extra_keys:
-            v = ex.get(k)
-            row[k] = tuple(v) if isinstance(v, list) else (_nan(v) if k != "delta_grid" and not
-                                                           isinstance(v, (str, bool)) else v)
+        got = layer_measures(l)  # the JSON's measures; NaN / None where the layer has none
+        for k in MEASURE_KEYS:
+            v = got.get(k)
+            row[k] = tuple(v) if isinstance(v, list) else (v if k in _TEXT or isinstance(v, bool)
+                                                           else _nan(v))
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else ["name"])
     if rows:

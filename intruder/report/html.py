@@ -229,10 +229,9 @@ def _sweep_table(report: ScanReport) -> str:
 
 def _storage_note(l) -> str:
     """' (tuned: gguf Q8_0)' for a matrix decoded from quantized storage (io/dequant.py)."""
-    ex = dict(l.extra)
-    parts = [f"{side}: {ex[key]}" for key, side in (("storage_base", "base"),
-                                                    ("storage_tuned", "tuned"))
-             if isinstance(ex.get(key), str) and ex[key].upper() not in ("F64", "F32", "F16", "BF16")]
+    parts = [f"{side}: {kind}" for kind, side in ((l.storage_base, "base"),
+                                                  (l.storage_tuned, "tuned"))
+             if isinstance(kind, str) and kind.upper() not in ("F64", "F32", "F16", "BF16")]
     return f" ({'; '.join(parts)})" if parts else ""
 
 
@@ -387,7 +386,8 @@ def _margin_section(report: ScanReport, extra: Sequence[Section], dpi: int) -> S
     the caller did not pass one already."""
     if any(s.anchor == "margin" for s in extra):
         return None
-    if not any(dict(l.extra).get("min_max_cos") is not None for l in views.scanned(report)):
+    if not any(l.margin is not None and l.margin.min_max_cos is not None
+               for l in views.scanned(report)):
         return None
     try:
         from .margin_view import margin_section

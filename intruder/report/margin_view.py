@@ -1,7 +1,8 @@
 """Margin view: figures and an HTML section for how close each matrix is to producing intruders.
 
 Figures return `matplotlib.figure.Figure` (built without pyplot, like intruder.report.plots);
-they only draw the numbers the scan stored (LayerResult.extra, see intruder.spectral.margin).
+they only draw the numbers the scan stored (LayerResult.margin and .update_shape, see
+intruder.spectral.margin).
 
     from intruder.report.margin_view import margin_section
     write_html(report, "audit.html", extra=[margin_section(report)])
@@ -34,15 +35,9 @@ def _as_mapping(reports: Reports) -> dict[str, ScanReport]:
     return dict(reports)
 
 
-def _number(v: object) -> float | None:
-    """A stored measure as a float, None when absent (or not a number)."""
-    return float(v) if isinstance(v, (int, float)) else None
-
-
 def _delta_sv(layer: LayerResult) -> list[float]:
     """The singular values of dW = Wt - W0 stored with the scan ([] when not recorded)."""
-    sv = dict(layer.extra).get("delta_sv")
-    return [float(s) for s in sv] if isinstance(sv, (list, tuple)) else []
+    return [float(s) for s in layer.update_shape.sv] if layer.update_shape is not None else []
 
 
 def margin_points(report: ScanReport) -> list[tuple[str, float, float, str]]:
@@ -53,8 +48,9 @@ def margin_points(report: ScanReport) -> list[tuple[str, float, float, str]]:
     for l in report.layers:
         if l.status != "scanned":
             continue
-        ex = dict(l.extra)
-        low, novel = _number(ex.get("min_max_cos")), _number(ex.get("novel_strength"))
+        if l.margin is None:
+            continue
+        low, novel = l.margin.min_max_cos, l.margin.novel_strength
         if low is None or novel is None:
             continue
         out.append((l.name, novel, low, classify_layer(l).kind))
@@ -113,13 +109,13 @@ def delta_spectra(report: ScanReport, names: Sequence[str] | None = None, max_la
     fig = _figure(6.2, 4.0)
     ax = fig.add_subplot()
     for i, l in enumerate(layers):
-        ex = dict(l.extra)
+        us = l.update_shape  # set: _delta_sv(l) is not empty
         sv = [max(s, 1e-30) for s in _delta_sv(l)]
         col = SERIES_COLORS[i % len(SERIES_COLORS)]
         ax.plot(range(1, len(sv) + 1), sv, marker=".", ms=3, lw=1, color=col,
-                label=f"{_short(l.name)} (rank {ex.get('delta_rank')})")
-        if ex.get("delta_floor"):
-            ax.axhline(ex["delta_floor"], color=col, lw=0.8, ls="--", alpha=0.6)
+                label=f"{_short(l.name)} (rank {us.rank if us is not None else None})")
+        if us is not None and us.floor:
+            ax.axhline(us.floor, color=col, lw=0.8, ls="--", alpha=0.6)
     ax.set_yscale("log")
     ax.set_xlabel("index i of the singular value of dW")
     ax.set_ylabel("sigma_i(Wt - W0)")
@@ -145,14 +141,14 @@ def margin_rows(report: ScanReport, limit: int = 25) -> list[list[object]]:
     for l in report.layers:
         if l.status != "scanned":
             continue
-        ex = dict(l.extra)
-        low = _number(ex.get("min_max_cos"))
-        if low is None:
+        if l.margin is None or l.margin.min_max_cos is None:
             continue
-        novel = ex.get("novel_strength")
-        keyed.append(((low, -(_number(novel) or 0.0)),
+        low, novel = l.margin.min_max_cos, l.margin.novel_strength
+        us = l.update_shape
+        keyed.append(((low, -(novel or 0.0)),
                       [l.name, low, low - eps, novel, l.delta_norm_rel,
-                       ex.get("delta_stable_rank"), ex.get("delta_rank"), classify_layer(l).kind]))
+                       us.stable_rank if us is not None else None,
+                       us.rank if us is not None else None, classify_layer(l).kind]))
     keyed.sort(key=lambda kr: kr[0])  # closest first; among ties the strongest novel direction
     return [row for _, row in keyed[:limit]]
 

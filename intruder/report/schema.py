@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from ..errors import ReportError
-from ..types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
+from ..types import CheckpointInfo, Intruder, LayerResult, Margin, ScanConfig, ScanReport, UpdateShape
 from .summary import summary
 from .validate import validate_report
 from .verdict import from_dict as verdict_from_dict
@@ -235,6 +235,50 @@ def _finite(x: float):
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
+# the per-matrix JSON keys of the typed measures, in the order they are written
+MARGIN_KEYS = tuple(f.name for f in fields(Margin))  # same names
+UPDATE_KEYS = tuple(f"delta_{f.name}" for f in fields(UpdateShape))  # delta_rank, delta_sv ...
+STORAGE_KEYS = ("storage_base", "storage_tuned")
+MEASURE_KEYS = MARGIN_KEYS + UPDATE_KEYS + STORAGE_KEYS
+
+
+def layer_measures(l: LayerResult) -> dict[str, Any]:
+    """The margin, update-shape and storage measures of a layer under their JSON keys (only
+    those it has: no margin or update shape on unchanged / non-finite matrices, no storage
+    keys for plain float storage, no subspace_cos when it was not computed)."""
+    out: dict[str, Any] = {}
+    if l.margin is not None:
+        out.update((k, v) for k, v in zip(MARGIN_KEYS, _values(l.margin))
+                   if not (k == "subspace_cos" and v is None))
+    if l.update_shape is not None:
+        out.update((k, list(v) if isinstance(v, tuple) else v)
+                   for k, v in zip(UPDATE_KEYS, _values(l.update_shape)))
+    for k, v in zip(STORAGE_KEYS, (l.storage_base, l.storage_tuned)):
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def _values(obj) -> tuple[Any, ...]:
+    """A dataclass's field values in order (dataclasses.astuple would copy them deeply)."""
+    return tuple(getattr(obj, f.name) for f in fields(obj))
+
+
+def _layer_measures_from(l: dict[str, Any]) -> dict[str, Any]:
+    """LayerResult keyword arguments for the measures of a JSON layer (layer_measures undone);
+    a report written before a measure existed (schema 1.0: none of them) leaves it None."""
+    kw: dict[str, Any] = {}
+    if any(k in l for k in MARGIN_KEYS):
+        kw["margin"] = Margin(**{k: l[k] for k in MARGIN_KEYS if k in l})
+    if any(k in l for k in UPDATE_KEYS):
+        got = {k[len("delta_"):]: l[k] for k in UPDATE_KEYS if k in l}
+        if "sv" in got:
+            got["sv"] = tuple(got["sv"])
+        kw["update_shape"] = UpdateShape(**got)
+    kw.update((k, l[k]) for k in STORAGE_KEYS if k in l)
+    return kw
+
+
 def to_dict(report: ScanReport) -> dict[str, Any]:
     """The report as plain JSON-ready data."""
     c = report.config
@@ -254,7 +298,7 @@ def to_dict(report: ScanReport) -> dict[str, Any]:
         if l.max_cos_right:
             d["max_cos_right"] = list(l.max_cos_right)
             d["base_index_right"] = list(l.base_index_right)
-        d.update({k: v for k, v in l.extra})
+        d.update(layer_measures(l))
         layers.append(d)
     return {
         "$schema": SCHEMA_ID,
@@ -394,7 +438,8 @@ def from_dict(doc: dict[str, Any], source: str = "report") -> ScanReport:
                         exclude=c.get("exclude"), device=c.get("device", "auto"),
                         near_window=c.get("near_window", 0.1),
                         allow_nonfinite=bool(c.get("allow_nonfinite", False)))
-    known = {f.name for f in fields(LayerResult)}
+    # LayerResult fields stored as themselves (the measures are mapped by _layer_measures_from)
+    known = {f.name for f in fields(LayerResult)} - {"margin", "update_shape", *STORAGE_KEYS}
     intr_known = {f.name for f in fields(Intruder)}
     layers = []
     for l in doc["layers"]:
@@ -409,11 +454,10 @@ def from_dict(doc: dict[str, Any], source: str = "report") -> ScanReport:
         for k in ("delta_norm_rel", "delta_fro_rel"):
             if kw.get(k) is None:
                 kw[k] = float("nan")
-        extra = tuple((k, v) for k, v in l.items() if k not in known and k not in
-                      ("intruders", "counts_by_epsilon"))
+        kw.update(_layer_measures_from(l))
         kw.setdefault("dtype", "")
         kw.setdefault("status", "scanned")
-        layers.append(LayerResult(intruders=intr, counts_by_epsilon=counts, extra=extra, **kw))
+        layers.append(LayerResult(intruders=intr, counts_by_epsilon=counts, **kw))
     ck = {f.name for f in fields(CheckpointInfo)}
     return ScanReport(
         base=_checkpoint_info(doc["base"], ck),

@@ -78,8 +78,7 @@ def storage_lines(report: ScanReport) -> list[str]:
     dtype (io/dequant.py, io/gguf.py)."""
     counts: dict[tuple[str, str], int] = {}
     for l in report.layers:
-        for key, side in (("storage_base", "base"), ("storage_tuned", "tuned")):
-            kind = dict(l.extra).get(key)
+        for kind, side in ((l.storage_base, "base"), (l.storage_tuned, "tuned")):
             plain = ("F64", "F32", "F16", "BF16")  # not stored plainly otherwise
             if isinstance(kind, str) and kind and kind.upper() not in plain:
                 counts[side, kind] = counts.get((side, kind), 0) + 1

@@ -311,11 +311,10 @@ def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
             continue
         assert w0 is not None and wt is not None  # both on the device when "scanned"
         t1 = time.perf_counter()
-        fields, spec = analyse(w0, wt, config, m.pair.name, base_spec=spec,
-                                      scratch=scratch, noise=m.noise)
-        out.append(LayerResult(name=m.pair.name, shape=shape, dtype=p.base.dtype,
-                               status="scanned", seconds=time.perf_counter() -
-                               (t0 if not out else t1), **fields))
+        found, spec = analyse(w0, wt, config, m.pair.name, base_spec=spec,
+                              scratch=scratch, noise=m.noise)
+        out.append(found.layer(m.pair.name, shape, p.base.dtype,
+                               seconds=time.perf_counter() - (t0 if not out else t1)))
     if device.type == "cuda":  # results complete: the cache writer may read `spec` from any stream
         torch.cuda.current_stream(device).synchronize()
     if base_cache is not None and raw.key is not None and _grew(raw.cached, spec):

@@ -15,10 +15,11 @@ from dataclasses import replace
 import torch
 
 from .. import settings
-from ..types import Intruder, ScanConfig
+from ..types import Analysis, Intruder, ScanConfig
 from . import slices
 from .certify import TAIL, certify_side, kept_bounds, slice_decisions
 from .decompose import Spectrum, spectrum_of
+from .margin import margin_measures, update_spectrum
 from .match import Match, counts_by_epsilon, match_vectors
 from .partial import Eig, eig_full, eig_top, eig_top_lapack, gram, gram_error, gram_side
 from .scaling import analyse_scaled
@@ -115,10 +116,10 @@ def tuned_eig(wt: torch.Tensor, k: int, start: torch.Tensor | None = None,
 
 def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = "",
             base_spec=None, scratch: dict | None = None,
-            noise: float | None = None) -> tuple[dict, Eig]:
-    """Algorithm 1 plus caveat measures on one pair already on its device. Returns (fields,
-    base spectrum) where fields are LayerResult keyword arguments and the base spectrum (an
-    Eig, what the base cache stores) can be passed back as base_spec for the same base.
+            noise: float | None = None) -> tuple[Analysis, Eig]:
+    """Algorithm 1 plus caveat measures on one pair already on its device. Returns (analysis,
+    base spectrum): the analysis (Analysis.layer makes the LayerResult) and the base spectrum (an
+    Eig, what the base cache stores), which can be passed back as base_spec for the same base.
     scratch: a dict kept across calls with the same base (a fleet), for base-only work.
     noise: rms rounding error quantized storage put into Wt - W0 (run/stream.py: storage_noise).
     Float64 weights whose squares leave float64's range are scanned scaled by an exact power
@@ -127,7 +128,7 @@ def analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str = 
 
 
 def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
-             base_spec, scratch: dict | None, noise: float | None) -> tuple[dict, Eig]:
+             base_spec, scratch: dict | None, noise: float | None) -> tuple[Analysis, Eig]:
     stored = (w0, wt)  # as read: their dtypes name the storage grid (margin measures)
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
@@ -199,12 +200,12 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
             in_cluster=in_cluster, max_cos_bound=bool(bound[j]) if bound is not None else False))
     energy = float(sig_t[flags].square().sum()) / energy_total if energy_total > 0 else 0.0
     sig_k = float(b.sigma[k - 1]) if b.sigma.numel() >= k else float("nan")
-    from .margin import margin_fields, update_spectrum  # margin + update-shape measures
-
     d = wt - w0  # (m, n)
     update = update_spectrum(d)  # dW's singular values, once: ||dW||_2 here, its shape in margin
     dnorm = update[2]
-    fields = dict(
+    margin, shape = margin_measures(b, t, w0, wt, d, k, decide, eps, dnorm, left=left,
+                                    update=update, stored=stored, noise=noise)
+    found = Analysis(
         sigma_base=tuple(float(s) for s in b.sigma[: k + 5].cpu()),
         sigma_tuned=tuple(float(s) for s in sig_t),
         max_cos=tuple(float(x) for x in decide.cpu()),
@@ -221,11 +222,10 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         method=_method(be, te, bound is not None),
         max_cos_bound=tuple(bool(x) for x in bound) if bound is not None and bool(bound.any())
         else (),
+        margin=margin,
+        update_shape=shape,
     )
-    fields["extra"] = tuple(fields.get("extra", ())) + margin_fields(
-        b, t, w0, wt, d, k, decide, eps, dnorm, left=left, update=update, stored=stored,
-        noise=noise)
-    return fields, be
+    return found, be
 
 
 def _primary(ml: Match | None, mr: Match | None) -> Match:

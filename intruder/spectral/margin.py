@@ -24,6 +24,7 @@ import math
 import torch
 
 from .. import exitcodes
+from ..types import Margin, UpdateShape
 
 # How many singular values of dW are kept in the report (and computed on large matrices).
 DELTA_SV_KEEP = 64
@@ -164,11 +165,16 @@ def update_spectrum(d: torch.Tensor) -> tuple[torch.Tensor, str, float]:
     return sv, how, top
 
 
-def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
-                  decide: torch.Tensor, epsilon: float, dnorm: float,
-                  left: bool = True, update=None, stored=None,
-                  noise: float | None = None) -> tuple[tuple[str, object], ...]:
-    """Margin and update-shape measures of one layer, as LayerResult.extra (key, value) pairs.
+def _finite(x: float) -> float | None:
+    """JSON has no inf / nan: a measure that cannot be computed is None (null)."""
+    return x if math.isfinite(x) else None
+
+
+def margin_measures(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: int,
+                    decide: torch.Tensor, epsilon: float, dnorm: float,
+                    left: bool = True, update=None, stored=None,
+                    noise: float | None = None) -> tuple[Margin, UpdateShape]:
+    """Margin and update-shape measures of one layer.
 
     b: base Spectrum (all vectors), t: tuned top-k Spectrum, w0/wt/d (m, n) float64 on one device,
     decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2, update: update_spectrum(d)
@@ -176,28 +182,27 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     float64 upcast (their dtype spares the storage-grid pass), default (w0, wt); noise: rms
     rounding error that quantized storage (FP8 with scales, GGUF, int8) put into dW, which no
     float grid shows (io/dequant.noise_rms), else None."""
-    out: list[tuple[str, object]] = []
     min_cos = float(decide.min()) if decide.numel() else float("nan")
-    out.append(("min_max_cos", min_cos))
-    out.append(("cos_margin", min_cos - epsilon))
     sig = b.sigma
     sig_k = float(sig[k - 1]) if sig.numel() >= k else float("nan")
     bu = b.u if left else b.v
     tu = t.u if left else t.v
     basis = bu[:, :k] if bu is not None else None  # (m, k) or (n, k)
     novel = spectral_norm_projected(d, basis, left)
-    out.append(("novel_strength", novel / sig_k if sig_k > 0 else float("inf")))
+    subspace = None
     if basis is not None and tu is not None:
         pc = torch.linalg.svdvals(basis.mT @ tu[:, :k])  # (k,) cosines of the principal angles
-        out.append(("subspace_cos", float(pc.min().clamp(0.0, 1.0))))
+        subspace = _finite(float(pc.min().clamp(0.0, 1.0)))
     n0, nt = float(w0.norm()), float(wt.norm())
     # cosine between the weights as vectors: near 1 for any fine-tune, near 0 for unrelated models
     dot = float(torch.dot(w0.reshape(-1), wt.reshape(-1)))  # no (m, n) temporary
-    out.append(("weight_cos", dot / (n0 * nt) if n0 > 0 and nt > 0 else None))
+    margin = Margin(min_max_cos=_finite(min_cos), cos_margin=_finite(min_cos - epsilon),
+                    novel_strength=_finite(novel / sig_k if sig_k > 0 else float("inf")),
+                    subspace_cos=subspace,
+                    weight_cos=_finite(dot / (n0 * nt)) if n0 > 0 and nt > 0 else None)
     sv, how, _ = update if update is not None else update_spectrum(d)
     top = max(float(sv[0]) if sv.numel() else 0.0, dnorm)  # ||d||_2 (exact or randomized)
     fro2 = float(torch.linalg.vector_norm(d)) ** 2
-    out.append(("delta_stable_rank", fro2 / top ** 2 if top > 0 else 0.0))
     # the coarser storage grid of the two sides sets the rounding noise dW carries
     s0, st = stored if stored is not None else (w0, wt)
     grid, bits = min(storage_grid(st), storage_grid(s0), key=lambda g: g[1])
@@ -215,23 +220,22 @@ def margin_fields(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k: 
     # the noise level the floor stands for (rounding, or the Gram resolution when that is higher)
     e_round = (floor / FLOOR_SLACK / (math.sqrt(m) + math.sqrt(n))) ** 2 * m * n
     keep = sv[:DELTA_SV_KEEP].cpu()
-    out += [("delta_rank", rank), ("delta_rank_seen", seen),
-            ("delta_rank_gap", gap if math.isfinite(gap) else None),
-            ("delta_tail_ratio", tail / e_round if e_round > 0 else None),
-            # first value below the floor against the noise edge: about 1 (or less) when what
-            # lies below the floor is rounding noise, near FLOOR_SLACK when the update goes on
-            ("delta_next_edge", float(sv[rank]) / (floor / FLOOR_SLACK)
-             if seen and floor > 0 and rank < sv.numel() else None),
-            ("delta_floor", floor), ("delta_grid", grid), ("delta_sv_method", how),
-            ("delta_sv", [float(x) for x in keep])]
-    # JSON has no inf / nan: a measure that cannot be computed is null
-    return tuple((key, None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for key, v in out)
+    shape = UpdateShape(
+        stable_rank=_finite(fro2 / top ** 2 if top > 0 else 0.0),
+        rank=rank, rank_seen=seen, rank_gap=_finite(gap),
+        tail_ratio=_finite(tail / e_round) if e_round > 0 else None,
+        # first value below the floor against the noise edge: about 1 (or less) when what
+        # lies below the floor is rounding noise, near FLOOR_SLACK when the update goes on
+        next_edge=_finite(float(sv[rank]) / (floor / FLOOR_SLACK))
+        if seen and floor > 0 and rank < sv.numel() else None,
+        floor=_finite(floor), grid=grid, sv_method=how, sv=tuple(float(x) for x in keep))
+    return margin, shape
 
 
-def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> tuple[tuple[str, object], ...]:
-    """margin_fields from the two matrices alone (a separate pass; the engine calls margin_fields
-    with what it has already computed)."""
+def margin_measures_for(w0: torch.Tensor, wt: torch.Tensor,
+                        config) -> tuple[Margin, UpdateShape]:
+    """margin_measures from the two matrices alone (a separate pass; the engine calls
+    margin_measures with what it has already computed)."""
     from .decompose import full_spectrum, top_spectrum
     from .match import match_vectors
 
@@ -248,8 +252,8 @@ def margin_fields_for(w0: torch.Tensor, wt: torch.Tensor, config) -> tuple[tuple
     decide = torch.maximum(cos[0], cos[1]) if len(cos) == 2 else cos[0]  # (k,)
     d = wt - w0  # (m, n)
     update = update_spectrum(d)
-    return margin_fields(b, t, w0, wt, d, k, decide, config.epsilon, update[2], left=left,
-                         update=update)
+    return margin_measures(b, t, w0, wt, d, k, decide, config.epsilon, update[2], left=left,
+                           update=update)
 
 
 def _quantile(xs, q):
@@ -272,10 +276,10 @@ def margin_summary(layers, epsilon: float) -> dict:
     for l in layers:
         if l.status != "scanned":
             continue
-        ex = dict(l.extra)
-        if ex.get("min_max_cos") is None:
+        mg = l.margin
+        if mg is None or mg.min_max_cos is None:
             continue
-        rows.append((l.name, ex["min_max_cos"], ex.get("novel_strength"), l.delta_norm_rel))
+        rows.append((l.name, mg.min_max_cos, mg.novel_strength, l.delta_norm_rel))
     if not rows:
         return {"layers": 0}
     cos = [r[1] for r in rows]
@@ -335,9 +339,9 @@ def margin_breaches(layers, epsilon: float, cos_within: float | None = None,
     for l in layers:
         if l.status != "scanned":
             continue
-        ex = dict(l.extra)
-        c = ex.get("min_max_cos")
-        s = ex.get("novel_strength")
+        if l.margin is None:
+            continue
+        c, s = l.margin.min_max_cos, l.margin.novel_strength
         if cos_within is not None and c is not None and c - epsilon < cos_within:
             out.append(l.name)
         elif strength_at_least is not None and s is not None and s >= strength_at_least:

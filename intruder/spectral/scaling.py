@@ -17,15 +17,12 @@ from typing import Callable
 
 import torch
 
+from ..types import Analysis
 from .partial import Eig
 
 # |W| below 2^-LIMIT or above 2^LIMIT (its largest entry) is scaled: squares then stay within
 # 2^(+-2 LIMIT) and their sums over 2^20 terms far inside float64's 2^(+-1022)
 LIMIT = 300
-# absolute (sigma-valued) measures in LayerResult.extra, divided by c after a scaled scan
-ABSOLUTE_EXTRA = ("delta_floor", "delta_sv")
-
-
 def pow2_scale(*ts: torch.Tensor | None) -> float:
     """A power of two c with c * max|t| in [0.5, 1) when the largest entry of the float64
     tensors among ts lies outside [2^-LIMIT, 2^LIMIT]; else 1.0. Other dtypes cost nothing."""
@@ -57,25 +54,23 @@ def rescale_eig(spec, c: float):
     return replace(spec, vals=vals, rest=rest, scale=1.0)
 
 
-def unscale_fields(fields: dict, c: float) -> dict:
-    """Absolute measures of a scan of (c W0, c Wt) back in the units of W0, Wt."""
+def unscale(found: Analysis, c: float) -> Analysis:
+    """Absolute (sigma-valued) measures of a scan of (c W0, c Wt) back in the units of W0, Wt:
+    the singular values, the intruders' sigma, and dW's spectrum and rounding floor."""
     inv = 1.0 / c
-    out = dict(fields)
-    for key in ("sigma_base", "sigma_tuned"):
-        out[key] = tuple(s * inv for s in fields.get(key, ()))
-    out["intruders"] = tuple(replace(i, sigma=i.sigma * inv) for i in fields.get("intruders", ()))
-    extra = []
-    for key, v in fields.get("extra", ()):
-        if key in ABSOLUTE_EXTRA and v is not None:
-            v = [x * inv for x in v] if isinstance(v, list) else v * inv
-        extra.append((key, v))
-    out["extra"] = tuple(extra)
-    return out
+    shape = found.update_shape
+    if shape is not None:
+        shape = replace(shape, floor=None if shape.floor is None else shape.floor * inv,
+                        sv=tuple(x * inv for x in shape.sv))
+    return replace(found, sigma_base=tuple(s * inv for s in found.sigma_base),
+                   sigma_tuned=tuple(s * inv for s in found.sigma_tuned),
+                   intruders=tuple(replace(i, sigma=i.sigma * inv) for i in found.intruders),
+                   update_shape=shape)
 
 
 def analyse_scaled(inner: Callable, w0: torch.Tensor, wt: torch.Tensor, config, name: str,
                    base_spec, scratch: dict | None = None,
-                   noise: float | None = None) -> tuple[dict, Eig]:
+                   noise: float | None = None) -> tuple[Analysis, Eig]:
     """inner (the engine's analysis) on (c W0, c Wt) with c = pow2_scale(W0, Wt); outputs in
     the units of W0 and Wt, the base spectrum tagged with its scale (what the cache stores).
     A scaled pair shares no scratch (base-only work in other units) with its fleet."""
@@ -85,5 +80,5 @@ def analyse_scaled(inner: Callable, w0: torch.Tensor, wt: torch.Tensor, config, 
         return inner(w0, wt, config, name, spec, scratch, noise)
     w0s = w0.to(torch.float64) * c  # (m, n) exact
     wts = wt.to(torch.float64) * c  # (m, n) exact
-    fields, be = inner(w0s, wts, config, name, spec, None, None if noise is None else noise * c)
-    return unscale_fields(fields, c), replace(be, scale=c)
+    found, be = inner(w0s, wts, config, name, spec, None, None if noise is None else noise * c)
+    return unscale(found, c), replace(be, scale=c)
