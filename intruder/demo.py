@@ -25,8 +25,12 @@ import time
 from collections.abc import Mapping
 
 from . import settings
+from .evaluate import register
+from .evaluate.wikitext import WikitextEvaluator
 from .report.summary import summary
-from .types import ScanReport
+from .report.table import scan_table
+from .report.track_view import write_track_html
+from .types import ScanConfig, ScanReport
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_EPS = (0.5, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9)  # first decides the listed intruders
@@ -102,9 +106,7 @@ def main(argv=None) -> int:
     os.chdir(REPO)  # reports record repository-relative paths
     from .report.html import write_html
     from .report.schema import save_report
-    from .report.table import scan_table
     from .scan import run_scan
-    from .types import ScanConfig
 
     wikitext = os.path.join(args.data_dir, "wikitext-2-raw", "wiki.test.raw")
     if not os.path.isfile(wikitext):
@@ -146,7 +148,6 @@ def main(argv=None) -> int:
 
     # 3. compare
     log("[3/6] intruder compare: all single-step fine-tunes, base decomposed once")
-    from .report.track_view import write_track_html
     from .track import dumps as track_dumps
     from .track import run_compare, run_track
 
@@ -181,8 +182,6 @@ def main(argv=None) -> int:
     sweep_names = [n for n in args.sweep_model.split(",") if n]
     log(f"[5/6] intruder scale on {', '.join(sweep_names)}: alpha sweep, WikiText-2 + held-out "
         f"task text")
-    from .evaluate import register
-    from .evaluate.wikitext import WikitextEvaluator
     from .scale_sweep import format_sweep, run_sweep
 
     # lm-eval wikitext metrics on the first N test articles (the held-out task text stays whole)

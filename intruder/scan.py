@@ -10,7 +10,11 @@ from . import __version__
 from .errors import IntruderError
 from .io import identity, open_checkpoint, pair_checkpoints, read_ref
 from .io.basecheck import check_base, declared_base_spec, enforce, warning_text
+from .report.schema import SCHEMA_VERSION
 from .report.verdict import decide
+from .run.cache import BaseCache
+from .run.devices import resolve_device
+from .run.driver import scan_pairs
 from .types import ScanConfig, ScanReport
 
 
@@ -38,10 +42,6 @@ def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
     """Scan TUNED against BASE and return the report (nothing is written). BASE None: TUNED is
     an adapter whose declared base (base_model_name_or_path) is used. strict_base: an adapter
     whose declared base is not BASE is an error, not a warning."""
-    from .report.schema import SCHEMA_VERSION
-    from .run.devices import resolve_device
-    from .run.driver import scan_pairs
-
     config = config or ScanConfig()
     validate_config(config)
     t0 = time.perf_counter()
@@ -60,8 +60,6 @@ def run_scan(base: str | None, tuned: str, config: ScanConfig | None = None,
                             f"({len(pairing.skipped)} paired tensors were filtered out; "
                             f"see --include / --exclude)")
     if base_cache is None and config.cache_dir:
-        from .run.cache import BaseCache
-
         base_cache = BaseCache(config.cache_dir)
     handles: dict = {}  # parsed headers, one file at a time
     layers = list(scan_pairs(pairing.pairs, lambda ref: read_ref(ref, handles), config,

@@ -32,11 +32,25 @@ import torch
 
 from . import __version__
 from .errors import IntruderError, NonFiniteError
-from .io import identity
+from .io import identity, open_checkpoint, pair_checkpoints, read_ref
+from .io.adapter import merge_lora
 from .io.basecheck import chain_checks, warning_text
+from .io.dequant import noise_rms
+from .provenance import provenance
+from .report.schema import SCHEMA_VERSION
+from .report.schema import to_dict as scan_dict
 from .report.summary import summary
 from .report.verdict import decide
+from .report.verdict import to_dict as verdict_dict
+from .run import stream
+from .run.cache import BaseCache
+from .run.devices import resolve_device
+from .run.driver import scan_pairs
+from .run.load import all_finite
 from .run.stream import Raw
+from .scan import derivation_warnings, validate_config
+from .spectral.decompose import top_spectrum
+from .spectral.engine import analyse
 from .types import Analysis, CheckpointInfo, LayerResult, LoraInfo, ScanConfig, ScanReport, TensorRef
 
 PERSIST_COS = 0.5  # an intruder matches one of the previous step when |cos| >= this
@@ -139,11 +153,6 @@ def run_compare(base: str, checkpoints: Sequence[str], config: ScanConfig | None
 
 def _run(base, checkpoints, config, mode, progress, command, base_cache,
          strict_base=False) -> TrackReport:
-    from .io import open_checkpoint, pair_checkpoints
-    from .report.schema import SCHEMA_VERSION
-    from .run.devices import resolve_device
-    from .scan import derivation_warnings, validate_config
-
     config = config or ScanConfig()
     validate_config(config)
     if len(checkpoints) < 1:
@@ -161,8 +170,6 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
         raise IntruderError(f"no matrix of {base} is paired in every checkpoint "
                             f"({', '.join(checkpoints)}); see --include / --exclude")
     if base_cache is None and config.cache_dir:
-        from .run.cache import BaseCache
-
         base_cache = BaseCache(config.cache_dir)
     labels = _labels(checkpoints)
     n = len(cks)
@@ -213,9 +220,6 @@ def _run(base, checkpoints, config, mode, progress, command, base_cache,
 def entry_summary(e: TrackEntry, mode: str, step: int = 1) -> dict:
     """One row of the track / compare table (also in the JSON). `step` (1-based, track): the
     cumulative update of step i carries up to i roundings of stored weights."""
-    from .provenance import provenance
-    from .report.verdict import to_dict as verdict_dict
-
     s = summary(e.vs_base)
     if mode == "track" and step > 1:
         s["provenance"] = provenance(e.vs_base, roundings=step).to_dict()
@@ -248,8 +252,6 @@ def to_dict(tr: TrackReport) -> dict:
     """The whole track / compare as JSON-ready data: per entry a full scan report (schema
     scan-report 1.x) against the base, and in a track against the previous step."""
     from dataclasses import asdict
-
-    from .report.schema import to_dict as scan_dict
 
     c = tr.config
     entries = []
@@ -288,9 +290,6 @@ def _compare_streamed(names, pair_maps, config, progress, base_cache, vs_base) -
     """Independent fine-tunes on the scan's streaming pipeline: per matrix one group of pairs
     sharing the base, read once and decomposed once (or taken from the cache) while the next
     groups are read; several CUDA streams and GPUs, and torchrun ranks, as in a scan."""
-    from .io import read_ref
-    from .run.driver import scan_pairs
-
     handles: dict = {}
     groups = [tuple(pm[name] for pm in pair_maps) for name in names]
     for got in scan_pairs(groups, lambda ref: read_ref(ref, handles), config, progress=progress,
@@ -303,9 +302,6 @@ def _track_streamed(names, pair_maps, config, progress, base_cache, vs_base, vs_
                     persist) -> None:
     """Sequential fine-tunes on the scan's streaming pipeline: per matrix one group (the base and
     every step's tensor), run by _track_group on a device while the next groups are read."""
-    from .io import read_ref
-    from .run.driver import scan_pairs
-
     handles: dict = {}
     groups = [tuple(pm[name] for pm in pair_maps) for name in names]
     for name, got in zip(names, scan_pairs(groups, lambda ref: read_ref(ref, handles), config,
@@ -324,12 +320,6 @@ def _track_group(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
     """One matrix of a track on `device` (the pipeline's group function): every step against
     the base (decomposed once, or from the cache) and against the step before, and intruders
     followed along. Returns per step (vs base, vs previous or None, Persistence or None)."""
-    from .io.adapter import merge_lora
-    from .run import stream
-    from .run.load import all_finite
-    from .spectral.decompose import top_spectrum
-    from .spectral.engine import analyse
-
     p0 = raw.pair
     name, shape, dtype = p0.name, tuple(p0.base.shape), p0.base.dtype
     steps = [raw, *raw.more]
@@ -426,8 +416,6 @@ def _noise(ref, t) -> float | None:
     """Rounding rms of a quantized stored tensor (None for plain float storage)."""
     if ref is None or ref.storage is None or t is None:
         return None
-    from .io import read_ref
-    from .io.dequant import noise_rms
 
     handles: dict = {}
     return noise_rms(ref, t, lambda r: read_ref(r, handles))

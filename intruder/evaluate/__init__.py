@@ -21,6 +21,10 @@ from typing import Any, Callable, Protocol
 
 from ..errors import EvalError
 from ..types import EvalResult
+from .lmeval import LmEvalEvaluator
+from .model import LoadedModel
+from .model import load_model as _load
+from .wikitext import DEFAULT_STRIDE, WikitextEvaluator
 
 __all__ = ["EVALUATORS", "EvalResult", "available", "check_evaluators", "evaluate_model",
            "get_evaluator", "load_model", "register", "run_evaluators"]
@@ -37,20 +41,14 @@ class Evaluator(Protocol):
 
 
 def _wikitext(arg: str | None):
-    from .wikitext import WikitextEvaluator
-
     return WikitextEvaluator(path=arg or None)
 
 
 def _wikitext_sliding(arg: str | None):
-    from .wikitext import DEFAULT_STRIDE, WikitextEvaluator
-
     return WikitextEvaluator(path=arg or None, stride=DEFAULT_STRIDE)
 
 
 def _lm_eval(arg: str | None, lm_eval_include: Sequence[str] = (), **_):
-    from .lmeval import LmEvalEvaluator
-
     return LmEvalEvaluator(arg or "", include=lm_eval_include)
 
 
@@ -126,8 +124,6 @@ def check_evaluators(evaluators: Sequence[Evaluator], limit: int | None = None) 
 def load_model(path, model_config=None, device: str = "auto", dtype=None, max_length=None,
                progress: bool = True, device_map: str | None = None):
     """Load a model for evaluation; see intruder.evaluate.model.load_model."""
-    from .model import load_model as _load
-
     return _load(path, model_config=model_config, device=device, dtype=dtype,
                  max_length=max_length, progress=progress, device_map=device_map)
 
@@ -155,8 +151,6 @@ def evaluate_model(path, specs: Sequence[str | Evaluator] = ("wikitext",), *,
         model_config: dir with config.json + tokenizer, for paths that lack them.
         limit: first N documents / items / lines per evaluator.
     """
-    from .model import LoadedModel
-
     if isinstance(specs, str):
         specs = [specs]
     evaluators = [get_evaluator(s) if isinstance(s, str) else s for s in specs]

@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 from ..types import CheckpointInfo, TensorRef
 from . import hub
 from . import identity as ident
-from .dequant import attach_storage
+from .dequant import attach_storage, decode
 from .gguf import GGUFFile
 from .jsonfile import read_json
 from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file, gc_paused
@@ -127,8 +127,6 @@ def read_ref(ref: TensorRef, cache: dict[str, object] | None = None):
     (io/dequant.py, io/gguf.py). `cache` keeps parsed headers (not data) per file."""
     cache = {} if cache is None else cache
     if ref.storage is not None and not ref.path.endswith(".gguf"):
-        from .dequant import decode
-
         return decode(ref, lambda r: read_stored_bytes(r, cache), lambda r: read_ref(r, cache))
     handle = _handle(ref.path, cache)
     if ref.name not in handle.entries:

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 from ..errors import PairingError
 from ..types import LayerPair, TensorRef
+from .adapter import lora_info_for
 from .checkpoint import Checkpoint
+from .dequant import unusable
+from .gguf import rename_to_match
 from .safetensors_file import gc_paused
 
 PEFT_PREFIX = "base_model.model."
@@ -141,8 +144,6 @@ def _pair_checkpoints(base: Checkpoint, tuned: Checkpoint, include: str | None,
 
 def _gguf_names(base: Checkpoint, tuned: Checkpoint):
     """Both sides' refs, a GGUF side's tensors named as the other side names them."""
-    from .gguf import rename_to_match
-
     base_refs, tuned_refs = base.refs, tuned.refs
     if base.kind == "gguf" and tuned.kind != "gguf":
         other = list(tuned.refs) + [normalise(n) for n in tuned.refs]
@@ -155,8 +156,6 @@ def _gguf_names(base: Checkpoint, tuned: Checkpoint):
 
 
 def _unusable(*refs: TensorRef) -> str | None:
-    from .dequant import unusable
-
     for side, ref in zip(("base", "tuned"), refs):
         why = unusable(ref)
         if why is not None:
@@ -166,8 +165,6 @@ def _unusable(*refs: TensorRef) -> str | None:
 
 def _pair_adapter(base: Checkpoint, tuned: Checkpoint, include, exclude,
                   base_refs: dict[str, TensorRef] | None = None) -> Pairing:
-    from .adapter import lora_info_for
-
     base_refs = base.refs if base_refs is None else base_refs
     ad = tuned.adapter
     assert ad is not None, "an adapter checkpoint holds its Adapter"

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from ..provenance import provenance
 from ..types import ScanReport
 from .schema import MEASURE_KEYS, layer_measures
 from .views import split_name
@@ -37,8 +38,6 @@ def to_dataframe(report: ScanReport):
     delta_sv ...; docs/margin.md); and `update`, the matrix's update shape from provenance
     (low-rank | dense | unresolved | precision-only | saturated | unchanged | unknown)."""
     import pandas as pd
-
-    from ..provenance import provenance
 
     eps = sorted(set(report.config.epsilons))
     shape_of = {lv.name: lv.kind for lv in provenance(report).layers}

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from .. import __version__
 from ..errors import IntruderError, OutputError, ReportError
 from ..types import ScanReport, Verdict
-from . import views
+from . import plots, views
 from .page import Figures, Section, asset, csp_hash, escape, fmt_cell, table_html
+from .scale_results import ScaleTable, load_scale_results, parse_scale_results
+from .similarity import recompute_similarity
 from .summary import summary
 from .verdict import verdict_of
 
@@ -272,8 +274,6 @@ def _scale_section(table, fig) -> str:
 
 
 def _plots():
-    from . import plots
-
     return plots
 
 
@@ -296,7 +296,6 @@ def _similarity(report: ScanReport, mode: bool | None, base_path, tuned_path, n_
         if big:
             return [], None, (f"not recomputed automatically: {big[0]} is larger than "
                               f"{AUTO_MAX_DIM} on its short side (ask with --similarity)")
-    from .similarity import recompute_similarity
 
     try:
         blocks = recompute_similarity(report, [l.name for l in chosen], base_path=base_path,
@@ -326,8 +325,6 @@ def _margin_section(report: ScanReport, extra: Sequence[Section], dpi: int) -> S
 
 
 def _scale_table(scale_results):
-    from .scale_results import ScaleTable, load_scale_results, parse_scale_results
-
     if scale_results is None or isinstance(scale_results, ScaleTable):
         return scale_results
     if isinstance(scale_results, (str, os.PathLike)):

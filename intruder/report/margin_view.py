@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Union
 
+from ..provenance import classify_layer, provenance, verdict_line
 from ..types import LayerResult, ScanReport
 from .page import Figures, Section, escape, table_html
+from .plots import _figure as fig
 
 Reports = Union[ScanReport, Mapping[str, ScanReport]]
 KIND_COLOR = {"low-rank": "#d62728", "dense": "#1f77b4", "precision-only": "#7f7f7f"}
@@ -23,8 +25,6 @@ SERIES_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b
 
 
 def _figure(w: float, h: float):
-    from .plots import _figure as fig
-
     return fig(w, h)
 
 
@@ -43,8 +43,6 @@ def _delta_sv(layer: LayerResult) -> list[float]:
 
 def margin_points(report: ScanReport) -> list[tuple[str, float, float, str]]:
     """(name, novel_strength, min_max_cos, provenance class) per scanned matrix with margins."""
-    from ..provenance import classify_layer
-
     out = []
     for l in report.layers:
         if l.status != "scanned":
@@ -135,8 +133,6 @@ def _short(name: str, n: int = 40) -> str:
 def margin_rows(report: ScanReport, limit: int = 25) -> list[list[object]]:
     """The matrices closest to a first intruder: (name, lowest max|cos|, cos margin, novel
     strength, ||dW||_2/sigma_k, stable rank of dW, rank of dW, class)."""
-    from ..provenance import classify_layer
-
     keyed: list[tuple[tuple[float, float], list[object]]] = []  # (sort key, row)
     eps = report.config.epsilon
     for l in report.layers:
@@ -156,7 +152,6 @@ def margin_rows(report: ScanReport, limit: int = 25) -> list[list[object]]:
 
 def margin_section_html(report: ScanReport, dpi: int = 100) -> str:
     """HTML for the margin view of one scan (figures inline as PNG; strings escaped)."""
-    from ..provenance import provenance, verdict_line
     from ..spectral.margin import margin_line, margin_summary
 
     fig = Figures(dpi)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..provenance import verdict_line_dict
 from ..types import ScanReport
 from .summary import summary
 
@@ -137,8 +138,6 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
 
         lines.append(margin_line(s["margin"]))
     if s.get("provenance"):
-        from ..provenance import verdict_line_dict
-
         lines.append("provenance: " + verdict_line_dict(s["provenance"]))
     if s["in_cluster_intruders"]:
         lines.append(f"note: {s['in_cluster_intruders']} flagged vector(s) lie inside a "

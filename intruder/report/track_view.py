@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 
+from ..provenance import verdict_line_dict
 from .margin_view import SERIES_COLORS, _figure, margin_scatter
 from .page import Figures, Section, asset, csp_hash, escape, table_html
+from .table import BOUND_NOTE, bound_count, source_text
 
 
 def _xs(tr) -> tuple[list[int], list[str]]:
@@ -101,9 +103,7 @@ def persistence_bars(tr):
 
 def track_section_html(tr, dpi: int = 100) -> str:
     """HTML of the track / compare view: table, figures, per-checkpoint verdicts."""
-    from ..provenance import verdict_line_dict
     from ..track import PERSIST_COS, summaries
-    from .table import BOUND_NOTE, bound_count
 
     fig = Figures(dpi)
     rows = summaries(tr)
@@ -168,8 +168,6 @@ def track_section(tr, dpi: int = 100):
 
 def _source(info) -> str:
     """'; content sha256 ...; hub org/name@rev commit ...' (plain text, escaped by the caller)."""
-    from .table import source_text
-
     text = source_text(info).strip()
     return f"; {text}" if text else ""
 

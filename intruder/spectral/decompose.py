@@ -19,6 +19,7 @@ import torch
 
 from .partial import Eig, derive_other, eig_full
 from .scaling import pow2_scale
+from .sketch import norm_lanczos
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,6 @@ def spectral_norm(d: torch.Tensor, iters: int = 30, seed: int = 0, block: int = 
                   rtol: float = 1e-13) -> float:
     """||d||_2 (float64) by block Lanczos on d^T d (sketch.norm_lanczos): a lower bound that
     converges from below; a few blocks resolve it where power iteration needs dozens of passes."""
-    from .sketch import norm_lanczos
-
     d = d.to(torch.float64)  # (m, n)
     if d.numel() == 0:
         return 0.0

@@ -25,6 +25,10 @@ import torch
 
 from .. import exitcodes
 from ..types import Margin, UpdateShape
+from .decompose import full_spectrum, spectral_norm, top_spectrum
+from .match import match_vectors
+from .partial import gram, gram_side
+from .sketch import norm_lanczos, sketch_singular_values
 
 # How many singular values of dW are kept in the report (and computed on large matrices).
 DELTA_SV_KEEP = 64
@@ -102,9 +106,6 @@ def delta_singular_values(d: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor,
     matrix, float64) when min(m, n) <= EXACT_DELTA_MAX, else the top RANDOMIZED_Q by a randomized
     range finder with one power iteration (sketch.py). Gram values below GRAM_RESOLVE x sigma_1
     are noise."""
-    from .partial import gram, gram_side
-    from .sketch import sketch_singular_values
-
     m, n = d.shape
     small = min(m, n)
     if small <= EXACT_DELTA_MAX:
@@ -135,8 +136,6 @@ def spectral_norm_projected(d: torch.Tensor, basis: torch.Tensor | None, left: b
                             rtol: float = 1e-9) -> float:
     """||(I - B B^T) d||_2 (left) or ||d (I - B B^T)||_2 (right), basis B (., k) orthonormal, by
     block Lanczos (sketch.norm_lanczos: a lower bound that converges from below)."""
-    from .sketch import norm_lanczos
-
     if basis is None:
         return float("nan")
 
@@ -156,8 +155,6 @@ def update_spectrum(d: torch.Tensor) -> tuple[torch.Tensor, str, float]:
 
     The exact Gram path gives ||d||_2 as its top value; the randomized path's top value is a
     lower bound, so the power iteration's estimate is taken too and the larger kept."""
-    from .decompose import spectral_norm
-
     sv, how = delta_singular_values(d)
     top = float(sv[0]) if sv.numel() else 0.0
     if how != "gram":  # the sketch's top value is a lower bound: refine (a reported measure)
@@ -236,9 +233,6 @@ def margin_measures_for(w0: torch.Tensor, wt: torch.Tensor,
                         config) -> tuple[Margin, UpdateShape]:
     """margin_measures from the two matrices alone (a separate pass; the engine calls
     margin_measures with what it has already computed)."""
-    from .decompose import full_spectrum, top_spectrum
-    from .match import match_vectors
-
     w0 = w0.to(torch.float64)  # (m, n)
     wt = wt.to(torch.float64)  # (m, n)
     k = min(config.top_k, min(w0.shape))

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sketch import cpu_symmetric, seeded_randn
+
 U64 = 2.0 ** -53  # unit roundoff of float64
 # Angle bound (sin) a certified vector may carry; above it, the exact path runs. The bounds are
 # worst-case rounding analyses (gamma_n * ||W||_F^2 for the Gram, d u ||.|| for products), so
@@ -163,8 +165,6 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
 
 def _small_eigh(h: torch.Tensor):
     """eigh of a small symmetric matrix on the CPU (cuSOLVER is slow at this size); descending."""
-    from .sketch import cpu_symmetric
-
     th, z = torch.linalg.eigh(cpu_symmetric(h))  # ascending
     return th.flip(0), z.flip(1).to(h.device)
 
@@ -232,7 +232,6 @@ def eig_top(g: torch.Tensor, want: int, start: torch.Tensor | None = None, seed:
     s = want + extra
     if want < 1 or 2 * s >= d:
         return None
-    from .sketch import seeded_randn
 
     y = seeded_randn(d, s, seed, dev)  # (d, s)
     if start is not None and start.numel():

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .partial import U64, Eig, gram, gram_error
+from .sketch import norm_lanczos
 
 DEGREE = 96  # Chebyshev degree of the slice filters (n block products with the tuned block)
 SLICES = 48  # slices of [0, pi] in theta = arccos(x): equal Chebyshev resolution
@@ -127,8 +128,6 @@ def inverse_gram(w0: torch.Tensor, side: str, g: torch.Tensor | None = None
     """H = G^-1 by Cholesky, ||H G - I|| measured and H's spectrum fenced (Lanczos estimate of
     ||H||, proved by a Cholesky of hi I - H). None for a (nearly) singular base. g: gram(w0,
     side) when the caller has it (not modified)."""
-    from .sketch import norm_lanczos
-
     d = min(w0.shape)
     dev = w0.device
     if g is None:
