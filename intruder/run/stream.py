@@ -31,7 +31,7 @@ from typing import Callable, TypeAlias
 import torch
 
 from .. import settings
-from ..errors import CheckpointError, IntruderError, NonFiniteError
+from ..errors import CheckpointError, IntruderError
 from ..io.adapter import merge_lora
 from ..io.dequant import decode, decoded_nbytes, noise_rms
 from ..io.safetensors_file import DTYPES, SafetensorsFile, open_regular, torch_dtype
@@ -39,7 +39,7 @@ from ..spectral.engine import analyse
 from ..spectral.partial import Eig
 from ..types import LayerPair, LayerResult, ScanConfig, TensorRef
 from .cache import content_key  # noqa: F401  (the cache's key, also used from here)
-from .load import all_finite
+from .load import base_finite, tuned_status
 from .threads import OneThreadEach, cpu_workers, usable_cpus
 
 # bytes of tensors read ahead of the devices (measured on the 7B pair, one H200: 256 MiB and
@@ -249,21 +249,13 @@ def prepare(raw: Raw, device: torch.device, allow_nonfinite: bool) -> Prepared:
 
 def base_on(raw: Raw, device: torch.device, allow_nonfinite: bool) -> torch.Tensor | None:
     """The base on the device, None when it is not finite (and that is allowed)."""
-
-    p = raw.pair
     assert raw.w0 is not None, "read_pair reads the base"
     w0 = raw.w0.to(device, non_blocking=device.type == "cuda")
-    if not all_finite(w0):
-        if not allow_nonfinite:
-            raise NonFiniteError(f"base tensor {p.name!r} in {p.base.path} contains NaN or "
-                                 f"Inf (use --allow-nonfinite to skip such layers)")
-        return None
-    return w0
+    return w0 if base_finite(raw.pair, w0, allow_nonfinite) else None
 
 
 def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: bool) -> Prepared:
     """The tuned tensor on the device (LoRA merged onto w0) with its checks: (status, w0, wt)."""
-
     p = raw.pair
     nb = device.type == "cuda"
     if p.lora is not None:
@@ -274,14 +266,8 @@ def tuned_on(raw: Raw, w0: torch.Tensor, device: torch.device, allow_nonfinite: 
     else:
         assert raw.wt is not None, "read_pair reads a tuned tensor that is not the base"
         wt = raw.wt.to(device, non_blocking=nb)
-    if not all_finite(wt):
-        if not allow_nonfinite:
-            raise NonFiniteError(f"tuned tensor {p.name!r} in {p.tuned_path} contains NaN or Inf "
-                                 f"(use --allow-nonfinite to skip such layers)")
-        return "nonfinite", None, None
-    if wt.dtype == w0.dtype and torch.equal(wt, w0):
-        return "unchanged", None, None
-    return "scanned", w0, wt
+    status = tuned_status(p, w0, wt, allow_nonfinite)
+    return (status, w0, wt) if status == "scanned" else (status, None, None)
 
 
 def compute(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
