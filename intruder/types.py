@@ -269,12 +269,7 @@ class ScanReport:
     tool_version: str = ""
     schema_version: str = ""
     verdict: Verdict | None = None  # set by the scan / loaded from the JSON
-
-    def to_dataframe(self):
-        """One row per matrix as a pandas DataFrame (see intruder.report.frame)."""
-        from .report.frame import to_dataframe
-
-        return to_dataframe(self)
+    # as a pandas DataFrame: intruder.report.frame.to_dataframe (or the API's ScanResult)
 
 
 @dataclass(frozen=True)

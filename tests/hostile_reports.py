@@ -7,6 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # hand edits of a scan report -> what the one-line error must say
 REPORT_EDITS = {"max_cos_string": r"max_cos\[0\]: expected number",
@@ -143,6 +147,29 @@ def scanned_pair(d: str) -> dict:
     save_report(rep, p["report"])
     p["snapshot"] = {k: sha(p[k]) for k in ("base", "tuned", "report")}
     return p
+
+
+def private_cache(prefix: str):
+    """For a test module: a fresh cache folder (never the user's ~/.cache/intruder), the
+    environment for CLI subprocesses (this checkout first on PYTHONPATH, one OpenMP thread, that
+    cache), and two autouse fixtures: in-process runs use the cache; it is removed after the
+    module. Use as `CACHE, ENV, _private_cache, _remove_cache = private_cache("prefix-")`."""
+    import pytest  # here, not at the top: tests/hostile_corpus.py also runs as a plain script
+
+    cache = tempfile.mkdtemp(prefix=prefix)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", INTRUDER_CACHE_DIR=cache)
+
+    @pytest.fixture(autouse=True, name="_private_cache")
+    def use_cache(monkeypatch):
+        monkeypatch.setenv("INTRUDER_CACHE_DIR", cache)
+
+    @pytest.fixture(scope="module", autouse=True, name="_remove_cache")
+    def remove_cache():
+        yield
+        shutil.rmtree(cache, ignore_errors=True)
+
+    return cache, env, use_cache, remove_cache
 
 
 def run_cli(args):

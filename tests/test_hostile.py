@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import hostile_corpus as hc
+import hostile_reports as hr
 import pytest
 from click.testing import CliRunner
 
@@ -27,23 +28,7 @@ from intruder import errors
 from intruder.cli import cli
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-CACHE = tempfile.mkdtemp(prefix="intruder-hostile-cache-")  # never the user's ~/.cache/intruder
-ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", INTRUDER_CACHE_DIR=CACHE)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(monkeypatch):
-    monkeypatch.setenv("INTRUDER_CACHE_DIR", CACHE)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _remove_cache():
-    yield
-    import shutil
-
-    shutil.rmtree(CACHE, ignore_errors=True)
+CACHE, ENV, _private_cache, _remove_cache = hr.private_cache("intruder-hostile-cache-")
 
 
 def _cases():

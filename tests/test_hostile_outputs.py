@@ -16,7 +16,6 @@ import re
 import stat
 import subprocess
 import sys
-import tempfile
 
 import hostile_corpus as hc
 import hostile_reports as hr
@@ -27,24 +26,8 @@ from click.testing import CliRunner
 from intruder import errors, exitcodes
 from intruder.cli import cli
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-CACHE = tempfile.mkdtemp(prefix="intruder-outputs-cache-")
-ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", INTRUDER_CACHE_DIR=CACHE)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(monkeypatch):
-    monkeypatch.setenv("INTRUDER_CACHE_DIR", CACHE)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _remove_cache():
-    yield
-    import shutil
-
-    shutil.rmtree(CACHE, ignore_errors=True)
+ROOT = hr.ROOT
+CACHE, ENV, _private_cache, _remove_cache = hr.private_cache("intruder-outputs-cache-")
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,9 @@ def test_plots_take_hostile_names_literally():
 
 
 def test_dataframes(planted):
-    df = planted.to_dataframe()
+    from intruder.report.frame import to_dataframe
+
+    df = to_dataframe(planted)
     assert list(df.name) == [l.name for l in planted.layers]
     assert int(df.intruders.sum()) == 4
     assert df.loc[df.name == "model.layers.1.mlp.up_proj.weight", "intruder_ranks"].item() == (2, 5)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import AdapterError, CheckpointError
 from . import hub
-from .checkpoint import open_checkpoint
+from .opener import open_checkpoint
 
 PARENTS_SEARCHED = 4  # a relative declared base is looked for this many folders up
 

@@ -9,19 +9,20 @@ import os
 import re
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AdapterError, CheckpointError
+from ..errors import CheckpointError
 from ..types import CheckpointInfo, TensorRef
 from . import hub
 from . import identity as ident
 from .dequant import attach_storage
+from .gguf import GGUFFile
 from .jsonfile import read_json
 from .safetensors_file import DTYPES, SafetensorsFile, _valid_unicode, check_regular_file, gc_paused
 
-if TYPE_CHECKING:  # both import this module
+if TYPE_CHECKING:  # annotations only: both import this module
     from .adapter import Adapter
     from .memory import MemoryCheckpoint
 
@@ -90,14 +91,21 @@ class Checkpoint:
 
     def header_fingerprint(self) -> str:
         """Reports before schema 1.2: sha256 of tensor names, dtypes, shapes and file sizes."""
-        h = hashlib.sha256()
-        for name in sorted(self.refs):
-            r = self.refs[name]
-            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode("utf-8", "surrogatepass"))
+        h = tensor_table_sha256(self.refs)
         for f in self.files:
             # file names are bytes to the system; fsencode keeps non-UTF-8 names hashable
             h.update(os.fsencode(os.path.basename(f)) + f"|{os.path.getsize(f)}\n".encode())
         return h.hexdigest()[:16]
+
+
+def tensor_table_sha256(refs: Mapping[str, TensorRef]) -> hashlib._Hash:
+    """A sha256 fed the tensor names, dtypes and shapes, one `name|dtype|shape` line each in
+    name order (lone surrogates in names kept); a header fingerprint goes on with file sizes."""
+    h = hashlib.sha256()
+    for name in sorted(refs):
+        r = refs[name]
+        h.update(f"{name}|{r.dtype}|{r.shape}\n".encode("utf-8", "surrogatepass"))
+    return h
 
 
 def _handle(path: str, cache: dict[str, object]):
@@ -109,8 +117,6 @@ def _handle(path: str, cache: dict[str, object]):
         elif path.endswith(".safetensors"):
             handle = SafetensorsFile(path)
         elif path.endswith(".gguf"):
-            from .gguf import GGUFFile
-
             handle = GGUFFile(path)
         else:
             handle = _PickleFile(path)
@@ -151,82 +157,6 @@ def read_stored_bytes(ref: TensorRef, cache: dict[str, object] | None = None):
         data = bytearray(handle.raw_bytes(ref.name))
         return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     return handle.read(ref.name).contiguous().reshape(-1).view(torch.uint8)
-
-
-def open_checkpoint(path: str, allow_adapter: bool = True,
-                    offline: bool | None = None) -> Checkpoint:
-    """Index a checkpoint at `path` (or a hub ID `org/name[@revision]`, intruder.io.hub) without
-    reading tensor data. offline: None follows HF_HUB_OFFLINE / --offline."""
-    p = os.fspath(path)
-    mem = MEMORY.get(p)
-    if mem is not None:
-        if mem.kind == "adapter" and not allow_adapter:
-            raise CheckpointError(f"{p}: is a PEFT model; it can only be the TUNED side "
-                                  f"(give the base model as BASE)")
-        return mem
-    if not os.path.lexists(p) and hub.parse(p) is not None:  # a local path always wins
-        src = hub.resolve(p, offline=offline)
-        ck = open_checkpoint(src.path, allow_adapter)
-        ck.source = src
-        return ck
-    if not os.path.lexists(p):
-        raise CheckpointError(f"{p}: no such file or directory")
-    if os.path.isdir(p):
-        return _open_dir(p, allow_adapter)
-    check_regular_file(p)
-    if p.endswith(".safetensors"):
-        return _from_safetensors(p, [p], "safetensors")
-    if p.endswith(".gguf"):
-        from .gguf import open_gguf
-
-        return open_gguf(p)
-    if p.endswith(PICKLE_SUFFIXES):
-        return _from_pickle(p, [p])
-    if p.endswith(".json"):
-        raise CheckpointError(f"{p}: give the directory holding this JSON file, not the file")
-    raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors, .gguf, .bin, "
-                          f".pt, or a model / adapter directory)")
-
-
-def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
-    # lexists: a dangling or escaping symlink must be reported, not silently skipped
-    if os.path.lexists(os.path.join(d, "adapter_config.json")):
-        if not allow_adapter:
-            raise CheckpointError(f"{d}: is a PEFT adapter; it can only be the TUNED side "
-                                  f"(give the base model as BASE)")
-        from .adapter import open_adapter
-
-        return open_adapter(d)
-    index = os.path.join(d, SAFE_INDEX)
-    if os.path.lexists(index):
-        return _from_index(d, _inside(d, SAFE_INDEX, d), safetensors=True)
-    if os.path.lexists(os.path.join(d, "model.safetensors")):
-        return _from_safetensors(d, [_inside(d, "model.safetensors", d)], "directory")
-    pt_index = os.path.join(d, PT_INDEX)
-    if os.path.lexists(pt_index):
-        return _from_index(d, _inside(d, PT_INDEX, d), safetensors=False)
-    try:
-        listing = sorted(os.listdir(d))
-    except OSError as exc:
-        raise CheckpointError(f"{d}: cannot list the directory ({exc.strerror})") from exc
-    orphans = [f for f in ADAPTER_WEIGHTS if f in listing]
-    if orphans:
-        raise AdapterError(f"{d}: holds {orphans[0]} but no adapter_config.json; without it the "
-                           f"rank, lora_alpha and target modules are unknown and the adapter "
-                           f"cannot be merged (copy the adapter_config.json saved with it)")
-    st_files = [f for f in listing if f.endswith(".safetensors")]
-    if st_files:
-        return _from_safetensors(d, [_inside(d, f, d) for f in st_files], "directory")
-    for name in ("pytorch_model.bin", "model.pt", "model.pth"):
-        if os.path.lexists(os.path.join(d, name)):
-            return _from_pickle(d, [_inside(d, name, d)])
-    ggufs = [f for f in listing if f.endswith(".gguf")]
-    if ggufs:
-        from .gguf import open_gguf_dir
-
-        return open_gguf_dir(d, [_inside(d, f, d) for f in ggufs])
-    raise CheckpointError(f"{d}: directory holds no weights (no model.safetensors, "
-                          f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
 
 
 def _allowed_roots(root: str) -> tuple[list[str], str]:

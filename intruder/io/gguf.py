@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -193,10 +194,18 @@ def _split_files(path: str, reader) -> list[str]:
     return files
 
 
-def open_gguf(path: str, files: Sequence[str] | None = None):
-    """Index a GGUF checkpoint (one file, or every part of a split one) without reading data."""
-    from .checkpoint import Checkpoint
+class GGUFIndex(NamedTuple):
+    """A GGUF checkpoint's index: what io/opener.py makes a Checkpoint of (kind "gguf")."""
 
+    path: str
+    refs: dict[str, TensorRef]
+    files: list[str]
+    metadata: dict[str, str]
+    aliases: dict[str, tuple[str, ...]]
+
+
+def open_gguf(path: str, files: Sequence[str] | None = None) -> GGUFIndex:
+    """Index a GGUF checkpoint (one file, or every part of a split one) without reading data."""
     first = files[0] if files else path
     reader = _reader(first)
     if files is None:
@@ -236,10 +245,10 @@ def open_gguf(path: str, files: Sequence[str] | None = None):
             refs[name] = TensorRef(f, t.name, shape, dtype, storage)
             if len(spellings) > 1:
                 aliases[name] = spellings
-    return Checkpoint(path, "gguf", refs, list(files), metadata=metadata, aliases=aliases)
+    return GGUFIndex(path, refs, list(files), metadata, aliases)
 
 
-def open_gguf_dir(d: str, paths: Sequence[str]):
+def open_gguf_dir(d: str, paths: Sequence[str]) -> GGUFIndex:
     """A directory whose only weights are GGUF: one file, or the parts of one split file."""
     if len(paths) == 1:
         return open_gguf(paths[0])

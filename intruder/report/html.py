@@ -16,10 +16,7 @@ raised) or False (left out).
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
-import html as _html
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from .. import __version__
 from ..errors import IntruderError, OutputError, ReportError
 from ..types import ScanReport, Verdict
 from . import views
+from .page import Figures, Section, asset, csp_hash, escape, fmt_cell, table_html
 from .summary import summary
 from .verdict import verdict_of
 
@@ -36,24 +34,11 @@ MAX_INTRUDER_ROWS = 500
 JS_MARKER = 'data-audit-js="ready"'  # set on <html> by the inline script once it has run
 
 
-def escape(s: object) -> str:
-    """HTML-escape any value for text or a quoted attribute; a file name that is not valid
-    Unicode (non-UTF-8 bytes, or any non-ASCII name under LANG=C) is shown with its bytes
-    escaped (\xe9) instead of breaking the page's UTF-8."""
-    text = str(s)
-    if not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text):
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _html.escape(text, quote=True)
-
-
-@dataclass(frozen=True)
-class Section:
-    """An extra section contributed by another command (track view, margin view ...).
-    `html` is inserted as given: build it with `escape` / `table_html`."""
-
-    title: str
-    html: str
-    anchor: str = ""
+def _bytes(n: int) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.2f} {unit} ({n:,} bytes)"
+    return f"{n} bytes"
 
 
 @dataclass(frozen=True)
@@ -64,62 +49,6 @@ class AuditInfo:
     bytes: int
     figures: int
     similarity: str  # what happened to the similarity heatmaps, in words
-
-
-def table_html(headers: Sequence[str], rows: Sequence[Sequence[object]], cls: str = "",
-               num: Sequence[int] = ()) -> str:
-    """An escaped HTML table; columns listed in `num` are right-aligned."""
-    h = "".join(f'<th class="num">{escape(x)}</th>' if i in num else f"<th>{escape(x)}</th>"
-                for i, x in enumerate(headers))
-    body = []
-    for r in rows:
-        body.append("<tr>" + "".join(
-            f'<td class="num">{escape(_fmt(c))}</td>' if i in num else f"<td>{escape(_fmt(c))}</td>"
-            for i, c in enumerate(r)) + "</tr>")
-    return f'<table class="{escape(cls)}"><thead><tr>{h}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-
-
-def _fmt(c) -> str:
-    if isinstance(c, float):
-        if c != c:
-            return "n/a"
-        if 1e4 <= abs(c) < 1e12:
-            return f"{c:,.1f}"
-        return f"{c:.4g}" if abs(c) < 1e-3 or abs(c) >= 1e12 else f"{c:.3f}"
-    return "" if c is None else str(c)
-
-
-def _bytes(n: int) -> str:
-    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= f:
-            return f"{n / f:.2f} {unit} ({n:,} bytes)"
-    return f"{n} bytes"
-
-
-def _asset(name: str) -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, name), encoding="utf-8") as fh:
-        return fh.read()
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
-
-
-class _Figures:
-    """Renders figures to inline PNG <figure> elements and counts them."""
-
-    def __init__(self, dpi: int = 100):
-        self.dpi = dpi
-        self.n = 0
-
-    def __call__(self, fig, alt: str, caption: str) -> str:
-        from .plots import to_png
-
-        data = base64.b64encode(to_png(fig, self.dpi)).decode("ascii")
-        self.n += 1
-        return (f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{caption}</figcaption></figure>")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +183,7 @@ def _layer_table(report: ScanReport) -> str:
         def num(x, shown=None):
             ok = isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
             return (f'<td class="num" data-v="{x if ok else ""}">'
-                    f"{escape(shown if shown is not None else _fmt(x) if ok else 'n/a')}</td>")
+                    f"{escape(shown if shown is not None else fmt_cell(x) if ok else 'n/a')}</td>")
 
         scanned = l.status == "scanned"
         cells = [num(i, str(i)), f'<td class="name">{escape(l.name)}</td>',
@@ -406,7 +335,7 @@ def _scale_table(scale_results):
     return parse_scale_results(scale_results)
 
 
-def _analysis_sections(report: ScanReport, fig: _Figures, blocks, clean: str | None,
+def _analysis_sections(report: ScanReport, fig: Figures, blocks, clean: str | None,
                        sim_note: str) -> list[tuple[str, str, str]]:
     """Grid, similarity, max|cos| and sweep, spectra: the figures of a scan with changed matrices."""
     plots = _plots()
@@ -458,7 +387,7 @@ def render_html(report: ScanReport, extra: None | Sequence[Section] | Mapping[st
                 base_path: str | None = None, tuned_path: str | None = None,
                 command: str | None = None, n_affected: int = 3, dpi: int = 100) -> tuple[str, AuditInfo]:
     """Build the page; returns (html text, AuditInfo with path unset)."""
-    fig = _Figures(dpi)
+    fig = Figures(dpi)
     v = verdict_of(report)
     eps = report.config.epsilon
     k = report.config.top_k
@@ -512,9 +441,9 @@ def render_html(report: ScanReport, extra: None | Sequence[Section] | Mapping[st
             ("similarity heatmaps", sim_note)]
     sections.append(("provenance", "Provenance", '<table class="kv">' + "".join(
         f"<tr><th>{escape(a)}</th><td>{escape(b)}</td></tr>" for a, b in prov) + "</table>"))
-    css, js = _asset("audit.css"), _asset("audit.js")
-    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; "
-           f"script-src {_csp_hash(js)}; base-uri 'none'; form-action 'none'")
+    css, js = asset("audit.css"), asset("audit.js")
+    csp = (f"default-src 'none'; img-src data:; style-src {csp_hash(css)}; "
+           f"script-src {csp_hash(js)}; base-uri 'none'; form-action 'none'")
     toc = "".join(f'<a href="#{escape(a)}">{escape(t)}</a>' for a, t, _ in sections)
     body = "".join(f'<section id="{escape(a)}"><h2>{escape(t)}</h2>{h}</section>'
                    for a, t, h in sections)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Union
 
 from ..types import LayerResult, ScanReport
+from .page import Figures, Section, escape, table_html
 
 Reports = Union[ScanReport, Mapping[str, ScanReport]]
 KIND_COLOR = {"low-rank": "#d62728", "dense": "#1f77b4", "precision-only": "#7f7f7f"}
@@ -157,9 +158,8 @@ def margin_section_html(report: ScanReport, dpi: int = 100) -> str:
     """HTML for the margin view of one scan (figures inline as PNG; strings escaped)."""
     from ..provenance import provenance, verdict_line
     from ..spectral.margin import margin_line, margin_summary
-    from .html import _Figures, escape, table_html
 
-    fig = _Figures(dpi)
+    fig = Figures(dpi)
     eps = report.config.epsilon
     k = report.config.top_k
     m = margin_summary(report.layers, eps)
@@ -193,6 +193,5 @@ def margin_section_html(report: ScanReport, dpi: int = 100) -> str:
 
 def margin_section(report: ScanReport, dpi: int = 100):
     """The margin view as an html.Section for write_html(..., extra=[...])."""
-    from .html import Section
 
     return Section("Intruder margin and provenance", margin_section_html(report, dpi), "margin")

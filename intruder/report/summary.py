@@ -8,7 +8,6 @@ writes one.
 from __future__ import annotations
 
 from ..provenance import provenance
-from ..spectral.margin import margin_summary
 from ..types import ScanReport
 
 
@@ -38,7 +37,7 @@ def summary(report: ScanReport) -> dict:
         "counts_by_epsilon": counts,
         "min_max_cos": min(mins) if mins else None,
         "mean_intruder_energy": sum(energies) / len(energies) if energies else 0.0,
-        "margin": margin_summary(report.layers, report.config.epsilon),
+        "margin": _margin(report),
         "provenance": _provenance(report).to_dict(),
         "seconds": report.seconds,
     }
@@ -50,3 +49,11 @@ def _provenance(report):
 
 def _eps_key(e: float) -> str:
     return format(e, "g")
+
+
+def _margin(report: ScanReport) -> dict:
+    # spectral.margin imports torch; the terminal table and error messages (report.table) must
+    # not load it
+    from ..spectral.margin import margin_summary
+
+    return margin_summary(report.layers, report.config.epsilon)

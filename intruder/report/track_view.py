@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from .margin_view import SERIES_COLORS, _figure, margin_scatter
+from .page import Figures, Section, asset, csp_hash, escape, table_html
 
 
 def _xs(tr) -> tuple[list[int], list[str]]:
@@ -102,10 +103,9 @@ def track_section_html(tr, dpi: int = 100) -> str:
     """HTML of the track / compare view: table, figures, per-checkpoint verdicts."""
     from ..provenance import verdict_line_dict
     from ..track import PERSIST_COS, summaries
-    from .html import _Figures, escape, table_html
     from .table import BOUND_NOTE, bound_count
 
-    fig = _Figures(dpi)
+    fig = Figures(dpi)
     rows = summaries(tr)
     eps_keys = [format(e, "g") for e in sorted(set(tr.config.epsilons))]
     headers = ["checkpoint", "input"] + [f"intruders @{k}" for k in eps_keys] + [
@@ -161,7 +161,6 @@ def track_section_html(tr, dpi: int = 100) -> str:
 
 def track_section(tr, dpi: int = 100):
     """The view as an html.Section for write_html(..., extra=[...])."""
-    from .html import Section
 
     title = "Continual-learning track" if tr.mode == "track" else "Fine-tunes compared"
     return Section(title, track_section_html(tr, dpi), tr.mode)
@@ -177,10 +176,9 @@ def _source(info) -> str:
 
 def render_track_html(tr, dpi: int = 100) -> str:
     """A standalone, self-contained page (same style and Content Security Policy as the audit)."""
-    from .html import _asset, _csp_hash, escape
 
-    css = _asset("audit.css")
-    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; base-uri 'none'; "
+    css = asset("audit.css")
+    csp = (f"default-src 'none'; img-src data:; style-src {csp_hash(css)}; base-uri 'none'; "
            f"form-action 'none'")
     title = ("Intruder track: " if tr.mode == "track" else "Intruder comparison: ") + \
         ", ".join(e.label for e in tr.entries)
