@@ -40,6 +40,7 @@ _LAZY = {
     "load_report": ".api", "ScanResult": ".api", "TrackResult": ".api",
     "verdict_line": ".api",
     "Verdict": ".types", "LayerResult": ".types", "EvalResult": ".types", "ScanConfig": ".types",
+    "Margin": ".types", "UpdateShape": ".types",
     "SCHEMA": ".report.schema", "plots": ".report.plots",
 }
 # Submodules named like API functions (intruder/scan.py, track.py, evaluate/): importing one
@@ -79,7 +80,8 @@ def run_scan(base, tuned, config=None, progress=False, **kwargs):
 
 
 __all__ = ["__version__", "scan", "compare", "track", "rescale", "evaluate", "load_report",
-           "ScanResult", "TrackResult", "Verdict", "LayerResult", "EvalResult", "ScanConfig",
+           "ScanResult", "TrackResult", "Verdict", "LayerResult", "Margin", "UpdateShape",
+           "EvalResult", "ScanConfig",
            "SCHEMA", "verdict_line", "plots", "run_scan",
            "IntruderError", "InputError", "CheckpointError", "AdapterError", "PairingError",
            "NonFiniteError", "ReportError", "OutputError", "EvalError"]

@@ -197,3 +197,39 @@ def test_margin_view_renders(synth, tmp_path):
     assert len(fig.axes[0].collections) == 1  # one class: low-rank updates
     html = margin_section_html(rep)
     assert html.count("<img") == 2 and "lora-like" in html and "<script" not in html
+
+
+def test_typed_measures_keep_the_json_fields_and_round_trip(synth):
+    """Margin / UpdateShape / storage fields are written under the flat per-matrix JSON keys in
+    one order, load back to equal dataclasses, and a report without them (schema 1.0) loads
+    with None and writes none of them."""
+    from dataclasses import replace
+
+    from intruder.report.schema import MEASURE_KEYS, from_dict, layer_measures, to_dict
+    from intruder.scan import run_scan
+    from intruder.types import Margin, UpdateShape
+
+    rep = run_scan(synth["base_file"], synth["tuned_file"])
+    i0, l0 = next((i, l) for i, l in enumerate(rep.layers) if l.status == "scanned")
+    assert isinstance(l0.margin, Margin) and isinstance(l0.update_shape, UpdateShape)
+    doc = json.loads(json.dumps(to_dict(rep)))  # as read from a file
+    lay = doc["layers"][i0]
+    keys = [k for k in lay if k in MEASURE_KEYS]
+    assert keys == [k for k in MEASURE_KEYS if k in keys]  # the declared order
+    assert lay["delta_rank"] == l0.update_shape.rank and lay["delta_sv"] == list(l0.update_shape.sv)
+    assert lay["min_max_cos"] == l0.margin.min_max_cos == min(l0.max_cos)
+    back = from_dict(doc)
+    assert [l.margin for l in back.layers] == [l.margin for l in rep.layers]
+    assert [l.update_shape for l in back.layers] == [l.update_shape for l in rep.layers]
+    assert json.dumps(to_dict(back)) == json.dumps(doc)
+    # storage of a quantized side: two string fields, absent for plain float storage
+    q = replace(l0, storage_base="f16", storage_tuned="gguf Q8_0")
+    assert list(layer_measures(q))[-2:] == ["storage_base", "storage_tuned"]
+    assert "storage_base" not in layer_measures(l0)
+    # a 1.0 report (no measures): None, and nothing invented on the way out
+    for d in doc["layers"]:
+        for k in MEASURE_KEYS:
+            d.pop(k, None)
+    old = from_dict(doc)
+    assert all(l.margin is None and l.update_shape is None for l in old.layers)
+    assert not set(MEASURE_KEYS) & set(to_dict(old)["layers"][i0])

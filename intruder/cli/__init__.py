@@ -8,6 +8,7 @@ from types import FrameType
 import click
 
 from .. import __version__
+from .common import fail
 
 # Command modules register themselves on `cli`; add a module name here to add a command.
 COMMAND_MODULES = ("scan_cmd", "layers_cmd", "scale_cmd", "eval_cmd", "report_cmd", "cache_cmd",
@@ -35,10 +36,7 @@ def cli(debug: bool) -> None:
     except SettingsError as exc:
         if debug:
             raise
-        from ..report.table import printable
-
-        click.echo(f"Error: {printable(str(exc))}", err=True)
-        ctx.exit(exc.exit_code)
+        fail(ctx, exc)
     if ctx.invoked_subcommand in ("scan", "compare", "track"):  # before torch is imported
         from ..run.threads import set_thread_env
 

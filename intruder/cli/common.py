@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
 
@@ -25,6 +25,15 @@ def echo_err(msg: str, quiet: bool = False) -> None:
         click.echo(msg, err=True)
 
 
+def fail(ctx: click.Context, exc: IntruderError) -> NoReturn:
+    """Print a library error as its one `Error:` line on stderr and exit with its code."""
+    from ..report.table import printable
+
+    # one line whatever the message quotes (a path or shard name chosen by a stranger)
+    click.echo(f"Error: {printable(str(exc))}", err=True)
+    ctx.exit(exc.exit_code)
+
+
 def handle_errors(fn: F) -> F:
     """Turn library errors into one line on stderr and exit 1; --debug re-raises."""
 
@@ -37,11 +46,7 @@ def handle_errors(fn: F) -> F:
         except IntruderError as exc:
             if debug:
                 raise
-            from ..report.table import printable
-
-            # one line whatever the message quotes (a path or shard name chosen by a stranger)
-            click.echo(f"Error: {printable(str(exc))}", err=True)
-            ctx.exit(exc.exit_code)
+            fail(ctx, exc)
         except KeyboardInterrupt as exc:
             if debug:
                 raise

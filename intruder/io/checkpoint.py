@@ -9,7 +9,7 @@ import os
 import re
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -91,14 +91,21 @@ class Checkpoint:
 
     def header_fingerprint(self) -> str:
         """Reports before schema 1.2: sha256 of tensor names, dtypes, shapes and file sizes."""
-        h = hashlib.sha256()
-        for name in sorted(self.refs):
-            r = self.refs[name]
-            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode("utf-8", "surrogatepass"))
+        h = tensor_table_sha256(self.refs)
         for f in self.files:
             # file names are bytes to the system; fsencode keeps non-UTF-8 names hashable
             h.update(os.fsencode(os.path.basename(f)) + f"|{os.path.getsize(f)}\n".encode())
         return h.hexdigest()[:16]
+
+
+def tensor_table_sha256(refs: Mapping[str, TensorRef]) -> hashlib._Hash:
+    """A sha256 fed the tensor names, dtypes and shapes, one `name|dtype|shape` line each in
+    name order (lone surrogates in names kept); a header fingerprint goes on with file sizes."""
+    h = hashlib.sha256()
+    for name in sorted(refs):
+        r = refs[name]
+        h.update(f"{name}|{r.dtype}|{r.shape}\n".encode("utf-8", "surrogatepass"))
+    return h
 
 
 def _handle(path: str, cache: dict[str, object]):

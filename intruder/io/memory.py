@@ -13,7 +13,6 @@ an entry lives as long as the caller keeps its Checkpoint.
 from __future__ import annotations
 
 import enum
-import hashlib
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from .adapter import (
     _validate,
 )
 from .checkpoint import MEMORY as _REGISTRY
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, tensor_table_sha256
 from .safetensors_file import DTYPES
 
 PREFIX = "<memory "
@@ -62,16 +61,13 @@ class MemoryCheckpoint(Checkpoint):
 
     def info(self, identity: bool = True) -> CheckpointInfo:
         """Identity for reports: names, dtypes and shapes (no file to hash)."""
-        h = hashlib.sha256()
-        for name in sorted(self.refs):
-            r = self.refs[name]
-            h.update(f"{name}|{r.dtype}|{r.shape}\n".encode())
         assert self.store is not None, "a memory checkpoint holds its tensors"
         total = sum(t.numel() * t.element_size() for t in self.store.entries.values())
         adapter = self.adapter.summary() if self.adapter is not None else None
         return CheckpointInfo(path=self.path, kind=self.kind, n_tensors=len(self.refs),
                               bytes=total, dtypes=tuple(sorted({r.dtype for r in self.refs.values()})),
-                              fingerprint=h.hexdigest()[:16], adapter=adapter)
+                              fingerprint=tensor_table_sha256(self.refs).hexdigest()[:16],
+                              adapter=adapter)
 
 
 def is_memory_path(path: str) -> bool:

@@ -33,10 +33,12 @@ def to_dataframe(report: ScanReport):
     `count@EPS` for every epsilon of the scan configuration and counts_by_epsilon (a dict);
     the top-k vectors as tuples (max_cos, base_index, sigma_tuned, sigma_base, near_overlap,
     top_overlap, and the right-vector ones with --vectors right|both); the margin and update-shape
-    measures (cos_margin, novel_strength, subspace_cos, weight_cos, delta_stable_rank,
-    delta_rank, delta_rank_gap, delta_tail_ratio, delta_next_edge, delta_floor, delta_grid,
-    delta_sv ...; docs/margin.md); and `update`, the matrix's update shape from provenance
-    (low-rank | dense | unresolved | precision-only | saturated | unchanged | unknown)."""
+    measures under their JSON names (LayerResult.margin: cos_margin, novel_strength, subspace_cos,
+    weight_cos; LayerResult.update_shape: delta_stable_rank, delta_rank, delta_rank_gap,
+    delta_tail_ratio, delta_next_edge, delta_floor, delta_grid, delta_sv ...; docs/margin.md;
+    NaN / None where a matrix has none), storage_base / storage_tuned; and `update`, the
+    matrix's update shape from provenance (low-rank | dense | unresolved | precision-only |
+    saturated | unchanged | unknown)."""
     import pandas as pd
 
     eps = sorted(set(report.config.epsilons))
