@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import AdapterError
 from ..types import LoraInfo, TensorRef
-from .checkpoint import Checkpoint, _from_pickle_kind, _from_safetensors, _inside, _load_json
+from .checkpoint import Checkpoint, from_pickle_kind, from_safetensors, inside_dir, load_json
 from .pattern import KeyTable, LinearPattern, PatternError, peft_key_pattern
 
 PREFIX = "base_model.model."
@@ -103,7 +103,7 @@ def open_adapter(d: str) -> Checkpoint:
     """Index a PEFT adapter directory; validate its config against its tensors."""
     cfg_path = os.path.join(d, "adapter_config.json")
     try:
-        cfg = _load_json(_inside(d, "adapter_config.json", d))
+        cfg = load_json(inside_dir(d, "adapter_config.json", d))
     except AdapterError:
         raise
     except Exception as exc:
@@ -128,11 +128,11 @@ def open_adapter(d: str) -> Checkpoint:
              if os.path.lexists(os.path.join(d, f))]
     if not files:
         raise AdapterError(f"{d}: adapter directory has no adapter_model.safetensors or .bin")
-    f = _inside(d, files[0], d)
+    f = inside_dir(d, files[0], d)
     if f.endswith(".safetensors"):
-        ck = _from_safetensors(d, [f], "adapter")
+        ck = from_safetensors(d, [f], "adapter")
     else:
-        ck = _from_pickle_kind(d, [f], "adapter")
+        ck = from_pickle_kind(d, [f], "adapter")
     ck.kind = "adapter"
     ad = Adapter(d, cfg, patterns=patterns)
     for name, ref in ck.refs.items():

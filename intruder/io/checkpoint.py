@@ -179,7 +179,7 @@ def _allowed_roots(root: str) -> tuple[list[str], str]:
     return roots, ""
 
 
-def _inside(d: str, rel: str, what: str) -> str:
+def inside_dir(d: str, rel: str, what: str) -> str:
     """Resolve rel inside directory d; refuse paths or symlinks that leave it."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\x00" in rel:
         raise CheckpointError(f"{what}: shard path {rel!r} must be a relative file name")
@@ -201,12 +201,14 @@ def _inside(d: str, rel: str, what: str) -> str:
     return joined
 
 
-def _load_json(path: str) -> object:
+def load_json(path: str) -> object:
+    """A checkpoint's JSON file (index, config), size-limited; CheckpointError when unreadable."""
     return read_json(path, CheckpointError, "JSON file")
 
 
-def _from_index(d: str, index: str, safetensors: bool) -> Checkpoint:
-    doc = _load_json(index)
+def from_index(d: str, index: str, safetensors: bool) -> Checkpoint:
+    """A sharded checkpoint from its index JSON (safetensors or pickle shards inside d)."""
+    doc = load_json(index)
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shards")
@@ -215,9 +217,9 @@ def _from_index(d: str, index: str, safetensors: bool) -> Checkpoint:
         if not isinstance(rel, str):
             raise CheckpointError(f"{index}: tensor {name!r} maps to {rel!r}, not a file name")
         if rel not in shards:
-            shards[rel] = _inside(d, rel, index)
+            shards[rel] = inside_dir(d, rel, index)
     files = sorted(set(shards.values()))
-    ck = (_from_safetensors if safetensors else _from_pickle_kind)(d, files, "sharded")
+    ck = (from_safetensors if safetensors else from_pickle_kind)(d, files, "sharded")
     for name, rel in wm.items():
         ref = ck.refs.get(name)
         if ref is None:
@@ -228,7 +230,8 @@ def _from_index(d: str, index: str, safetensors: bool) -> Checkpoint:
     return ck
 
 
-def _from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
+def from_safetensors(path: str, files: Iterable[str], kind: str) -> Checkpoint:
+    """Index safetensors files (headers only) as one checkpoint of the given kind."""
     refs: dict[str, TensorRef] = {}
     metadata: dict[str, str] = {}
     files = list(files)
@@ -253,7 +256,7 @@ def _model_config(path: str) -> dict | None:
     if not os.path.isdir(path) or not os.path.isfile(cfg):
         return None
     try:
-        doc = _load_json(cfg)
+        doc = load_json(cfg)
     except CheckpointError:
         return None
     return doc if isinstance(doc, dict) else None
@@ -323,11 +326,13 @@ class _PickleFile:
         return self.entries[name].clone()
 
 
-def _from_pickle(path: str, files: list[str]) -> Checkpoint:
-    return _from_pickle_kind(path, files, "pickle")
+def from_pickle(path: str, files: list[str]) -> Checkpoint:
+    """A PyTorch state dict (weights_only unpickling) as a checkpoint."""
+    return from_pickle_kind(path, files, "pickle")
 
 
-def _from_pickle_kind(path: str, files: Iterable[str], kind: str) -> Checkpoint:
+def from_pickle_kind(path: str, files: Iterable[str], kind: str) -> Checkpoint:
+    """Load pickle files (weights_only unpickling) and index their tensors as one checkpoint."""
     refs: dict[str, TensorRef] = {}
     for f in files:
         pf = _PickleFile(f)

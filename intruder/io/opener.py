@@ -19,10 +19,10 @@ from .checkpoint import (
     PT_INDEX,
     SAFE_INDEX,
     Checkpoint,
-    _from_index,
-    _from_pickle,
-    _from_safetensors,
-    _inside,
+    from_index,
+    from_pickle,
+    from_safetensors,
+    inside_dir,
 )
 from .gguf import GGUFIndex, open_gguf, open_gguf_dir
 from .safetensors_file import check_regular_file
@@ -50,11 +50,11 @@ def open_checkpoint(path: str, allow_adapter: bool = True,
         return _open_dir(p, allow_adapter)
     check_regular_file(p)
     if p.endswith(".safetensors"):
-        return _from_safetensors(p, [p], "safetensors")
+        return from_safetensors(p, [p], "safetensors")
     if p.endswith(".gguf"):
         return _from_gguf(open_gguf(p))
     if p.endswith(PICKLE_SUFFIXES):
-        return _from_pickle(p, [p])
+        return from_pickle(p, [p])
     if p.endswith(".json"):
         raise CheckpointError(f"{p}: give the directory holding this JSON file, not the file")
     raise CheckpointError(f"{p}: unknown checkpoint format (expected .safetensors, .gguf, .bin, "
@@ -70,12 +70,12 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
         return open_adapter(d)
     index = os.path.join(d, SAFE_INDEX)
     if os.path.lexists(index):
-        return _from_index(d, _inside(d, SAFE_INDEX, d), safetensors=True)
+        return from_index(d, inside_dir(d, SAFE_INDEX, d), safetensors=True)
     if os.path.lexists(os.path.join(d, "model.safetensors")):
-        return _from_safetensors(d, [_inside(d, "model.safetensors", d)], "directory")
+        return from_safetensors(d, [inside_dir(d, "model.safetensors", d)], "directory")
     pt_index = os.path.join(d, PT_INDEX)
     if os.path.lexists(pt_index):
-        return _from_index(d, _inside(d, PT_INDEX, d), safetensors=False)
+        return from_index(d, inside_dir(d, PT_INDEX, d), safetensors=False)
     try:
         listing = sorted(os.listdir(d))
     except OSError as exc:
@@ -87,13 +87,13 @@ def _open_dir(d: str, allow_adapter: bool) -> Checkpoint:
                            f"cannot be merged (copy the adapter_config.json saved with it)")
     st_files = [f for f in listing if f.endswith(".safetensors")]
     if st_files:
-        return _from_safetensors(d, [_inside(d, f, d) for f in st_files], "directory")
+        return from_safetensors(d, [inside_dir(d, f, d) for f in st_files], "directory")
     for name in ("pytorch_model.bin", "model.pt", "model.pth"):
         if os.path.lexists(os.path.join(d, name)):
-            return _from_pickle(d, [_inside(d, name, d)])
+            return from_pickle(d, [inside_dir(d, name, d)])
     ggufs = [f for f in listing if f.endswith(".gguf")]
     if ggufs:
-        return _from_gguf(open_gguf_dir(d, [_inside(d, f, d) for f in ggufs]))
+        return _from_gguf(open_gguf_dir(d, [inside_dir(d, f, d) for f in ggufs]))
     raise CheckpointError(f"{d}: directory holds no weights (no model.safetensors, "
                           f"{SAFE_INDEX}, pytorch_model.bin or adapter_config.json)")
 
