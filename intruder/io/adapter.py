@@ -123,7 +123,7 @@ def open_adapter(d: str) -> Checkpoint:
     if cfg.get("loftq_config"):
         raise AdapterError(f"{cfg_path}: a LoftQ adapter is only valid against its quantised "
                            f"residual base; merge it with PEFT first")
-    patterns = _check_numbers(cfg_path, cfg)
+    patterns = check_adapter_numbers(cfg_path, cfg)
     files = [f for f in ("adapter_model.safetensors", "adapter_model.bin")
              if os.path.lexists(os.path.join(d, f))]
     if not files:
@@ -136,8 +136,8 @@ def open_adapter(d: str) -> Checkpoint:
     ck.kind = "adapter"
     ad = Adapter(d, cfg, patterns=patterns)
     for name, ref in ck.refs.items():
-        _index_tensor(ad, name, ref)
-    _validate(ad)
+        index_adapter_tensor(ad, name, ref)
+    validate_adapter(ad)
     ck.adapter = ad
     return ck
 
@@ -148,7 +148,7 @@ def _positive(v, integer: bool) -> bool:
     return not integer or float(v).is_integer()
 
 
-def _check_numbers(cfg_path: str, cfg: dict) -> dict[str, KeyTable]:
+def check_adapter_numbers(cfg_path: str, cfg: dict) -> dict[str, KeyTable]:
     """r, lora_alpha and their per-module patterns: finite positive numbers (r whole), valid
     regular-expression keys; the config comes from a stranger, PEFT's defaults are 8 and 8. Also
     the switches that decide whether a per-tensor merge can equal PEFT's (use_dora,
@@ -178,7 +178,9 @@ def _check_numbers(cfg_path: str, cfg: dict) -> dict[str, KeyTable]:
     return compile_patterns(cfg_path, cfg)
 
 
-def _index_tensor(ad: Adapter, name: str, ref: TensorRef) -> None:
+def index_adapter_tensor(ad: Adapter, name: str, ref: TensorRef) -> None:
+    """File one adapter tensor: a LoRA factor (A, B, B's bias, DoRA magnitude) under its module,
+    a modules_to_save replacement, or an ignored copy; duplicates and mixed adapters refused."""
     key = name[len(PREFIX):] if name.startswith(PREFIX) else name
     if ".token_adapter." in key or key.endswith("trainable_tokens_delta"):
         raise AdapterError(f"{ad.path}: tensor {name!r} holds trainable-token rows of an "
@@ -220,7 +222,9 @@ def _index_tensor(ad: Adapter, name: str, ref: TensorRef) -> None:
     ad.replacements[key] = ref
 
 
-def _validate(ad: Adapter) -> None:
+def validate_adapter(ad: Adapter) -> None:
+    """Every module has both factors, 2-D, of one rank, the config's; DoRA magnitudes present
+    when the config asks for DoRA and of the right length."""
     dora = bool(ad.config.get("use_dora", False))
     for mod, parts in ad.modules.items():
         emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts

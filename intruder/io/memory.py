@@ -25,9 +25,9 @@ from ..types import CheckpointInfo, TensorRef
 from .adapter import (
     BASE_CHANGING_INITS,
     Adapter,
-    _check_numbers,
-    _index_tensor,
-    _validate,
+    check_adapter_numbers,
+    index_adapter_tensor,
+    validate_adapter,
 )
 from .checkpoint import MEMORY as _REGISTRY
 from .checkpoint import Checkpoint, tensor_table_sha256
@@ -219,14 +219,14 @@ def from_peft(model) -> MemoryCheckpoint:
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise AdapterError(f"{label}: init_lora_weights={init!r} changes the base model at "
                            f"initialisation; scan against its residual base")
-    _check_numbers(label, cfg)
+    check_adapter_numbers(label, cfg)
     # save_embedding_layers=False: no hub lookup; embedding LoRA factors are kept all the same
     sd = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
     ad = Adapter(label, cfg)
     ck = _new(sd, label, "adapter", ad)
     for n, ref in ck.refs.items():
-        _index_tensor(ad, n, ref)
-    _validate(ad)
+        index_adapter_tensor(ad, n, ref)
+    validate_adapter(ad)
     return ck
 
 

@@ -16,16 +16,12 @@ from typing import Union
 from ..provenance import classify_layer, provenance, verdict_line
 from ..types import LayerResult, ScanReport
 from .page import Figures, Section, escape, table_html
-from .plots import _figure as fig
+from .plots import new_figure
 
 Reports = Union[ScanReport, Mapping[str, ScanReport]]
 KIND_COLOR = {"low-rank": "#d62728", "dense": "#1f77b4", "precision-only": "#7f7f7f"}
 SERIES_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
                  "#17becf")
-
-
-def _figure(w: float, h: float):
-    return fig(w, h)
 
 
 def _as_mapping(reports: Reports) -> dict[str, ScanReport]:
@@ -64,7 +60,7 @@ def margin_scatter(reports: Reports, color_by: str | None = None):
     (color_by='report'), to put a LoRA and a full fine-tune side by side."""
     reps = _as_mapping(reports)
     color_by = color_by or ("report" if len(reps) > 1 else "kind")
-    fig = _figure(6.2, 4.2)
+    fig = new_figure(6.2, 4.2)
     ax = fig.add_subplot()
     eps = next(iter(reps.values())).config.epsilon
     xs_all = []
@@ -105,7 +101,7 @@ def delta_spectra(report: ScanReport, names: Sequence[str] | None = None, max_la
     if names is not None:
         layers = [l for l in layers if l.name in set(names)]
     layers = layers[:max_layers]
-    fig = _figure(6.2, 4.0)
+    fig = new_figure(6.2, 4.0)
     ax = fig.add_subplot()
     for i, l in enumerate(layers):
         us = l.update_shape  # set: _delta_sv(l) is not empty

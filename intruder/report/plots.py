@@ -36,7 +36,8 @@ def _plain_text(fn):
     return wrapper
 
 
-def _figure(w: float, h: float):
+def new_figure(w: float, h: float):
+    """A matplotlib Figure (w x h inches, constrained layout) on the Agg canvas, without pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -116,7 +117,7 @@ def layer_module_heatmap(report: ScanReport, value: str = "count", annotate: boo
     arr = arr.reshape(len(g.rows), len(g.cols))  # (blocks, modules)
     labels = [_short(c, 28) for c in g.cols]
     longest = max((len(x) for x in labels), default=4)
-    fig = _figure(min(14.0, 2.8 + 1.05 * len(g.cols)),
+    fig = new_figure(min(14.0, 2.8 + 1.05 * len(g.cols)),
                   min(18.0, max(2.2, 0.9 + 0.27 * len(g.rows)) + 0.065 * longest + 0.6))
     ax = fig.add_subplot()
     ax.set_facecolor("#e6e6e6")
@@ -160,7 +161,7 @@ def layer_module_heatmap(report: ScanReport, value: str = "count", annotate: boo
 def module_bars(report: ScanReport):
     """Intruders per module type, labelled with how many of its matrices carry any."""
     rows = views.module_totals(report)
-    fig = _figure(7.5, max(2.0, 0.8 + 0.32 * len(rows)))
+    fig = new_figure(7.5, max(2.0, 0.8 + 0.32 * len(rows)))
     ax = fig.add_subplot()
     names = [_short(m, 36) for m, *_ in rows]
     counts = [n for _, n, _, _ in rows]
@@ -189,7 +190,7 @@ def similarity_heatmaps(blocks: Sequence, clean: str | None = None, max_cols: in
     n = max(1, len(blocks))
     cols = min(max_cols, n)
     rows = -(-n // cols)
-    fig = _figure(3.3 * cols + 0.8, 3.1 * rows + 0.4)
+    fig = new_figure(3.3 * cols + 0.8, 3.1 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     im = None
     for ax, b in zip(axes.flat, blocks):
@@ -222,7 +223,7 @@ def max_cos_histogram(reports: Reports, bins: int = 40):
     import numpy as np
 
     reps = _as_mapping(reports)
-    fig = _figure(7.0, 3.4)
+    fig = new_figure(7.0, 3.4)
     ax = fig.add_subplot()
     edges = np.linspace(0, 1, bins + 1)
     for label, r in reps.items():
@@ -244,7 +245,7 @@ def max_cos_histogram(reports: Reports, bins: int = 40):
 def epsilon_sweep(reports: Reports, grid: Sequence[float] = SWEEP_EPSILONS, log: bool = False):
     """Intruder count against epsilon, from the stored max|cos| (one line per report)."""
     reps = _as_mapping(reports)
-    fig = _figure(6.5, 3.6)
+    fig = new_figure(6.5, 3.6)
     ax = fig.add_subplot()
     for label, r in reps.items():
         sw = views.sweep(r, grid)
@@ -271,7 +272,7 @@ def spectra(report: ScanReport, names: Sequence[str] | None = None, max_cols: in
     n = max(1, len(layers))
     cols = min(max_cols, n)
     rows = -(-n // cols)
-    fig = _figure(3.6 * cols + 0.4, 2.8 * rows + 0.3)
+    fig = new_figure(3.6 * cols + 0.4, 2.8 * rows + 0.3)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, l in zip(axes.flat, layers):
         ax.plot(range(len(l.sigma_base)), l.sigma_base, marker=".", color=BASE_COLOR, label="base")
@@ -300,7 +301,7 @@ def tradeoff(table, x: str | None = None, y: str | None = None):
     alpha, the base and the tuned model (alpha = 1) marked."""
     x = x or table.x_metric
     y = y or table.y_metric
-    fig = _figure(6.5, 4.4)
+    fig = new_figure(6.5, 4.4)
     ax = fig.add_subplot()
     has_tuned = any(p.role == "tuned" for p in table.points)
     pts = [p for p in table.points if p.get(x) is not None and p.get(y) is not None
@@ -328,7 +329,7 @@ def tradeoff(table, x: str | None = None, y: str | None = None):
 def counts_bar(labels: Sequence[str], counts: Sequence[float], ylabel: str = "intruders",
                title: str = ""):
     """A bar per label (e.g. intruder count per fine-tuning method or LoRA rank)."""
-    fig = _figure(max(4.0, 1.1 * len(labels) + 1.5), 3.4)
+    fig = new_figure(max(4.0, 1.1 * len(labels) + 1.5), 3.4)
     ax = fig.add_subplot()
     ax.bar(range(len(labels)), counts, color=INTRUDER_COLOR)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
@@ -343,7 +344,7 @@ def counts_bar(labels: Sequence[str], counts: Sequence[float], ylabel: str = "in
 def sequence_counts(reports: Mapping[str, ScanReport], epsilons: Sequence[float] = (0.5, 0.7, 0.9)):
     """Intruder counts along a sequence of checkpoints (continual learning), one line per epsilon."""
     labels = list(reports)
-    fig = _figure(max(5.0, 1.2 * len(labels) + 2), 3.6)
+    fig = new_figure(max(5.0, 1.2 * len(labels) + 2), 3.6)
     ax = fig.add_subplot()
     for e in epsilons:
         ys = [views.sweep(reports[k], (e,))[0][1] for k in labels]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 
 from ..provenance import verdict_line_dict
-from .margin_view import SERIES_COLORS, _figure, margin_scatter
+from .margin_view import SERIES_COLORS, margin_scatter
 from .page import Figures, Section, asset, csp_hash, escape, table_html
+from .plots import new_figure
 from .table import BOUND_NOTE, bound_count, source_text
 
 
@@ -26,7 +27,7 @@ def track_counts(tr):
 
     rows = summaries(tr)
     x, labels = _xs(tr)
-    fig = _figure(max(5.0, 1.2 * len(x) + 2.5), 3.8)
+    fig = new_figure(max(5.0, 1.2 * len(x) + 2.5), 3.8)
     ax = fig.add_subplot()
     for i, e in enumerate(sorted(set(tr.config.epsilons))):
         key = format(e, "g")
@@ -55,7 +56,7 @@ def track_margin(tr):
 
     rows = summaries(tr)
     x, labels = _xs(tr)
-    fig = _figure(max(5.0, 1.2 * len(x) + 2.5), 3.6)
+    fig = new_figure(max(5.0, 1.2 * len(x) + 2.5), 3.6)
     ax = fig.add_subplot()
     ax.plot(x, [r["min_max_cos"] if r["min_max_cos"] is not None else float("nan") for r in rows],
             marker="o", color=SERIES_COLORS[0], label="lowest max|cos|")
@@ -83,7 +84,7 @@ def persistence_bars(tr):
 
     rows = summaries(tr)
     x, labels = _xs(tr)
-    fig = _figure(max(5.0, 1.2 * len(x) + 2.5), 3.4)
+    fig = new_figure(max(5.0, 1.2 * len(x) + 2.5), 3.4)
     ax = fig.add_subplot()
     pers = [r.get("persistent", 0) for r in rows]
     new = [r.get("new", 0) for r in rows]
