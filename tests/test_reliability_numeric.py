@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -62,15 +63,17 @@ def test_base_replaced_while_read_is_not_remembered(synth, tmp_path, monkeypatch
     cache = str(tmp_path / "cache")
     swapped = []
     real_read = stream.Reader.read
+    once = threading.Lock()  # reader threads run this concurrently: one of them swaps, once
 
     def read_then_swap(self, ref):
         out = real_read(self, ref)
-        if ref.path == base and not swapped:  # the replacement lands right after this read
-            tmp = base + ".tmp"
-            shutil.copy(other, tmp)
-            os.utime(tmp, (OLD, OLD))
-            os.replace(tmp, base)
-            swapped.append(ref.name)
+        with once:
+            if ref.path == base and not swapped:  # the replacement lands right after this read
+                tmp = base + ".tmp"
+                shutil.copy(other, tmp)
+                os.utime(tmp, (OLD, OLD))
+                os.replace(tmp, base)
+                swapped.append(ref.name)
         return out
 
     monkeypatch.setattr(stream.Reader, "read", read_then_swap)
