@@ -133,8 +133,12 @@ def test_scan_streams_a_pair_larger_than_its_memory_limit(tmp_path):
     # uses: this measures the host path, so no GPU (on a CUDA machine the process aborted).
     env["CUDA_VISIBLE_DEVICES"] = ""
     # a hang here (TimeoutExpired) is a failure: out of memory must end the scan, not stall it
+    # Two cores whatever the machine: thread pools (and their stacks) grow with the core count,
+    # and on 32 cores OpenMP could not start its threads inside the address-space limit.
+    cpus = sorted(os.sched_getaffinity(0))[:2]
     proc = subprocess.run([sys.executable, "-c", _DRIVER, base, tuned, *warm, out, str(MARGIN),
-                           str(size)], env=env, capture_output=True, text=True, timeout=240)
+                           str(size)], env=env, capture_output=True, text=True, timeout=240,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["warm"] == [0, ""]
