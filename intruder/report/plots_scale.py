@@ -6,6 +6,7 @@ atomically as PNG.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,11 @@ def _save(plt, fig, path: str, note: str = "") -> None:
     plt.close(fig)
 
 
+def _wrap(label: str, width: int = 48) -> str:
+    """An axis label wrapped to the figure (long metric names and protocols ran off the edge)."""
+    return "\n".join(textwrap.fill(line, width) for line in label.split("\n"))
+
+
 def _alpha(p: SweepPoint) -> float:
     """A scaled or tuned point's alpha (only the base point has none)."""
     if p.alpha is None:
@@ -71,8 +77,8 @@ def plot_tradeoff(points: Sequence[SweepPoint], x_label: str, y_label: str, titl
     for p in scaled + [p for p in points if p.role == "tuned"]:
         ax.annotate(f"α={p.alpha:g}", (p.x, p.y), textcoords="offset points", xytext=(5, 5),
                     fontsize=8)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(y_label)
+    ax.set_xlabel(_wrap(x_label, 70))
+    ax.set_ylabel(_wrap(y_label))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -95,7 +101,7 @@ def plot_metric_vs_alpha(points: Sequence[SweepPoint], y_label: str, title: str,
                 ax.axhline(p.y, ls=style, color=_STYLE[role]["color"], label=name)
                 break
     ax.set_xlabel("alpha (intruder singular values scaled by alpha)")
-    ax.set_ylabel(y_label)
+    ax.set_ylabel(_wrap(y_label))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
