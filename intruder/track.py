@@ -31,7 +31,7 @@ from typing import TypeAlias
 import torch
 
 from . import __version__
-from .errors import IntruderError, NonFiniteError
+from .errors import IntruderError
 from .io import identity, open_checkpoint, pair_checkpoints, read_ref
 from .io.adapter import merge_lora
 from .io.basecheck import chain_checks, warning_text
@@ -46,7 +46,7 @@ from .run import stream
 from .run.cache import BaseCache
 from .run.devices import resolve_device
 from .run.driver import scan_pairs
-from .run.load import all_finite
+from .run.load import tuned_status
 from .run.stream import Raw
 from .scan import derivation_warnings, validate_config
 from .spectral.decompose import top_spectrum
@@ -370,16 +370,13 @@ def _track_group(raw: Raw, device: torch.device, config: ScanConfig, base_cache,
             wt = merge_lora(prev_w, lora, parts.__getitem__)
         else:
             wt = prev_w if step is None else step
-        if not all_finite(wt):
-            if not config.allow_nonfinite:
-                where = p.lora.a.path if p.lora is not None else (p.tuned.path if p.tuned else "")
-                raise NonFiniteError(f"tuned tensor {name!r} in {where} contains NaN or Inf "
-                                     f"(use --allow-nonfinite to skip such layers)")
+        status = tuned_status(p, w0, wt, config.allow_nonfinite)  # raises on NaN / Inf
+        if status == "nonfinite":
             out.append(nonfinite(i))
             prev_top, prev_intr = None, ()
             continue
         cur_intr: tuple[int, ...] = ()
-        if wt.dtype == w0.dtype and torch.equal(wt, w0):
+        if status == "unchanged":
             vb = _result(name, shape, dtype, status="unchanged")
         else:
             found, spec = analyse(w0, wt, config, name, base_spec=spec,

@@ -176,3 +176,32 @@ def test_compare_torchrun_two_ranks_equal_one_process(seq, tmp_path):
             assert x["status"] == y["status"] and x.get("max_cos") == y.get("max_cos")
             assert x.get("intruders") == y.get("intruders")
         assert ea["summary"]["intruders"] == eb["summary"]["intruders"]
+
+
+def test_track_step_with_nan_is_one_line_or_skipped(tmp_path):
+    """A step holding NaN: one line naming the tensor and file, or with --allow-nonfinite the
+    layer marked nonfinite and the next step compared with the last finite weights (the base)."""
+    import torch
+    from safetensors.torch import save_file
+
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    bad = w.clone()
+    bad[3, 4] = float("nan")
+    paths = {}
+    for label, t in (("base", w), ("nan", bad), ("same", w.clone())):
+        paths[label] = str(tmp_path / f"{label}.safetensors")
+        save_file({"l.weight": t}, paths[label])
+    res = CliRunner().invoke(cli, ["track", paths["base"], paths["nan"], "--no-cache", "-q",
+                                   "-o", str(tmp_path / "a.json")])
+    assert res.exit_code == 1
+    assert "'l.weight'" in res.output and "nan.safetensors" in res.output
+    assert "NaN or Inf" in res.output and res.output.strip().count("\n") == 0
+    out = str(tmp_path / "b.json")
+    res = CliRunner().invoke(cli, ["track", paths["base"], paths["nan"], paths["same"],
+                                   "--no-cache", "-q", "--allow-nonfinite", "-o", out])
+    assert res.exit_code == 0, res.output
+    with open(out) as fh:
+        entries = json.load(fh)["entries"]
+    assert entries[0]["vs_base"]["layers"][0]["status"] == "nonfinite"
+    assert entries[1]["vs_base"]["layers"][0]["status"] == "unchanged"
+    assert entries[1]["vs_previous"]["layers"][0]["status"] == "unchanged"
