@@ -49,6 +49,7 @@ from .io.writer import (
     plan_like,
     plan_merged,
 )
+from .progress import bar as progress_bar
 from .spectral.decompose import top_spectrum
 from .types import ScanReport
 
@@ -395,7 +396,9 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     warnings: list[str] = []
     reader = Reader()
     specs = list(plan.tensors())
-    bar = _bar(len(specs), progress, len(alphas))
+    n_out = len(alphas)
+    bar = progress_bar(len(specs), f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}", "tensor",
+                       progress)
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(CheckpointWriter(out, plan, meta, _index_extra(meta)))
                    for out, meta in zip(outputs, metas)]
@@ -486,17 +489,6 @@ def _produce(src: Source, spec: TensorSpec, alphas: Sequence[float], reader: Rea
         changes[i].append(LayerChange(spec.name, src.intruders.indices, f.sigma, rel))
         yield data
         del data
-
-
-def _bar(total: int, enabled: bool, n_out: int):
-    if not enabled or total == 0:
-        return None
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True,
-                desc=f"writing {n_out} checkpoint{'s' if n_out > 1 else ''}")
 
 
 __all__ = ["CHUNK_ELEMENTS", "FORMULA", "Factors", "LayerChange", "LayerIntruders",

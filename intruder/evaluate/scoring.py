@@ -8,9 +8,10 @@ contract, so rolling windows, multiple-choice options and sliding windows share 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ..progress import bar
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
@@ -109,7 +110,7 @@ def score_requests(lm, requests: Sequence[Request], *, batch_size: int | None = 
     budget = CUDA_LOGIT_BUDGET if str(lm.device).startswith("cuda") else CPU_LOGIT_BUDGET
     vocab = lm.vocab_size()
     results: list[Score | None] = [None] * len(requests)
-    pbar = _progress(len(requests), desc, progress)
+    pbar = bar(len(requests), desc, "seq", progress)
     pos = 0
     with torch.inference_mode():
         while pos < len(order):
@@ -136,13 +137,9 @@ def score_requests(lm, requests: Sequence[Request], *, batch_size: int | None = 
                 results[i] = Score(loglik=float(ll.double().sum()), n_tokens=c,
                                    n_correct=int(correct))
             del logits
-            pbar.update(len(idx))
-    pbar.close()
+            if pbar is not None:
+                pbar.update(len(idx))
+    if pbar is not None:
+        pbar.close()
     return results  # type: ignore[return-value]
 
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="seq", file=sys.stderr, disable=not enabled,
-                leave=False, dynamic_ncols=True)

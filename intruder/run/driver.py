@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Callable, TypeVar, overload
 
 from ..errors import IntruderError
+from ..progress import bar as progress_bar
 from ..types import LayerPair, LayerResult, ScanConfig
 from . import multi
 from .devices import resolve_devices
@@ -51,7 +52,7 @@ def scan_pairs(pairs: Iterable[LayerPair | tuple[LayerPair, ...]], read: Callabl
     ctx = multi.dist_context()
     if ctx is None:
         devices = resolve_devices(config.device)
-        bar = _bar(len(items), progress)
+        bar = progress_bar(len(items), "scanning", "matrix", progress)
         try:
             for res in Pipeline(items, read, config, devices, base_cache, group_fn=group_fn):
                 if bar is not None:
@@ -68,7 +69,7 @@ def scan_pairs(pairs: Iterable[LayerPair | tuple[LayerPair, ...]], read: Callabl
     devices = multi.rank_devices(config.device, local)
     mine = multi.shard([tuple((p[0] if isinstance(p, tuple) else p).base.shape) for p in items],
                        world)[rank]
-    bar = _bar(len(mine), progress and rank == 0)
+    bar = progress_bar(len(mine), "scanning", "matrix", progress and rank == 0)
     local_out = []
     try:
         for i, res in zip(mine, Pipeline([items[i] for i in mine], read, config, devices,
@@ -94,9 +95,3 @@ def scan_pairs(pairs: Iterable[LayerPair | tuple[LayerPair, ...]], read: Callabl
         yield res
 
 
-def _bar(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="matrix", desc="scanning", leave=False, dynamic_ncols=True)
