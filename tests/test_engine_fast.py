@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from results_close import assert_layer_close, assert_scans_close
 
 import intruder.run.cache as C
+import intruder.spectral.engine as E
 from intruder.cli import cli
 from intruder.errors import IntruderError, NonFiniteError
 from intruder.run import devices, multi
@@ -50,11 +51,15 @@ def _spectrum_pair(m, n, rng, strength, alpha=0.5, rank=16):
     return torch.from_numpy(w0).to(torch.bfloat16), torch.from_numpy(wt).to(torch.bfloat16)
 
 
+@pytest.mark.parametrize("route", ["lapack", "iterative"])
 @pytest.mark.parametrize("shape", [(320, 320), (448, 320), (320, 448)])
 @pytest.mark.parametrize("strength", [0.2, 3.0])
-def test_fast_path_matches_float64_lapack(shape, strength):
+def test_fast_path_matches_float64_lapack(monkeypatch, shape, strength, route):
     """Gram > 256: partial base + certified tuned top-k; against numpy's float64 SVD: max|cos|
-    within the guaranteed 3e-5 (observed ~1e-13), identical decisions, sigma to 1e-9."""
+    within the guaranteed 3e-5 (observed ~1e-13), identical decisions, sigma to 1e-9. Both
+    routes: LAPACK on an index range (a CPU's) and Chebyshev iteration (a GPU's, run here)."""
+    if route == "iterative":
+        monkeypatch.setattr(E, "LAPACK_ON_CPU", False)
     seed, rng = _fresh()
     w0, wt = _spectrum_pair(*shape, rng, strength)
     fields, base = analyse(w0, wt, ScanConfig(epsilons=(0.5, 0.7, 0.9)), "m")
@@ -65,7 +70,8 @@ def test_fast_path_matches_float64_lapack(shape, strength):
     assert ((ours < 0.5)[away] == ref.intruders[away]).all(), seed
     np.testing.assert_allclose(fields.sigma_tuned, ref.sigma_tuned, rtol=1e-9, err_msg=str(seed))
     np.testing.assert_allclose(fields.sigma_base, ref.sigma_base[:15], rtol=1e-9, err_msg=str(seed))
-    assert "cheb64" in fields.method.split("/")[1], (seed, fields.method)
+    tuned_method = "evr64" if route == "lapack" else "cheb64"
+    assert fields.method.split("/")[1] == tuned_method, (seed, fields.method)
     if strength < 1:  # a mild update: the kept base vectors prove the answer
         assert "[top" in fields.method, (seed, fields.method)
         assert not base.complete and base.r >= 25

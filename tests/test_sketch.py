@@ -11,7 +11,13 @@ import torch
 
 from intruder.spectral import margin as M
 from intruder.spectral.partial import _gram_blocked, gram, gram_side
-from intruder.spectral.sketch import norm_lanczos, orth, seeded_randn, sketch_singular_values
+from intruder.spectral.sketch import (
+    norm_lanczos,
+    orth,
+    seeded_randn,
+    sketch_singular_values,
+    sketch_spectrum,
+)
 
 
 def test_orth_is_orthonormal_spans_the_input_and_drops_a_deficient_rank():
@@ -111,3 +117,88 @@ def test_rounding_rms_equals_the_definition(dtype):
     want = math.sqrt(float(ulp.square().mean()) / 12.0)
     assert M.rounding_rms(x, bits) == pytest.approx(want, rel=1e-12)
     assert M.rounding_rms(x.double(), bits) == pytest.approx(want, rel=1e-12)
+
+
+def _lowrank_plus_noise(rng, m, n, rank=12, noise=1e-6):
+    u, _ = np.linalg.qr(rng.standard_normal((m, rank)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    return (u * np.logspace(0, -2, rank)) @ v.T + noise * rng.standard_normal((m, n))
+
+
+@pytest.mark.parametrize("shape", [(150, 90), (90, 150)])
+@pytest.mark.parametrize("left", [True, False])
+def test_projected_norm_through_the_gram_matrix_equals_numpy(shape, left):
+    """||P d||_2 from d's Gram matrix on its smaller side (the projector on either side of it)
+    equals numpy's 2-norm of the explicitly projected matrix, and the direct Lanczos value."""
+    rng = np.random.default_rng(shape[0] + left)
+    d = _lowrank_plus_noise(rng, *shape)
+    t = torch.from_numpy(d)
+    b, _ = np.linalg.qr(rng.standard_normal((shape[0] if left else shape[1], 6)))
+    p = np.eye(b.shape[0]) - b @ b.T
+    want = np.linalg.norm(p @ d if left else d @ p, 2)
+    g = gram(t, gram_side(t.shape))
+    via_gram = M.spectral_norm_projected(t, torch.from_numpy(b), left, rtol=1e-13, g=g)
+    direct = M.spectral_norm_projected(t, torch.from_numpy(b), left, rtol=1e-13)
+    assert abs(via_gram - want) <= 1e-9 * want
+    assert abs(via_gram - direct) <= 1e-9 * want
+
+
+def test_projected_norm_through_the_gram_matrix_when_nothing_is_new():
+    """An update inside span(B): the exact answer is 0; through the Gram matrix it is rounding,
+    within sqrt(d u) of ||d||_2 (the accuracy the docstring states)."""
+    rng = np.random.default_rng(4)
+    b, _ = np.linalg.qr(rng.standard_normal((120, 5)))
+    d = b @ rng.standard_normal((5, 80))  # (120, 80) columns in span(B)
+    t = torch.from_numpy(d)
+    got = M.spectral_norm_projected(t, torch.from_numpy(b), True, g=gram(t, gram_side(t.shape)))
+    assert got <= math.sqrt(80 * 2.0 ** -53) * np.linalg.norm(d, 2) * 4
+
+
+def test_lanczos_from_the_sketch_converges_in_fewer_steps_to_the_same_norm():
+    """A start block from the sketch's top right singular vectors: the same ||d||_2 (a lower bound,
+    converged) in fewer products than a random start; a poor start (orthogonal to the answer)
+    still converges."""
+    rng = np.random.default_rng(9)
+    d = _lowrank_plus_noise(rng, 700, 400, rank=40, noise=1e-3)
+    t = torch.from_numpy(d)
+    ref = np.linalg.norm(d, 2)
+    calls = {"n": 0}
+
+    def fwd(x):
+        calls["n"] += 1
+        return t @ x
+
+    def run(start):
+        calls["n"] = 0
+        got = norm_lanczos(fwd, lambda y: t.mT @ y, 400, t.dtype, t.device, rtol=1e-12,
+                           start=start)
+        return got, calls["n"]
+
+    _, right = sketch_spectrum(t, 60, vectors=4)
+    warm, n_warm = run(right)
+    cold, n_cold = run(None)
+    _, _, vt = np.linalg.svd(d)
+    poor, _ = run(torch.from_numpy(vt[5:9].T.copy()))  # spans no top direction
+    for got in (warm, cold, poor):
+        assert ref * (1 - 1e-10) <= got <= ref * (1 + 1e-12)
+    assert n_warm < n_cold, (n_warm, n_cold)
+
+
+def test_dsyevr_without_the_gil_equals_lapack():
+    """The ctypes call of LAPACK's dsyevr (lapack.py) gives scipy's own results, top eigenpairs
+    and values only, and leaves its input untouched."""
+    import scipy.linalg as sl
+
+    from intruder.spectral.lapack import syevr_top
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((300, 200))
+    g = w.T @ w
+    g0 = g.copy()
+    vals, vecs = syevr_top(g, 15)
+    ref_vals, ref_vecs = sl.eigh(g, subset_by_index=[185, 199], driver="evr")
+    np.testing.assert_allclose(vals, ref_vals, rtol=1e-13)
+    assert np.abs(np.abs(np.sum(vecs * ref_vecs, axis=0)) - 1).max() < 1e-10
+    np.testing.assert_allclose(syevr_top(g, 200, vectors=False), np.linalg.eigvalsh(g),
+                               rtol=1e-10, atol=1e-10 * np.abs(g).max())
+    assert np.array_equal(g, g0)

@@ -90,9 +90,10 @@ def _svd64(w: torch.Tensor, left: bool, right: bool) -> Spectrum:
 
 
 def spectral_norm(d: torch.Tensor, iters: int = 30, seed: int = 0, block: int = 4,
-                  rtol: float = 1e-13) -> float:
+                  rtol: float = 1e-13, start: torch.Tensor | None = None) -> float:
     """||d||_2 (float64) by block Lanczos on d^T d (sketch.norm_lanczos): a lower bound that
-    converges from below; a few blocks resolve it where power iteration needs dozens of passes."""
+    converges from below; a few blocks resolve it where power iteration needs dozens of passes.
+    start: (n, b) vectors to begin from (e.g. a sketch's top right singular vectors)."""
     d = d.to(torch.float64)  # (m, n)
     if d.numel() == 0:
         return 0.0
@@ -100,4 +101,4 @@ def spectral_norm(d: torch.Tensor, iters: int = 30, seed: int = 0, block: int = 
     if c != 1.0:
         d = d * c  # exact: the Lanczos blocks' Gram matrices stay in range
     return norm_lanczos(lambda x: d @ x, lambda y: d.mT @ y, d.shape[1], d.dtype, d.device,
-                        block=block, iters=iters, rtol=rtol, seed=seed) / c
+                        block=block, iters=iters, rtol=rtol, seed=seed, start=start) / c

@@ -31,6 +31,13 @@ BASE_R0 = 32  # base eigenpairs kept at first; doubled while the certificate ask
 # Gram sizes from this up may prove intruders by spectral slices (slices.py) instead of the
 # complete base; below it the complete float64 eigh is as cheap
 SLICE_MIN_DIM = 768
+# On a CPU both sides come from LAPACK on an index range (dsyevr) rather than Chebyshev
+# iteration (the GPU route); tests switch this off to run the GPU route on a CPU.
+LAPACK_ON_CPU = True
+
+
+def _lapack(device) -> bool:
+    return torch.device(device).type == "cpu" and LAPACK_ON_CPU
 
 
 def exact_dim(device) -> int:
@@ -88,7 +95,7 @@ def base_eig(w0: torch.Tensor, want: int, start: torch.Tensor | None = None,
     if g is None:
         g = gram(w0, side)  # (d, d)
     if fast:
-        if g.device.type == "cpu":  # LAPACK on an index range beats iterating on a CPU
+        if _lapack(g.device):  # LAPACK on an index range beats iterating on a CPU
             e = eig_top_lapack(g, want, eps_g=gram_error(w0, g), side=side)
         else:
             e = eig_top(g, want, start=start, seed=seed, eps_g=gram_error(w0, g), side=side)
@@ -105,7 +112,10 @@ def tuned_eig(wt: torch.Tensor, k: int, start: torch.Tensor | None = None,
     if g is None:
         g = gram(wt, side)  # (d, d)
     if fast:
-        e = eig_top(g, k, start=start, seed=seed + 1, eps_g=gram_error(wt, g), side=side)
+        if _lapack(g.device):  # LAPACK on an index range: no start, no iterations
+            e = eig_top_lapack(g, k, eps_g=gram_error(wt, g), side=side)
+        else:
+            e = eig_top(g, k, start=start, seed=seed + 1, eps_g=gram_error(wt, g), side=side)
         if e is not None:
             return e
     full = eig_full(wt, side, check_upto=k, g=g)
@@ -142,10 +152,21 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
     be = _as_eig(base_spec, w0)
     want = max(BASE_R0, top_r, k + 5)
     grams = _Grams(w0, wt)
-    if be is None:
-        be = base_eig(w0, want, seed=seed, fast=fast, g=grams("base"))
-    te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast, g=grams("tuned"))
-    t = spectrum_of(wt, te, left, right, upto=k)
+    # On a CPU both sides come from LAPACK (no start block), so the tuned side is computed
+    # first and once, and tells whether the base will have to be complete (_looks_new)
+    lapack = _lapack(w0.device)
+    if lapack:
+        te = tuned_eig(wt, k, seed=seed, fast=fast, g=grams("tuned"))
+        t = spectrum_of(wt, te, left, right, upto=k)
+        if be is None:
+            complete = fast and dim < slice_min_dim() and _looks_new(w0, t, left)
+            be = base_eig(w0, want, seed=seed, fast=fast and not complete, g=grams("base"))
+    else:
+        if be is None:
+            be = base_eig(w0, want, seed=seed, fast=fast, g=grams("base"))
+        te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast,
+                       g=grams("tuned"))
+        t = spectrum_of(wt, te, left, right, upto=k)
     bound = None  # (k,) bool: max_cos is a certified upper bound (spectral slices), not exact
     while True:
         b = spectrum_of(w0, be, left, right)
@@ -173,6 +194,8 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
                 ml, mr = (prime, None) if left else (None, prime)
                 break
         be = base_eig(w0, want, start=be.vecs, seed=seed, fast=fast and widen, g=grams("base"))
+        if lapack:
+            continue
         # the tuned side restarts from the final base, as a warm scan (base from the cache)
         # will: cold and warm scans run the same computation on the same arrays (equal to the
         # bit where the BLAS is deterministic; to rounding, same decisions, on any)
@@ -201,8 +224,8 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
     energy = float(sig_t[flags].square().sum()) / energy_total if energy_total > 0 else 0.0
     sig_k = float(b.sigma[k - 1]) if b.sigma.numel() >= k else float("nan")
     d = wt - w0  # (m, n)
-    update = update_spectrum(d)  # dW's singular values, once: ||dW||_2 here, its shape in margin
-    dnorm = update[2]
+    update = update_spectrum(d, keep_gram=True)  # dW's singular values once: ||dW||_2 here,
+    dnorm = update.top  # its shape and (with its Gram) the novel part's norm in margin
     margin, shape = margin_measures(b, t, w0, wt, d, k, decide, eps, dnorm, left=left,
                                     update=update, stored=stored, noise=noise)
     found = Analysis(
@@ -226,6 +249,24 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         update_shape=shape,
     )
     return found, be
+
+
+# A tuned vector keeping less than this share of its energy under the base (||W0^T u||^2 /
+# sigma_t^2 for a left vector) is probably new to it: its max|cos| then needs the complete base
+NEW_ENERGY = 0.25
+
+
+def _looks_new(w0: torch.Tensor, t: Spectrum, left: bool) -> bool:
+    """Whether some top-k tuned vector looks new to the base (an intruder in the making), so
+    that the base's top eigenpairs alone will not decide it. Only a guess that picks the route
+    (top eigenpairs first, or the complete base at once); the certificate decides as always.
+    For a vector that matches a base vector, ||W0^T u||^2 is about sigma_t^2; for a new
+    direction it is about ||W0||_F^2 / d, far below the top-k's sigma^2."""
+    vecs = t.vecs(left)  # (m, k) left or (n, k) right
+    proj = w0.mT @ vecs if left else w0 @ vecs  # (n, k) or (m, k)
+    seen = torch.linalg.vector_norm(proj, dim=0).square().cpu()  # (k,)
+    want = t.sigma.cpu().square() * NEW_ENERGY  # (k,)
+    return bool((seen < want).any())
 
 
 def _primary(ml: Match | None, mr: Match | None) -> Match:

@@ -20,21 +20,24 @@ Everything is float64 on the device the engine already uses; nothing here reads 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from .. import exitcodes
 from ..types import Margin, UpdateShape
 from .decompose import full_spectrum, spectral_norm, top_spectrum
+from .lapack import syevr_top
 from .match import match_vectors
 from .partial import gram, gram_side
-from .sketch import norm_lanczos, sketch_singular_values
+from .sketch import norm_lanczos, sketch_spectrum
 
 # How many singular values of dW are kept in the report (and computed on large matrices).
 DELTA_SV_KEEP = 64
 # Exact spectrum of dW up to this smaller dimension; randomized (range finder) above.
 EXACT_DELTA_MAX = 1024
 RANDOMIZED_Q = 128  # singular values estimated by the randomized path
+START_BLOCK = 4  # sketch vectors kept to start the Lanczos runs of ||dW||_2 and the novel norm
 GRAM_RESOLVE = 1e-6  # Gram eigenvalues resolve singular values down to ~1e-8 sigma_1; keep margin
 # A singular value of dW counts toward its rank when above FLOOR_SLACK x the rounding-noise edge.
 FLOOR_SLACK = 2.0
@@ -101,18 +104,39 @@ def rounding_rms(w: torch.Tensor, bits: int) -> float:
     return math.sqrt(total / 12.0 / w.numel())
 
 
+class Update(NamedTuple):
+    """What the update measures need of dW, computed once per layer (update_spectrum)."""
+
+    sv: torch.Tensor  # singular values, descending (all, or the top RANDOMIZED_Q)
+    how: str  # gram | randomized
+    top: float  # ||dW||_2
+    gram: torch.Tensor | None  # (small, small) Gram matrix of dW on the smaller side, if formed
+    right: torch.Tensor | None = None  # (n, b) approximate top right singular vectors (sketch)
+
+
 def delta_singular_values(d: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, str]:
     """Singular values of d (m, n), descending: all of them (eigenvalues of the smaller Gram
     matrix, float64) when min(m, n) <= EXACT_DELTA_MAX, else the top RANDOMIZED_Q by a randomized
     range finder with one power iteration (sketch.py). Gram values below GRAM_RESOLVE x sigma_1
-    are noise."""
+    are noise. Returns (values, how: 'gram' or 'randomized')."""
+    sv, how, _, _ = _delta_spectrum(d, seed)
+    return sv, how
+
+
+def _delta_spectrum(d: torch.Tensor, seed: int = 0, keep_gram: bool = False):
+    """delta_singular_values, then the Gram matrix when it was formed and keep_gram (else None),
+    then the sketch's top right singular vectors (randomized path, else None)."""
     m, n = d.shape
     small = min(m, n)
     if small <= EXACT_DELTA_MAX:
         g = gram(d, gram_side(d.shape))  # (small, small)
-        ev = torch.linalg.eigvalsh(g).flip(0)  # descending
-        return ev.clamp_min(0).sqrt(), "gram"
-    return sketch_singular_values(d, min(RANDOMIZED_Q, small), seed=seed), "randomized"
+        if g.device.type == "cpu":  # LAPACK's dsyevr, values only, without the GIL
+            ev = torch.from_numpy(syevr_top(g.numpy(), small, vectors=False)[::-1].copy())
+        else:
+            ev = torch.linalg.eigvalsh(g).flip(0)  # descending
+        return ev.clamp_min(0).sqrt(), "gram", g if keep_gram else None, None
+    sv, right = sketch_spectrum(d, min(RANDOMIZED_Q, small), seed=seed, vectors=START_BLOCK)
+    return sv, "randomized", None, right
 
 
 def estimate_rank(sv: torch.Tensor, floor: float, shape) -> tuple[int, float, bool]:
@@ -133,11 +157,20 @@ def estimate_rank(sv: torch.Tensor, floor: float, shape) -> tuple[int, float, bo
 
 def spectral_norm_projected(d: torch.Tensor, basis: torch.Tensor | None, left: bool,
                             iters: int = 30, block: int = 4, seed: int = 1,
-                            rtol: float = 1e-9) -> float:
+                            rtol: float = 1e-9, g: torch.Tensor | None = None,
+                            start: torch.Tensor | None = None) -> float:
     """||(I - B B^T) d||_2 (left) or ||d (I - B B^T)||_2 (right), basis B (., k) orthonormal, by
-    block Lanczos (sketch.norm_lanczos: a lower bound that converges from below)."""
+    block Lanczos (sketch.norm_lanczos: a lower bound that converges from below).
+
+    g: d's Gram matrix on its smaller side (gram(d, gram_side(d.shape))), when the caller has
+    it: then the Lanczos runs on a (small, small) matrix instead of d itself (the square of the
+    answer is its largest eigenvalue; rounding in g costs about sqrt(small * u) ||d||_2 of
+    absolute accuracy, far below any reported digit). start: (n, b) approximate top right
+    singular vectors of d (Update.right) to begin the Lanczos from."""
     if basis is None:
         return float("nan")
+    if g is not None:
+        return _projected_norm_from_gram(d, basis, left, g, iters, block, seed, rtol)
 
     def proj(x):  # (I - B B^T) x
         return x - basis @ (basis.mT @ x)
@@ -146,20 +179,48 @@ def spectral_norm_projected(d: torch.Tensor, basis: torch.Tensor | None, left: b
         fwd, bwd = (lambda x: proj(d @ x)), (lambda y: d.mT @ proj(y))
     else:  # M = d P
         fwd, bwd = (lambda x: d @ proj(x)), (lambda y: proj(d.mT @ y))
+    if start is not None and not left:  # M = d P acts on P x
+        start = proj(start)
     return norm_lanczos(fwd, bwd, d.shape[1], d.dtype, d.device, block=block, iters=iters,
-                        rtol=rtol, seed=seed)
+                        rtol=rtol, seed=seed, start=start)
 
 
-def update_spectrum(d: torch.Tensor) -> tuple[torch.Tensor, str, float]:
-    """(singular values of d, how they were computed, ||d||_2), computed once per layer.
+def _projected_norm_from_gram(d: torch.Tensor, basis: torch.Tensor, left: bool, g: torch.Tensor,
+                              iters: int, block: int, seed: int, rtol: float) -> float:
+    """spectral_norm_projected through g, the Gram matrix of d on its smaller side."""
+    small_left = gram_side(d.shape) == "left"  # g = d d^T (m, m), else d^T d (n, n)
+    if left != small_left:
+        # the projector acts on the other side of g: one rank-k correction of g
+        #   left:  ||P d||^2 = lambda_max(d^T P d) = lambda_max(g - c^T c),  c = B^T d (k, n)
+        #   right: ||d P||^2 = lambda_max(d P d^T) = lambda_max(g - c c^T),  c = d B (m, k)
+        c = basis.mT @ d if left else d @ basis
+        s = g - (c.mT @ c if left else c @ c.mT)  # (small, small)
+
+        def op(x):
+            return s @ x
+    else:
+        # the projector acts on g's own side: ||P d||^2 = lambda_max(P g P) (likewise right)
+        def op(x):
+            x = x - basis @ (basis.mT @ x)
+            y = g @ x
+            return y - basis @ (basis.mT @ y)
+    lam = norm_lanczos(op, op, g.shape[0], g.dtype, g.device, block=block, iters=iters,
+                       rtol=rtol, seed=seed)  # ||S||_2 of the PSD S: its largest eigenvalue
+    return math.sqrt(max(lam, 0.0))
+
+
+def update_spectrum(d: torch.Tensor, keep_gram: bool = False) -> Update:
+    """dW's singular values, how they were computed, ||d||_2 (and its Gram matrix, when formed
+    and keep_gram), computed once per layer.
 
     The exact Gram path gives ||d||_2 as its top value; the randomized path's top value is a
     lower bound, so the power iteration's estimate is taken too and the larger kept."""
-    sv, how = delta_singular_values(d)
+    sv, how, g, right = _delta_spectrum(d, keep_gram=keep_gram)
     top = float(sv[0]) if sv.numel() else 0.0
-    if how != "gram":  # the sketch's top value is a lower bound: refine (a reported measure)
-        top = max(top, spectral_norm(d, rtol=1e-9))
-    return sv, how, top
+    if how != "gram":  # the sketch's top value is a lower bound: refine (a reported measure),
+        # from the sketch's top vectors (a few Lanczos steps instead of a cold start's dozens)
+        top = max(top, spectral_norm(d, rtol=1e-9, start=right))
+    return Update(sv, how, top, g, right)
 
 
 def _finite(x: float) -> float | None:
@@ -174,9 +235,10 @@ def margin_measures(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k
     """Margin and update-shape measures of one layer.
 
     b: base Spectrum (all vectors), t: tuned top-k Spectrum, w0/wt/d (m, n) float64 on one device,
-    decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2, update: update_spectrum(d)
-    when the caller already has it (else computed here), stored: (w0, wt) as read, before the
-    float64 upcast (their dtype spares the storage-grid pass), default (w0, wt); noise: rms
+    decide: (k,) max|cos| that decides intruders, dnorm: ||d||_2, update: update_spectrum(d,
+    keep_gram=True) when the caller already has it (else computed here), stored: (w0, wt) as
+    read, before the float64 upcast (their dtype spares the storage-grid pass), default
+    (w0, wt); noise: rms
     rounding error that quantized storage (FP8 with scales, GGUF, int8) put into dW, which no
     float grid shows (io/dequant.noise_rms), else None."""
     min_cos = float(decide.min()) if decide.numel() else float("nan")
@@ -185,7 +247,9 @@ def margin_measures(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k
     bu = b.u if left else b.v
     tu = t.u if left else t.v
     basis = bu[:, :k] if bu is not None else None  # (m, k) or (n, k)
-    novel = spectral_norm_projected(d, basis, left)
+    if update is None:
+        update = update_spectrum(d, keep_gram=True)
+    novel = spectral_norm_projected(d, basis, left, g=update.gram, start=update.right)
     subspace = None
     if basis is not None and tu is not None:
         pc = torch.linalg.svdvals(basis.mT @ tu[:, :k])  # (k,) cosines of the principal angles
@@ -197,7 +261,7 @@ def margin_measures(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k
                     novel_strength=_finite(novel / sig_k if sig_k > 0 else float("inf")),
                     subspace_cos=subspace,
                     weight_cos=_finite(dot / (n0 * nt)) if n0 > 0 and nt > 0 else None)
-    sv, how, _ = update if update is not None else update_spectrum(d)
+    sv, how = update.sv, update.how
     top = max(float(sv[0]) if sv.numel() else 0.0, dnorm)  # ||d||_2 (exact or randomized)
     fro2 = float(torch.linalg.vector_norm(d)) ** 2
     # the coarser storage grid of the two sides sets the rounding noise dW carries
@@ -245,8 +309,8 @@ def margin_measures_for(w0: torch.Tensor, wt: torch.Tensor,
         cos.append(match_vectors(t.vecs(False), t.sigma, b.vecs(False), b.sigma).max_cos)
     decide = torch.maximum(cos[0], cos[1]) if len(cos) == 2 else cos[0]  # (k,)
     d = wt - w0  # (m, n)
-    update = update_spectrum(d)
-    return margin_measures(b, t, w0, wt, d, k, decide, config.epsilon, update[2], left=left,
+    update = update_spectrum(d, keep_gram=True)
+    return margin_measures(b, t, w0, wt, d, k, decide, config.epsilon, update.top, left=left,
                            update=update)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .lapack import syevr_top
 from .sketch import cpu_symmetric, seeded_randn
 
 U64 = 2.0 ** -53  # unit roundoff of float64
@@ -81,11 +82,12 @@ def gram_side(shape) -> str:
 def gram(w: torch.Tensor, side: str) -> torch.Tensor:
     """W W^T (m, m) for side 'left', W^T W (n, n) for 'right'; float64.
 
-    Large Grams on a GPU come from the upper block triangle (_gram_blocked). On a CPU a plain
-    product: BLAS dsyrk through scipy halves the flops but holds the GIL, and the scan computes
-    one matrix per core in threads (measured slower overall on 2 cores, bench/NOTES.md)."""
+    Large Grams come from the upper block triangle (_gram_blocked: 10/16 of the flops), on a
+    CPU from d = 256 (measured at 576: 4.1 ms against 8.3 ms for the plain product; BLAS dsyrk
+    through scipy halves the flops but holds the GIL, and a CPU scan computes one matrix per
+    core in threads), on a GPU from 2048."""
     d = w.shape[0] if side == "left" else w.shape[1]
-    if w.device.type == "cuda" and d >= 2048:
+    if d >= (2048 if w.device.type == "cuda" else 256):
         return _gram_blocked(w if side == "left" else w.mT, 4)
     g = w @ w.mT if side == "left" else w.mT @ w  # (d, d)
     return symmetrise_(g, max(1, d // 1024))
@@ -328,17 +330,14 @@ def _bound(thw, xw, res, rest, eps, trace_g, d, side, method, eps_included=False
 
 def eig_top_lapack(g: torch.Tensor, want: int, eps_g: float = 0.0,
                    side: str = "left") -> Eig | None:
-    """Top-`want` eigenpairs by LAPACK's MRRR on an index range (scipy dsyevr): on a CPU it
+    """Top-`want` eigenpairs by LAPACK's MRRR on an index range (dsyevr, lapack.py): on a CPU it
     skips most of the back-transformation a full eigh pays for. Certified like eig_top, with
     the (want+1)-th eigenvalue, raised by LAPACK's backward-error bound, as the fence."""
-    import scipy.linalg as sl
-
     d = g.shape[0]
     if want + 1 >= d:
         return None
     gn = g.detach().cpu().numpy()
-    vals, vecs = sl.eigh(gn, subset_by_index=[d - want - 1, d - 1], driver="evr",
-                         check_finite=False)  # ascending (want+1,), (d, want+1)
+    vals, vecs = syevr_top(gn, want + 1)  # ascending (want+1,), (d, want+1)
     # copied into torch's own (aligned) memory: the kept vectors are then laid out as a cached
     # entry's are when read back, so cold and warm scans feed BLAS the same arrays
     th = torch.from_numpy(vals[::-1].copy()).clone()  # (want+1,) descending

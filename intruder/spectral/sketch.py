@@ -73,16 +73,25 @@ def orth(y: torch.Tensor, rcond: float = 1e-7, ref: float | None = None) -> torc
 
 
 def norm_lanczos(fwd: Callable, bwd: Callable, n: int, dtype, device, block: int = 4,
-                 iters: int = 30, rtol: float = 1e-12, seed: int = 0) -> float:
+                 iters: int = 30, rtol: float = 1e-12, seed: int = 0,
+                 start: torch.Tensor | None = None) -> float:
     """||M||_2 for M given by fwd(x) = M x and bwd(y) = M^T y, x (n, b): block Lanczos on
     M^T M with full reorthogonalisation. The estimate is the largest singular value of M Q on
-    the Krylov basis Q [X, M^T M X, ...] of a seeded random block, a lower bound that converges
+    the Krylov basis Q [X, M^T M X, ...] of a start block X, a lower bound that converges
     from below; it stops when it moves by less than rtol, or when the Krylov space is
-    exhausted (then it is exact)."""
+    exhausted (then it is exact). X: a seeded random block, or `start` (n, b') beside it when
+    given (e.g. a sketch's top right singular vectors: then a few steps converge)."""
     if n == 0:
         return 0.0
     b = max(1, min(block, n))
-    x = orth(seeded_randn(n, b, seed, device, dtype, reuse=True))  # (n, b)
+    x = seeded_randn(n, b, seed, device, dtype, reuse=True)  # (n, b)
+    if start is not None and start.numel():
+        # the start vectors beside the random block, never instead of it: a start that spans
+        # an invariant subspace without the top direction would otherwise hold the Krylov
+        # space there for good
+        x = torch.cat([start.to(device, dtype), x], dim=1)[:, :n]  # (n, b' + b)
+    x = orth(x)  # (n, b)
+    b = max(1, x.shape[1])
     qs, ys = [], []
     est = 0.0
     for _ in range(max(1, iters)):
@@ -113,6 +122,13 @@ def sketch_singular_values(d: torch.Tensor, q: int, p: int = 16, seed: int = 0) 
     iteration (Halko, Martinsson & Tropp, alg. 4.4): bases of d Omega, d^T Y, d Z in turn, then
     the singular values of Q^T d from the eigenvalues of its (s, s) Gram. Values below about
     1e-7 of the largest are not resolved and come back as 0."""
+    return sketch_spectrum(d, q, p, seed)[0]
+
+
+def sketch_spectrum(d: torch.Tensor, q: int, p: int = 16, seed: int = 0,
+                    vectors: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sketch_singular_values, and with `vectors` > 0 the right singular vectors (n, vectors) of
+    Q^T d for the largest values (approximations of d's own, good starts for norm_lanczos)."""
     m, n = d.shape
     s = min(q + p, m, n)
     omega = seeded_randn(n, s, seed, d.device, d.dtype, reuse=True)  # (n, s)
@@ -120,9 +136,15 @@ def sketch_singular_values(d: torch.Tensor, q: int, p: int = 16, seed: int = 0) 
     z = orth(d.mT @ y)  # (n, r): one power iteration
     qm = orth(d @ z)  # (m, r) orthonormal range basis
     c = d.mT @ qm  # (n, r) = (Q^T d)^T
-    ev = torch.linalg.eigvalsh(_small_gram(c)).flip(0)  # (r,) descending, sigma^2
+    ev, w = torch.linalg.eigh(_small_gram(c))  # ascending (r,), (r, r): c^T c = W diag(ev) W^T
+    ev, w = ev.flip(0), w.flip(1)  # descending, sigma^2
     sv = ev.clamp_min(0).sqrt()
     out = torch.zeros(min(q, m, n), dtype=torch.float64)
     k = min(out.numel(), sv.numel())
     out[:k] = sv[:k]
-    return out.to(d.device)
+    right = None
+    if vectors > 0:
+        j = min(vectors, int((sv > 0).sum()))
+        # Q^T d = W diag(sv) V^T  =>  V = c W diag(1 / sv)  (n, j)
+        right = c @ (w[:, :j] / sv[:j]).to(c.device, c.dtype)
+    return out.to(d.device), right
