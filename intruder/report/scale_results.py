@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ReportError
+from ..io.jsonfile import read_json
 
 FORMAT = "intruder.scale-results/1"
 RESULTS_JSON = "scale-results.json"
@@ -218,6 +219,4 @@ def load_scale_results(path: str) -> ScaleTable:
     """Read scale-results.json (see the module docstring for the accepted shapes)."""
     if not os.path.isfile(path):
         raise ReportError(f"{path}: no scale results there (run `intruder scale ... --eval` first)")
-    from ..io.jsonfile import read_json
-
     return parse_scale_results(read_json(path, ReportError, "scale results", max_bytes=None), path)

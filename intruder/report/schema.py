@@ -14,6 +14,8 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from ..errors import ReportError
+from ..io.atomic import write_text
+from ..io.jsonfile import read_json
 from ..types import CheckpointInfo, Intruder, LayerResult, Margin, ScanConfig, ScanReport, UpdateShape
 from .summary import summary
 from .validate import validate_report
@@ -331,8 +333,6 @@ def dumps(report: ScanReport) -> str:
 
 
 def save_report(report: ScanReport, path: str) -> None:
-    from ..io.atomic import write_text
-
     write_text(path, dumps(report) + "\n")
 
 
@@ -479,8 +479,6 @@ def load_report(path: str) -> ScanReport:
 
     if not os.path.isfile(path):
         raise ReportError(f"{path}: no scan report there (run `intruder scan BASE TUNED` first)")
-    from ..io.jsonfile import read_json
-
     doc = read_json(path, ReportError, "scan report", max_bytes=None)
     if not isinstance(doc, dict):
         raise ReportError(f"{path}: violates the scan-report schema: $: expected object")
