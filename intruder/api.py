@@ -33,7 +33,7 @@ from .io.memory import as_checkpoint
 from .report import frame, track_view
 from .report import schema as _schema
 from .report.html import escape, write_html
-from .report.scale_results import parse_scale_results
+from .report.scale_results import check_format, parse_scale_results
 from .report.similarity import recompute_similarity
 from .report.summary import summary as _summary
 from .report.verdict import decide, verdict_of, verdict_text
@@ -383,6 +383,7 @@ def load_report(path) -> ScanResult | TrackResult | Any:
     if isinstance(doc, dict) and "kind" in doc:
         return _load_track(doc, p)
     if isinstance(doc, dict) and "intervention" in doc:
+        check_format(doc, p)  # another tool's file: says so before any schema detail
         try:
             _schema.validate(doc)
         except ReportError as exc:

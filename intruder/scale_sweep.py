@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__
@@ -42,8 +42,9 @@ from .report.scale_results import (
     PLOT_PNG,
     RESULTS_CSV,
     RESULTS_JSON,
+    ROWS,
     choose_axes,
-    result_entry,
+    row_entry,
 )
 from .report.table import format_table
 from .sweep_exec import (
@@ -386,11 +387,6 @@ def _result(row: ModelRow, key: tuple[str, str]) -> EvalResult | None:
 
 def to_dict(sweep: Sweep) -> dict:
     """The sweep as one JSON-ready document (scale-results.json)."""
-    rows = []
-    for row in sweep.rows:
-        d = {k: v for k, v in asdict(row).items() if k != "results"}
-        d["results"] = [result_entry(r) for r in row.results]
-        rows.append(d)
     outputs = [{"alpha": r.alpha, "path": r.path, "kind": r.kind, "tensors": r.n_tensors,
                 "bytes": r.bytes, "intruders": r.n_intruders,
                 "layers": [{"name": l.name, "indices": list(l.indices), "sigma": list(l.sigma),
@@ -406,7 +402,7 @@ def to_dict(sweep: Sweep) -> dict:
         "scan_report": sweep.scan_report,
         "epsilon": sweep.epsilon, "top_k": sweep.top_k, "alphas": list(sweep.alphas),
         "evals": list(sweep.evals), "limit": sweep.limit,
-        "outputs": outputs, "models": rows, "files": dict(sweep.files),
+        "outputs": outputs, ROWS: [row_entry(row) for row in sweep.rows], "files": dict(sweep.files),
         "timing": dict(sweep.timing), "warnings": list(sweep.warnings),
     }
 
