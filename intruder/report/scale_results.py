@@ -133,12 +133,23 @@ def _rows(doc: Any, source: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_row(row: Any, where: str, source: str) -> None:
-    if not isinstance(row, dict):
-        _fail(source, f"{where}: expected an object with {', '.join(ROW_FIELDS)}")
-    missing = [f for f in ROW_FIELDS if f not in row]
+def _declared(obj: Any, fields: tuple[str, ...], what: str, where: str,
+              source: str) -> dict[str, Any]:
+    """`obj` as an object holding every declared field of a `what`, else one ReportError."""
+    if not isinstance(obj, dict):
+        _fail(source, f"{where}: expected an object with {', '.join(fields)}")
+    missing = [f for f in fields if f not in obj]
     if missing:
-        _fail(source, f"{where}: missing {missing[0]!r} (a row holds {', '.join(ROW_FIELDS)})")
+        _fail(source, f"{where}: missing {missing[0]!r} (a {what} holds {', '.join(fields)})")
+    return obj
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_row(row: Any, where: str, source: str) -> None:
+    row = _declared(row, ROW_FIELDS, "row", where, source)
     if row["role"] not in ROLES:
         _fail(source, f"{where}: role {row['role']!r} is not one of {', '.join(ROLES)}")
     alpha = row["alpha"]
@@ -148,23 +159,17 @@ def _check_row(row: Any, where: str, source: str) -> None:
     for f, kind in (("label", str), ("note", str), ("path", str), ("results", list)):
         if not isinstance(row[f], kind):
             _fail(source, f"{where}: {f!r} must be a {'list' if kind is list else 'string'}")
-    if row["n_intruders"] is not None and (isinstance(row["n_intruders"], bool)
-                                           or not isinstance(row["n_intruders"], int)):
+    if row["n_intruders"] is not None and not _whole(row["n_intruders"]):
         _fail(source, f"{where}: 'n_intruders' must be a whole number or null")
     for j, e in enumerate(row["results"]):
         at = f"{where}.results[{j}]"
-        if not isinstance(e, dict):
-            _fail(source, f"{at}: expected an object with {', '.join(RESULT_FIELDS)}")
-        missing = [f for f in RESULT_FIELDS if f not in e]
-        if missing:
-            _fail(source, f"{at}: missing {missing[0]!r} (a result holds "
-                          f"{', '.join(RESULT_FIELDS)})")
+        e = _declared(e, RESULT_FIELDS, "result", at, source)
         for f in ("evaluator", "metric", "unit", "protocol"):
             if not isinstance(e[f], str):
                 _fail(source, f"{at}: {f!r} must be a string")
         if e["value"] is not None and _num(e["value"]) is None:
             _fail(source, f"{at}: 'value' must be a number or null, got {e['value']!r}")
-        if isinstance(e["n_units"], bool) or not isinstance(e["n_units"], int):
+        if not _whole(e["n_units"]):
             _fail(source, f"{at}: 'n_units' must be a whole number")
 
 
