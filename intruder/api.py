@@ -24,15 +24,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InputError, ReportError
+from .evaluate import evaluate_model
+from .evaluate.model import LoadedModel, context_length, resolve_device
 from .inplace import rescaled_copy
-from .io.atomic import check_output
+from .io.atomic import check_output, write_text
 from .io.jsonfile import read_json
 from .io.memory import as_checkpoint
+from .report import frame, track_view
 from .report import schema as _schema
+from .report.html import escape, write_html
+from .report.scale_results import check_format, parse_scale_results
+from .report.similarity import recompute_similarity
 from .report.summary import summary as _summary
-from .report.verdict import verdict_of, verdict_text
+from .report.verdict import decide, verdict_of, verdict_text
+from .report.views import most_affected
+from .run.cache import default_cache_dir
 from .scan import run_scan
-from .track import TrackEntry, TrackReport, run_compare, run_track
+from .track import Persistence, TrackEntry, TrackReport, run_compare, run_track, summaries
+from .track import dumps as track_dumps
+from .track import to_dict as track_to_dict
 from .types import DEFAULT_EPSILONS, DEFAULT_TOP_K, EvalResult, ScanConfig, ScanReport, Verdict
 
 Source = Any  # str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module | PeftModel
@@ -55,8 +65,6 @@ class ScanResult(ScanReport):
     def to_dataframe(self, per: str = "matrix"):
         """pandas DataFrame: one row per matrix (default; every per-matrix field of the JSON),
         per intruder (`per="intruder"`) or per top-k tuned vector (`per="vector"`)."""
-        from .report import frame
-
         views = {"matrix": frame.to_dataframe, "intruder": frame.intruders_dataframe,
                  "vector": frame.vectors_dataframe}
         if per not in views:
@@ -81,8 +89,6 @@ class ScanResult(ScanReport):
     def to_html(self, path, **options):
         """Write the self-contained HTML audit (intruder.report.html.write_html options:
         scale_results=, similarity=, base_path=, tuned_path=); returns its AuditInfo."""
-        from .report.html import write_html
-
         check_output(os.fspath(path), [self.base.path, self.tuned.path], "HTML audit")
         return write_html(self, os.fspath(path), **options)
 
@@ -91,9 +97,6 @@ class ScanResult(ScanReport):
         Figure 1) for `names` (default: the n most affected matrices), recomputed from the
         checkpoints after checking they are the scanned ones; draw with
         intruder.plots.similarity_heatmaps(list(blocks.values()))."""
-        from .report.similarity import recompute_similarity
-        from .report.views import most_affected
-
         names = list(names) if names is not None else [l.name for l in most_affected(self, n)]
         return recompute_similarity(self, names)
 
@@ -102,8 +105,6 @@ class ScanResult(ScanReport):
                 f"{_verdict(self).wording}>")
 
     def _repr_html_(self) -> str:
-        from .report.html import escape
-
         return (f"<p><b>{escape(_verdict(self).wording)}</b><br><small>{escape(self.tuned.path)} "
                 f"against {escape(self.base.path)}; {len(self.layers)} matrices; "
                 f"r.to_dataframe(), r.to_html(path)</small></p>")
@@ -120,8 +121,6 @@ def _result(report: ScanReport, roundings: int = 1) -> ScanResult:
         return report
     kw = {f.name: getattr(report, f.name) for f in dataclasses.fields(ScanReport)}
     if kw["verdict"] is None or roundings != 1:
-        from .report.verdict import decide
-
         kw["verdict"] = decide(report, roundings)
     return ScanResult(**kw)
 
@@ -143,8 +142,6 @@ class TrackResult(TrackReport):
     @property
     def summary(self) -> list[dict]:
         """One row per checkpoint, as in the JSON (`entries[i].summary`)."""
-        from .track import summaries
-
         return summaries(self)
 
     def __getitem__(self, key: int | str) -> ScanResult:
@@ -180,16 +177,12 @@ class TrackResult(TrackReport):
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
-        from .track import to_dict
-
-        return to_dict(self)
+        return track_to_dict(self)
 
     def figure(self, kind: str = "counts"):
         """A matplotlib Figure of the track / compare page: 'counts' (intruders per checkpoint),
         'margin' (lowest max|cos| and novel strength) or 'persistence' (a track's persistent /
         new / gone intruders)."""
-        from .report import track_view
-
         figs = {"counts": track_view.track_counts, "margin": track_view.track_margin,
                 "persistence": track_view.persistence_bars}
         if kind not in figs:
@@ -198,19 +191,14 @@ class TrackResult(TrackReport):
 
     def save(self, path) -> str:
         """Write the JSON document atomically; returns the path."""
-        from .io.atomic import write_text
-        from .track import dumps
-
         check_output(os.fspath(path), self._inputs(), "document")
-        write_text(os.fspath(path), dumps(self) + "\n")
+        write_text(os.fspath(path), track_dumps(self) + "\n")
         return os.fspath(path)
 
     def to_html(self, path) -> int:
         """Write the self-contained track / compare page; returns its size in bytes."""
-        from .report.track_view import write_track_html
-
         check_output(os.fspath(path), self._inputs(), "HTML page")
-        return write_track_html(self, os.fspath(path))
+        return track_view.write_track_html(self, os.fspath(path))
 
     def _inputs(self) -> list[str]:
         return [self.base.path] + [e.path for e in self.entries]
@@ -246,8 +234,6 @@ def _config(top_k, epsilon, vectors, include, exclude, device, cache_dir, no_cac
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise InputError(f"{name} must be a string or None, got {type(v).__name__}")
     if not no_cache and cache_dir is None:
-        from .run.cache import default_cache_dir
-
         cache_dir = default_cache_dir()
     return ScanConfig(top_k=top_k, epsilons=eps, vectors=vectors, include=include, exclude=exclude,
                       device=device, allow_nonfinite=bool(allow_nonfinite),
@@ -397,8 +383,7 @@ def load_report(path) -> ScanResult | TrackResult | Any:
     if isinstance(doc, dict) and "kind" in doc:
         return _load_track(doc, p)
     if isinstance(doc, dict) and "intervention" in doc:
-        from .report.scale_results import parse_scale_results
-
+        check_format(doc, p)  # another tool's file: says so before any schema detail
         try:
             _schema.validate(doc)
         except ReportError as exc:
@@ -408,8 +393,6 @@ def load_report(path) -> ScanResult | TrackResult | Any:
 
 
 def _load_track(doc: dict, path: str) -> TrackResult:
-    from .track import Persistence
-
     try:
         _schema.validate(doc)
     except ReportError as exc:
@@ -443,8 +426,6 @@ def evaluate(model, evals: str | Sequence[str] = ("wikitext",), *, tokenizer=Non
     perplexity), 'task:PATH' (multiple choice JSON or held-out text), 'lm-eval:TASK[,TASK...]'
     (lm-evaluation-harness tasks); `from intruder.evaluate import available` lists them.
     Returns EvalResults, each naming its protocol and unit."""
-    from .evaluate import evaluate_model
-
     specs = [evals] if isinstance(evals, str) else list(evals)
     if isinstance(model, (str, os.PathLike)):
         return evaluate_model(os.fspath(model), specs, model_config=model_config,
@@ -456,8 +437,6 @@ def evaluate(model, evals: str | Sequence[str] = ("wikitext",), *, tokenizer=Non
 
 def _loaded(model, tokenizer, device: str, max_length: int | None):
     import torch
-
-    from .evaluate.model import LoadedModel, context_length, resolve_device
 
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise InputError(f"model: expected a path or a transformers model, got "

@@ -27,9 +27,15 @@ from collections.abc import Mapping
 from . import settings
 from .evaluate import register
 from .evaluate.wikitext import WikitextEvaluator
+from .report.html import write_html
+from .report.schema import save_report
 from .report.summary import summary
 from .report.table import scan_table
 from .report.track_view import write_track_html
+from .scale_sweep import format_sweep, run_sweep
+from .scan import run_scan
+from .track import dumps as track_dumps
+from .track import run_compare, run_track
 from .types import ScanConfig, ScanReport
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,10 +110,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     os.chdir(REPO)  # reports record repository-relative paths
-    from .report.html import write_html
-    from .report.schema import save_report
-    from .scan import run_scan
-
     wikitext = os.path.join(args.data_dir, "wikitext-2-raw", "wiki.test.raw")
     if not os.path.isfile(wikitext):
         sys.exit(f"{wikitext}: not found; set INTRUDER_DATA_DIR to the shared data directory")
@@ -148,9 +150,6 @@ def main(argv=None) -> int:
 
     # 3. compare
     log("[3/6] intruder compare: all single-step fine-tunes, base decomposed once")
-    from .track import dumps as track_dumps
-    from .track import run_compare, run_track
-
     cmp = run_compare(path["base"], [path[n] for n in SINGLE], config,
                       command="intruder compare " + " ".join([path["base"]] + [path[n] for n in SINGLE]))
     with open(os.path.join(out, "compare.json"), "w") as fh:
@@ -182,8 +181,6 @@ def main(argv=None) -> int:
     sweep_names = [n for n in args.sweep_model.split(",") if n]
     log(f"[5/6] intruder scale on {', '.join(sweep_names)}: alpha sweep, WikiText-2 + held-out "
         f"task text")
-    from .scale_sweep import format_sweep, run_sweep
-
     # lm-eval wikitext metrics on the first N test articles (the held-out task text stays whole)
     wt_name = f"wikitext-first{args.limit}" if args.limit else "wikitext-lmeval"
     register(wt_name, lambda arg: WikitextEvaluator(path=arg, stride=None, limit=args.limit or None),

@@ -50,6 +50,7 @@ from .io.writer import (
     plan_merged,
 )
 from .progress import bar as progress_bar
+from .run.devices import resolve_device
 from .spectral.decompose import top_spectrum
 from .types import ScanReport
 
@@ -352,8 +353,6 @@ def scale_checkpoint(report: ScanReport, alphas: Sequence[float], outputs: Seque
     an adapter TUNED gives merged model directories laid out like BASE. Nothing is written over
     an input; each output appears atomically and only when complete.
     """
-    from .run.devices import resolve_device
-
     alphas = [float(a) for a in alphas]
     if len(alphas) != len(outputs) or not alphas:
         raise IntruderError("one output path is needed per alpha")

@@ -24,21 +24,29 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__
 from .errors import IntruderError, OutputError
-from .intervene import FORMULA, ScaleResult, resolve_inputs, scale_checkpoint
+from .evaluate import check_evaluators, get_evaluator
+from .evaluate.model import resolve_device
+from .intervene import FORMULA, ScaleResult, resolve_inputs, scale_checkpoint, select_intruders
+from .io import open_checkpoint
 from .io.atomic import check_output, commit_staged, discard_staged, staging_path, write_text
+from .io.pairing import _align
+from .io.safetensors_file import DTYPES
+from .report.plots_scale import SweepPoint, plot_metric_vs_alpha, plot_tradeoff
 from .report.scale_results import (
     FORMAT,
     PLOT_PNG,
     RESULTS_CSV,
     RESULTS_JSON,
+    ROWS,
     choose_axes,
-    result_entry,
+    row_entry,
 )
+from .report.table import format_table
 from .sweep_exec import (
     SweepSpec,
     distributed,
@@ -141,8 +149,6 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
     options = {"lm_eval_include": tuple(lm_eval_include)} if lm_eval_include else {}
     evaluators = _build_evaluators(evals, options)  # an unknown evaluator fails before any work
     if evaluators:  # every evaluator's data found and read before anything is rescaled
-        from .evaluate import check_evaluators
-
         for line in check_evaluators(evaluators, limit):
             log(f"data: {line}")
     if save_alphas is None:
@@ -244,8 +250,6 @@ def run_sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, *,
 def _build_evaluators(evals: Sequence[str], options: dict | None = None):
     if not evals:
         return []
-    from .evaluate import get_evaluator
-
     return [get_evaluator(s, **(options or {})) for s in evals]
 
 
@@ -258,11 +262,6 @@ def _model_config(model_config: str | None, base_path: str) -> str | None:
 def _storage_dtypes(report: ScanReport, model_path: str, epsilon) -> tuple[tuple[str, str], ...]:
     """Report layer -> torch dtype name the checkpoint stores it in (what a written alpha
     checkpoint would hold), so a model evaluated in float32 sees the written weights."""
-    from .intervene import select_intruders
-    from .io import open_checkpoint
-    from .io.pairing import _align
-    from .io.safetensors_file import DTYPES
-
     ck = open_checkpoint(model_path, allow_adapter=False)
     layers = list(select_intruders(report, epsilon))
     mapping = _align(layers, list(ck.refs))
@@ -274,8 +273,6 @@ def plan_devices(device: str, workers: int | None, shard: bool | None,
     """(devices, sharded): one worker per visible GPU (or `workers` of them), one sharded model
     when it is larger than one GPU (or `shard`), `workers` CPU processes on the CPU."""
     import torch
-
-    from .evaluate.model import resolve_device
 
     dev = resolve_device(device)
     if workers is not None and workers < 1:
@@ -296,9 +293,6 @@ def plan_devices(device: str, workers: int | None, shard: bool | None,
 
 
 def _model_bytes(path: str) -> int:
-    from .io import open_checkpoint
-    from .io.safetensors_file import DTYPES
-
     ck = open_checkpoint(path, allow_adapter=False)
     return sum(math.prod(r.shape) * DTYPES[r.dtype][0] for r in ck.refs.values())
 
@@ -393,11 +387,6 @@ def _result(row: ModelRow, key: tuple[str, str]) -> EvalResult | None:
 
 def to_dict(sweep: Sweep) -> dict:
     """The sweep as one JSON-ready document (scale-results.json)."""
-    rows = []
-    for row in sweep.rows:
-        d = {k: v for k, v in asdict(row).items() if k != "results"}
-        d["results"] = [result_entry(r) for r in row.results]
-        rows.append(d)
     outputs = [{"alpha": r.alpha, "path": r.path, "kind": r.kind, "tensors": r.n_tensors,
                 "bytes": r.bytes, "intruders": r.n_intruders,
                 "layers": [{"name": l.name, "indices": list(l.indices), "sigma": list(l.sigma),
@@ -413,7 +402,7 @@ def to_dict(sweep: Sweep) -> dict:
         "scan_report": sweep.scan_report,
         "epsilon": sweep.epsilon, "top_k": sweep.top_k, "alphas": list(sweep.alphas),
         "evals": list(sweep.evals), "limit": sweep.limit,
-        "outputs": outputs, "models": rows, "files": dict(sweep.files),
+        "outputs": outputs, ROWS: [row_entry(row) for row in sweep.rows], "files": dict(sweep.files),
         "timing": dict(sweep.timing), "warnings": list(sweep.warnings),
     }
 
@@ -439,8 +428,6 @@ def plot_choice(rows: Sequence[ModelRow]):
 
 def write_plot(sweep: Sweep, path: str) -> str | None:
     """The trade-off plot (pre-training metric vs task metric), or one metric against alpha."""
-    from .report.plots_scale import SweepPoint, plot_metric_vs_alpha, plot_tradeoff
-
     pre, task = plot_choice(sweep.rows)
     if pre is None and task is None:
         return None
@@ -498,8 +485,6 @@ def write_results(sweep: Sweep) -> Sweep:
 
 def format_sweep(sweep: Sweep) -> str:
     """Terminal table: one row per model, one column per metric, protocols listed underneath."""
-    from .report.table import format_table
-
     keys = _metric_keys(sweep.rows)
     head = ["model", "alpha", "intruders scaled", "max ||W'-Wt||_F/||Wt||_F"]
     head += [f"{ev} {m}" for ev, m in keys]

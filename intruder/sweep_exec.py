@@ -25,17 +25,15 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, cast
+from typing import Callable, cast
 
 from .adapter_merge import AdapterMerge
 from .errors import IntruderError
+from .evaluate import LoadedModel, get_evaluator, load_model, run_evaluators
 from .inplace import InPlaceRescaler
 from .intervene import LayerChange, select_intruders
 from .io import open_checkpoint
 from .types import EvalResult, ScanReport
-
-if TYPE_CHECKING:  # intruder.evaluate imports transformers: loaded when a worker loads a model
-    from .evaluate.model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -106,8 +104,6 @@ class Worker:
 
     def __init__(self, spec: SweepSpec, device: str, index: int = 0,
                  log: Callable[[str], None] = lambda m: None, progress: bool = False):
-        from .evaluate import get_evaluator
-
         self.spec, self.device, self.index, self.log = spec, device, index, log
         self.progress = progress
         opts = dict(spec.eval_options)
@@ -116,15 +112,11 @@ class Worker:
         self.rescaler: InPlaceRescaler | None = None
 
     def _load(self, path: str) -> LoadedModel:
-        from .evaluate import load_model
-
         return load_model(path, model_config=self.spec.model_config, device=self.device,
                           dtype=self.spec.dtype, max_length=self.spec.max_length,
                           progress=self.progress, device_map="auto" if self.spec.shard else None)
 
     def _evaluate(self, lm: LoadedModel) -> tuple[tuple[EvalResult, ...], float]:
-        from .evaluate import run_evaluators
-
         _sync(lm.device)
         t0 = time.perf_counter()
         res = run_evaluators(lm, self.evaluators, limit=self.spec.limit, progress=self.progress)

@@ -1,13 +1,20 @@
-"""The package's import graph: no circles, and the mathematics imports no runtime or front end.
+"""The package's import graph: no circles, the mathematics imports no runtime or front end, and
+an import of intruder's own modules sits at module top unless a comment on it says why not.
 
 Every module of intruder/ is parsed with `ast` (nothing is imported); an edge A -> B is any
 import of B in A, at module top or inside a function. Imports under `if TYPE_CHECKING:` are left
 out: they never run, and exist so that annotations can name a type without an import edge.
+The last test starts the command line in a fresh interpreter: its start loads no heavy library.
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import re
+import subprocess
+import sys
+import tokenize
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "intruder"
@@ -158,3 +165,94 @@ def test_mathematics_imports_no_runtime_or_front_end():
             bad = sorted(t for t in targets
                          if t.startswith(("intruder.run", "intruder.cli", "intruder.report")))
             assert not bad, f"{name} imports {bad}"
+
+
+# The two reasons an import of an intruder module may sit inside a function, written as a
+# trailing comment on the statement: it loads a heavy library that the importing module's users
+# must not pay for (`# lazy: pulls torch`), or it would close an import circle
+# (`# circle: report -> scan`).
+HEAVY = ("torch", "matplotlib", "pandas", "transformers", "peft", "lm_eval", "gguf", "scipy",
+         "jsonschema")
+_REASON = re.compile(r"#\s*(lazy:\s*pulls\s+(" + "|".join(HEAVY) + r")\b|circle:\s*\S+\s*->\s*\S+)")
+
+
+def unexplained_inner_imports(source: str, name: str, is_pkg: bool,
+                              modules: dict) -> list[tuple[int, str]]:
+    """(line, statement) of every import of an intruder module inside a function of `source`
+    that carries no `# lazy: pulls LIB` / `# circle: A -> B` comment on any of its lines."""
+    comments = {tok.start[0]: tok.string
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    out = []
+    for node, in_function in _imports(ast.parse(source)):
+        if not in_function or not _targets(name, is_pkg, node, modules):
+            continue
+        lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+        if not any(_REASON.search(comments.get(i, "")) for i in lines):
+            out.append((node.lineno, ast.get_source_segment(source, node) or ""))
+    return out
+
+
+def test_unexplained_inner_imports_are_found():
+    modules = {"intruder": None, "intruder.scan": None, "intruder.report": None,
+               "intruder.report.table": None}
+    src = """
+import json
+from typing import TYPE_CHECKING
+from . import table
+if TYPE_CHECKING:
+    from ..scan import run_scan
+def f():
+    import torch
+    from ..scan import run_scan
+    from ..scan import run_scan  # lazy: pulls torch
+    from ..scan import run_scan  # circle: report.table -> scan
+    from ..scan import run_scan  # lazy: it is slow
+    from ..scan import (  # lazy: pulls torch
+        run_scan,
+    )
+    from ..scan import (
+        run_scan,  # lazy: pulls matplotlib
+    )
+    from .. import scan
+    import intruder.scan  # circle:
+"""
+    got = unexplained_inner_imports(src, "intruder.report.table", False, modules)
+    assert [line for line, _ in got] == [9, 12, 19, 20]
+
+
+def test_every_inner_import_says_why():
+    """An import of an intruder module inside a function names its reason (HEAVY, _REASON), so
+    that their number cannot grow back unnoticed; every other one belongs at module top."""
+    modules = _modules()
+    bad = []
+    for name, (path, is_pkg) in modules.items():
+        for line, stmt in unexplained_inner_imports(path.read_text(encoding="utf-8"), name,
+                                                    is_pkg, modules):
+            bad.append(f"{path.relative_to(PKG.parent)}:{line}: {stmt.splitlines()[0]}")
+    assert not bad, ("imports inside functions without a '# lazy: pulls LIB' or "
+                     "'# circle: A -> B' comment (move them to module top):\n" + "\n".join(bad))
+
+
+_START = """
+import sys
+from intruder.cli import main
+sys.argv = ["intruder"] + sys.argv[1:]
+try:
+    main()
+except SystemExit:
+    pass
+print(sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY)))
+"""
+
+
+def test_command_line_start_loads_no_heavy_library():
+    """`intruder --help`, `intruder layers` (and so the terminal table, report.table) run
+    without torch, matplotlib or pandas: the lazy imports above are where they stay out."""
+    demo = str(PKG.parent / "fixtures" / "demo" / "models" / "lora_r8")
+    code = f"HEAVY = {HEAVY!r}\n{_START}"
+    for args in ([], ["--help"], ["scan", "--help"], ["layers", demo], ["layers", "--json", demo]):
+        res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                             cwd=PKG.parent, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip().splitlines()[-1] == "[]", (args, res.stdout[-300:])

@@ -14,6 +14,7 @@ import pytest
 import synthetic
 from click.testing import CliRunner
 
+import intruder.scale_sweep as ss
 from intruder.cli import cli
 from intruder.errors import OutputError, ReportError
 from intruder.report import frame, plots, views
@@ -23,7 +24,7 @@ from intruder.report.schema import save_report
 from intruder.report.similarity import recompute_similarity
 from intruder.report.verdict import decide
 from intruder.scan import run_scan
-from intruder.types import CheckpointInfo, Intruder, LayerResult, ScanConfig, ScanReport
+from intruder.types import CheckpointInfo, EvalResult, Intruder, LayerResult, ScanConfig, ScanReport
 
 HOSTILE = "x<img src=x onerror=alert(1)>"
 
@@ -315,16 +316,8 @@ def test_html_escapes_checkpoint_strings(tmp_path):
 
 
 def test_html_content_planted(planted, tmp_path):
-    scale = {"models": [
-        {"label": "base", "role": "base", "alpha": None, "results": [
-            {"evaluator": "wikitext", "metric": "word_perplexity", "value": 20.0, "protocol": "lm-eval"},
-            {"evaluator": "task:siqa", "metric": "accuracy", "value": 0.4, "protocol": "mc"}]},
-        {"label": "tuned", "role": "tuned", "alpha": 1.0, "results": [
-            {"evaluator": "wikitext", "metric": "word_perplexity", "value": 30.0},
-            {"evaluator": "task:siqa", "metric": "accuracy", "value": 0.6}]},
-        {"label": "alpha=0.5", "role": "scaled", "alpha": 0.5, "n_intruders": 4, "results": [
-            {"evaluator": "wikitext", "metric": "word_perplexity", "value": 24.0},
-            {"evaluator": "task:siqa", "metric": "accuracy", "value": 0.58}]}]}
+    scale = _sweep_doc([("base", None, None, 20.0, 0.4), ("tuned", 1.0, None, 30.0, 0.6),
+                        ("scaled", 0.5, 4, 24.0, 0.58)], evaluators=("wikitext", "task:siqa"))
     extra = {"Margin view": "<p id='m'>margin</p>"}
     page, info = render_html(planted, extra, scale_results=scale, command="cmd")
     check_self_contained(page)
@@ -376,49 +369,113 @@ def test_write_html_is_atomic(planted, tmp_path):
 # -------------------------------------------------------------------------------- scale results
 
 
-def test_scale_results_shapes(tmp_path):
-    flat = [{"alpha": 0.0, "wikitext_ppl": 21.0, "acc": 0.5},
-            {"alpha": 1.0, "wikitext_ppl": 30.0, "acc": 0.6},
-            {"role": "base", "wikitext_ppl": 20.0, "acc": 0.3}]
-    t = parse_scale_results(flat)
-    assert [(p.role, p.alpha) for p in t.points] == [("alpha", 0.0), ("tuned", 1.0), ("base", None)]
-    assert (t.x_metric, t.y_metric) == ("wikitext_ppl", "acc")
-    nested = {"results": [{"alpha": 0.5, "metrics": {"wikitext": {"word_perplexity": 22.0},
-                                                      "task:x": {"accuracy": 0.7}}}],
-              "base": {"metrics": {"wikitext": {"word_perplexity": 20.0}}}}
-    t = parse_scale_results(nested)
-    assert t.points[0].role == "base" and t.points[1].get("task:x/accuracy") == 0.7
-    assert (t.x_metric, t.y_metric) == ("wikitext/word_perplexity", "task:x/accuracy")
-    bad = tmp_path / "s.json"
-    bad.write_text("{\"rows\": [{\"alpha\": 0.5}]}")
-    with pytest.raises(ReportError, match="no rows with numeric metrics"):
-        load_scale_results(str(bad))
-    bad.write_text("{")
-    with pytest.raises(ReportError, match="not valid JSON"):
-        load_scale_results(str(bad))
+def _sweep_doc(rows, evaluators=("wikitext", "task:s"), n_units=10):
+    """What intruder.scale_sweep writes for model rows (role, alpha, n_intruders, perplexity,
+    accuracy), read back as JSON."""
+    def ev(evaluator, metric, v):
+        return EvalResult(evaluator, metric, v, n_units, "items", "protocol text")
+
+    models = tuple(ss.ModelRow(f"alpha={alpha:g}" if role == "scaled" else role, role, alpha, "p",
+                               n_intruders=n_i, results=(ev(evaluators[0], "word_perplexity", ppl),
+                                                         ev(evaluators[1], "accuracy", acc)))
+                   for role, alpha, n_i, ppl, acc in rows)
+    sweep = ss.Sweep(base="b", tuned="t", tuned_kind="file", out_dir=".",
+                     alphas=tuple(a for r, a, *_ in rows if r == "scaled"), epsilon=0.5, top_k=10,
+                     scaled=(), rows=models)
+    return json.loads(json.dumps(ss.to_dict(sweep)))
 
 
 def test_scale_results_from_scale_sweep_writer():
-    """The reader understands what intruder.scale_sweep writes (when that module is present)."""
-    ss = pytest.importorskip("intruder.scale_sweep")
-    from intruder.types import EvalResult
-
-    def ev(evaluator, metric, v):
-        return EvalResult(evaluator, metric, v, 10, "items", "protocol text")
-
-    rows = (ss.ModelRow("base", "base", None, "b", results=(ev("wikitext", "word_perplexity", 20.0),
-                                                            ev("task:s", "accuracy", 0.3))),
-            ss.ModelRow("tuned", "tuned", 1.0, "t", results=(ev("wikitext", "word_perplexity", 30.0),
-                                                             ev("task:s", "accuracy", 0.6))),
-            ss.ModelRow("alpha=0", "scaled", 0.0, "a", n_intruders=4,
-                        results=(ev("wikitext", "word_perplexity", 22.0), ev("task:s", "accuracy", 0.5))))
-    sweep = ss.Sweep(base="b", tuned="t", tuned_kind="file", out_dir=".", alphas=(0.0,),
-                     epsilon=0.5, top_k=10, scaled=(), rows=rows)
-    t = parse_scale_results(json.loads(json.dumps(ss.to_dict(sweep))))
+    """The reader reads what intruder.scale_sweep writes: roles, alphas, metrics, the axes."""
+    doc = _sweep_doc([("base", None, None, 20.0, 0.3), ("tuned", 1.0, None, 30.0, 0.6),
+                      ("scaled", 0.0, 4, 22.0, 0.5)])
+    t = parse_scale_results(doc)
     assert [(p.role, p.alpha, p.get("wikitext/word_perplexity")) for p in t.points] == [
-        ("base", None, 20.0), ("tuned", 1.0, 30.0), ("alpha", 0.0, 22.0)]
+        ("base", None, 20.0), ("tuned", 1.0, 30.0), ("scaled", 0.0, 22.0)]
+    assert [p.label for p in t.points] == ["base", "tuned (alpha = 1)", "alpha = 0"]
     assert (t.x_metric, t.y_metric) == ("wikitext/word_perplexity", "task:s/accuracy")
-    assert t.points[2].intruders == 4
+    assert t.points[2].intruders == 4 and t.epsilon == 0.5 and t.intervention.startswith("W")
+    assert dict(t.protocols)["task:s/accuracy"] == "protocol text [items] (n = 10)"
+    # a sweep without --eval: its rows, no metrics, no axes
+    doc["models"] = [dict(m, results=[]) for m in doc["models"] if m["role"] == "scaled"]
+    t = parse_scale_results(doc)
+    assert [(p.label, p.intruders, p.metrics) for p in t.points] == [("alpha = 0", 4, ())]
+    assert t.metrics == () and (t.x_metric, t.y_metric) == (None, None)
+
+
+def _broken(doc, change):
+    doc = json.loads(json.dumps(doc))
+    change(doc)
+    return doc
+
+
+def _metric_mapping(doc):
+    """The first row's metrics as a {evaluator: {metric: value}} mapping (a hand-made shape)."""
+    row = doc["models"][0]
+    del row["results"]
+    row["metrics"] = {"wikitext": {"word_perplexity": 20.0}}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("flat list", "not an intruder scale-results file (a JSON array, expected an object tagged "
+                  "format 'intruder.scale-results/1')"),
+    ("no tag", "not an intruder scale-results file (no format tag, expected "
+               "'intruder.scale-results/1')"),
+    ("other tag", "not an intruder scale-results file (format tag 'intruder.scale-results/2', "
+                  "expected 'intruder.scale-results/1')"),
+    ("rows elsewhere", "'models' must be a non-empty list of model rows"),
+    ("metric mapping", "models[0]: missing 'results' (a row holds label, role, alpha, path, "
+                       "n_intruders, n_matrices, max_rel_change, note, results)"),
+    ("guessed role", "models[2]: role 'alpha' is not one of base, tuned, scaled"),
+    ("scaled without alpha", "models[2]: alpha must be a number, got None"),
+    ("short result", "models[1].results[0]: missing 'protocol' (a result holds evaluator, "
+                     "metric, value, n_units, unit, protocol, extra)"),
+    ("text value", "models[1].results[1]: 'value' must be a number or null, got '0.6'"),
+    ("not JSON", "not valid JSON"),
+])
+def test_scale_results_reader_refuses_what_was_not_declared(tmp_path, case, message):
+    """Only the declared format is read: another shape (a hand-made table, another tool's
+    JSON, rows or results missing a declared field) is one error line naming the file."""
+    good = _sweep_doc([("base", None, None, 20.0, 0.3), ("tuned", 1.0, None, 30.0, 0.6),
+                       ("scaled", 0.0, 4, 22.0, 0.5)])
+    docs = {
+        "flat list": [{"alpha": 0.0, "wikitext_ppl": 21.0, "acc": 0.5}],
+        "no tag": _broken(good, lambda d: d.pop("format")),
+        "other tag": _broken(good, lambda d: d.update(format="intruder.scale-results/2")),
+        "rows elsewhere": _broken(good, lambda d: d.update(rows=d.pop("models"))),
+        "metric mapping": _broken(good, _metric_mapping),
+        "guessed role": _broken(good, lambda d: d["models"][2].update(role="alpha")),
+        "scaled without alpha": _broken(good, lambda d: d["models"][2].update(alpha=None)),
+        "short result": _broken(good, lambda d: d["models"][1]["results"][0].pop("protocol")),
+        "text value": _broken(good, lambda d: d["models"][1]["results"][1].update(value="0.6")),
+    }
+    path = tmp_path / "scale-results.json"
+    path.write_text("{" if case == "not JSON" else json.dumps(docs[case]))
+    with pytest.raises(ReportError) as err:
+        load_scale_results(str(path))
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_scale_results_refused_by_load_report_and_the_cli(planted, tmp_path):
+    """intruder.load_report and `intruder report --scale-results` give the reader's one line."""
+    import intruder
+
+    doc = _broken(_sweep_doc([("base", None, None, 20.0, 0.3), ("tuned", 1.0, None, 30.0, 0.6)]),
+                  lambda d: d.pop("format"))
+    bad = tmp_path / "scale-results.json"
+    bad.write_text(json.dumps(doc))
+    want = f"{bad}: not an intruder scale-results file (no format tag, expected " \
+           f"'intruder.scale-results/1')"
+    with pytest.raises(ReportError) as err:
+        intruder.load_report(str(bad))
+    assert str(err.value) == want
+    scan = tmp_path / "scan.json"
+    save_report(planted, str(scan))
+    r = CliRunner().invoke(cli, ["report", str(scan), "-o", str(tmp_path / "a.html"),
+                                 "--no-similarity", "--scale-results", str(bad)])
+    assert r.exit_code == 1 and r.output == f"Error: {want}\n"
+    assert not (tmp_path / "a.html").exists()
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -8,6 +8,9 @@ from types import FrameType
 import click
 
 from .. import __version__
+from ..errors import Terminated
+from ..run.threads import set_thread_env
+from ..settings import SettingsError, check_all
 from .common import fail
 
 # Command modules register themselves on `cli`; add a module name here to add a command.
@@ -29,8 +32,6 @@ def cli(debug: bool) -> None:
       intruder scale --alpha 0.5 --eval wikitext
     """
     ctx = click.get_current_context()
-    from ..settings import SettingsError, check_all
-
     try:  # every INTRUDER_* variable, before any work (intruder/settings.py)
         check_all()
     except SettingsError as exc:
@@ -38,8 +39,6 @@ def cli(debug: bool) -> None:
             raise
         fail(ctx, exc)
     if ctx.invoked_subcommand in ("scan", "compare", "track"):  # before torch is imported
-        from ..run.threads import set_thread_env
-
         set_thread_env()
 
 
@@ -48,8 +47,6 @@ for _name in COMMAND_MODULES:  # each registers its command on `cli`
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
-    from ..errors import Terminated
-
     raise Terminated()
 
 

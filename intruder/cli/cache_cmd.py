@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import OutputError
+from ..report.table import format_table
 from . import cli
 from .common import emit, handle_errors
 
@@ -37,7 +38,7 @@ def cache_group() -> None:
 
 
 def _cache(cache_dir: str | None) -> BaseCache:
-    from ..run.cache import BaseCache, default_cache_dir
+    from ..run.cache import BaseCache, default_cache_dir  # lazy: pulls torch
 
     return BaseCache(cache_dir or default_cache_dir())
 
@@ -64,8 +65,6 @@ def cache_list(cache_dir: str | None, as_json: bool) -> None:
         emit(json.dumps({"cache_dir": c.root, "entries": entries, "bytes": total,
                                "max_bytes": c.max_bytes}, indent=2))
         return
-    from ..report.table import format_table
-
     emit(f"base spectral cache: {c.root}")
     emit(f"{len(entries)} entries, {_size(total)} of at most {_size(c.max_bytes)} "
                f"(INTRUDER_CACHE_MAX_GB)")

@@ -14,7 +14,8 @@ from typing import Any, NoReturn, TypeVar, cast
 import click
 
 from .. import exitcodes
-from ..errors import IntruderError, OutputError
+from ..errors import IntruderError, OutputError, Terminated
+from ..report.table import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,8 +28,6 @@ def echo_err(msg: str, quiet: bool = False) -> None:
 
 def fail(ctx: click.Context, exc: IntruderError) -> NoReturn:
     """Print a library error as its one `Error:` line on stderr and exit with its code."""
-    from ..report.table import printable
-
     # one line whatever the message quotes (a path or shard name chosen by a stranger)
     click.echo(f"Error: {printable(str(exc))}", err=True)
     ctx.exit(exc.exit_code)
@@ -50,8 +49,6 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt as exc:
             if debug:
                 raise
-            from ..errors import Terminated
-
             term = isinstance(exc, Terminated)
             click.echo(f"{'Terminated' if term else 'Interrupted'}; no partial output was left "
                        f"behind.", err=True)
@@ -90,8 +87,6 @@ def _first_line(exc: BaseException) -> str:
 def terminal_safe(text: str) -> str:
     """Text for stdout with every control / format character escaped except line breaks and
     tabs: tables quote names from a stranger's checkpoint, which must not drive the terminal."""
-    from ..report.table import printable
-
     return "\n".join("\t".join(printable(part) for part in line.split("\t"))
                      for line in text.split("\n"))
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .. import __version__
+from ..evaluate import check_evaluators, get_evaluator, load_model, run_evaluators
 from ..types import EvalResult
 from . import cli
 from .common import echo_err, emit, handle_errors
@@ -70,8 +71,6 @@ def eval_cmd(model: str, specs: tuple[str, ...], lm_eval_include: tuple[str, ...
       intruder eval scaled.safetensors --model-config base-dir/ --eval wikitext
       intruder eval model-dir/ --eval task:winogrande/test.json --json
     """
-    from ..evaluate import check_evaluators, get_evaluator, load_model, run_evaluators
-
     opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
     evaluators = [get_evaluator(s, **opts) for s in specs]  # unknown names fail before loading
     check_evaluators(evaluators, limit)  # ... and so does missing or unreadable data

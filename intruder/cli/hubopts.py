@@ -9,7 +9,10 @@ from typing import Any, TypeVar, cast
 
 import click
 
+from ..errors import EvalError
+from ..io import hub
 from ..types import CheckpointInfo
+from .common import echo_err
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,8 +28,6 @@ def offline_option(fn: F) -> F:
                        "network (also HF_HUB_OFFLINE=1).")
     @functools.wraps(fn)
     def wrapper(*args: Any, offline: bool = False, **kwargs: Any) -> Any:
-        from ..io import hub
-
         with hub.settings(offline=True if offline else None,
                           progress=not kwargs.get("quiet", False)):
             return fn(*args, **kwargs)
@@ -43,8 +44,6 @@ def strict_base_option(fn: F) -> F:
 
 def report_base_check(info: CheckpointInfo, quiet: bool = False) -> None:
     """stderr: the declared-base warning (mismatch) or note (unverified / undeclared)."""
-    from .common import echo_err
-
     check = info.declared_base or {}
     status = check.get("status")
     if status == "mismatch":
@@ -56,9 +55,6 @@ def report_base_check(info: CheckpointInfo, quiet: bool = False) -> None:
 def resolve_model(spec: str) -> tuple[str, dict[str, Any] | None]:
     """(local path, hub source or None) for MODEL: itself, or the snapshot a hub ID names."""
     import os
-
-    from ..errors import EvalError
-    from ..io import hub
 
     if os.path.lexists(spec):
         return spec, None

@@ -7,6 +7,10 @@ from typing import Any
 
 import click
 
+from ..io import open_checkpoint
+from ..io.dequant import unusable
+from ..io.pairing import is_default_target
+from ..report.table import format_table
 from . import cli
 from .common import emit, handle_errors
 from .hubopts import offline_option
@@ -34,11 +38,6 @@ def layers_command(checkpoint: str, as_json: bool, show_all: bool) -> None:
 @handle_errors
 def _layers(checkpoint: str, as_json: bool, show_all: bool) -> None:
     import os
-
-    from ..io import open_checkpoint
-    from ..io.dequant import unusable
-    from ..io.pairing import is_default_target
-    from ..report.table import format_table
 
     ck = open_checkpoint(checkpoint)
     rows = []

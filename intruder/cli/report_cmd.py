@@ -48,8 +48,8 @@ def report_command(scan_json: str, output: str, scale_results: str | None,
       intruder report scan.json --scale-results out/scale-results.json --similarity
       intruder report scan.json --base /models/base --tuned /models/ft -o audit.html
     """
-    from ..report.html import write_html
-    from ..report.schema import load_report
+    from ..report.html import write_html  # lazy: pulls torch
+    from ..report.schema import load_report  # lazy: pulls torch
 
     report = load_report(scan_json)
     # a scan run elsewhere recorded paths relative to its own directory: try beside the JSON too

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import OutputError
+from ..evaluate import check_evaluators, get_evaluator
 from ..io.targets import CONTAINER, DIR, FILE, Target, check_targets, create_dir, remove_dirs
 from ..types import ScanConfig, ScanReport
 from . import cli
@@ -110,8 +111,10 @@ def scale_command(ctx: click.Context, paths: tuple[str, ...], alpha: str, scan_p
           --save-alpha 0.5
       intruder scale --alpha 0 --epsilon 0.7 -o removed/
     """
-    from ..intervene import refuse_overflowing_alphas  # imports torch: not at CLI start-up
-    from ..scale_sweep import format_sweep, to_dict
+    from ..intervene import refuse_overflowing_alphas, resolve_inputs  # lazy: pulls torch
+    from ..report.html import write_html  # lazy: pulls torch
+    from ..report.schema import load_report, save_report  # lazy: pulls torch
+    from ..scale_sweep import format_sweep, to_dict  # lazy: pulls torch
 
     if len(paths) not in (0, 2):
         raise click.UsageError("give both BASE and TUNED, or neither (to use the scan report)")
@@ -121,8 +124,6 @@ def scale_command(ctx: click.Context, paths: tuple[str, ...], alpha: str, scan_p
         raise click.UsageError("--save-alpha chooses what to keep of an evaluated sweep; without "
                                "--eval every alpha is written")
     if evals:  # an unknown evaluator, missing task file or data fails before any scan or write
-        from ..evaluate import check_evaluators, get_evaluator
-
         opts = {"lm_eval_include": lm_eval_include} if lm_eval_include else {}
         check_evaluators([get_evaluator(spec, **opts) for spec in evals], limit)
     log = (lambda m: None) if quiet else (lambda m: echo_err(m))
@@ -147,8 +148,6 @@ def scale_command(ctx: click.Context, paths: tuple[str, ...], alpha: str, scan_p
             sweep = _sweep(report, alphas, out_dir, report_path, base, tuned, None, kw)
             # the new report replaces the previous one only now, everything else done
             if sweep is not None:
-                from ..report.schema import save_report
-
                 save_report(report, report_path)
         except BaseException:  # a bad input or Ctrl-C leaves no empty output directory behind
             remove_dirs(made)
@@ -158,9 +157,6 @@ def scale_command(ctx: click.Context, paths: tuple[str, ...], alpha: str, scan_p
         if given:
             raise click.UsageError(f"--{given[0].replace('_', '-')} is a scan setting: give BASE "
                                    f"and TUNED to scan again, or rescan with `intruder scan`")
-        from ..intervene import resolve_inputs
-        from ..report.schema import load_report
-
         report, report_path = load_report(scan_path), scan_path
         eps_override = None
         if epsilon is not None:
@@ -181,8 +177,6 @@ def scale_command(ctx: click.Context, paths: tuple[str, ...], alpha: str, scan_p
     if sweep is None:  # a torchrun rank other than 0: rank 0 reports
         return
     if html:
-        from ..report.html import write_html
-
         write_html(report, html, scale_results=sweep.files["json"], command=command_line())
     if as_json:
         emit(json.dumps(to_dict(sweep), indent=1, allow_nan=False))
@@ -211,7 +205,7 @@ def _save_alphas(values: tuple[str, ...],
 def _check_scale_targets(out_dir: str, alphas: Sequence[float], base: str | None, tuned: str,
                          report_path: str | None, html: str | None, force: bool) -> None:
     """Every path this run writes, checked together before any scan or write."""
-    from ..scale_sweep import PLOT_PNG, RESULTS_CSV, RESULTS_JSON, output_path
+    from ..scale_sweep import PLOT_PNG, RESULTS_CSV, RESULTS_JSON, output_path  # lazy: pulls torch
 
     targets = [Target(out_dir, "-o", CONTAINER, make_parents=True)]
     for a in alphas:
@@ -230,7 +224,7 @@ def _check_scale_targets(out_dir: str, alphas: Sequence[float], base: str | None
 def _sweep(report: ScanReport, alphas: Sequence[float], out_dir: str, report_path: str,
            base: str | None, tuned: str | None, epsilon: float | None,
            kw: dict[str, Any]) -> Sweep | None:
-    from ..scale_sweep import run_sweep
+    from ..scale_sweep import run_sweep  # lazy: pulls torch
 
     return run_sweep(report, alphas, out_dir, report_path=report_path, base=base, tuned=tuned,
                      epsilon=epsilon, scan_report=report_path, **kw)
@@ -245,7 +239,7 @@ def _given(ctx: click.Context, name: str) -> bool:
 def _scan_first(paths: tuple[str, ...], out_dir: str, config: ScanConfig, quiet: bool,
                 log: Callable[[str], None], strict_base: bool = False) -> tuple[ScanReport, str]:
     """Scan BASE TUNED; the report is kept in memory and saved once the sweep is done."""
-    from ..scan import run_scan
+    from ..scan import run_scan  # lazy: pulls torch
 
     base, tuned = paths
     report_path = os.path.join(out_dir, SCAN_JSON)

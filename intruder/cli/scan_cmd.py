@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..io.targets import Target, check_targets
+from ..report.table import scan_table
 from . import cli
 from .common import echo_err, emit, handle_errors, terminal_safe
 from .hubopts import offline_option, report_base_check, strict_base_option
@@ -50,9 +51,11 @@ def scan_command(base: str, tuned: str | None, output: str, as_json: bool, html:
       intruder scan meta-llama/Llama-2-7b-hf someone/llama2-lora@v1.0
       intruder scan adapter-dir/
     """
-    from ..report.schema import dumps, save_report
-    from ..report.table import scan_table
-    from ..scan import run_scan
+    from ..report.html import write_html  # lazy: pulls torch
+    from ..report.schema import dumps, save_report  # lazy: pulls torch
+    from ..run.multi import is_primary  # lazy: pulls torch
+    from ..scan import run_scan  # lazy: pulls torch
+    from ..spectral.margin import fail_code  # lazy: pulls torch
 
     config = pop_scan_config(scan_kw)
     base_path: str | None = base
@@ -66,14 +69,10 @@ def scan_command(base: str, tuned: str | None, output: str, as_json: bool, html:
     report = run_scan(base_path, tuned, config, progress=not quiet and not as_json,
                       command=command_line(), strict_base=strict_base)
     report_base_check(report.tuned, quiet)
-    from ..run.multi import is_primary
-
     if not is_primary():  # torchrun: rank 0 writes and prints the report
         return
     save_report(report, output)
     if html:
-        from ..report.html import write_html
-
         write_html(report, html, command=command_line())
     if as_json:
         emit(dumps(report))
@@ -82,8 +81,6 @@ def scan_command(base: str, tuned: str | None, output: str, as_json: bool, html:
         echo_err(f"report written to {output}", quiet)
     if html:
         echo_err(f"HTML audit written to {html}", quiet)
-    from ..spectral.margin import fail_code
-
     code = fail_code([report], fail_on_intruders, fail_on_margin, fail_on_strength)
     if code:
         sys.exit(code)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ..io.atomic import write_text
 from ..io.targets import Target, check_targets
 from . import cli
 from .common import echo_err, emit, handle_errors, terminal_safe
@@ -88,10 +89,11 @@ def _run(mode: str, base: str, paths: tuple[str, ...], output: str, as_json: boo
          html: str | None, fail_on_intruders: bool, fail_on_margin: float | None,
          fail_on_strength: float | None, quiet: bool, strict_base: bool = False,
          **scan_kw: Any) -> None:
-    from ..io.atomic import write_text
-    from ..report.track_table import track_table
-    from ..spectral.margin import fail_code
-    from ..track import dumps, run_compare, run_track
+    from ..report.track_table import track_table  # lazy: pulls torch
+    from ..report.track_view import write_track_html  # lazy: pulls torch
+    from ..run.multi import is_primary  # lazy: pulls torch
+    from ..spectral.margin import fail_code  # lazy: pulls torch
+    from ..track import dumps, run_compare, run_track  # lazy: pulls torch
 
     config = pop_scan_config(scan_kw)
     inputs = [base, *paths]
@@ -99,8 +101,6 @@ def _run(mode: str, base: str, paths: tuple[str, ...], output: str, as_json: boo
     runner = run_track if mode == "track" else run_compare
     tr = runner(base, list(paths), config, progress=not quiet and not as_json,
                 command=command_line(), strict_base=strict_base)
-    from ..run.multi import is_primary
-
     if not is_primary():  # torchrun: rank 0 writes and prints the document
         return
     for e in tr.entries:
@@ -108,8 +108,6 @@ def _run(mode: str, base: str, paths: tuple[str, ...], output: str, as_json: boo
     text = dumps(tr)
     write_text(output, text + "\n")
     if html:
-        from ..report.track_view import write_track_html
-
         write_track_html(tr, html)
     if as_json:
         emit(text)

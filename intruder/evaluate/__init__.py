@@ -24,6 +24,7 @@ from ..types import EvalResult
 from .lmeval import LmEvalEvaluator
 from .model import LoadedModel
 from .model import load_model as _load
+from .task import TaskEvaluator
 from .wikitext import DEFAULT_STRIDE, WikitextEvaluator
 
 __all__ = ["EVALUATORS", "EvalResult", "available", "check_evaluators", "evaluate_model",
@@ -56,8 +57,6 @@ def _task(arg: str | None):
     if not arg:
         raise EvalError("the task evaluator needs a file: task:PATH (a .json multiple-choice file "
                         "or a .txt held-out text)")
-    from .task import TaskEvaluator
-
     return TaskEvaluator(arg)
 
 

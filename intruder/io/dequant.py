@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..types import Storage, TensorRef
-from .safetensors_file import FLOAT_DTYPES, PACKED_BITS
+from .safetensors_file import FLOAT_DTYPES, PACKED_BITS, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -89,8 +89,6 @@ def decode_float8(codes, dtype: str):
     """The float32 values of 8-bit float codes (a uint8 torch tensor of any shape): torch's own
     conversion where this torch has the type, else the exact 256-entry table."""
     import torch
-
-    from .safetensors_file import torch_dtype
 
     native = torch_dtype(dtype)
     if native is not None:

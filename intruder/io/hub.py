@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
+from .atomic import atomic_file
 from .jsonfile import read_json
 
 DEFAULT_REVISION = "main"
@@ -331,8 +332,6 @@ def _progress() -> Iterator[None]:
 
 def _write_ref(repo_id: str, revision: str, commit: str) -> None:
     """refs/<revision> holds the commit, as huggingface_hub's own downloads leave it."""
-    from .atomic import atomic_file
-
     path = os.path.join(repo_folder(repo_id), "refs", *revision.split("/"))
     try:
         with open(path) as fh:

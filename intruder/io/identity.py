@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 
 from .. import settings
 from ..errors import CheckpointError
+from .atomic import atomic_file
 
 BLOCK = 8 << 20  # bytes read per hashlib update
 RACY_NS = 2_000_000_000  # a file modified this recently is hashed but not cached
@@ -69,8 +70,6 @@ def _cached(key: _Key) -> str | None:
 
 
 def _store(key: _Key, digest: str) -> None:
-    from .atomic import atomic_file
-
     path = _entry_path(key)
     tag = hashlib.sha256(key[0].encode("utf-8", "surrogateescape")).hexdigest()[:16]
     try:

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..errors import IntruderError, OutputError, ReportError
+from ..io.atomic import write_text
 from ..types import ScanReport, Verdict
 from . import plots, views
+from .margin_view import margin_section
 from .page import Figures, Section, asset, csp_hash, escape, fmt_cell, table_html
 from .scale_results import ScaleTable, load_scale_results, parse_scale_results
 from .similarity import recompute_similarity
@@ -317,10 +319,6 @@ def _margin_section(report: ScanReport, extra: Sequence[Section], dpi: int) -> S
     if not any(l.margin is not None and l.margin.min_max_cos is not None
                for l in views.scanned(report)):
         return None
-    try:
-        from .margin_view import margin_section
-    except ImportError:
-        return None
     return margin_section(report, dpi)
 
 
@@ -463,8 +461,6 @@ def write_html(report: ScanReport, path: str, extra=None, **options) -> AuditInf
     options: scale_results (path, parsed JSON or ScaleTable), similarity (None auto | True |
     False), base_path / tuned_path (where the checkpoints are now, for the heatmaps), command
     (recorded in the provenance), n_affected (layers in the heatmaps), dpi."""
-    from ..io.atomic import write_text
-
     if not isinstance(report, ScanReport):
         raise ReportError(f"{path}: write_html needs a ScanReport (intruder.load_report(...)), "
                           f"got {type(report).__name__}")

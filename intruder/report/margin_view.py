@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Union
 
 from ..provenance import classify_layer, provenance, verdict_line
+from ..spectral.margin import margin_line, margin_summary
 from ..types import LayerResult, ScanReport
 from .page import Figures, Section, escape, table_html
 from .plots import new_figure
@@ -148,8 +149,6 @@ def margin_rows(report: ScanReport, limit: int = 25) -> list[list[object]]:
 
 def margin_section_html(report: ScanReport, dpi: int = 100) -> str:
     """HTML for the margin view of one scan (figures inline as PNG; strings escaped)."""
-    from ..spectral.margin import margin_line, margin_summary
-
     fig = Figures(dpi)
     eps = report.config.epsilon
     k = report.config.top_k

@@ -305,8 +305,8 @@ def tradeoff(table, x: str | None = None, y: str | None = None):
     ax = fig.add_subplot()
     has_tuned = any(p.role == "tuned" for p in table.points)
     pts = [p for p in table.points if p.get(x) is not None and p.get(y) is not None
-           and not (has_tuned and p.role == "alpha" and p.alpha == 1.0)]  # same weights as tuned
-    sweep_pts = sorted([p for p in pts if p.role in ("alpha", "tuned") and p.alpha is not None],
+           and not (has_tuned and p.role == "scaled" and p.alpha == 1.0)]  # same weights as tuned
+    sweep_pts = sorted([p for p in pts if p.role in ("scaled", "tuned") and p.alpha is not None],
                        key=lambda p: p.alpha)
     if sweep_pts:
         ax.plot([p.get(x) for p in sweep_pts], [p.get(y) for p in sweep_pts], "-", color="#888",

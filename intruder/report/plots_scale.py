@@ -10,6 +10,8 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..io.atomic import atomic_file
+
 
 @dataclass(frozen=True)
 class SweepPoint:
@@ -37,8 +39,6 @@ def _figure():
 
 
 def _save(plt, fig, path: str, note: str = "") -> None:
-    from ..io.atomic import atomic_file
-
     if note:
         fig.text(0.01, 0.005, note, fontsize=6, color="#555555", va="bottom", ha="left")
     fig.tight_layout(rect=(0, 0.03 * (note.count("\n") + 1) if note else 0, 1, 1))

@@ -1,44 +1,37 @@
 """The scale-results file (`intruder scale ... --eval`): its declaration, and its reader.
 
-Declared once here and used by both sides: the file names, the FORMAT tag, the fields of one
-evaluator result (`result_entry`, what intruder.scale_sweep writes for every model row), and the
-ONE metric preference (`choose_axes`) that picks the trade-off plot's axes, so the PNG the sweep
-writes and the HTML audit's plot show the same two metrics.
+Declared once here and used by both sides: the file names, the FORMAT tag, the key the model
+rows are under (ROWS), a row's fields (ROW_FIELDS, `row_entry`) and roles (ROLES), the fields of
+one evaluator result (RESULT_FIELDS, `result_entry`), and the ONE metric preference
+(`choose_axes`) that picks the trade-off plot's axes, so the PNG the sweep writes
+(intruder.scale_sweep) and the HTML audit's plot show the same two metrics.
 
-A file carrying FORMAT is read by that declaration. Older or hand-made files are read tolerantly:
-it accepts the rows either as a list or under `rows`,
-`results`, `alphas`, `runs` or `points`; each row's metrics either as a list of evaluator results
-({evaluator, metric, value, protocol, ...}) under `evals`/`eval`/`metrics`/`results`, as a
-{metric: value} mapping, or as flat numeric fields; base and tuned references either as rows
-whose `role`/`label`/`name` says so, rows with alpha = 1 (tuned), or under `base`/`tuned`/
-`references`. Anything it cannot read is reported as a ReportError naming the file.
+The reader reads exactly that declaration: a JSON object tagged `format: FORMAT`, its rows under
+ROWS, each row's `role` one of ROLES and its `results` a list of result entries. Anything else
+(another tool's JSON, a hand-made table, a row or result missing a declared field) is one
+ReportError naming the file and what is wrong; nothing is guessed from metric or row names.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from ..errors import ReportError
+from ..io.jsonfile import read_json
 
 FORMAT = "intruder.scale-results/1"
 RESULTS_JSON = "scale-results.json"
 RESULTS_CSV = "scale-results.csv"
 PLOT_PNG = "scale-tradeoff.png"
 RESULT_FIELDS = ("evaluator", "metric", "value", "n_units", "unit", "protocol", "extra")
+ROWS = "models"  # the top-level key holding the model rows
+ROLES = ("base", "tuned", "scaled")  # a row's `role`: the base, the tuned model, one alpha
 ROW_FIELDS = ("label", "role", "alpha", "path", "n_intruders", "n_matrices", "max_rel_change",
               "note", "results")
-
-_ROW_KEYS = ("rows", "results", "alphas", "runs", "points", "models")
-_METRIC_KEYS = ("evals", "eval", "evaluations", "metrics", "results", "scores")
-_SKIP = {"alpha", "index", "n_units", "seconds", "n_layers", "n_intruders", "layers_rescaled",
-         "intruders_rescaled", "step"}
-_PRETRAIN = re.compile(r"wikitext|perplex|ppl|bits_per_byte|bpb|pretrain|forget", re.I)
-_TASK = re.compile(r"acc|task|winogrande|siqa|social|score|f1|exact", re.I)
 # the metric preference, in order, for the plot's x (pre-training side) and y (task side)
 PRETRAIN_PREFERRED = ("word_perplexity", "bits_per_byte", "byte_perplexity", "token_perplexity")
 TASK_PREFERRED = ("accuracy", "acc", "acc_norm", "exact_match", "next_token_accuracy",
@@ -69,10 +62,17 @@ def result_entry(r) -> dict[str, Any]:
                 unit=r.unit, protocol=r.protocol, extra={k: v for k, v in r.extra})
 
 
+def row_entry(row) -> dict[str, Any]:
+    """One model row (intruder.scale_sweep.ModelRow) as the file stores it (ROW_FIELDS)."""
+    out = {f: getattr(row, f) for f in ROW_FIELDS if f != "results"}
+    out["results"] = [result_entry(r) for r in row.results]
+    return out
+
+
 @dataclass(frozen=True)
 class ScalePoint:
-    label: str  # 'base', 'tuned', 'alpha=0.5'
-    role: str  # base | tuned | alpha
+    label: str  # 'base', 'tuned (alpha = 1)', 'alpha = 0.5'
+    role: str  # one of ROLES: base | tuned | scaled
     alpha: float | None
     metrics: tuple[tuple[str, float], ...]  # (name, value), name like 'wikitext/word_perplexity'
     intruders: int | None = None  # directions rescaled (scaled rows)
@@ -90,8 +90,8 @@ class ScaleTable:
     x_metric: str | None  # pre-training side (forgetting)
     y_metric: str | None  # task side
     protocols: tuple[tuple[str, str], ...]  # (metric name, protocol text)
-    epsilon: float | None = None  # threshold whose intruders were rescaled, when recorded
-    intervention: str = ""  # the formula, when recorded
+    epsilon: float | None = None  # threshold whose intruders were rescaled
+    intervention: str = ""  # the formula
 
 
 def _num(v: Any) -> float | None:
@@ -101,123 +101,118 @@ def _num(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _metrics(row: dict[str, Any], protocols: dict[str, str]) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    for key in _METRIC_KEYS:
-        sub = row.get(key)
-        if isinstance(sub, list):
-            for e in sub:
-                if isinstance(e, dict) and "metric" in e and (ev := _num(e.get("value"))) is not None:
-                    name = f"{e['evaluator']}/{e['metric']}" if e.get("evaluator") else str(e["metric"])
-                    out.append((name, ev))
-                    if isinstance(e.get("protocol"), str):
-                        unit = f" [{e['unit']}]" if isinstance(e.get("unit"), str) else ""
-                        n = f" (n = {e['n_units']})" if _num(e.get("n_units")) is not None else ""
-                        protocols.setdefault(name, e["protocol"] + unit + n)
-        elif isinstance(sub, dict):
-            for name, v in sub.items():
-                if (nv := _num(v)) is not None:
-                    out.append((str(name), nv))
-                elif isinstance(v, dict):  # {evaluator: {metric: value}}
-                    for m, mv in v.items():
-                        if (nmv := _num(mv)) is not None:
-                            out.append((f"{name}/{m}", nmv))
-    if not out:
-        for name, v in row.items():
-            if name not in _SKIP and (nv := _num(v)) is not None:
-                out.append((str(name), nv))
-    seen: set[str] = set()
-    first: list[tuple[str, float]] = []  # the first value of each name
-    for n, v in out:
-        if n not in seen:
-            seen.add(n)
-            first.append((n, v))
-    return first
+def _fail(source: str, what: str) -> NoReturn:
+    raise ReportError(f"{source}: {what}")
 
 
-def _role(row: dict[str, Any], hint: str | None) -> tuple[str, float | None]:
-    alpha = _num(row.get("alpha"))
-    tag = " ".join(str(row.get(k, "")) for k in ("role", "label", "name", "model", "kind")).lower()
-    if hint:
-        return hint, alpha
-    if re.search(r"\bbase\b", tag):
-        return "base", alpha
-    if re.search(r"\btuned\b", tag):
-        return "tuned", alpha if alpha is not None else 1.0
-    return "alpha", alpha  # 'scaled' rows and anything else with an alpha
+def check_format(doc: Any, source: str) -> None:
+    """Refuse (ReportError) a document that is not tagged `format: FORMAT`."""
+    if not isinstance(doc, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+            type(doc), "number")
+        _fail(source, f"not an intruder scale-results file (a JSON {kind}, expected an object "
+                      f"tagged format {FORMAT!r})")
+    tag = doc.get("format")
+    if tag != FORMAT:
+        what = "no format tag" if tag is None else f"format tag {tag!r}"
+        _fail(source, f"not an intruder scale-results file ({what}, expected {FORMAT!r})")
+
+
+def _rows(doc: Any, source: str) -> list[dict[str, Any]]:
+    """The model rows of a scale-results document, every one checked against the declaration."""
+    check_format(doc, source)
+    if not isinstance(doc.get("intervention"), str):
+        _fail(source, "'intervention' must be the formula text")
+    if doc.get("epsilon") is not None and _num(doc["epsilon"]) is None:
+        _fail(source, f"'epsilon' must be a number, got {doc['epsilon']!r}")
+    rows = doc.get(ROWS)
+    if not isinstance(rows, list) or not rows:
+        _fail(source, f"{ROWS!r} must be a non-empty list of model rows")
+    for i, row in enumerate(rows):
+        _check_row(row, f"{ROWS}[{i}]", source)
+    return rows
+
+
+def _declared(obj: Any, fields: tuple[str, ...], what: str, where: str,
+              source: str) -> dict[str, Any]:
+    """`obj` as an object holding every declared field of a `what`, else one ReportError."""
+    if not isinstance(obj, dict):
+        _fail(source, f"{where}: expected an object with {', '.join(fields)}")
+    missing = [f for f in fields if f not in obj]
+    if missing:
+        _fail(source, f"{where}: missing {missing[0]!r} (a {what} holds {', '.join(fields)})")
+    return obj
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_row(row: Any, where: str, source: str) -> None:
+    row = _declared(row, ROW_FIELDS, "row", where, source)
+    if row["role"] not in ROLES:
+        _fail(source, f"{where}: role {row['role']!r} is not one of {', '.join(ROLES)}")
+    alpha = row["alpha"]
+    if (alpha is None and row["role"] != "base") or (alpha is not None and _num(alpha) is None):
+        _fail(source, f"{where}: alpha must be a number{' or null' if row['role'] == 'base' else ''}"
+                      f", got {alpha!r}")
+    for f, kind in (("label", str), ("note", str), ("path", str), ("results", list)):
+        if not isinstance(row[f], kind):
+            _fail(source, f"{where}: {f!r} must be a {'list' if kind is list else 'string'}")
+    if row["n_intruders"] is not None and not _whole(row["n_intruders"]):
+        _fail(source, f"{where}: 'n_intruders' must be a whole number or null")
+    for j, e in enumerate(row["results"]):
+        at = f"{where}.results[{j}]"
+        e = _declared(e, RESULT_FIELDS, "result", at, source)
+        for f in ("evaluator", "metric", "unit", "protocol"):
+            if not isinstance(e[f], str):
+                _fail(source, f"{at}: {f!r} must be a string")
+        if e["value"] is not None and _num(e["value"]) is None:
+            _fail(source, f"{at}: 'value' must be a number or null, got {e['value']!r}")
+        if not _whole(e["n_units"]):
+            _fail(source, f"{at}: 'n_units' must be a whole number")
+
+
+def _key(name: str) -> tuple[str, str]:
+    """'task:siqa/accuracy' -> ('task:siqa', 'accuracy'), the (evaluator, metric) choose_axes takes."""
+    evaluator, _, metric = name.rpartition("/")
+    return evaluator, metric
+
+
+def _label(row: dict[str, Any]) -> str:
+    if row["role"] == "base":
+        return "base"
+    return "tuned (alpha = 1)" if row["role"] == "tuned" else f"alpha = {row['alpha']:g}"
 
 
 def parse_scale_results(doc: Any, source: str = "scale results") -> ScaleTable:
-    """Build a ScaleTable from already-parsed JSON data."""
-    rows: list[tuple[dict[str, Any], str | None]] = []
-    if isinstance(doc, list):
-        rows = [(r, None) for r in doc]
-    elif isinstance(doc, dict):
-        for key in _ROW_KEYS:
-            if isinstance(doc.get(key), list) and any(isinstance(r, dict) for r in doc[key]):
-                rows = [(r, None) for r in doc[key]]
-                break
-        given = doc.get("references")
-        refs: dict[Any, Any] = given if isinstance(given, dict) else doc
-        for role in ("base", "tuned"):
-            if isinstance(refs.get(role), dict) and (
-                    any(k in refs[role] for k in _METRIC_KEYS) or "alpha" in refs[role]):
-                rows.insert(0 if role == "base" else len(rows), (refs[role], role))
-    else:
-        raise ReportError(f"{source}: expected a JSON object or list of rows")
+    """Build a ScaleTable from a parsed scale-results document (what intruder.scale_sweep
+    writes: one point per model row; without evaluations, points without metrics and no
+    axes); anything else raises one ReportError naming `source`."""
     protocols: dict[str, str] = {}
     points: list[ScalePoint] = []
-    for row, hint in rows:
-        if not isinstance(row, dict):
-            continue
-        role, alpha = _role(row, hint)
-        ms = _metrics(row, protocols)
-        if not ms:
-            continue
-        label = "base" if role == "base" else ("tuned (alpha = 1)" if role == "tuned"
-                                                 else f"alpha = {alpha:g}" if alpha is not None
-                                                 else str(row.get("label") or row.get("name") or "?"))
-        n_i = row.get("n_intruders", row.get("intruders"))
-        points.append(ScalePoint(label, role, alpha, tuple(ms),
-                                 int(n_i) if n_i is not None and _num(n_i) is not None else None,
-                                 str(row.get("note") or "")))
-    if not points:
-        raise ReportError(f"{source}: no rows with numeric metrics found (expected a list of "
-                          f"{{alpha, evals: [{{evaluator, metric, value}}]}} rows)")
-    if not any(p.role == "tuned" for p in points):  # alpha = 1 is the tuned model itself
-        points = [replace(p, label="tuned (alpha = 1)", role="tuned")
-                  if p.role == "alpha" and p.alpha == 1.0 else p for p in points]
-    metrics: list[str] = []
+    for row in _rows(doc, source):
+        ms: dict[str, float] = {}  # the first finite value of each metric (null: not finite)
+        for e in row["results"]:
+            name = f"{e['evaluator']}/{e['metric']}"
+            if e["value"] is not None and name not in ms:
+                ms[name] = float(e["value"])
+                protocols.setdefault(name, f"{e['protocol']} [{e['unit']}] (n = {e['n_units']})")
+        points.append(ScalePoint(_label(row), row["role"], row["alpha"], tuple(ms.items()),
+                                 row["n_intruders"], row["note"]))
+    metrics: list[str] = []  # first-seen order
     for p in points:
-        for n, _ in p.metrics:
-            if n not in metrics:
-                metrics.append(n)
-
-    def split_metric(m: str) -> tuple[str, str]:
-        ev, _, leaf = m.rpartition("/")
-        return (ev, leaf)
-
-    kx, ky = choose_axes([split_metric(m) for m in metrics])
-    x = f"{kx[0]}/{kx[1]}" if kx and kx[0] else (kx[1] if kx else None)
-    y = f"{ky[0]}/{ky[1]}" if ky and ky[0] else (ky[1] if ky else None)
-    declared = isinstance(doc, dict) and doc.get("format") == FORMAT
-    if not declared:  # hand-made files: guess the roles from the names
-        x = x or next((m for m in metrics if _PRETRAIN.search(m)
-                       and not is_task_evaluator(m)), None)
-        y = y or next((m for m in metrics if m != x and _TASK.search(m)), None)
-        rest = [m for m in metrics if m not in (x, y)]
-        x = x or (rest.pop(0) if rest else None)
-        y = y or (rest.pop(0) if rest else None)
-    eps = _num(doc.get("epsilon")) if isinstance(doc, dict) else None
-    formula = doc.get("intervention") if isinstance(doc, dict) else None
-    return ScaleTable(source, tuple(points), tuple(metrics), x, y, tuple(protocols.items()), eps,
-                      formula if isinstance(formula, str) else "")
+        for name, _ in p.metrics:
+            if name not in metrics:
+                metrics.append(name)
+    kx, ky = choose_axes(_key(m) for m in metrics)
+    return ScaleTable(source, tuple(points), tuple(metrics), "/".join(kx) if kx else None,
+                      "/".join(ky) if ky else None, tuple(protocols.items()),
+                      _num(doc.get("epsilon")), doc["intervention"])
 
 
 def load_scale_results(path: str) -> ScaleTable:
-    """Read scale-results.json (see the module docstring for the accepted shapes)."""
+    """Read a scale-results.json that `intruder scale ... --eval` wrote."""
     if not os.path.isfile(path):
         raise ReportError(f"{path}: no scale results there (run `intruder scale ... --eval` first)")
-    from ..io.jsonfile import read_json
-
     return parse_scale_results(read_json(path, ReportError, "scale results", max_bytes=None), path)

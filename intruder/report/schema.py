@@ -14,7 +14,11 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from ..errors import ReportError
+from ..io.atomic import write_text
+from ..io.jsonfile import read_json
 from ..types import CheckpointInfo, Intruder, LayerResult, Margin, ScanConfig, ScanReport, UpdateShape
+from .scale_results import FORMAT as SCALE_FORMAT
+from .scale_results import RESULT_FIELDS, ROLES, ROW_FIELDS, ROWS
 from .summary import summary
 from .validate import validate_report
 from .verdict import from_dict as verdict_from_dict
@@ -187,13 +191,16 @@ TRACK_SCHEMA: dict[str, Any] = {
                            "persistence": {"type": "object", "additionalProperties": _PERSIST}}}},
     },
 }
-_RESULT = {"type": "object", "required": ["evaluator", "metric", "value"], "properties": {
+# the scale-results file as intruder.report.scale_results declares it (FORMAT, ROWS, ROW_FIELDS,
+# ROLES, RESULT_FIELDS), which its writer and its reader share
+_RESULT = {"type": "object", "required": list(RESULT_FIELDS), "properties": {
     "evaluator": _STR, "metric": _STR, "value": _NNUM, "n_units": _INT, "unit": _STR,
     "protocol": _STR, "extra": {"type": "object"}}}
 SCALE_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": ["intervention", "base", "tuned", "alphas", "models"],
+    "required": ["format", "intervention", "base", "tuned", "alphas", ROWS],
     "properties": {
+        "format": {"const": SCALE_FORMAT},
         "tool_version": _STR, "created": _STR, "intervention": _STR, "base": _STR, "tuned": _STR,
         "tuned_kind": _STR, "scan_report": _STR, "epsilon": _NUM,
         "top_k": {"type": "integer", "minimum": 1}, "alphas": _NUMS, "evals": _STRS,
@@ -203,9 +210,9 @@ SCALE_SCHEMA: dict[str, Any] = {
             "intruders": _INT, "warnings": _STRS,
             "layers": {"type": "array", "items": {"type": "object", "properties": {
                 "name": _STR, "indices": _INTS, "sigma": _NUMS, "rel_change": _NUM}}}}}},
-        "models": {"type": "array", "items": {
-            "type": "object", "required": ["label", "role", "results"], "properties": {
-                "label": _STR, "role": {"enum": ["base", "tuned", "scaled"]}, "alpha": _NNUM,
+        ROWS: {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": list(ROW_FIELDS), "properties": {
+                "label": _STR, "role": {"enum": list(ROLES)}, "alpha": _NNUM,
                 "path": _STR, "n_intruders": _NINT, "n_matrices": _NINT,
                 "max_rel_change": _NNUM, "note": _STR,
                 "results": {"type": "array", "items": _RESULT}}}},
@@ -331,8 +338,6 @@ def dumps(report: ScanReport) -> str:
 
 
 def save_report(report: ScanReport, path: str) -> None:
-    from ..io.atomic import write_text
-
     write_text(path, dumps(report) + "\n")
 
 
@@ -479,8 +484,6 @@ def load_report(path: str) -> ScanReport:
 
     if not os.path.isfile(path):
         raise ReportError(f"{path}: no scan report there (run `intruder scan BASE TUNED` first)")
-    from ..io.jsonfile import read_json
-
     doc = read_json(path, ReportError, "scan report", max_bytes=None)
     if not isinstance(doc, dict):
         raise ReportError(f"{path}: violates the scan-report schema: $: expected object")

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import IntruderError, ReportError
+from ..io import open_checkpoint, pair_checkpoints, read_ref
+from ..io.identity import recorded_mismatch
+from ..run.load import load_pair
+from ..spectral.decompose import top_spectrum
 from ..types import ScanReport
 
 
@@ -44,11 +48,6 @@ def recompute_similarity(report: ScanReport, names: Sequence[str], n_base: int |
     n_base defaults to 2 * top_k. Raises ReportError when a checkpoint is missing or no longer
     matches the fingerprint recorded by the scan (the blocks would describe other weights)."""
     import torch
-
-    from ..io import open_checkpoint, pair_checkpoints, read_ref
-    from ..io.identity import recorded_mismatch
-    from ..run.load import load_pair
-    from ..spectral.decompose import top_spectrum
 
     cfg = report.config
     k = cfg.top_k

@@ -52,8 +52,7 @@ def _eps_key(e: float) -> str:
 
 
 def _margin(report: ScanReport) -> dict:
-    # spectral.margin imports torch; the terminal table and error messages (report.table) must
-    # not load it
-    from ..spectral.margin import margin_summary
+    # the terminal table and error messages (report.table) use this module: no torch there
+    from ..spectral.margin import margin_summary  # lazy: pulls torch
 
     return margin_summary(report.layers, report.config.epsilon)

@@ -101,7 +101,7 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     eps = c.epsilon
     flagged = sorted((l for l in report.layers if l.intruders),
                      key=lambda l: (-len(l.intruders), l.name))
-    from .verdict import verdict_of, verdict_text
+    from .verdict import verdict_of, verdict_text  # lazy: pulls torch (CLI start imports this)
 
     lines = [f"intruder scan  (Algorithm 1: top-{c.top_k} {c.vectors} singular vectors, "
              f"intruder iff max |cos| to every base vector < epsilon = {eps:g})",
@@ -134,7 +134,7 @@ def scan_table(report: ScanReport, max_rows: int = 40) -> str:
     counts = "  ".join(f"eps {k}: {v}" for k, v in s["counts_by_epsilon"].items())
     lines.append(f"intruder counts by epsilon (all matrices): {counts}")
     if s.get("margin", {}).get("layers"):
-        from ..spectral.margin import margin_line
+        from ..spectral.margin import margin_line  # lazy: pulls torch
 
         lines.append(margin_line(s["margin"]))
     if s.get("provenance"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..track import PERSIST_COS, summaries
 from .table import BOUND_NOTE, bound_count, format_table, printable, source_text
 
 
@@ -16,8 +17,6 @@ def _counts(c: dict) -> str:
 def track_table(tr) -> str:
     """One row per checkpoint: intruders vs base (per epsilon), margin, provenance; in a track
     also the intruders against the previous step and how many persist."""
-    from ..track import PERSIST_COS, summaries
-
     c = tr.config
     eps = c.epsilon
     eps_list = "/".join(format(e, "g") for e in sorted(set(c.epsilons)))

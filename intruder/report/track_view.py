@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
+from ..io.atomic import write_text
 from ..provenance import verdict_line_dict
+from ..track import PERSIST_COS, summaries
 from .margin_view import SERIES_COLORS, margin_scatter
 from .page import Figures, Section, asset, csp_hash, escape, table_html
 from .plots import new_figure
@@ -23,8 +25,6 @@ def _xs(tr) -> tuple[list[int], list[str]]:
 def track_counts(tr):
     """Intruders along the checkpoints: against the base (solid) and against the previous step
     (dashed, track only), one colour per epsilon."""
-    from ..track import summaries
-
     rows = summaries(tr)
     x, labels = _xs(tr)
     fig = new_figure(max(5.0, 1.2 * len(x) + 2.5), 3.8)
@@ -52,8 +52,6 @@ def track_counts(tr):
 
 def track_margin(tr):
     """Lowest max|cos| (left axis) and largest novel strength (right axis, log) per checkpoint."""
-    from ..track import summaries
-
     rows = summaries(tr)
     x, labels = _xs(tr)
     fig = new_figure(max(5.0, 1.2 * len(x) + 2.5), 3.6)
@@ -80,8 +78,6 @@ def track_margin(tr):
 
 def persistence_bars(tr):
     """Per step: persistent and new intruders (stacked up), gone ones (down)."""
-    from ..track import summaries
-
     rows = summaries(tr)
     x, labels = _xs(tr)
     fig = new_figure(max(5.0, 1.2 * len(x) + 2.5), 3.4)
@@ -104,8 +100,6 @@ def persistence_bars(tr):
 
 def track_section_html(tr, dpi: int = 100) -> str:
     """HTML of the track / compare view: table, figures, per-checkpoint verdicts."""
-    from ..track import PERSIST_COS, summaries
-
     fig = Figures(dpi)
     rows = summaries(tr)
     eps_keys = [format(e, "g") for e in sorted(set(tr.config.epsilons))]
@@ -200,8 +194,6 @@ def render_track_html(tr, dpi: int = 100) -> str:
 
 def write_track_html(tr, path: str, dpi: int = 100) -> int:
     """Write the standalone page atomically; returns its size in bytes."""
-    from ..io.atomic import write_text
-
     page = render_track_html(tr, dpi)
     write_text(os.fspath(path), page)
     return len(page.encode("utf-8"))
