@@ -77,6 +77,34 @@ def test_fast_path_matches_float64_lapack(monkeypatch, shape, strength, route):
         assert not base.complete and base.r >= 25
 
 
+@pytest.mark.parametrize("shape", [(320, 320), (448, 320), (320, 448)])
+def test_cpu_route_takes_the_complete_base_at_once_for_new_directions(monkeypatch, shape):
+    """On a CPU the tuned side comes first; when one of its top vectors lies mostly outside
+    what the base sees (planted new directions), the base is decomposed completely at once,
+    with no top-R attempt that the certificate would refuse; a mild update keeps the top-R
+    route. Either way the answer is numpy's float64 one."""
+    calls = []
+    real = E.eig_top_lapack
+    monkeypatch.setattr(E, "eig_top_lapack", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    seed, rng = _fresh()
+    m, n = shape
+    w0, _ = _spectrum_pair(m, n, rng, 0.0)
+    s = np.linalg.svd(w0.double().numpy(), compute_uv=False)
+    b = rng.standard_normal((m, 3))
+    a = rng.standard_normal((3, n))
+    planted = (b / np.linalg.norm(b, axis=0) * s[[1, 4, 7]]) @ (a / np.linalg.norm(a, axis=1,
+                                                                                   keepdims=True))
+    for wt, complete in ((w0.double() + torch.from_numpy(planted), True),
+                         (_spectrum_pair(m, n, np.random.default_rng(seed), 0.2)[1], False)):
+        calls.clear()
+        fields, base = analyse(w0, wt.to(torch.bfloat16), ScanConfig(), "m")
+        assert base.complete == complete, (seed, fields.method)
+        assert calls == ([10] if complete else [10, 32]), (seed, calls)  # tuned (k), base (R)
+        ref = reference_intruders(w0.double().numpy(), wt.to(torch.bfloat16).double().numpy(),
+                                  10, 0.5)
+        assert np.abs(np.array(fields.max_cos) - ref.max_cos).max() <= 3e-5, seed
+
+
 @pytest.mark.parametrize("vectors", ["left", "right", "both"])
 def test_fast_path_equals_exact_path(monkeypatch, vectors):
     """Every field of the report from the fast path equals the exact path's (full float64 Gram

@@ -253,7 +253,7 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
 
 # A tuned vector keeping less than this share of its energy under the base (||W0^T u||^2 /
 # sigma_t^2 for a left vector) is probably new to it: its max|cos| then needs the complete base
-NEW_ENERGY = 0.25
+NEW_ENERGY = 0.5
 
 
 def _looks_new(w0: torch.Tensor, t: Spectrum, left: bool) -> bool:

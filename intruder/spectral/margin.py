@@ -252,7 +252,9 @@ def margin_measures(b, t, w0: torch.Tensor, wt: torch.Tensor, d: torch.Tensor, k
     novel = spectral_norm_projected(d, basis, left, g=update.gram, start=update.right)
     subspace = None
     if basis is not None and tu is not None:
-        pc = torch.linalg.svdvals(basis.mT @ tu[:, :k])  # (k,) cosines of the principal angles
+        # (k,) cosines of the principal angles; a (k, k) SVD is LAPACK's on the host (on a GPU
+        # it would be a chain of small solver kernels)
+        pc = torch.linalg.svdvals((basis.mT @ tu[:, :k]).cpu())
         subspace = _finite(float(pc.min().clamp(0.0, 1.0)))
     n0, nt = float(w0.norm()), float(wt.norm())
     # cosine between the weights as vectors: near 1 for any fine-tune, near 0 for unrelated models
