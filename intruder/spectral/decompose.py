@@ -44,13 +44,16 @@ class Spectrum:
 
 
 def spectrum_of(w: torch.Tensor, e: Eig, left: bool, right: bool,
-                upto: int | None = None) -> Spectrum:
-    """Spectrum (u and/or v as asked) of W from the eigenpairs of one of its Gram matrices."""
+                upto: int | None = None, other_upto: int | None = None) -> Spectrum:
+    """Spectrum (u and/or v as asked) of W from the eigenpairs of one of its Gram matrices.
+    other_upto: derive only that many of the other side's vectors (then u or v holds fewer
+    columns than sigma has values; the caller matches the rest another way)."""
     r = e.r if upto is None else min(upto, e.r)
     sigma = e.vals[:r].clamp_min(0).sqrt() / e.scale  # (r,)
     u = v = eu = ev = None
     need_other = (left and e.side == "right") or (right and e.side == "left")
-    other, e_other = derive_other(w, e, r) if need_other else (None, None)
+    r_other = r if other_upto is None else min(other_upto, r)
+    other, e_other = derive_other(w, e, r_other) if need_other else (None, None)
     own, e_own = e.vecs[:, :r], e.err[:r]
     if left:
         u, eu = (own, e_own) if e.side == "left" else (other, e_other)

@@ -169,11 +169,17 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         t = spectrum_of(wt, te, left, right, upto=k)
     bound = None  # (k,) bool: max_cos is a certified upper bound (spectral slices), not exact
     while True:
-        b = spectrum_of(w0, be, left, right)
+        # a complete base on the other side than its Gram's: its vectors (W0 V0 / sigma, a
+        # (d_other, d) product) are derived only as far as the measures read them; the match
+        # takes its |cos| through the Gram side (_other_side_sim)
+        lazy = be.complete and be.other is None and (left or right) and not (left and right) \
+            and (be.side == "right") == left
+        b = spectrum_of(w0, be, left, right, other_upto=max(top_r, k + 5) if lazy else None)
+        sim = _other_side_sim(w0, be, t.vecs(left)) if lazy else None
         ml = match_vectors(t.vecs(True), t.sigma, b.vecs(True), b.sigma, config.near_window,
-                           top_r) if left else None
+                           top_r, sim=sim) if left else None
         mr = match_vectors(t.vecs(False), t.sigma, b.vecs(False), b.sigma, config.near_window,
-                           top_r) if right else None
+                           top_r, sim=sim) if right else None
         why = ""
         for on, is_left, terr, berr in ((left, True, t.err_u, b.err_u),
                                         (right, False, t.err_v, b.err_v)):
@@ -249,6 +255,17 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         update_shape=shape,
     )
     return found, be
+
+
+def _other_side_sim(w0: torch.Tensor, be: Eig, t_vecs: torch.Tensor) -> torch.Tensor:
+    """|<t_j, b_i>| (k, d) against every base vector b_i of the side opposite be's Gram side, from
+    the Gram side's vectors: b_i = W0 v_i / sigma_i (or W0^T u_i / sigma_i), so
+    <t_j, b_i> = <W0^T t_j, v_i> / sigma_i: a (k, d) product instead of deriving all d b_i."""
+    z = w0.mT @ t_vecs if be.side == "right" else w0 @ t_vecs  # (d, k)
+    sig = be.vals.clamp_min(0).sqrt() / be.scale  # (d,) singular values of W0
+    tiny = torch.finfo(torch.float64).tiny
+    # same arithmetic as derive_other's W0 v / sigma, taken against t: (z^T V) / sigma
+    return ((z.mT @ be.vecs) / sig.clamp_min(tiny)).abs().clamp_max(1.0)  # (k, d)
 
 
 # A tuned vector keeping less than this share of its energy under the base (||W0^T u||^2 /

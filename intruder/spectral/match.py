@@ -20,16 +20,19 @@ class Match:
 
 
 def match_vectors(t_vecs: torch.Tensor, t_sigma: torch.Tensor, b_vecs: torch.Tensor,
-                  b_sigma: torch.Tensor, near_window: float = 0.1, top_r: int = 20) -> Match:
-    """|cos| between tuned vectors t (d, k) and base vectors b (d, r), with subspace overlaps."""
-    sim = (t_vecs.mT @ b_vecs).abs().clamp_max(1.0)  # (k, r) = |T^T B|, rounding clipped
+                  b_sigma: torch.Tensor, near_window: float = 0.1, top_r: int = 20,
+                  sim: torch.Tensor | None = None) -> Match:
+    """|cos| between tuned vectors t (d, k) and base vectors b (d, r), with subspace overlaps.
+    sim: |T^T B| (k, r) when the caller has it another way (then b_vecs is not read)."""
+    if sim is None:
+        sim = (t_vecs.mT @ b_vecs).abs().clamp_max(1.0)  # (k, r) = |T^T B|, rounding clipped
     max_cos, base_index = sim.max(dim=1)  # (k,), (k,)
     sq = sim.square()  # (k, r)
     # Base vectors whose sigma lies within a relative window of the tuned sigma: a tuned vector
     # that is a rotation inside such a near-degenerate cluster projects strongly onto their span.
     near = (b_sigma[None, :] - t_sigma[:, None]).abs() <= near_window * t_sigma[:, None]  # (k, r)
     near_overlap = (sq * near).sum(dim=1).clamp_max(1.0).sqrt()  # (k,)
-    r = min(top_r, b_vecs.shape[1])
+    r = min(top_r, sim.shape[1])
     top_overlap = sq[:, :r].sum(dim=1).clamp_max(1.0).sqrt()  # (k,)
     return Match(max_cos, base_index, near_overlap, top_overlap, near.sum(dim=1))
 
