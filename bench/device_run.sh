@@ -1,34 +1,42 @@
 #!/usr/bin/env bash
 # One GPU call (within one 10-minute device command), everything the engine's speed claims rest
-# on: the intruder-heavy and mild 7B pairs (cold, warm, the paper's algorithm, the float64 exact
-# engine), the fleet compare (1 and n fine-tunes, 1 and 2 GPUs), the 135M pairs, the start-up
-# probe. Each stage writes into $OUT as it runs and gets what is left of a global deadline, so a
-# call cut short still returns what ran.
-#   bash bench/device_run.sh [SECONDS]     (default 520)
+# on, most important first: per-stage times of one matrix (stage_probe.py), the intruder-heavy
+# 7B pair (cold, warm, the paper's algorithm, the float64 exact engine), the fleet compare
+# (1 and n fine-tunes; torchrun where several GPUs are visible), the 135M pairs, the start-up
+# floor, the mild 7B pair. Each stage gets what is left of a global deadline, so a call cut
+# short still returns what ran. What comes back: $OUT/results.md (the RESULTS.md sections) and
+# $OUT/all.txt (every stage's output), nothing else (the device returns at most 8 files).
+#   bash bench/device_run.sh [SECONDS]     (default 540)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-end=$((SECONDS + ${1:-520}))
+L=$(mktemp -d); R="$OUT/results.md"
+end=$((SECONDS + ${1:-540}))
 left() { local l=$((end - SECONDS)); [ "$l" -gt "$1" ] && echo "$1" || echo "$l"; }
 stage() {  # stage NAME MAX_SECONDS CMD...
   local name=$1 max=$2; shift 2
   local t; t=$(left "$max")
-  if [ "$t" -lt 20 ]; then echo "$name: skipped (deadline)" >> "$OUT/stages.txt"; return; fi
+  if [ "$t" -lt 20 ]; then echo "$name: skipped (deadline)" >> "$L/stages.txt"; return; fi
   local t0=$SECONDS
-  timeout "$t" "$@" > "$OUT/$name.txt" 2>&1
-  echo "$name: exit $? after $((SECONDS - t0)) s (limit $t s)" >> "$OUT/stages.txt"
+  timeout "$t" "$@" > "$L/$name.txt" 2>&1
+  echo "$name: exit $? after $((SECONDS - t0)) s (limit $t s)" >> "$L/stages.txt"
 }
-{ date -u; nvidia-smi -L; nproc; free -g | head -2; df -h /tmp | tail -1; git log --oneline -1; } \
-  > "$OUT/machine.txt" 2>&1
-R="$OUT/results.md"
-stage heavy7b 230 python bench/scan_speed.py --model 7b --kinds heavy --peft-layers 0 \
-  --results "$R" --log "$OUT/heavy7b.log"
-stage fleet7b 200 python bench/fleet_speed.py --model 7b --layers 16 --n 4 --results "$R" \
-  --log "$OUT/fleet7b.log"
-stage startup 40 python bench/startup_probe.py --device cuda
-stage small135m 70 python bench/scan_speed.py --model 135m --peft-layers 0 --results "$R" \
-  --log "$OUT/small135m.log"
-stage mild7b 120 python bench/scan_speed.py --model 7b --kinds mild --layers 16 --peft-layers 0 \
-  --results "$R" --log "$OUT/mild7b.log"
-cat "$OUT/machine.txt" "$OUT/stages.txt"; tail -c 1500 "$OUT/startup.txt"
-for f in heavy7b fleet7b small135m mild7b; do tail -c 1400 "$OUT/$f.log" 2>/dev/null; done
+{ date -u; nvidia-smi -L; nproc; lscpu | grep "Model name"; free -g | head -2; df -h /tmp | tail -1
+  python3 -c 'import torch, scipy; print("torch", torch.__version__, "scipy", scipy.__version__)'
+  git log --oneline -1; } > "$L/machine.txt" 2>&1
+stage perstage 70 python3 bench/stage_probe.py --device cuda --model 7b --profile
+stage heavy7b 230 python3 bench/scan_speed.py --model 7b --kinds heavy --peft-layers 0 \
+  --results "$R" --log "$L/heavy7b.log"
+stage fleet7b 160 python3 bench/fleet_speed.py --model 7b --layers 16 --n 4 --results "$R" \
+  --log "$L/fleet7b.log"
+stage small135m 70 python3 bench/scan_speed.py --model 135m --peft-layers 0 --results "$R" \
+  --log "$L/small135m.log"
+stage startup 45 bash -c 'python3 bench/startup_probe.py --device cuda; python3 -X importtime \
+  -c "import torch" 2>&1 | sort -t"|" -k2 -n | tail -8'
+stage mild7b 120 python3 bench/scan_speed.py --model 7b --kinds mild --layers 16 --peft-layers 0 \
+  --results "$R" --log "$L/mild7b.log"
+for f in machine stages perstage heavy7b fleet7b small135m startup mild7b; do
+  echo "=== $f"; cat "$L/$f.txt" 2>/dev/null; done > "$OUT/all.txt"
+cat "$L/machine.txt" "$L/stages.txt"; grep -E "ms \[|profiler:" "$L/perstage.txt"
+tail -12 "$L/startup.txt" 2>/dev/null
+for f in heavy7b fleet7b small135m mild7b; do tail -c 1300 "$L/$f.log" 2>/dev/null; done
