@@ -172,8 +172,8 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         # a complete base on the other side than its Gram's: its vectors (W0 V0 / sigma, a
         # (d_other, d) product) are derived only as far as the measures read them; the match
         # takes its |cos| through the Gram side (_other_side_sim)
-        lazy = be.complete and be.other is None and (left or right) and not (left and right) \
-            and (be.side == "right") == left
+        lazy = be.complete and be.other is None and left != right and \
+            (be.side == "right") == left
         b = spectrum_of(w0, be, left, right, other_upto=max(top_r, k + 5) if lazy else None)
         sim = _other_side_sim(w0, be, t.vecs(left)) if lazy else None
         ml = match_vectors(t.vecs(True), t.sigma, b.vecs(True), b.sigma, config.near_window,
