@@ -6,15 +6,18 @@
 # floor, the mild 7B pair. Each stage gets what is left of a global deadline, so a call cut
 # short still returns what ran. What comes back: $OUT/results.md (the RESULTS.md sections) and
 # $OUT/all.txt (every stage's output), nothing else (the device returns at most 8 files).
-#   bash bench/device_run.sh [SECONDS]     (default 540)
+#   bash bench/device_run.sh [SECONDS [STAGES]]   (default 540 s; STAGES: a comma-separated subset,
+#                                                 in this order, default all)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 L=$(mktemp -d); R="$OUT/results.md"
 end=$((SECONDS + ${1:-540}))
 left() { local l=$((end - SECONDS)); [ "$l" -gt "$1" ] && echo "$1" || echo "$l"; }
+ONLY=${2:-}
 stage() {  # stage NAME MAX_SECONDS CMD...
   local name=$1 max=$2; shift 2
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   local t; t=$(left "$max")
   if [ "$t" -lt 20 ]; then echo "$name: skipped (deadline)" >> "$L/stages.txt"; return; fi
   local t0=$SECONDS
