@@ -29,7 +29,15 @@ stage() {  # stage NAME MAX_SECONDS CMD...
   git log --oneline -1; } > "$L/machine.txt" 2>&1
 stage perstage 70 python3 bench/stage_probe.py --device cuda --model 7b --profile
 stage heavy7b 230 python3 bench/scan_speed.py --model 7b --kinds heavy --peft-layers 0 \
-  --results "$R" --log "$L/heavy7b.log"
+  --results "$R" --log "$L/heavy7b.log" --keep
+# the same pair with the engine in .devcarry/old (a copy of an earlier intruder/ package, when
+# carried): a same-card A/B; then where the scan's threads spend their time (py-spy, carried)
+HP=/tmp/intruder-bench-7b-heavy
+[ -d .devcarry/old/intruder ] && [ -f $HP/bench_meta.json ] && stage abold 120 \
+  bash bench/ab_engines.sh $HP $PWD/.devcarry/old
+[ -x .devcarry/py-spy ] && [ -f $HP/bench_meta.json ] && stage profile 110 env W=$HP \
+  bash bench/profile_scan.sh 32 $PWD/.devcarry/py-spy
+rm -rf $HP
 stage fleet7b 160 python3 bench/fleet_speed.py --model 7b --layers 16 --n 4 --results "$R" \
   --log "$L/fleet7b.log"
 stage small135m 70 python3 bench/scan_speed.py --model 135m --peft-layers 0 --results "$R" \
@@ -38,7 +46,7 @@ stage startup 45 bash -c 'python3 bench/startup_probe.py --device cuda; python3 
   -c "import torch" 2>&1 | sort -t"|" -k2 -n | tail -8'
 stage mild7b 120 python3 bench/scan_speed.py --model 7b --kinds mild --layers 16 --peft-layers 0 \
   --results "$R" --log "$L/mild7b.log"
-for f in machine stages perstage heavy7b fleet7b small135m startup mild7b; do
+for f in machine stages perstage heavy7b abold profile fleet7b small135m startup mild7b; do
   echo "=== $f"; cat "$L/$f.txt" 2>/dev/null; done > "$OUT/all.txt"
 cat "$L/machine.txt" "$L/stages.txt"; grep -E "ms \[|profiler:" "$L/perstage.txt"
 tail -12 "$L/startup.txt" 2>/dev/null

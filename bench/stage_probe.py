@@ -83,12 +83,20 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="7b", choices=sorted(MODELS))
     ap.add_argument("--profile", action="store_true", help="also a torch.profiler table per case")
+    ap.add_argument("--iterative", action="store_true",
+                    help="on a CPU, the GPU route (Chebyshev iteration) instead of LAPACK")
     a = ap.parse_args()
     dev = torch.device(a.device)
+    # the scan's CUDA workers run their host linear algebra (small eigh) on one thread each
+    # (run/stream.py): the same here, or OpenMP's fork-join on every core inflates those stages
+    if dev.type == "cuda":
+        torch.set_num_threads(1)
     from intruder.spectral import engine as E
     from intruder.types import ScanConfig
 
     cfg = ScanConfig(epsilons=(0.5, 0.7, 0.9))
+    if a.iterative:
+        E.LAPACK_ON_CPU = False
     gen = Gen(dev, 3)
     if dev.type == "cuda":
         from intruder.run.stream import _warm_linalg

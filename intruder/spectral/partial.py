@@ -187,23 +187,31 @@ def _chebyshev(g: torch.Tensor, y: torch.Tensor, degree: int, b: float, top: flo
     """p(A) y with p the degree-`degree` Chebyshev polynomial of [0, b] (damped, |p| <= 1 there
     after scaling) normalised to 1 at `top` > b (Zhou & Saad's scaled three-term recurrence).
     A = P G P with P the projector away from the locked vectors `lock` (d, l): their directions
-    are never amplified, so locking costs no accuracy."""
-    def op(z):  # (d, s) -> P G z  (z already in range(P))
-        gz = g @ z  # (d, s)
-        if lock is not None:
-            gz = torch.addmm(gz, lock, lock.mT @ gz, alpha=-1.0)
-        return gz
+    are never amplified, so locking costs no accuracy.
 
+    A is formed once (two rank-l updates of G), so that each of the `degree` steps is one GEMM
+    and one vector update: on a GPU every step was six kernels and as many host dispatches
+    (the matrix products against `lock` and three vector updates), which is what bounded the
+    iteration there, not the GEMM itself."""
+    a_op = g
     if lock is not None:
-        y = torch.addmm(y, lock, lock.mT @ y, alpha=-1.0)
+        # P G P = G - L C^T - C L^T,  C = G L - L (L^T G L) / 2  (d, l): exact for orthonormal L
+        gl = g @ lock  # (d, l)
+        cm = torch.addmm(gl, lock, lock.mT @ gl, alpha=-0.5)  # (d, l)
+        a_op = torch.addmm(g, lock, cm.mT, alpha=-1.0)  # (d, d)
+        a_op.addmm_(cm, lock.mT, alpha=-1.0)
+        del gl, cm
+        y = torch.addmm(y, lock, lock.mT @ y, alpha=-1.0)  # into range(P)
     e = c = 0.5 * b
     sigma1 = e / (top - c)
     sigma = sigma1
-    y1 = (op(y) - c * y) * (sigma1 / e)  # (A - c) y * s1/e
+    y1 = torch.addmm(y, a_op, y, beta=-c).mul_(sigma1 / e)  # (A - c) y * s1/e
     for _ in range(2, degree + 1):
         sigma_new = 1.0 / (2.0 / sigma1 - sigma)
         a = 2.0 * sigma_new / e
-        y2 = op(y1).mul_(a).add_(y1, alpha=-c * a).add_(y, alpha=-(sigma * sigma_new))  # (d, s)
+        # y2 = a A y1 - c a y1 - sigma sigma_new y  (d, s)
+        y2 = torch.addmm(y, a_op, y1, beta=-(sigma * sigma_new), alpha=a)
+        y2.add_(y1, alpha=-c * a)
         y, y1 = y1, y2
         sigma = sigma_new
     return y1
