@@ -17,6 +17,7 @@ from intruder.spectral.sketch import (
     seeded_randn,
     sketch_singular_values,
     sketch_spectrum,
+    top_eigenvalue,
 )
 
 
@@ -202,3 +203,25 @@ def test_dsyevr_without_the_gil_equals_lapack():
     np.testing.assert_allclose(syevr_top(g, 200, vectors=False), np.linalg.eigvalsh(g),
                                rtol=1e-10, atol=1e-10 * np.abs(g).max())
     assert np.array_equal(g, g0)
+
+
+@pytest.mark.parametrize("d", [64, 300, 900])
+def test_top_eigenvalue_on_the_device_matches_lapack_from_below(d):
+    # the inverse Gram of a power-law spectrum (what slices.inverse_gram estimates): its top
+    # eigenvalues crowd (1 / the smallest of the base), the hard case for a Krylov method
+    rng = np.random.default_rng(d)
+    u, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    lam = np.arange(1, d + 1) ** -1.2 * (1 + 0.02 * rng.random(d))
+    h = (u / lam**2) @ u.T
+    h = (h + h.T) / 2
+    true = np.linalg.eigvalsh(h)[-1]
+    ht = torch.from_numpy(h)
+    got = top_eigenvalue(lambda x: ht @ x, d, ht.dtype, ht.device, block=4, steps=24, seed=7)
+    assert got is not None
+    assert got <= true * (1 + 1e-12)  # Ritz values of an orthonormal basis: from below
+    assert got >= true * (1 - 1e-3)  # and close: the fence (1.01 x) then holds at once
+    # a closing Krylov space (rank-2 operator) is exact, not a breakdown
+    v = np.linalg.qr(rng.standard_normal((d, 2)))[0]
+    low = torch.from_numpy((v * np.array([3.0, 1.0])) @ v.T)
+    got2 = top_eigenvalue(lambda x: low @ x, d, low.dtype, low.device, steps=6)
+    assert got2 is not None and abs(got2 - 3.0) < 1e-9

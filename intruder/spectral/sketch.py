@@ -117,6 +117,53 @@ def norm_lanczos(fwd: Callable, bwd: Callable, n: int, dtype, device, block: int
     return est
 
 
+def _chol_qr(z: torch.Tensor) -> torch.Tensor:
+    """Columns (n, b) spanning z (n, b), orthonormal to about kappa(z)^2 u, by one shifted
+    CholeskyQR entirely on z's device (no host round trip): z^T z (1 + 1e-13 on the diagonal)
+    = R^T R, z R^-1. A zero column gives non-finite output. Only for top_eigenvalue, whose
+    Rayleigh-Ritz step does not need an orthonormal basis."""
+    g = z.mT @ z  # (b, b)
+    g.diagonal().mul_(1.0 + 1e-13)
+    r = torch.linalg.cholesky_ex(g, upper=True)[0]  # (b, b) upper
+    return torch.linalg.solve_triangular(r, z, upper=True, left=False)  # z R^-1
+
+
+def top_eigenvalue(apply: Callable, n: int, dtype, device, block: int = 4, steps: int = 24,
+                   seed: int = 0) -> float | None:
+    """An estimate (from below, up to rounding) of the largest eigenvalue of a symmetric
+    operator apply(x) = A x, x (n, b): block Lanczos from a seeded random block, each new
+    block orthogonalised against the basis so far, every step on the device and one host
+    round trip at the end. None when it broke down (non-finite).
+    For callers that prove the bound themselves (slices.inverse_gram fences it by a Cholesky
+    factorization): a GPU sync per step costs more there than the products do."""
+    if n == 0:
+        return 0.0
+    b = max(1, min(block, n))
+    steps = max(1, min(steps, n // b))
+    qm = torch.empty(n, steps * b, dtype=dtype, device=device)  # (n, J b) Krylov basis Q
+    wm = torch.empty_like(qm)  # (n, J b) A Q
+    q = _chol_qr(seeded_randn(n, b, seed, device, dtype, reuse=True))  # (n, b)
+    for j in range(steps):
+        qm[:, j * b:(j + 1) * b] = q
+        w = apply(q)  # (n, b)
+        wm[:, j * b:(j + 1) * b] = w
+        if j + 1 < steps:
+            prev = qm[:, :(j + 1) * b]  # (n, (j+1) b)
+            q = _chol_qr(torch.addmm(w, prev, prev.mT @ w, alpha=-1.0))
+    # Q^T A Q and Q^T Q in one transfer. Q is orthonormal only to rounding times conditioning,
+    # and after a breakdown (a Krylov space that closed) the new block is amplified rounding,
+    # so the Ritz values are taken on the well-conditioned part of span(Q): each one is a
+    # Rayleigh quotient of a vector in it, never above the top eigenvalue (up to rounding)
+    pair = torch.stack([qm.mT @ wm, qm.mT @ qm]).to("cpu", torch.float64)  # (2, J b, J b)
+    if not bool(torch.isfinite(pair).all()):
+        return None
+    t, bm = (pair[0] + pair[0].mT) * 0.5, (pair[1] + pair[1].mT) * 0.5
+    lam, v = torch.linalg.eigh(bm)  # ascending: Q^T Q = V L V^T
+    keep = lam > 1e-8 * float(lam[-1])
+    c = v[:, keep] / lam[keep].sqrt()  # (J b, r): Q c has orthonormal columns
+    return float(torch.linalg.eigvalsh(c.mT @ t @ c)[-1])
+
+
 def sketch_singular_values(d: torch.Tensor, q: int, p: int = 16, seed: int = 0) -> torch.Tensor:
     """The top q singular values of d (m, n) by a randomized range finder with one power
     iteration (Halko, Martinsson & Tropp, alg. 4.4): bases of d Omega, d^T Y, d Z in turn, then

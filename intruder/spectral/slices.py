@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .partial import U64, Eig, gram, gram_error
-from .sketch import norm_lanczos
+from .sketch import norm_lanczos, top_eigenvalue
 
 DEGREE = 96  # Chebyshev degree of the slice filters (n block products with the tuned block)
 SLICES = 48  # slices of [0, pi] in theta = arccos(x): equal Chebyshev resolution
@@ -146,7 +146,12 @@ def inverse_gram(w0: torch.Tensor, side: str, g: torch.Tensor | None = None
     e_r = 1.01 * float(torch.linalg.matrix_norm(res)) + 1.01 * (d + 2) * U64 * h_f * g_f
     del res, g
     apply_h = functools.partial(torch.matmul, h)  # y (d, b) -> H y
-    est = norm_lanczos(apply_h, apply_h, d, h.dtype, dev, block=4, iters=12, rtol=1e-4, seed=7)
+    # an estimate of ||H|| = lambda_max(H) (H is PSD), proved below: on the device first (one
+    # host round trip), by the Lanczos that checks each step where that one broke down
+    est = top_eigenvalue(apply_h, d, h.dtype, dev, block=4, steps=24, seed=7)
+    if est is None or not est > 0:
+        est = norm_lanczos(apply_h, apply_h, d, h.dtype, dev, block=4, iters=12, rtol=1e-4,
+                           seed=7)
     del apply_h
     hi = None
     for grow in (1.01, 1.2, 2.0):
@@ -221,10 +226,12 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: torch.T
     ht = h * a  # (d, d)
     ht.diagonal().sub_(c)
     ys = torch.empty(n + 1, d, k, dtype=torch.float64, device=dev)  # (n+1, d, k)
-    ys[0] = zp
-    torch.mm(ht, zp, out=ys[1])
+    yv = ys.unbind(0)  # n + 1 views (d, k), made at once rather than indexed per step
+    yv[0].copy_(zp)
+    torch.mm(ht, zp, out=yv[1])
     for i in range(1, n):  # T_{i+1} = 2 Ht T_i - T_{i-1}
-        torch.addmm(ys[i - 1], ht, ys[i], beta=-1.0, alpha=2.0, out=ys[i + 1])
+        torch.addmm(yv[i - 1], ht, yv[i], beta=-1.0, alpha=2.0, out=yv[i + 1])
+    del yv
     del ht
     # slices that can hold a left-out eigenvalue: mu = 1 / lambda in [1 / rest, hi]
     x_min = a / rest - c
