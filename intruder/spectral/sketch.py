@@ -125,8 +125,8 @@ def _chol_qr(z: torch.Tensor) -> torch.Tensor:
     g = z.mT @ z  # (b, b)
     g.diagonal().mul_(1.0 + 1e-13)
     r = torch.linalg.cholesky_ex(g, upper=True)[0]  # (b, b) upper
-    # z R^-1; solve_triangular returns it column-major, which BLAS then multiplies by the
-    # (n, n) operator up to 10x slower (measured on MKL): row-major, as every other block
+    # z R^-1, made row-major: solve_triangular returns it column-major, and with such blocks
+    # the products of top_eigenvalue took 1.69 s instead of 0.50 s at n = 2048 (MKL, 2 cores)
     return torch.linalg.solve_triangular(r, z, upper=True, left=False).contiguous()
 
 
