@@ -161,6 +161,8 @@ def top_eigenvalue(apply: Callable, n: int, dtype, device, block: int = 4, steps
         return None
     t, bm = (pair[0] + pair[0].mT) * 0.5, (pair[1] + pair[1].mT) * 0.5
     lam, v = torch.linalg.eigh(bm)  # ascending: Q^T Q = V L V^T
+    if not float(lam[-1]) > 0:
+        return None
     keep = lam > 1e-8 * float(lam[-1])
     c = v[:, keep] / lam[keep].sqrt()  # (J b, r): Q c has orthonormal columns
     return float(torch.linalg.eigvalsh(c.mT @ t @ c)[-1])
