@@ -15,7 +15,8 @@ import torch
 
 from intruder.spectral.engine import analyse, base_eig
 from intruder.spectral.reference import reference_intruders
-from intruder.spectral.slices import bank, leftout_bound
+from intruder.spectral.partial import gram
+from intruder.spectral.slices import bank, inverse_gram, leftout_bound
 from intruder.types import ScanConfig
 
 EPS = (0.5, 0.7, 0.9)
@@ -98,6 +99,22 @@ def test_leftout_bound_clustered_spectrum():
     t, out = _exact(w0, wt, "left")
     bd = leftout_bound(w0, e, torch.from_numpy(t.copy()), None, "left")
     assert bd is None or (bd.numpy() >= out).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_inverse_gram_fences_the_exact_inverse_spectrum(shape):
+    # [lo, hi] must hold every eigenvalue of the exact G^-1 (hi from the device-side Lanczos
+    # estimate, proved by a Cholesky factorization), and not loosely: the slices' resolution
+    # is (hi - lo) / degree
+    w0, _ = _planted(*shape, seed=5)
+    side = "left" if shape[0] <= shape[1] else "right"
+    inv = inverse_gram(w0, side)
+    assert inv is not None
+    g = gram(w0, side).numpy()
+    mu = 1.0 / np.linalg.eigvalsh(g)  # exact inverse spectrum (LAPACK, float64)
+    assert inv.lo <= mu.min() and mu.max() <= inv.hi
+    assert inv.hi <= 1.05 * mu.max()
+    assert np.abs(inv.h.numpy() - np.linalg.inv(g)).max() <= inv.rho * 1.01 + 1e-300
 
 
 def test_singular_base_refused():
