@@ -20,8 +20,9 @@ INTRUDER_STREAMS           worker threads (one CUDA stream each) per   3        
                            GPU (1-64)
 INTRUDER_READERS           threads reading tensors ahead of the        CPU 1; CUDA             (none)
                            devices (1-64)                              min(8, max(2, cores/2))
-INTRUDER_HOST_BUDGET_MB    host memory for tensors read ahead, MiB     512                     (none)
-                           (a number > 0; one pair is always read)
+INTRUDER_HOST_BUDGET_MB    host memory for tensors read ahead, MiB     512, or (workers + 1)   (none)
+                           (a number > 0; one pair is always read)     x the largest item, at
+                                                                       most 4096
 INTRUDER_EXACT_DIM         largest Gram size (smaller matrix side)     256                     (none)
                            decomposed exactly outright (0-2^31)
 INTRUDER_SLICE_MIN_DIM     smallest Gram size where spectral slices    768                     (none)
@@ -113,7 +114,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          _int(1, 64, "streams per GPU")),
     Knob("INTRUDER_READERS", "threads reading tensors ahead of the devices",
          "CPU 1; CUDA min(8, max(2, cores / 2))", "", _int(1, 64, "reader threads")),
-    Knob("INTRUDER_HOST_BUDGET_MB", "host memory for tensors read ahead, MiB", "512", "",
+    Knob("INTRUDER_HOST_BUDGET_MB", "host memory for tensors read ahead, MiB",
+         "512, or (workers + 1) x the largest item, at most 4096", "",
          _positive(1 << 30, "MiB")),
     Knob("INTRUDER_EXACT_DIM", "largest Gram size decomposed exactly outright", "256", "",
          _int(0, 1 << 31, "matrix side")),

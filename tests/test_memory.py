@@ -164,3 +164,16 @@ def test_scan_streams_a_pair_larger_than_its_memory_limit(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
     print(f"baseline VmSize {m['baseline'] / MiB:.0f} MiB, cap +{MARGIN / MiB:.0f} MiB, "
           f"checkpoints {size / MiB:.0f} MiB each, RSS growth {grew / MiB:.0f} MiB")
+
+
+def test_host_budget_grows_with_the_largest_item_not_with_the_model(monkeypatch):
+    from intruder.run.stream import AUTO_HOST_BUDGET_MAX, DEFAULT_HOST_BUDGET, host_budget
+
+    monkeypatch.delenv("INTRUDER_HOST_BUDGET_MB", raising=False)
+    mib = 2 ** 20
+    assert host_budget(10 * mib, 3) == DEFAULT_HOST_BUDGET  # small pairs: the fixed default
+    # a fleet's group of one 7B MLP matrix (base + 4 fine-tunes, 450 MiB): one per worker + 1
+    assert host_budget(450 * mib, 3) == 4 * 450 * mib
+    assert host_budget(5 * 2 ** 30, 3) == AUTO_HOST_BUDGET_MAX  # capped
+    monkeypatch.setenv("INTRUDER_HOST_BUDGET_MB", "64")  # the user's setting wins
+    assert host_budget(450 * mib, 3) == 64 * mib

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from intruder.spectral.engine import analyse, base_eig
-from intruder.spectral.reference import reference_intruders
 from intruder.spectral.partial import gram
+from intruder.spectral.reference import reference_intruders
 from intruder.spectral.slices import bank, inverse_gram, leftout_bound
 from intruder.types import ScanConfig
 

@@ -16,7 +16,8 @@
   from the cache); each fine-tune's tensor is measured against it in turn, and the readers read
   the next groups (every fine-tune's next matrices) while the devices compute.
 
-Peak host memory is the budget plus what one pair needs, whatever the model's size.
+Peak host memory is the budget plus what one pair needs, whatever the model's size (the
+budget grows with the largest item, not with the number of items: host_budget).
 """
 
 from __future__ import annotations
@@ -45,13 +46,23 @@ from .threads import OneThreadEach, cpu_workers, usable_cpus
 # bytes of tensors read ahead of the devices (measured on the 7B pair, one H200: 256 MiB and
 # 512 MiB kept the GPU fed; peak RSS 1.7 / 1.95 GiB, bench/RESULTS.md)
 DEFAULT_HOST_BUDGET = 512 * 2 ** 20
+# ... at least one item per worker and one more when items are large (a fleet's group: the base
+# and every fine-tune's tensor of one matrix, 450 MB for a 7B MLP matrix and 4 fine-tunes),
+# so that every worker has its next item and the readers read several at once; at most this
+AUTO_HOST_BUDGET_MAX = 4096 * 2 ** 20
 # a pair on its device: (status, w0, wt), the matrices None unless the status is "scanned"
 Prepared: TypeAlias = "tuple[str, torch.Tensor | None, torch.Tensor | None]"
 
 
-def host_budget() -> int:
+def host_budget(biggest: int = 0, workers: int = 1) -> int:
+    """Host bytes the readers may hold ahead of the devices: INTRUDER_HOST_BUDGET_MB, else
+    512 MiB or, for large items, (workers + 1) x the largest item's bytes, up to 4 GiB. Peak
+    host memory then still depends on the largest matrix (times the fleet's size), not on
+    the model."""
     env = settings.host_budget_mb()
-    return max(1, int(env * 2 ** 20)) if env is not None else DEFAULT_HOST_BUDGET
+    if env is not None:
+        return max(1, int(env * 2 ** 20))
+    return max(DEFAULT_HOST_BUDGET, min((workers + 1) * biggest, AUTO_HOST_BUDGET_MAX))
 
 
 @dataclass
@@ -355,7 +366,11 @@ class Pipeline:
             min(8, max(2, cpus // 2)) if cuda else 1))
         self.per_device = max(1, per_device or ((settings.streams() or 3) if cuda
                                                 else self.cpu_workers))
-        self.budget = _Budget(budget or host_budget())
+        if not budget:
+            biggest = max((group_bytes(it if isinstance(it, tuple) else (it,)) for it in pairs),
+                          default=0)
+            budget = host_budget(biggest, len(devices) * self.per_device if self.threaded else 1)
+        self.budget = _Budget(budget)
         self.reader = Reader(pinned=cuda, fallback=read)
         self.stop = threading.Event()
         self.next_index = 0
