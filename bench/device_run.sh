@@ -8,6 +8,11 @@
 # $OUT/all.txt (every stage's output), nothing else (the device returns at most 8 files).
 #   bash bench/device_run.sh [SECONDS [STAGES]]   (default 540 s; STAGES: a comma-separated subset,
 #                                                 in this order, default all)
+# The abold and profile stages need git-ignored files carried to the device (run's `carry`:
+# .devcarry), made here first:
+#   mkdir -p .devcarry/old && git archive REV intruder | tar -x -C .devcarry/old   # engine A/B
+#   pip download py-spy --no-deps -d /tmp/w && unzip -o -q /tmp/w/py_spy-*.whl -d /tmp/w && \
+#     cp /tmp/w/py_spy-*.data/scripts/py-spy .devcarry/                              # profile
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
