@@ -366,10 +366,11 @@ class Pipeline:
             min(8, max(2, cpus // 2)) if cuda else 1))
         self.per_device = max(1, per_device or ((settings.streams() or 3) if cuda
                                                 else self.cpu_workers))
+        # host bytes of each item (the shared base once, every pair's tuned tensors)
+        self.item_bytes = [group_bytes(it if isinstance(it, tuple) else (it,)) for it in pairs]
         if not budget:
-            biggest = max((group_bytes(it if isinstance(it, tuple) else (it,)) for it in pairs),
-                          default=0)
-            budget = host_budget(biggest, len(devices) * self.per_device if self.threaded else 1)
+            budget = host_budget(max(self.item_bytes, default=0),
+                                 len(devices) * self.per_device if self.threaded else 1)
         self.budget = _Budget(budget)
         self.reader = Reader(pinned=cuda, fallback=read)
         self.stop = threading.Event()
@@ -402,7 +403,7 @@ class Pipeline:
                 return
             item = self.pairs[i]
             group = item if isinstance(item, tuple) else (item,)
-            nbytes = group_bytes(group)
+            nbytes = self.item_bytes[i]
             if not self.budget.acquire(i, nbytes, self.stop):
                 return
             raw = Raw(i, group[0], nbytes=nbytes, group=isinstance(item, tuple),

@@ -155,11 +155,17 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
     # On a CPU both sides come from LAPACK (no start block), so the tuned side is computed
     # first and once, and tells whether the base will have to be complete (_looks_new)
     lapack = _lapack(w0.device)
+    # W0^T u (left) or W0 v (right) of the tuned top-k, once t is final: read by _looks_new and
+    # by _other_side_sim (the same product)
+    under = None
     if lapack:
         te = tuned_eig(wt, k, seed=seed, fast=fast, g=grams("tuned"))
         t = spectrum_of(wt, te, left, right, upto=k)
         if be is None:
-            complete = fast and dim < slice_min_dim() and _looks_new(w0, t, left)
+            complete = False
+            if fast and dim < slice_min_dim():
+                under = _under_base(w0, t.vecs(left), left)
+                complete = _looks_new(under, t.sigma)
             be = base_eig(w0, want, seed=seed, fast=fast and not complete, g=grams("base"))
     else:
         if be is None:
@@ -175,7 +181,11 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         lazy = be.complete and be.other is None and left != right and \
             (be.side == "right") == left
         b = spectrum_of(w0, be, left, right, other_upto=max(top_r, k + 5) if lazy else None)
-        sim = _other_side_sim(w0, be, t.vecs(left)) if lazy else None
+        sim = None
+        if lazy:
+            if under is None:
+                under = _under_base(w0, t.vecs(left), left)
+            sim = _other_side_sim(be, under)
         ml = match_vectors(t.vecs(True), t.sigma, b.vecs(True), b.sigma, config.near_window,
                            top_r, sim=sim) if left else None
         mr = match_vectors(t.vecs(False), t.sigma, b.vecs(False), b.sigma, config.near_window,
@@ -208,6 +218,7 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
         te = tuned_eig(wt, k, start=be.vecs[:, : k + 8], seed=seed, fast=fast,
                        g=grams("tuned"))
         t = spectrum_of(wt, te, left, right, upto=k)
+        under = None
     del grams  # (d, d) each: not needed by the measures below
     # decision vector: left, right, or both sides below epsilon (the component u v^T is new)
     prime = _primary(ml, mr)
@@ -257,11 +268,16 @@ def _analyse(w0: torch.Tensor, wt: torch.Tensor, config: ScanConfig, name: str,
     return found, be
 
 
-def _other_side_sim(w0: torch.Tensor, be: Eig, t_vecs: torch.Tensor) -> torch.Tensor:
+def _under_base(w0: torch.Tensor, t_vecs: torch.Tensor, left: bool) -> torch.Tensor:
+    """W0^T t (n, k) for left tuned vectors t (m, k), W0 t (m, k) for right ones (n, k)."""
+    return w0.mT @ t_vecs if left else w0 @ t_vecs
+
+
+def _other_side_sim(be: Eig, z: torch.Tensor) -> torch.Tensor:
     """|<t_j, b_i>| (k, d) against every base vector b_i of the side opposite be's Gram side, from
     the Gram side's vectors: b_i = W0 v_i / sigma_i (or W0^T u_i / sigma_i), so
-    <t_j, b_i> = <W0^T t_j, v_i> / sigma_i: a (k, d) product instead of deriving all d b_i."""
-    z = w0.mT @ t_vecs if be.side == "right" else w0 @ t_vecs  # (d, k)
+    <t_j, b_i> = <W0^T t_j, v_i> / sigma_i: a (k, d) product instead of deriving all d b_i.
+    z: _under_base of the tuned vectors t (d, k), which lie on the side opposite be's."""
     sig = be.vals.clamp_min(0).sqrt() / be.scale  # (d,) singular values of W0
     tiny = torch.finfo(torch.float64).tiny
     # same arithmetic as derive_other's W0 v / sigma, taken against t: (z^T V) / sigma
@@ -273,16 +289,15 @@ def _other_side_sim(w0: torch.Tensor, be: Eig, t_vecs: torch.Tensor) -> torch.Te
 NEW_ENERGY = 0.5
 
 
-def _looks_new(w0: torch.Tensor, t: Spectrum, left: bool) -> bool:
+def _looks_new(under: torch.Tensor, sigma: torch.Tensor) -> bool:
     """Whether some top-k tuned vector looks new to the base (an intruder in the making), so
     that the base's top eigenpairs alone will not decide it. Only a guess that picks the route
     (top eigenpairs first, or the complete base at once); the certificate decides as always.
     For a vector that matches a base vector, ||W0^T u||^2 is about sigma_t^2; for a new
-    direction it is about ||W0||_F^2 / d, far below the top-k's sigma^2."""
-    vecs = t.vecs(left)  # (m, k) left or (n, k) right
-    proj = w0.mT @ vecs if left else w0 @ vecs  # (n, k) or (m, k)
-    seen = torch.linalg.vector_norm(proj, dim=0).square().cpu()  # (k,)
-    want = t.sigma.cpu().square() * NEW_ENERGY  # (k,)
+    direction it is about ||W0||_F^2 / d, far below the top-k's sigma^2.
+    under: _under_base of the tuned top-k vectors, (n, k) or (m, k); sigma: their (k,) values."""
+    seen = torch.linalg.vector_norm(under, dim=0).square().cpu()  # (k,)
+    want = sigma.cpu().square() * NEW_ENERGY  # (k,)
     return bool((seen < want).any())
 
 

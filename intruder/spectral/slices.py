@@ -231,8 +231,7 @@ def leftout_bound(w0: torch.Tensor, e: Eig, t_vecs: torch.Tensor, t_err: torch.T
     torch.mm(ht, zp, out=yv[1])
     for i in range(1, n):  # T_{i+1} = 2 Ht T_i - T_{i-1}
         torch.addmm(yv[i - 1], ht, yv[i], beta=-1.0, alpha=2.0, out=yv[i + 1])
-    del yv
-    del ht
+    del yv, ht
     # slices that can hold a left-out eigenvalue: mu = 1 / lambda in [1 / rest, hi]
     x_min = a / rest - c
     active = np.nonzero(fb.x_hi >= x_min)[0]
